@@ -1,0 +1,87 @@
+//! Collective communication: the `Communicator` trait and its backends.
+//!
+//! - `ring`: the built-in ring (reduce-scatter + all-gather between neighbours) over TCP.
+//! - MPI and NCCL backends plug in behind the same trait (see the README's roadmap); asking for
+//!   one that is not built in is a `CommError::NotBuilt`, never a panic.
+
+pub mod ring;
+mod tensor;
+
+pub use ring::{RingComm, RingOptions};
+pub use tensor::{all_reduce_tensor, broadcast_tensor};
+
+use std::time::Duration;
+
+/// The collective operations, named as PyTorch names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    AllReduce,
+    Broadcast,
+    AllGather,
+    Barrier,
+    Setup,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::Broadcast => "broadcast",
+            Op::AllGather => "all_gather",
+            Op::Barrier => "barrier",
+            Op::Setup => "ring setup",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub(crate) fn from_code(c: u8) -> Option<Op> {
+        [Op::AllReduce, Op::Broadcast, Op::AllGather, Op::Barrier, Op::Setup].into_iter().find(|o| o.code() == c)
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("rank {rank}: {op} #{seq} timed out after {secs:.0}s waiting for rank {peer}")]
+    Timeout { rank: usize, op: Op, seq: u64, peer: usize, secs: f64 },
+    #[error("rank {rank}: rank {peer} closed its connection during {op} #{seq} (it exited or crashed)")]
+    PeerClosed { rank: usize, op: Op, seq: u64, peer: usize },
+    #[error("rank {rank}: {op} #{seq} with rank {peer}: {source}")]
+    Io { rank: usize, op: Op, seq: u64, peer: usize, source: std::io::Error },
+    #[error("rank {rank}: collective mismatch with rank {peer}: {detail}")]
+    Mismatch { rank: usize, peer: usize, detail: String },
+    #[error("rank {rank}: ring setup: {detail}")]
+    Setup { rank: usize, detail: String },
+    #[error("rank {rank}: {source}")]
+    Store { rank: usize, #[source] source: crate::rendezvous::StoreError },
+    #[error("backend `{backend}` is not built into this binary ({hint})")]
+    NotBuilt { backend: &'static str, hint: &'static str },
+    #[error("{op}: {detail}")]
+    BadArgument { op: Op, detail: String },
+}
+
+/// Collectives over a fixed group of ranks. Every rank must call the same operations in the same
+/// order with the same sizes; backends check this where they can and report a `Mismatch`.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    fn backend_name(&self) -> &'static str;
+    /// Sums `buf` across ranks, in place; every rank ends with the same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// Copies `root`'s bytes into every other rank's `buf`.
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError>;
+    /// Gathers a small value from every rank; result indexed by rank.
+    fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), CommError>;
+    /// The timeout every blocking call uses.
+    fn timeout(&self) -> Duration;
+}

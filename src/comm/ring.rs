@@ -1,0 +1,528 @@
+//! The built-in ring backend: each rank sends to `rank + 1` and receives from `rank - 1` over TCP.
+//!
+//! all_reduce is the bandwidth-optimal ring: w-1 reduce-scatter steps then w-1 all-gather steps,
+//! each moving one of w chunks. Chunks are cut into segments and pipelined: a sender thread
+//! forwards segment k of a step as soon as the receiving thread has reduced segment k of the step
+//! before, so sending, receiving and adding overlap.
+//!
+//! Every collective starts with a header (op, sequence number, length) on each link, so ranks that
+//! disagree about what they are doing fail with a `Mismatch` naming both sides instead of
+//! exchanging garbage. Buffers travel in native byte order: all ranks run the same binary on the
+//! same architecture.
+
+use super::{CommError, Communicator, Op};
+use crate::rendezvous::Store;
+use crate::wire::*;
+use crossbeam_channel::{bounded, unbounded, Receiver};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+const HELLO_MAGIC: u64 = 0x5254_5249_4e47_3031; // "RTRING01"
+const HEADER_BYTES: usize = 24;
+
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    /// Bound on every blocking call: connects, accepts and each read/write of a collective.
+    pub timeout: Duration,
+    /// The job token: a connection that does not present it is refused.
+    pub token: String,
+    /// Address peers should use to reach this rank.
+    pub bind_ip: IpAddr,
+    /// Pipelining granularity of all_reduce and broadcast.
+    pub segment_bytes: usize,
+}
+
+impl RingOptions {
+    pub fn new(token: impl Into<String>, bind_ip: IpAddr, timeout: Duration) -> Self {
+        Self { timeout, token: token.into(), bind_ip, segment_bytes: 256 << 10 }
+    }
+}
+
+pub struct RingComm {
+    rank: usize,
+    world: usize,
+    links: Option<Links>,
+    seq: u64,
+    timeout: Duration,
+    segment_elems: usize,
+    scratch: Vec<f32>,
+}
+
+struct Links {
+    to_next: TcpStream,
+    from_prev: TcpStream,
+}
+
+/// Raw view of the caller's buffer shared between the receiving and the sending thread. The ring
+/// schedule guarantees they never touch the same segment at the same time (see `all_reduce_sum`).
+#[derive(Clone, Copy)]
+struct SharedBuf(*mut f32);
+unsafe impl Send for SharedBuf {}
+
+impl RingComm {
+    /// Joins the ring: publishes this rank's listening address in `store`, connects to the next
+    /// rank, accepts the previous one, and checks both present the job token.
+    pub fn connect(store: &dyn Store, rank: usize, world: usize, opts: &RingOptions) -> Result<Self, CommError> {
+        let segment_elems = (opts.segment_bytes / 4).max(1);
+        let mut comm = Self { rank, world, links: None, seq: 0, timeout: opts.timeout, segment_elems, scratch: vec![] };
+        if world <= 1 {
+            return Ok(comm);
+        }
+        let setup = |detail: String| CommError::Setup { rank, detail };
+        let store_err = |source| CommError::Store { rank, source };
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let deadline = Instant::now() + opts.timeout;
+
+        let listener = TcpListener::bind((opts.bind_ip, 0))
+            .map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
+        let my_addr = listener.local_addr().map_err(|e| setup(e.to_string()))?;
+        store.set(&format!("ring/addr/{rank}"), my_addr.to_string().as_bytes()).map_err(store_err)?;
+        let next_addr = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
+        let next_addr: SocketAddr = String::from_utf8_lossy(&next_addr)
+            .parse()
+            .map_err(|e| setup(format!("rank {next} published a bad address: {e}")))?;
+
+        // Connect and say hello first, accept second, read the ack last: waiting for our ack
+        // before accepting would deadlock the whole ring.
+        let mut to_next = connect_until(next_addr, deadline)
+            .map_err(|e| setup(format!("cannot connect to rank {next} at {next_addr}: {e}")))?;
+        configure(&to_next, opts.timeout).map_err(|e| setup(e.to_string()))?;
+        (|| {
+            write_u64(&mut to_next, HELLO_MAGIC)?;
+            write_blob(&mut to_next, opts.token.as_bytes())?;
+            write_u64(&mut to_next, rank as u64)?;
+            write_u64(&mut to_next, world as u64)
+        })()
+        .map_err(|e| setup(format!("hello to rank {next}: {e}")))?;
+
+        let from_prev = accept_prev(&listener, rank, prev, world, &opts.token, deadline)?;
+
+        match read_u8(&mut to_next) {
+            Ok(1) => {}
+            Ok(_) => return Err(setup(format!("rank {next} refused our connection"))),
+            Err(e) if is_closed(&e) => {
+                return Err(setup(format!("rank {next} at {next_addr} closed our connection (job token mismatch?)")))
+            }
+            Err(e) if is_timeout(&e) => {
+                return Err(setup(format!("timed out after {:.0}s waiting for rank {next} to accept", opts.timeout.as_secs_f64())))
+            }
+            Err(e) => return Err(setup(format!("ack from rank {next}: {e}"))),
+        }
+        comm.links = Some(Links { to_next, from_prev });
+        Ok(comm)
+    }
+
+    fn next(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+    fn prev(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    fn io_error(&self, op: Op, seq: u64, peer: usize, e: io::Error) -> CommError {
+        let rank = self.rank;
+        if is_timeout(&e) {
+            CommError::Timeout { rank, op, seq, peer, secs: self.timeout.as_secs_f64() }
+        } else if is_closed(&e) {
+            CommError::PeerClosed { rank, op, seq, peer }
+        } else {
+            CommError::Io { rank, op, seq, peer, source: e }
+        }
+    }
+
+    /// Reads the previous rank's header and checks it describes the same collective.
+    fn expect_header(&mut self, op: Op, seq: u64, len: Option<u64>) -> Result<(), CommError> {
+        let prev = self.prev();
+        let links = self.links.as_mut().expect("world > 1 has links");
+        let mut h = [0u8; HEADER_BYTES];
+        links.from_prev.read_exact(&mut h).map_err(|e| self.io_error(op, seq, prev, e))?;
+        let (their_op, their_seq, their_len) = parse_header(&h);
+        let theirs = Op::from_code(their_op).map(|o| o.name()).unwrap_or("an unknown op");
+        if their_op != op.code() || their_seq != seq || len.is_some_and(|l| l != their_len) {
+            return Err(CommError::Mismatch {
+                rank: self.rank,
+                peer: prev,
+                detail: format!(
+                    "rank {prev} is in {theirs} #{their_seq} of {their_len} elements, rank {} in {op} #{seq} of {} elements",
+                    self.rank,
+                    len.map(|l| l.to_string()).unwrap_or_else(|| "?".into())
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn peer_error(&self, op: Op, seq: u64, e: PeerError) -> CommError {
+        match e {
+            PeerError::Comm(c) => c,
+            PeerError::Io(peer, io) => self.io_error(op, seq, peer, io),
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Breaks the ring after a failure so a blocked partner thread returns at once; the
+    /// communicator is unusable afterwards, as with any failed collective in c10d.
+    fn poison(&mut self) {
+        if let Some(l) = &self.links {
+            let _ = l.to_next.shutdown(Shutdown::Both);
+            let _ = l.from_prev.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn header(op: Op, seq: u64, len: u64) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0] = op.code();
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+fn parse_header(h: &[u8; HEADER_BYTES]) -> (u8, u64, u64) {
+    (h[0], u64::from_le_bytes(h[8..16].try_into().unwrap()), u64::from_le_bytes(h[16..24].try_into().unwrap()))
+}
+
+fn configure(s: &TcpStream, timeout: Duration) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))
+}
+
+fn connect_until(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Accepts connections until the previous rank presents the job token; strangers are logged and
+/// dropped, not fatal.
+fn accept_prev(
+    listener: &TcpListener,
+    rank: usize,
+    prev: usize,
+    world: usize,
+    token: &str,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
+    let setup = |detail: String| CommError::Setup { rank, detail };
+    listener.set_nonblocking(true).map_err(|e| setup(e.to_string()))?;
+    loop {
+        let (mut conn, from) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(setup(format!("timed out waiting for rank {prev} to connect")));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => return Err(setup(format!("accept: {e}"))),
+        };
+        conn.set_nonblocking(false).map_err(|e| setup(e.to_string()))?;
+        configure(&conn, deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
+            .map_err(|e| setup(e.to_string()))?;
+        let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64)> {
+            Ok((read_u64(&mut conn)?, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?))
+        })();
+        let (magic, presented, their_rank, their_world) = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("ring: dropped a connection from {from} that sent no valid hello: {e}");
+                continue;
+            }
+        };
+        if magic != HELLO_MAGIC || presented != token.as_bytes() {
+            tracing::warn!("ring: refused a connection from {from}: wrong job token");
+            continue;
+        }
+        if their_world as usize != world {
+            return Err(setup(format!("rank {their_rank} at {from} has world size {their_world}, this rank {world}")));
+        }
+        if their_rank as usize != prev {
+            return Err(setup(format!("expected rank {prev} to connect, rank {their_rank} did (from {from})")));
+        }
+        write_u8(&mut conn, 1).map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
+        return Ok(conn);
+    }
+}
+
+/// Balanced split of n elements into w chunks: chunk c is [start(c), start(c+1)).
+fn chunk_start(n: usize, w: usize, c: usize) -> usize {
+    (n as u128 * c as u128 / w as u128) as usize
+}
+
+fn segments(start: usize, end: usize, seg: usize) -> impl Iterator<Item = (usize, usize)> {
+    (start..end).step_by(seg).map(move |s| (s, (s + seg).min(end)))
+}
+
+fn as_bytes(s: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any bytes are a valid u8.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+}
+
+fn as_bytes_mut(s: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, std::mem::size_of_val(s)) }
+}
+
+impl Communicator for RingComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn backend_name(&self) -> &'static str {
+        "ring"
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let seq = self.next_seq();
+        if self.world == 1 {
+            return Ok(());
+        }
+        let (w, r, n, seg) = (self.world, self.rank, buf.len(), self.segment_elems);
+        let (next, prev) = (self.next(), self.prev());
+        let steps = 2 * (w - 1);
+        // Step t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1
+        // steps add what they receive (reduce-scatter), the rest store it (all-gather).
+        let send_chunk = |t: usize| (r + steps * w - t) % w;
+        let recv_chunk = |t: usize| (r + steps * w - t - 1) % w;
+        let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
+
+        let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(Op::AllReduce, seq, next, e))?;
+        if self.scratch.len() < seg {
+            self.scratch = vec![0.0; seg];
+        }
+        let shared = SharedBuf(buf.as_mut_ptr());
+        // The receiver tells the sender which segment it has finished; the chunk received at
+        // step t is exactly the chunk sent at step t+1, segment for segment.
+        let (ready_tx, ready_rx) = unbounded::<(usize, usize)>();
+        let first = bounds(send_chunk(0));
+
+        let result = std::thread::scope(|s| {
+            let sender = s.spawn(move || -> io::Result<()> {
+                let shared = shared;
+                to_next.write_all(&header(Op::AllReduce, seq, n as u64))?;
+                let send = |to_next: &mut TcpStream, (a, b): (usize, usize)| {
+                    // SAFETY: segment [a, b) was completed before it was handed to us and is not
+                    // written again until the ring has carried our copy of it onwards (a later
+                    // value for it can only arrive after this write has returned).
+                    let data = unsafe { std::slice::from_raw_parts(shared.0.add(a), b - a) };
+                    to_next.write_all(as_bytes(data))
+                };
+                for range in segments(first.0, first.1, seg) {
+                    send(&mut to_next, range)?;
+                }
+                for range in ready_rx.iter() {
+                    send(&mut to_next, range)?;
+                }
+                Ok(())
+            });
+
+            let received = (|| -> Result<(), PeerError> {
+                self.expect_header(Op::AllReduce, seq, Some(n as u64))?;
+                let from_prev = &mut self.links.as_mut().unwrap().from_prev;
+                for t in 0..steps {
+                    let (start, end) = bounds(recv_chunk(t));
+                    for (a, b) in segments(start, end, seg) {
+                        // SAFETY: the sender thread is not reading [a, b) now (see above).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(a), b - a) };
+                        if t < w - 1 {
+                            let tmp = &mut self.scratch[..b - a];
+                            from_prev.read_exact(as_bytes_mut(tmp)).map_err(|e| (prev, e))?;
+                            for (d, x) in dst.iter_mut().zip(tmp.iter()) {
+                                *d += *x;
+                            }
+                        } else {
+                            from_prev.read_exact(as_bytes_mut(dst)).map_err(|e| (prev, e))?;
+                        }
+                        if t + 1 < steps {
+                            let _ = ready_tx.send((a, b));
+                        }
+                    }
+                }
+                Ok(())
+            })()
+            .map_err(|e| self.peer_error(Op::AllReduce, seq, e));
+            drop(ready_tx);
+            if received.is_err() {
+                self.poison();
+            }
+            let sent = sender.join().expect("ring sender thread panicked");
+            match (received, sent) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(io)) => Err(self.io_error(Op::AllReduce, seq, next, io)),
+                (Ok(()), Ok(())) => Ok(()),
+            }
+        });
+        if result.is_err() {
+            self.poison();
+        }
+        result
+    }
+
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
+        let seq = self.next_seq();
+        if root >= self.world {
+            return Err(CommError::BadArgument { op: Op::Broadcast, detail: format!("root {root} >= world size {}", self.world) });
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        let (w, n, seg) = (self.world, buf.len(), self.segment_elems * 4);
+        let (next, prev) = (self.next(), self.prev());
+        // Position along the chain root -> root+1 -> ... -> root-1; the last one only receives.
+        let pos = (self.rank + w - root) % w;
+        let result = (|| -> Result<(), PeerError> {
+            if pos != 0 {
+                self.expect_header(Op::Broadcast, seq, Some(n as u64))?;
+            }
+            let forward = pos + 1 < w;
+            let links = self.links.as_mut().unwrap();
+            if forward {
+                links.to_next.write_all(&header(Op::Broadcast, seq, n as u64)).map_err(|e| (next, e))?;
+            }
+            for (a, b) in segments(0, n, seg) {
+                if pos != 0 {
+                    links.from_prev.read_exact(&mut buf[a..b]).map_err(|e| (prev, e))?;
+                }
+                if forward {
+                    links.to_next.write_all(&buf[a..b]).map_err(|e| (next, e))?;
+                }
+            }
+            Ok(())
+        })()
+        .map_err(|e| self.peer_error(Op::Broadcast, seq, e));
+        if result.is_err() {
+            self.poison();
+        }
+        result
+    }
+
+    fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        self.gather(Op::AllGather, mine)
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        // After a ring all-gather every rank has heard (transitively) from every other.
+        self.gather(Op::Barrier, &[]).map(|_| ())
+    }
+}
+
+impl RingComm {
+    /// Ring all-gather of small byte strings: w-1 steps, each forwarding the blob received last.
+    fn gather(&mut self, op: Op, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        let seq = self.next_seq();
+        let (w, r) = (self.world, self.rank);
+        let mut out = vec![Vec::new(); w];
+        out[r] = mine.to_vec();
+        if w == 1 {
+            return Ok(out);
+        }
+        let (next, prev) = (self.next(), self.prev());
+        let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(op, seq, next, e))?;
+        let (tx, rx): (_, Receiver<Vec<u8>>) = bounded(w);
+        let first = mine.to_vec();
+        let result = std::thread::scope(|s| {
+            let sender = s.spawn(move || -> io::Result<()> {
+                to_next.write_all(&header(op, seq, 0))?;
+                write_blob(&mut to_next, &first)?;
+                for blob in rx.iter() {
+                    write_blob(&mut to_next, &blob)?;
+                }
+                Ok(())
+            });
+            let received = (|| -> Result<(), PeerError> {
+                self.expect_header(op, seq, Some(0))?;
+                let from_prev = &mut self.links.as_mut().unwrap().from_prev;
+                for t in 0..w - 1 {
+                    let blob = read_blob(from_prev).map_err(|e| (prev, e))?;
+                    if t + 1 < w - 1 {
+                        let _ = tx.send(blob.clone());
+                    }
+                    out[(r + w - t - 1) % w] = blob;
+                }
+                Ok(())
+            })()
+            .map_err(|e| self.peer_error(op, seq, e));
+            drop(tx);
+            if received.is_err() {
+                self.poison();
+            }
+            let sent = sender.join().expect("ring sender thread panicked");
+            match (received, sent) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),
+                (Ok(()), Ok(())) => Ok(()),
+            }
+        });
+        if result.is_err() {
+            self.poison();
+        }
+        result.map(|()| out)
+    }
+}
+
+/// Failure talking to a specific peer.
+enum PeerError {
+    Comm(CommError),
+    Io(usize, io::Error),
+}
+impl From<CommError> for PeerError {
+    fn from(e: CommError) -> Self {
+        PeerError::Comm(e)
+    }
+}
+impl From<(usize, io::Error)> for PeerError {
+    fn from((p, e): (usize, io::Error)) -> Self {
+        PeerError::Io(p, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_every_length_exactly_once() {
+        for w in 1..=7 {
+            for n in [0usize, 1, 2, 3, 5, 6, 7, 100, 1_000_001] {
+                let mut covered = 0;
+                for c in 0..w {
+                    let (a, b) = (chunk_start(n, w, c), chunk_start(n, w, c + 1));
+                    assert!(a <= b);
+                    assert_eq!(a, covered);
+                    covered = b;
+                }
+                assert_eq!(covered, n, "n={n} w={w}");
+            }
+        }
+    }
+
+    #[test]
+    fn segments_tile_a_range() {
+        let s: Vec<_> = segments(3, 12, 4).collect();
+        assert_eq!(s, vec![(3, 7), (7, 11), (11, 12)]);
+        assert_eq!(segments(5, 5, 4).count(), 0);
+    }
+
+    #[test]
+    fn header_roundtrip() {
+        let h = header(Op::Broadcast, 42, 7);
+        assert_eq!(parse_header(&h), (Op::Broadcast.code(), 42, 7));
+    }
+}

@@ -1,0 +1,186 @@
+//! Who am I: rank, world size and the master's address, read from the launch environment.
+//!
+//! Precedence (first match wins): torchrun-style variables (RANK, WORLD_SIZE, …, which ringrun
+//! sets) → Open MPI (OMPI_COMM_WORLD_*) → MPICH/Hydra and PMI (PMI_RANK, PMI_SIZE,
+//! MPI_LOCALRANKID) → Slurm (SLURM_PROCID, SLURM_NTASKS, …) → a single standalone process.
+//! Pure: an environment map in, a `LaunchInfo` out.
+
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchSource {
+    Torchrun,
+    OpenMpi,
+    Pmi,
+    Slurm,
+    Standalone,
+}
+
+impl LaunchSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            LaunchSource::Torchrun => "torchrun-style environment (RANK/WORLD_SIZE)",
+            LaunchSource::OpenMpi => "Open MPI environment (OMPI_COMM_WORLD_*)",
+            LaunchSource::Pmi => "PMI environment (PMI_RANK/PMI_SIZE)",
+            LaunchSource::Slurm => "Slurm environment (SLURM_PROCID/SLURM_NTASKS)",
+            LaunchSource::Standalone => "no launcher environment: a single process",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchInfo {
+    pub source: LaunchSource,
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub local_world_size: usize,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u16>,
+    /// Shared secret every connection to the store and the ring must present.
+    pub job_token: String,
+    /// How many times the launcher restarted the group (TORCHELASTIC_RESTART_COUNT).
+    pub restart_count: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("launch environment: {0}")]
+pub struct LaunchError(pub String);
+
+fn get_num(env: &HashMap<String, String>, key: &str) -> Result<Option<usize>, LaunchError> {
+    match env.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map(Some)
+            .map_err(|_| LaunchError(format!("{key}={v:?} is not a non-negative integer"))),
+    }
+}
+
+impl LaunchInfo {
+    pub fn from_env(env: &HashMap<String, String>) -> Result<LaunchInfo, LaunchError> {
+        let n = |k: &str| get_num(env, k);
+        let (source, rank, world, local_rank, local_world) = if let (Some(r), Some(w)) = (n("RANK")?, n("WORLD_SIZE")?) {
+            (LaunchSource::Torchrun, r, w, n("LOCAL_RANK")?.unwrap_or(r), n("LOCAL_WORLD_SIZE")?.unwrap_or(w))
+        } else if let (Some(r), Some(w)) = (n("OMPI_COMM_WORLD_RANK")?, n("OMPI_COMM_WORLD_SIZE")?) {
+            (
+                LaunchSource::OpenMpi,
+                r,
+                w,
+                n("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(r),
+                n("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(w),
+            )
+        } else if let (Some(r), Some(w)) = (n("PMI_RANK")?, n("PMI_SIZE")?) {
+            (LaunchSource::Pmi, r, w, n("MPI_LOCALRANKID")?.unwrap_or(r), n("MPI_LOCALNRANKS")?.unwrap_or(w))
+        } else if let (Some(r), Some(w)) = (n("SLURM_PROCID")?, n("SLURM_NTASKS")?) {
+            let local_world = match n("SLURM_NTASKS_PER_NODE")? {
+                Some(k) => k,
+                // SLURM_TASKS_PER_NODE looks like "2(x3),1"; the first group is this layout's
+                // common case. Without it, assume one node.
+                None => env
+                    .get("SLURM_TASKS_PER_NODE")
+                    .and_then(|s| s.split(['(', ',']).next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(w),
+            };
+            (LaunchSource::Slurm, r, w, n("SLURM_LOCALID")?.unwrap_or(r), local_world)
+        } else {
+            (LaunchSource::Standalone, 0, 1, 0, 1)
+        };
+        if world == 0 {
+            return Err(LaunchError("world size is 0".into()));
+        }
+        if rank >= world {
+            return Err(LaunchError(format!("rank {rank} is not below world size {world}")));
+        }
+        if local_world == 0 || local_rank >= local_world {
+            return Err(LaunchError(format!("local rank {local_rank} is not below local world size {local_world}")));
+        }
+        let master_port = match env.get("MASTER_PORT") {
+            None => None,
+            Some(p) => Some(p.trim().parse::<u16>().map_err(|_| LaunchError(format!("MASTER_PORT={p:?} is not a port number")))?),
+        };
+        let restart_count = match env.get("TORCHELASTIC_RESTART_COUNT") {
+            None => 0,
+            Some(v) => v.parse().map_err(|_| LaunchError(format!("TORCHELASTIC_RESTART_COUNT={v:?} is not a count")))?,
+        };
+        Ok(LaunchInfo {
+            source,
+            rank,
+            local_rank,
+            world_size: world,
+            local_world_size: local_world,
+            master_addr: env.get("MASTER_ADDR").cloned(),
+            master_port,
+            job_token: env.get("RINGTRAIN_JOB_TOKEN").cloned().unwrap_or_default(),
+            restart_count,
+        })
+    }
+
+    /// The store address, required when more than one process takes part.
+    pub fn store_addr(&self) -> Result<String, LaunchError> {
+        match (&self.master_addr, self.master_port) {
+            (Some(a), Some(p)) => Ok(format!("{a}:{p}")),
+            _ if self.world_size == 1 => Ok("127.0.0.1:0".into()),
+            _ => Err(LaunchError(format!(
+                "world size {} needs MASTER_ADDR and MASTER_PORT for the ring backend's rendezvous \
+                 (ringrun sets them; under mpirun/srun export them)",
+                self.world_size
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn precedence_and_sources() {
+        let cases: &[(&[(&str, &str)], LaunchSource, usize, usize, usize, usize)] = &[
+            (&[], LaunchSource::Standalone, 0, 1, 0, 1),
+            (&[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")], LaunchSource::Torchrun, 1, 4, 1, 2),
+            (
+                &[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3"), ("RANK", "0"), ("WORLD_SIZE", "1")],
+                LaunchSource::Torchrun,
+                0,
+                1,
+                0,
+                1,
+            ),
+            (
+                &[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "1")],
+                LaunchSource::OpenMpi,
+                2,
+                3,
+                0,
+                1,
+            ),
+            (&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")], LaunchSource::Pmi, 1, 2, 1, 2),
+            (&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1"), ("SLURM_TASKS_PER_NODE", "2(x2)")], LaunchSource::Slurm, 3, 4, 1, 2),
+        ];
+        for (vars, source, rank, world, lrank, lworld) in cases {
+            let li = LaunchInfo::from_env(&env(vars)).unwrap();
+            assert_eq!((li.source, li.rank, li.world_size, li.local_rank, li.local_world_size), (*source, *rank, *world, *lrank, *lworld), "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (vars, needle) in [
+            (&[("RANK", "x"), ("WORLD_SIZE", "2")][..], "RANK"),
+            (&[("RANK", "2"), ("WORLD_SIZE", "2")][..], "rank 2"),
+            (&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "99999")][..], "MASTER_PORT"),
+        ] {
+            let e = LaunchInfo::from_env(&env(vars)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let li = LaunchInfo::from_env(&env(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap();
+        assert!(li.store_addr().unwrap_err().to_string().contains("MASTER_ADDR"));
+    }
+}

@@ -1,0 +1,26 @@
+//! # ringtrain
+//! Data-parallel training on libtorch: identical model replicas in separate processes, gradients
+//! averaged with a ring all-reduce after every backward pass.
+//!
+//! # Layout
+//! - [`launch`] — who am I: rank, world size, master address from the launch environment.
+//! - [`rendezvous`] — the c10d-style key-value `Store` (TCP server on rank 0, client, prefixes).
+//! - [`comm`] — the `Communicator` trait and the built-in TCP ring backend.
+//! - [`ddp`] — gradient buckets, the reducer that averages them, the replica check + broadcast.
+//! - [`data`] — IDX reader, synthetic data, `DistributedSampler`, the prefetching loader.
+//! - [`models`] — MLP and reference CNN with PyTorch parameter names.
+//! - [`train`] — the training loop, optimizers (SGD, Adam), evaluation.
+//! - [`config`] — the YAML config: serde structs, validation, `--set` overrides.
+//! - [`telemetry`] — logging with the rank in every line, metrics.jsonl, progress.
+//! - [`supervise`] — the launcher's process group: spawn, prefix output, stop on failure.
+//! - [`fault`] — test-only fault injection (a worker that exits or hangs at a given step).
+//! - `wire` — little-endian framing shared by the store and the ring.
+//!
+//! The binaries are thin: `worker/main.rs` (`ringtrain`) and `launcher/main.rs` (`ringrun`).
+
+pub mod comm;
+pub mod rendezvous;
+mod wire;
+pub mod config;
+pub mod data;
+pub mod launch;
