@@ -86,7 +86,8 @@ pub struct SyntheticConfig {
 pub struct TrainConfig {
     #[serde(default = "one")]
     pub epochs: usize,
-    /// Stop after this many optimizer steps in total (across epochs), if set.
+    /// Train for exactly this many optimizer steps in total, running as many epochs as that
+    /// takes (overrides `epochs`, as in Hugging Face's Trainer).
     #[serde(default)]
     pub max_steps: Option<u64>,
     /// Samples per worker per step (as DataLoader's batch_size under DDP).

@@ -1,1 +1,39 @@
-fn main(){ringtrain::hello(); let t = tch::Tensor::from_slice(&[1.0f32,2.0]); println!("{}", t.sum(tch::Kind::Float).double_value(&[]));}
+//! `ringtrain`: one training worker. Started by `ringrun` (or torchrun-style env by hand).
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ringtrain", version, about = "A data-parallel training worker (one per GPU or CPU slot)")]
+struct Args {
+    /// YAML config (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config value: --set train.epochs=2 (repeatable; the value is YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Where outputs go (default: runs/<config name>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let worker_args = ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir };
+    match ringtrain::worker::run(worker_args) {
+        Ok(summary) => {
+            if std::env::var("RANK").map_or(true, |r| r == "0") {
+                if let Some(last) = summary.epochs.last() {
+                    let acc = last.test.as_ref().map(|t| format!("test_acc {:.2}%, ", t.accuracy * 100.0)).unwrap_or_default();
+                    println!("final: {acc}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ringtrain: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The reducer: after backward, each bucket's gradients are copied into one flat f32 buffer,
+//! divided by the world size (as PyTorch's reducer does before communicating), summed across
+//! ranks with one all_reduce, and copied back. Buckets are computed once, identically on every
+//! rank, and reduced in the same order, so every rank issues the same collectives.
+
+use super::buckets::compute_bucket_assignment_by_size;
+use super::DdpError;
+use crate::comm::{all_reduce_tensor, Communicator};
+use tch::{Kind, Tensor};
+
+struct Bucket {
+    params: Vec<usize>,
+    /// (offset, numel) of each parameter inside `flat`.
+    spans: Vec<(i64, i64)>,
+    flat: Tensor,
+}
+
+pub struct Reducer {
+    params: Vec<Tensor>,
+    buckets: Vec<Bucket>,
+}
+
+impl Reducer {
+    pub fn new(params: &[Tensor], first_cap_bytes: usize, cap_bytes: usize) -> Result<Self, DdpError> {
+        for (i, p) in params.iter().enumerate() {
+            if p.kind() != Kind::Float {
+                return Err(DdpError::Unsupported(format!("parameter {i} has dtype {:?}; gradients are reduced as f32", p.kind())));
+            }
+        }
+        let sizes: Vec<usize> = params.iter().map(|p| p.numel() * 4).collect();
+        let assignment = compute_bucket_assignment_by_size(&sizes, &[first_cap_bytes, cap_bytes]);
+        let buckets = assignment
+            .into_iter()
+            .map(|idx| {
+                let mut off = 0i64;
+                let spans = idx
+                    .iter()
+                    .map(|&i| {
+                        let n = params[i].numel() as i64;
+                        off += n;
+                        (off - n, n)
+                    })
+                    .collect();
+                Bucket { params: idx, spans, flat: Tensor::zeros([off], (Kind::Float, tch::Device::Cpu)) }
+            })
+            .collect();
+        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets })
+    }
+
+    /// Parameter indices of each bucket, in reduction order.
+    pub fn bucket_layout(&self) -> Vec<Vec<usize>> {
+        self.buckets.iter().map(|b| b.params.clone()).collect()
+    }
+
+    /// Averages every gradient across ranks. A parameter that got no gradient this step
+    /// contributes zeros, so all ranks still exchange identical buckets.
+    pub fn reduce(&mut self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        let world = comm.world_size() as f64;
+        for b in &mut self.buckets {
+            for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                let mut dst = b.flat.f_narrow(0, off, n)?;
+                let g = self.params[i].grad();
+                if g.defined() {
+                    dst.f_copy_(&g.f_view([-1])?)?;
+                } else {
+                    let _ = dst.f_zero_()?;
+                }
+            }
+            if world > 1.0 {
+                let _ = b.flat.f_div_scalar_(world)?;
+                all_reduce_tensor(comm, &mut b.flat)?;
+            }
+            for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                let mut g = self.params[i].grad();
+                if g.defined() {
+                    g.f_copy_(&b.flat.f_narrow(0, off, n)?.f_view_as(&g)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes gradients in place (keeping their storage), as `zero_grad(set_to_none=False)`.
+pub fn zero_grads(params: &[Tensor]) -> Result<(), tch::TchError> {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.f_zero_()?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Test-only fault injection, so tests can make a real worker fail at a chosen point:
+//! `RINGTRAIN_FAULT="rank=1,step=5,action=exit:3"` (or `action=hang`, `action=abort`).
+//! The step is the global step about to run (0-based).
+
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultAction {
+    Exit(i32),
+    Hang,
+    Abort,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub rank: usize,
+    pub step: u64,
+    pub action: FaultAction,
+}
+
+impl Fault {
+    pub fn from_env() -> Result<Option<Fault>, String> {
+        match std::env::var("RINGTRAIN_FAULT") {
+            Ok(s) if !s.is_empty() => Fault::parse(&s).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Fault, String> {
+        let err = |m: &str| format!("RINGTRAIN_FAULT={s:?}: {m} (expected rank=R,step=S,action=exit:C|hang|abort)");
+        let (mut rank, mut step, mut action) = (None, None, None);
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| err("missing '='"))?;
+            match k.trim() {
+                "rank" => rank = Some(v.parse().map_err(|_| err("bad rank"))?),
+                "step" => step = Some(v.parse().map_err(|_| err("bad step"))?),
+                "action" => {
+                    action = Some(match v {
+                        "hang" => FaultAction::Hang,
+                        "abort" => FaultAction::Abort,
+                        _ => match v.strip_prefix("exit:") {
+                            Some(c) => FaultAction::Exit(c.parse().map_err(|_| err("bad exit code"))?),
+                            None => return Err(err("unknown action")),
+                        },
+                    })
+                }
+                _ => return Err(err("unknown key")),
+            }
+        }
+        Ok(Fault {
+            rank: rank.ok_or_else(|| err("rank missing"))?,
+            step: step.ok_or_else(|| err("step missing"))?,
+            action: action.ok_or_else(|| err("action missing"))?,
+        })
+    }
+
+    /// Fires if this is the chosen rank and step.
+    pub fn check(&self, rank: usize, step: u64) {
+        if rank != self.rank || step != self.step {
+            return;
+        }
+        tracing::warn!("fault injection: {:?} at step {step}", self.action);
+        match self.action {
+            FaultAction::Exit(code) => std::process::exit(code),
+            FaultAction::Abort => std::process::abort(),
+            FaultAction::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        assert_eq!(Fault::parse("rank=1,step=5,action=exit:3").unwrap(), Fault { rank: 1, step: 5, action: FaultAction::Exit(3) });
+        assert_eq!(Fault::parse("action=hang,step=0,rank=0").unwrap().action, FaultAction::Hang);
+        for bad in ["rank=1", "rank=x,step=1,action=hang", "rank=1,step=1,action=explode", "junk"] {
+            assert!(Fault::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

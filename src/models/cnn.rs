@@ -1,0 +1,42 @@
+//! The reference CNN for 1×28×28 images, as this PyTorch module:
+//! conv1 = Conv2d(1, 32, 5, padding=2) → ReLU → MaxPool2d(2); conv2 = Conv2d(32, 64, 5,
+//! padding=2) → ReLU → MaxPool2d(2); flatten; fc1 = Linear(3136, 128) → ReLU; fc2 = Linear(128, 10).
+
+use super::{layer, Model};
+use tch::{TchError, Tensor};
+
+pub struct Cnn {
+    conv1: (Tensor, Tensor),
+    conv2: (Tensor, Tensor),
+    fc1: (Tensor, Tensor),
+    fc2: (Tensor, Tensor),
+    params: Vec<(String, Tensor)>,
+}
+
+impl Cnn {
+    pub fn new(classes: i64) -> Result<Self, TchError> {
+        let mut p = Vec::new();
+        let conv1 = layer(&mut p, "conv1", &[32, 1, 5, 5], 25)?;
+        let conv2 = layer(&mut p, "conv2", &[64, 32, 5, 5], 32 * 25)?;
+        let fc1 = layer(&mut p, "fc1", &[128, 3136], 3136)?;
+        let fc2 = layer(&mut p, "fc2", &[classes, 128], 128)?;
+        Ok(Self { conv1, conv2, fc1, fc2, params: p })
+    }
+}
+
+fn conv_block(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor, TchError> {
+    x.f_conv2d(w, Some(b), [1, 1], [2, 2], [1, 1], 1)?.f_relu()?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+}
+
+impl Model for Cnn {
+    fn forward(&self, input: &Tensor) -> Result<Tensor, TchError> {
+        let x = conv_block(input, &self.conv1)?;
+        let x = conv_block(&x, &self.conv2)?.f_flatten(1, -1)?;
+        let x = x.f_linear(&self.fc1.0, Some(&self.fc1.1))?.f_relu()?;
+        x.f_linear(&self.fc2.0, Some(&self.fc2.1))
+    }
+
+    fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+}

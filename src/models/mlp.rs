@@ -1,0 +1,41 @@
+//! fc1 … fcN with ReLU between; the input is flattened first. The wide MLP of the benchmarks is
+//! `hidden: [4096, 4096]` on 784 inputs.
+
+use super::{layer, Model};
+use tch::{TchError, Tensor};
+
+pub struct Mlp {
+    layers: Vec<(Tensor, Tensor)>,
+    params: Vec<(String, Tensor)>,
+}
+
+impl Mlp {
+    pub fn new(inputs: i64, hidden: &[usize], classes: i64) -> Result<Self, TchError> {
+        let mut params = Vec::new();
+        let mut layers = Vec::new();
+        let mut fan_in = inputs;
+        let widths: Vec<i64> = hidden.iter().map(|&h| h as i64).chain([classes]).collect();
+        for (i, &out) in widths.iter().enumerate() {
+            layers.push(layer(&mut params, &format!("fc{}", i + 1), &[out, fan_in], fan_in)?);
+            fan_in = out;
+        }
+        Ok(Self { layers, params })
+    }
+}
+
+impl Model for Mlp {
+    fn forward(&self, input: &Tensor) -> Result<Tensor, TchError> {
+        let mut x = input.f_flatten(1, -1)?;
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            x = x.f_linear(w, Some(b))?;
+            if i + 1 < self.layers.len() {
+                x = x.f_relu()?;
+            }
+        }
+        Ok(x)
+    }
+
+    fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+}

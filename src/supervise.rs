@@ -1,0 +1,266 @@
+//! The launcher's process group: spawn one worker per local rank with torchrun's environment,
+//! prefix and collect their output, watch them, and stop the group on the first failure.
+//!
+//! Workers run in their own process group, so a terminal's Ctrl-C reaches them once, through us,
+//! and die with us (PR_SET_PDEATHSIG) if the launcher itself is killed.
+
+use crossbeam_channel::Receiver;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct GroupOptions {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub nproc_per_node: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub threads_per_worker: usize,
+    pub log_dir: Option<PathBuf>,
+    pub job_token: String,
+    pub restart_count: u32,
+    /// After SIGTERM, how long workers get before SIGKILL.
+    pub stop_grace: Duration,
+}
+
+/// How a worker ended, as people read it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WorkerExit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl WorkerExit {
+    fn from_status(s: ExitStatus) -> Self {
+        match (s.code(), s.signal()) {
+            (Some(c), _) => WorkerExit::Code(c),
+            (None, Some(sig)) => WorkerExit::Signal(sig),
+            _ => WorkerExit::Code(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerExit::Code(c) => write!(f, "exited with code {c}"),
+            WorkerExit::Signal(s) => write!(f, "was killed by signal {s} ({})", signal_name(*s)),
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Every worker exited 0.
+    Success,
+    /// The first worker to fail, and how.
+    Failed { rank: usize, exit: WorkerExit },
+    /// We were signalled; workers were forwarded the signal and have ended.
+    Interrupted { signal: i32, exits: Vec<WorkerExit> },
+}
+
+struct Worker {
+    rank: usize,
+    child: Child,
+    exit: Option<WorkerExit>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+/// Copies a worker's stream line by line, prefixed with its rank, to our stdout/stderr and to
+/// its log file.
+fn pump(
+    src: impl Read + Send + 'static,
+    rank: usize,
+    to_stderr: bool,
+    log: Option<Arc<Mutex<std::fs::File>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(src);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let prefix = format!("[rank{rank}] ");
+            if to_stderr {
+                let mut e = std::io::stderr().lock();
+                let _ = e.write_all(prefix.as_bytes()).and_then(|_| e.write_all(&line));
+            } else {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(prefix.as_bytes()).and_then(|_| o.write_all(&line)).and_then(|_| o.flush());
+            }
+            if let Some(f) = &log {
+                let _ = f.lock().unwrap().write_all(&line);
+            }
+        }
+    })
+}
+
+fn spawn_worker(opts: &GroupOptions, local_rank: usize) -> std::io::Result<Worker> {
+    let rank = local_rank; // single node: global rank = local rank
+    let mut cmd = Command::new(&opts.program);
+    cmd.args(&opts.args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", local_rank.to_string())
+        .env("GROUP_RANK", "0")
+        .env("WORLD_SIZE", opts.nproc_per_node.to_string())
+        .env("LOCAL_WORLD_SIZE", opts.nproc_per_node.to_string())
+        .env("MASTER_ADDR", &opts.master_addr)
+        .env("MASTER_PORT", opts.master_port.to_string())
+        .env("OMP_NUM_THREADS", opts.threads_per_worker.to_string())
+        .env("TORCHELASTIC_RESTART_COUNT", opts.restart_count.to_string())
+        .env("RINGTRAIN_JOB_TOKEN", &opts.job_token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let log = match &opts.log_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            Some(Arc::new(Mutex::new(std::fs::File::create(d.join(format!("rank{rank}.log")))?)))
+        }
+        None => None,
+    };
+    let pumps = vec![
+        pump(child.stdout.take().expect("piped"), rank, false, log.clone()),
+        pump(child.stderr.take().expect("piped"), rank, true, log),
+    ];
+    Ok(Worker { rank, child, exit: None, pumps })
+}
+
+fn send_signal(w: &Worker, sig: i32) {
+    if w.exit.is_none() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(w.child.id() as libc::pid_t, sig);
+        }
+    }
+}
+
+/// Polls every worker once; records exits.
+fn reap(workers: &mut [Worker]) {
+    for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
+        if let Ok(Some(status)) = w.child.try_wait() {
+            w.exit = Some(WorkerExit::from_status(status));
+        }
+    }
+}
+
+/// SIGTERM to the live workers, SIGKILL to any still alive after `grace`.
+fn stop_all(workers: &mut [Worker], grace: Duration) {
+    for w in workers.iter() {
+        send_signal(w, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        reap(workers);
+        if workers.iter().all(|w| w.exit.is_some()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for w in workers.iter() {
+        send_signal(w, libc::SIGKILL);
+    }
+    for w in workers.iter_mut().filter(|w| w.exit.is_none()) {
+        if let Ok(status) = w.child.wait() {
+            w.exit = Some(WorkerExit::from_status(status));
+        }
+    }
+}
+
+/// Runs one generation of the group to its end. `signals` delivers SIGINT/SIGTERM received by
+/// the launcher: the first is forwarded to the workers, a second kills them.
+pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>) -> std::io::Result<Outcome> {
+    let mut workers = Vec::with_capacity(opts.nproc_per_node);
+    for local_rank in 0..opts.nproc_per_node {
+        match spawn_worker(opts, local_rank) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                stop_all(&mut workers, opts.stop_grace);
+                return Err(std::io::Error::new(e.kind(), format!("starting {}: {e}", opts.program.display())));
+            }
+        }
+    }
+    let mut interrupted: Option<i32> = None;
+    let outcome = loop {
+        if let Ok(sig) = signals.try_recv() {
+            if interrupted.is_some() {
+                for w in &workers {
+                    send_signal(w, libc::SIGKILL);
+                }
+            } else {
+                interrupted = Some(sig);
+                for w in &workers {
+                    send_signal(w, sig);
+                }
+            }
+        }
+        reap(&mut workers);
+        if interrupted.is_none() {
+            if let Some(w) = workers.iter().filter(|w| matches!(&w.exit, Some(e) if *e != WorkerExit::Code(0))).min_by_key(|w| w.rank) {
+                let failed = Outcome::Failed { rank: w.rank, exit: w.exit.clone().unwrap() };
+                stop_all(&mut workers, opts.stop_grace);
+                break failed;
+            }
+        }
+        if workers.iter().all(|w| w.exit.is_some()) {
+            break match interrupted {
+                Some(signal) => Outcome::Interrupted { signal, exits: workers.iter().map(|w| w.exit.clone().unwrap()).collect() },
+                None => Outcome::Success,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for w in workers.iter_mut() {
+        for p in w.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+    Ok(outcome)
+}
+
+/// 128 random bits as hex, the job token that store and ring connections must present.
+pub fn new_job_token() -> std::io::Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A port that was free a moment ago on `addr` (the store binds it right after).
+pub fn free_port(addr: &str) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
+}

@@ -1,0 +1,100 @@
+//! What people read: log lines carrying the rank, metrics.jsonl, rank 0's progress.
+//!
+//! Rank 0 logs at INFO on stderr; the other ranks stay quiet (WARN) unless something is wrong.
+//! Every rank also writes INFO to its own file in the run directory. RUST_LOG overrides the
+//! stderr level.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::prelude::*;
+
+/// Installs the global subscriber. Call once, before any logging.
+pub fn init_tracing(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
+    let default = if rank == 0 { "info" } else { "warn" };
+    let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(stderr_filter);
+    let file = match log_file {
+        Some(p) => {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let f = Arc::new(File::create(p)?);
+            Some(tracing_subscriber::fmt::layer().with_writer(f).with_target(false).with_ansi(false).with_filter(LevelFilter::INFO))
+        }
+        None => None,
+    };
+    // Ignore "already set" so tests that run several workers in-process can call this.
+    let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
+    Ok(())
+}
+
+/// Appends one JSON object per line to metrics.jsonl (rank 0 only; others hold `None`).
+pub struct Metrics {
+    file: Option<File>,
+}
+
+impl Metrics {
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let file = match path {
+            Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+            None => None,
+        };
+        Ok(Self { file })
+    }
+
+    pub fn write(&mut self, value: serde_json::Value) -> std::io::Result<()> {
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{value}")?;
+            f.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Rank 0's progress: a bar on a terminal; under a launcher (output piped) the periodic log
+/// lines carry the same figures.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(show: bool, epoch: usize, steps: u64) -> Self {
+        if !show || !std::io::stderr().is_terminal() {
+            return Self { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(epoch.to_string());
+        Self { bar: Some(bar) }
+    }
+
+    /// True when a bar is shown (so periodic log lines would be noise).
+    pub fn is_bar(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    pub fn update(&self, step: u64, loss: f64, samples_per_s: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+            b.set_message(format!("loss {loss:.4} {samples_per_s:.0} samples/s"));
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

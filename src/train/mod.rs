@@ -1,0 +1,237 @@
+//! The training loop. Reads like DDP's pseudo-code:
+//!
+//! ```text
+//! check every rank agrees on config and data; build model; broadcast rank 0's parameters
+//! for epoch: sampler.set_epoch(epoch)
+//!   for batch: zero grads → forward → loss → backward → all-reduce buckets (average) → step
+//!   evaluate on the test set sharded across ranks; rank 0 writes the epoch's metrics
+//! ```
+
+mod eval;
+pub mod optim;
+
+pub use eval::{evaluate, EvalResult};
+pub use optim::Optimizer;
+
+use crate::comm::{CommError, Communicator};
+use crate::config::Config;
+use crate::data::{self, DataError, DistributedSampler, Loader};
+use crate::ddp::{self, DdpError, Reducer};
+use crate::fault::Fault;
+use crate::models;
+use crate::telemetry::{Metrics, Progress};
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+use tch::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Ddp(#[from] DdpError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("ranks disagree: {0}")]
+    Disagree(String),
+}
+
+pub struct TrainContext<'a> {
+    pub cfg: &'a Config,
+    pub comm: &'a mut dyn Communicator,
+    pub run_dir: &'a Path,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub test: Option<EvalResult>,
+    pub samples_per_s: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub global_steps: u64,
+    pub epochs: Vec<EpochSummary>,
+    pub param_hash: u64,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let what = what.into();
+    move |source| TrainError::Io { what, source }
+}
+
+/// Fails unless every rank contributed the same bytes; names the first rank that differs.
+fn agree(comm: &mut dyn Communicator, what: &str, mine: &[u8]) -> Result<(), TrainError> {
+    let all = comm.all_gather(mine)?;
+    if let Some(r) = all.iter().position(|v| v != &all[0]) {
+        return Err(TrainError::Disagree(format!(
+            "rank {r}'s {what} differs from rank 0's: {} vs {}",
+            String::from_utf8_lossy(&all[r]),
+            String::from_utf8_lossy(&all[0])
+        )));
+    }
+    Ok(())
+}
+
+pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
+    let TrainContext { cfg, comm, run_dir, fault } = ctx;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let t = &cfg.train;
+
+    // Identical config everywhere, or the replicas silently diverge.
+    agree(comm, "config", format!("{:016x}", fnv(cfg.to_yaml().as_bytes())).as_bytes())?;
+
+    let splits = data::load(&cfg.data)?;
+    let classes = splits.train.classes.max(splits.test.classes);
+    let mut sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
+    let batches_per_epoch = sampler.num_samples().div_ceil(t.batch_size) as u64;
+    // Equal data means equal step counts; a rank that would take a different number of steps
+    // would leave the others waiting in a collective, so it is an error here instead.
+    agree(
+        comm,
+        "data (train samples, test samples, classes, steps per epoch)",
+        format!("{}, {}, {classes}, {batches_per_epoch}", splits.train.len(), splits.test.len()).as_bytes(),
+    )?;
+    if batches_per_epoch == 0 {
+        return Err(TrainError::Disagree(format!(
+            "no training batches: {} samples over {world} ranks with drop_last={}",
+            splits.train.len(),
+            t.drop_last
+        )));
+    }
+
+    tch::manual_seed(t.seed as i64);
+    let model = models::build(&cfg.model, &splits.train.sample_shape, classes)?;
+    let named = model.named_parameters();
+    let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
+    ddp::sync_replicas(comm, named)?;
+    let mut reducer = Reducer::new(
+        &params,
+        (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
+        (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
+    )?;
+    let mut opt = Optimizer::new(&cfg.optimizer, &params);
+    let n_params: usize = params.iter().map(|p| p.numel()).sum();
+    tracing::info!(
+        "model {:?}: {} tensors, {n_params} parameters; {} bucket(s) {:?}; {world} rank(s) × batch {} on {} samples",
+        cfg.model.name,
+        params.len(),
+        reducer.bucket_layout().len(),
+        reducer.bucket_layout(),
+        t.batch_size,
+        splits.train.len()
+    );
+
+    let mut metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref())
+        .map_err(io_err("metrics.jsonl"))?;
+    // As in Hugging Face's Trainer, max_steps (when set) overrides epochs.
+    let total_epochs = match t.max_steps {
+        Some(m) => m.div_ceil(batches_per_epoch) as usize,
+        None => t.epochs,
+    };
+    let mut global_step: u64 = 0;
+    let mut epochs = Vec::new();
+    'epochs: for epoch in 0..total_epochs {
+        sampler.set_epoch(epoch as u64);
+        let loader = Loader::spawn(splits.train.clone(), sampler.indices(), t.batch_size, cfg.data.prefetch_batches);
+        let progress = Progress::new(rank == 0, epoch, loader.len() as u64);
+        let started = Instant::now();
+        let (mut loss_sum, mut samples, mut steps) = (0.0f64, 0usize, 0u64);
+        let mut window = (Instant::now(), 0usize);
+        for (i, batch) in loader.enumerate() {
+            if t.max_steps.is_some_and(|m| global_step >= m) {
+                break;
+            }
+            if let Some(f) = &fault {
+                f.check(rank, global_step);
+            }
+            ddp::zero_grads(&params)?;
+            let logits = model.forward(&batch.input)?;
+            let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.target, None, tch::Reduction::Mean, -100, 0.0)?;
+            loss.f_backward()?;
+            reducer.reduce(comm)?;
+            opt.step()?;
+            let l = loss.f_double_value(&[])?;
+            loss_sum += l * batch.len as f64;
+            samples += batch.len;
+            window.1 += batch.len;
+            steps += 1;
+            global_step += 1;
+            let step = i as u64 + 1;
+            if rank == 0 && (step % t.log_every_steps == 0 || step == batches_per_epoch) {
+                let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                progress.update(step, l, rate);
+                if !progress.is_bar() {
+                    tracing::info!("epoch {epoch} step {step}/{batches_per_epoch} loss {l:.4} {rate:.0} samples/s");
+                }
+                metrics
+                    .write(json!({"kind": "step", "epoch": epoch, "step": step, "global_step": global_step, "loss": l, "samples_per_s": rate}))
+                    .map_err(io_err("metrics.jsonl"))?;
+                window = (Instant::now(), 0);
+            }
+        }
+        progress.finish();
+        let train_secs = started.elapsed().as_secs_f64();
+        let samples_per_s = (samples * world) as f64 / train_secs.max(1e-9);
+        // Mean training loss over all ranks' samples.
+        let mut acc = [loss_sum as f32, samples as f32];
+        comm.all_reduce_sum(&mut acc)?;
+        let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
+        let test = if t.eval { Some(evaluate(model.as_ref(), &splits.test, comm)?) } else { None };
+        if let Some(r) = &test {
+            tracing::info!(
+                "epoch {epoch} done: train_loss {train_loss:.4} test_loss {:.4} test_acc {:.2}% {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)",
+                r.loss,
+                r.accuracy * 100.0
+            );
+        } else {
+            tracing::info!("epoch {epoch} done: train_loss {train_loss:.4} {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)");
+        }
+        metrics
+            .write(json!({
+                "kind": "epoch", "epoch": epoch, "train_loss": train_loss,
+                "test_loss": test.as_ref().map(|r| r.loss), "test_acc": test.as_ref().map(|r| r.accuracy),
+                "samples_per_s": samples_per_s, "steps": steps, "global_step": global_step, "seconds": train_secs,
+            }))
+            .map_err(io_err("metrics.jsonl"))?;
+        epochs.push(EpochSummary { epoch, train_loss, test, samples_per_s });
+        if t.max_steps.is_some_and(|m| global_step >= m) {
+            break 'epochs;
+        }
+    }
+
+    comm.barrier()?;
+    let param_hash = ddp::parameter_hash(named)?;
+    finish_outputs(run_dir, rank, named, param_hash, global_step)?;
+    tracing::info!("finished {global_step} steps; parameter hash {param_hash:016x}");
+    Ok(Summary { global_steps: global_step, epochs, param_hash })
+}
+
+/// Each rank records its parameter hash (equal on all ranks = bitwise-equal replicas); rank 0
+/// writes the final weights as safetensors with PyTorch names, atomically.
+fn finish_outputs(run_dir: &Path, rank: usize, named: &[(String, Tensor)], hash: u64, steps: u64) -> Result<(), TrainError> {
+    let ranks_dir = run_dir.join("ranks");
+    std::fs::create_dir_all(&ranks_dir).map_err(io_err(ranks_dir.display().to_string()))?;
+    let report = json!({"rank": rank, "param_hash": format!("{hash:016x}"), "global_steps": steps});
+    let path = ranks_dir.join(format!("rank{rank}.json"));
+    std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))?;
+    if rank == 0 {
+        let tmp = run_dir.join("model.safetensors.tmp");
+        let detached: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        Tensor::write_safetensors(&detached, &tmp)?;
+        std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}

@@ -1,0 +1,94 @@
+//! The worker's job, from command line and environment to a finished run: read the config, find
+//! out who we are, join the group (store, then ring), train, write outputs.
+
+use crate::comm::{Communicator, RingComm, RingOptions};
+use crate::config::{Backend, Config};
+use crate::fault::Fault;
+use crate::launch::LaunchInfo;
+use crate::rendezvous::{PrefixStore, Store, TcpStore, TcpStoreServer};
+use crate::{telemetry, train};
+use anyhow::{bail, Context, Result};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct WorkerArgs {
+    pub config: PathBuf,
+    pub overrides: Vec<String>,
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Default run directory: runs/<config file stem>, so re-running a config finds its own outputs.
+pub fn default_run_dir(config: &Path) -> PathBuf {
+    let stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    Path::new("runs").join(stem)
+}
+
+pub fn run(args: WorkerArgs) -> Result<train::Summary> {
+    let cfg = Config::load(&args.config, &args.overrides)?;
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let launch = LaunchInfo::from_env(&env)?;
+    let fault = Fault::from_env().map_err(anyhow::Error::msg)?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&args.config));
+    let rank = launch.rank;
+
+    std::fs::create_dir_all(run_dir.join("logs")).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    telemetry::init_tracing(rank, Some(&run_dir.join("logs").join(format!("rank{rank}.log"))))
+        .context("opening the log file")?;
+    let _span = tracing::info_span!("rank", rank).entered();
+    tracing::info!(
+        "rank {rank} of {} (local {} of {}), launched by {}",
+        launch.world_size,
+        launch.local_rank,
+        launch.local_world_size,
+        launch.source.describe()
+    );
+
+    let threads = cfg.train.threads.or_else(|| env.get("OMP_NUM_THREADS").and_then(|v| v.parse().ok())).unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / launch.local_world_size).max(1)
+    });
+    tch::set_num_threads(threads as i32);
+
+    if rank == 0 {
+        // Written before anything can fail later, so a failed run still says what it ran.
+        let resolved = run_dir.join("config.yaml");
+        std::fs::write(&resolved, cfg.to_yaml()).with_context(|| format!("writing {}", resolved.display()))?;
+    }
+
+    let mut comm = join_group(&cfg, &launch)?;
+    tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
+    let summary = train::run(train::TrainContext { cfg: &cfg, comm: comm.as_mut(), run_dir: &run_dir, fault })?;
+    Ok(summary)
+}
+
+/// Rendezvous through the TCP store on rank 0, then builds the configured backend.
+fn join_group(cfg: &Config, launch: &LaunchInfo) -> Result<Box<dyn Communicator>> {
+    let timeout = Duration::from_secs(cfg.comm.timeout_secs);
+    match cfg.comm.backend {
+        Backend::Ring => {}
+    }
+    if launch.world_size == 1 {
+        let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+        let store = crate::rendezvous::MemoryStore::new();
+        return Ok(Box::new(RingComm::connect(&store, 0, 1, &opts)?));
+    }
+    let addr = launch.store_addr()?;
+    if launch.rank == 0 {
+        let port = launch.master_port.expect("store_addr checked the port");
+        TcpStoreServer::start(&format!("0.0.0.0:{port}"), &launch.job_token)
+            .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
+    }
+    let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;
+    let bind_ip = client.local_ip();
+    let store: Arc<dyn Store> = Arc::new(client);
+    // Keys are namespaced by restart count so a restarted group never reads a stale address.
+    let ring_store = PrefixStore::new(format!("gen{}", launch.restart_count), store);
+    let opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
+    let comm = RingComm::connect(&ring_store, launch.rank, launch.world_size, &opts)?;
+    if comm.world_size() != launch.world_size {
+        bail!("ring formed with {} ranks, expected {}", comm.world_size(), launch.world_size);
+    }
+    Ok(Box::new(comm))
+}
