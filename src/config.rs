@@ -221,7 +221,11 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Config = serde_yaml::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            invalid(if path == "." { inner } else { format!("{path}: {inner}") })
+        })?;
         cfg.validate().map_err(invalid)?;
         Ok(cfg)
     }
@@ -381,7 +385,7 @@ optimizer: {name: sgd, lr: 0.1}
             ("optimizer.momentum=1.5", "optimizer.momentum"),
             ("data.format=idx", "data.dir"),
             ("comm.timeout_secs=0", "comm.timeout_secs"),
-            ("model.name=cnn", "1x28x28"),
+            ("model={name: cnn}", "1x28x28"),
         ] {
             let e = parse(BASE, &[over]).unwrap_err().to_string();
             assert!(e.contains(field), "{over}: {e}");

@@ -146,7 +146,7 @@ mod tests {
 
         let labels = dir.path().join("l");
         std::fs::write(&labels, idx(&[2], &[1, 2])).unwrap();
-        let e = load_pair(&p, &labels).unwrap_err().to_string();
+        let e = load_pair(&p, &labels).err().expect("mismatched counts must fail").to_string();
         assert!(e.contains("2 labels for 1 images"), "{e}");
     }
 }

@@ -54,6 +54,9 @@ pub fn torch_randperm(n: usize, seed: u64) -> Vec<usize> {
     if n == 0 {
         return vec![];
     }
+    // Seeding and drawing must not interleave with another thread doing the same.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed as i64);
     let perm = Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu));
     Vec::<i64>::try_from(&perm).expect("randperm gives int64").into_iter().map(|i| i as usize).collect()
@@ -130,6 +133,30 @@ mod tests {
         // n=2, world=7 without drop_last: [0,1] repeated to 7 -> rank 6 gets 0.
         assert_eq!(shard(&[0, 1], 7, 6, false), vec![0]);
         assert_eq!(shard(&[0, 1], 7, 6, true), Vec::<usize>::new());
+    }
+
+    /// Fixture printed by torch 2.11's own DistributedSampler
+    /// (scripts/reference/sampler_indices.py): identical indices for every case.
+    #[test]
+    fn matches_pytorch_fixture() {
+        let fixture = include_str!("sampler_fixture.txt");
+        let mut cases = 0;
+        for line in fixture.lines().filter(|l| !l.starts_with('#')) {
+            let (head, tail) = line.split_once(" : ").unwrap();
+            let h: Vec<u64> = head.split(' ').map(|x| x.parse().unwrap()).collect();
+            let (n, world, rank, shuffle, drop_last, seed, epoch) = (h[0], h[1], h[2], h[3] == 1, h[4] == 1, h[5], h[6]);
+            let truncated = tail.ends_with(" ...");
+            let expected: Vec<usize> = tail.trim_end_matches(" ...").split(' ').filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect();
+            let mut s = DistributedSampler::new(n as usize, world as usize, rank as usize, shuffle, seed, drop_last);
+            s.set_epoch(epoch);
+            let mut got = s.indices();
+            if truncated {
+                got.truncate(expected.len());
+            }
+            assert_eq!(got, expected, "case: {head}");
+            cases += 1;
+        }
+        assert!(cases > 500, "fixture has {cases} cases");
     }
 
     #[test]

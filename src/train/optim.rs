@@ -48,7 +48,7 @@ impl Optimizer {
         let mut d_p = if c.weight_decay != 0.0 { grad.f_add(&p.f_mul_scalar(c.weight_decay)?)? } else { grad };
         if c.momentum != 0.0 {
             let buf = match self.state_a[i].take() {
-                None => d_p.f_detach()?.f_clone(&d_p)?,
+                None => d_p.f_detach_copy()?,
                 Some(mut b) => {
                     let _ = b.f_mul_scalar_(c.momentum)?;
                     let _ = b.f_add_(&d_p.f_mul_scalar(1.0 - c.dampening)?)?;
