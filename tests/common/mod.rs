@@ -1,0 +1,122 @@
+//! Helpers for tests that spawn the real binaries: a command with a timeout whose failure report
+//! shows the command line, its exit status, stdout and stderr (in the spirit of ripgrep's
+//! TestCommand).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RINGRUN: &str = env!("CARGO_BIN_EXE_ringrun");
+pub const RINGTRAIN: &str = env!("CARGO_BIN_EXE_ringtrain");
+
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub shown: String,
+}
+
+impl Output {
+    pub fn report(&self) -> String {
+        format!(
+            "command: {}\nstatus: {:?} after {:.1}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.shown,
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.status.success(), "expected success\n{}", self.report());
+        self
+    }
+
+    pub fn assert_failure(&self) -> &Self {
+        assert!(!self.status.success(), "expected failure\n{}", self.report());
+        self
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout` (a hang is a test failure, not a stuck CI).
+pub fn run(mut cmd: Command, timeout: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let o = Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap(), elapsed: started.elapsed(), shown };
+            panic!("timed out after {timeout:?}\n{}", o.report());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap(), elapsed: started.elapsed(), shown }
+}
+
+/// Writes a config file into `dir` and returns its path.
+pub fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+/// A small MLP job on synthetic data; `extra` is appended (YAML).
+pub fn mlp_config(batch_size: usize, extra: &str) -> String {
+    format!(
+        "model: {{name: mlp, hidden: [32, 16]}}
+data: {{format: synthetic, synthetic: {{train_samples: 1200, test_samples: 300, shape: [12], classes: 3, seed: 5}}}}
+train: {{epochs: 1, batch_size: {batch_size}, seed: 7, log_every_steps: 10}}
+optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}
+comm: {{timeout_secs: 20}}
+{extra}"
+    )
+}
+
+/// ringrun with `n` workers running `ringtrain --config cfg --run-dir run_dir`.
+pub fn ringrun(n: usize, cfg: &Path, run_dir: &Path, extra_args: &[&str]) -> Command {
+    let mut c = Command::new(RINGRUN);
+    c.arg("--nproc-per-node").arg(n.to_string()).arg(RINGTRAIN).arg("--config").arg(cfg).arg("--run-dir").arg(run_dir);
+    c.args(extra_args);
+    c.env_remove("RINGTRAIN_FAULT");
+    c
+}
+
+/// The parameter hash each rank reported, indexed by rank.
+pub fn rank_hashes(run_dir: &Path, world: usize) -> Vec<String> {
+    (0..world)
+        .map(|r| {
+            let p = run_dir.join("ranks").join(format!("rank{r}.json"));
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap();
+            v["param_hash"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Final parameters written by rank 0.
+pub fn load_params(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut v = tch::Tensor::read_safetensors(run_dir.join("model.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -1,0 +1,110 @@
+//! ringrun with real worker processes: replicas end bitwise identical, a failing worker stops the
+//! group quickly with its rank named, bad input fails clearly.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn two_and_three_workers_end_with_identical_parameters() {
+    for world in [2usize, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), "job.yaml", &mlp_config(16, ""));
+        let run_dir = dir.path().join("run");
+        let out = run(ringrun(world, &cfg, &run_dir, &[]), Duration::from_secs(120));
+        out.assert_success();
+        let hashes = rank_hashes(&run_dir, world);
+        assert!(hashes.iter().all(|h| h == &hashes[0]), "replicas differ: {hashes:?}\n{}", out.report());
+        // Outputs people read: prefixed worker lines, final accuracy, metrics with epoch lines.
+        assert!(out.stdout.contains("[rank0] final: test_acc"), "{}", out.report());
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        let epoch: serde_json::Value =
+            metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v["kind"] == "epoch").unwrap();
+        for key in ["epoch", "test_loss", "test_acc", "samples_per_s"] {
+            assert!(epoch[key].is_number(), "epoch line lacks {key}: {epoch}");
+        }
+        assert!(epoch["test_acc"].as_f64().unwrap() > 0.6, "synthetic task not learned: {epoch}");
+        assert!(run_dir.join("config.yaml").is_file() && run_dir.join("logs/rank0.log").is_file());
+    }
+}
+
+#[test]
+fn worker_may_be_omitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(16, ""));
+    let run_dir = dir.path().join("run");
+    let mut c = Command::new(RINGRUN);
+    c.args(["--nproc-per-node", "2", "--config"]).arg(&cfg).arg("--run-dir").arg(&run_dir).arg("--set").arg("train.max_steps=5");
+    run(c, Duration::from_secs(120)).assert_success();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("ranks/rank1.json")).unwrap()).unwrap();
+    assert_eq!(v["global_steps"], 5);
+}
+
+#[test]
+fn a_failing_worker_stops_the_group_naming_its_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that the others would still be training when rank 1 fails.
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(4, "").replace("epochs: 1", "epochs: 50"));
+    let run_dir = dir.path().join("run");
+    let mut c = ringrun(3, &cfg, &run_dir, &[]);
+    c.env("RINGTRAIN_FAULT", "rank=1,step=20,action=exit:3");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("rank 1 exited with code 3"), "{}", out.report());
+    // From the failure to ringrun's exit: within seconds, not the 20 s collective timeout.
+    let log = std::fs::read_to_string(run_dir.join("logs/rank1.log")).unwrap();
+    assert!(log.contains("fault injection"), "{log}");
+    assert!(out.elapsed < Duration::from_secs(10) + startup_allowance(), "took {:?}\n{}", out.elapsed, out.report());
+}
+
+/// Process start-up and the first steps before the injected fault.
+fn startup_allowance() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[test]
+fn a_killed_worker_is_reported_with_its_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(4, "").replace("epochs: 1", "epochs: 50"));
+    let mut c = ringrun(2, &cfg, &dir.path().join("run"), &[]);
+    c.env("RINGTRAIN_FAULT", "rank=0,step=10,action=abort");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("rank 0 was killed by signal 6 (SIGABRT)"), "{}", out.report());
+}
+
+#[test]
+fn bad_config_fails_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "bad.yaml", &mlp_config(16, "").replace("batch_size: 16", "batch_size: 16, epochz: 2"));
+    let out = run(ringrun(2, &cfg, &dir.path().join("run"), &[]), Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("bad.yaml") && out.stderr.contains("epochz"), "{}", out.report());
+    assert!(out.stderr.contains("ringrun: error: rank"), "{}", out.report());
+
+    // The same through the worker alone: one line, non-zero exit, nothing written.
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("--config").arg(&cfg).arg("--run-dir").arg(dir.path().join("solo"));
+    let out = run(c, Duration::from_secs(30));
+    out.assert_failure();
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.report());
+    assert!(!dir.path().join("solo").exists(), "a bad config must not create the run directory");
+
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("--config").arg(&cfg).arg("--set").arg("train.batch_size=0");
+    let out = run(c, Duration::from_secs(30));
+    out.assert_failure();
+    assert!(out.stderr.contains("epochz") || out.stderr.contains("train.batch_size"), "{}", out.report());
+
+    let out = run({ let mut c = Command::new(RINGTRAIN); c.args(["--config", "/nonexistent.yaml"]); c }, Duration::from_secs(30));
+    out.assert_failure();
+    assert!(out.stderr.contains("/nonexistent.yaml"), "{}", out.report());
+}
+
+#[test]
+fn a_missing_worker_program_is_an_error() {
+    let out = run({ let mut c = Command::new(RINGRUN); c.args(["--nproc-per-node", "2", "/no/such/worker"]); c }, Duration::from_secs(30));
+    out.assert_failure();
+    assert!(out.stderr.contains("/no/such/worker"), "{}", out.report());
+}
