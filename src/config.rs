@@ -64,6 +64,9 @@ pub struct DataConfig {
     pub dir: Option<PathBuf>,
     #[serde(default)]
     pub synthetic: Option<SyntheticConfig>,
+    /// Per-channel (mean, std) applied after scaling to [0, 1], as torchvision's Normalize.
+    #[serde(default)]
+    pub normalize: Option<[f32; 2]>,
     /// Batches the loader prepares ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch_batches: usize,
@@ -311,6 +314,11 @@ impl Config {
             };
             if !shape_ok {
                 return Err("model cnn needs 1x28x28 samples (data.synthetic.shape: [1, 28, 28])".into());
+            }
+        }
+        if let Some([_, std]) = self.data.normalize {
+            if !(std > 0.0 && std.is_finite()) {
+                return Err(format!("data.normalize: std must be positive, got {std}"));
             }
         }
         if self.data.prefetch_batches == 0 {

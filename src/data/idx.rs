@@ -82,6 +82,7 @@ pub fn load_pair(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
         labels: lab.data.iter().map(|&l| l as i64).collect(),
         sample_shape: vec![1, img.dims[1] as i64, img.dims[2] as i64],
         classes,
+        normalize: None,
     })
 }
 

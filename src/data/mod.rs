@@ -34,6 +34,8 @@ pub struct Dataset {
     /// Shape of one sample, e.g. [1, 28, 28].
     pub sample_shape: Vec<i64>,
     pub classes: usize,
+    /// (mean, std) applied to every value after scaling.
+    pub normalize: Option<[f32; 2]>,
 }
 
 impl Dataset {
@@ -57,6 +59,11 @@ impl Dataset {
                 }
             }
             Pixels::F32(v) => out.copy_from_slice(&v[i * k..(i + 1) * k]),
+        }
+        if let Some([mean, std]) = self.normalize {
+            for o in out.iter_mut() {
+                *o = (*o - mean) / std;
+            }
         }
     }
 }
@@ -85,7 +92,9 @@ pub fn load(cfg: &DataConfig) -> Result<Splits, DataError> {
         DataFormat::Idx => {
             let dir = cfg.dir.as_deref().expect("validated: idx has a dir");
             let split = |images: &str, labels: &str| -> Result<Arc<Dataset>, DataError> {
-                Ok(Arc::new(idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?)?))
+                let mut d = idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?)?;
+                d.normalize = cfg.normalize;
+                Ok(Arc::new(d))
             };
             Ok(Splits {
                 train: split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
@@ -94,7 +103,12 @@ pub fn load(cfg: &DataConfig) -> Result<Splits, DataError> {
         }
         DataFormat::Synthetic => {
             let s = cfg.synthetic.as_ref().expect("validated: synthetic has its section");
-            Ok(Splits { train: Arc::new(synthetic::generate(s, 0)), test: Arc::new(synthetic::generate(s, 1)) })
+            let split = |which| {
+                let mut d = synthetic::generate(s, which);
+                d.normalize = cfg.normalize;
+                Arc::new(d)
+            };
+            Ok(Splits { train: split(0), test: split(1) })
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn generate(cfg: &SyntheticConfig, split: u64) -> Dataset {
         labels,
         sample_shape: cfg.shape.iter().map(|&s| s as i64).collect(),
         classes: cfg.classes,
+        normalize: None,
     }
 }
 
