@@ -26,6 +26,33 @@ pub struct Config {
     pub ddp: DdpConfig,
     #[serde(default)]
     pub comm: CommConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Also write a checkpoint every this many optimizer steps (0: only at epoch ends, at the end
+    /// of training and on shutdown).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Newest checkpoints kept; older ones are deleted.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Write checkpoints at all (off: none, not even at shutdown).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 0, keep: default_keep(), enabled: true }
+    }
+}
+
+fn default_keep() -> usize {
+    3
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -44,6 +71,9 @@ pub struct ModelConfig {
     /// Hidden layer widths of the MLP.
     #[serde(default)]
     pub hidden: Vec<usize>,
+    /// Start from these weights (safetensors with PyTorch names, e.g. from `model.state_dict()`).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -273,6 +303,9 @@ impl Config {
         }
         if !(self.ddp.bucket_cap_mb > 0.0 && self.ddp.first_bucket_cap_mb > 0.0) {
             return Err("ddp.bucket_cap_mb and ddp.first_bucket_cap_mb must be positive".into());
+        }
+        if self.checkpoint.keep == 0 {
+            return Err("checkpoint.keep must be at least 1".into());
         }
         if self.comm.timeout_secs == 0 {
             return Err("comm.timeout_secs must be at least 1".into());

@@ -31,3 +31,4 @@ pub mod telemetry;
 pub mod train;
 pub mod worker;
 pub mod supervise;
+pub mod checkpoint;

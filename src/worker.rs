@@ -10,6 +10,7 @@ use crate::{telemetry, train};
 use anyhow::{bail, Context, Result};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,18 @@ pub struct WorkerArgs {
     pub config: PathBuf,
     pub overrides: Vec<String>,
     pub run_dir: Option<PathBuf>,
+    /// `None`: fresh, unless the launcher restarted the group (then `auto`).
+    pub resume: Option<train::Resume>,
+}
+
+/// First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: exit at once.
+fn install_stop_handlers() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone()).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    Ok(stop)
 }
 
 /// Default run directory: runs/<config file stem>, so re-running a config finds its own outputs.
@@ -57,9 +70,21 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
         std::fs::write(&resolved, cfg.to_yaml()).with_context(|| format!("writing {}", resolved.display()))?;
     }
 
+    let stop = install_stop_handlers()?;
+    let resume = match args.resume {
+        Some(r) => r,
+        None if launch.restart_count > 0 => {
+            tracing::info!("restart {} of the group: resuming from the latest checkpoint", launch.restart_count);
+            train::Resume::Auto
+        }
+        None => train::Resume::No,
+    };
+    // Faults fire in the first generation only, so a restarted group can finish.
+    let fault = fault.filter(|_| launch.restart_count == 0);
     let mut comm = join_group(&cfg, &launch)?;
     tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
-    let summary = train::run(train::TrainContext { cfg: &cfg, comm: comm.as_mut(), run_dir: &run_dir, fault })?;
+    let sample_log = std::env::var_os("RINGTRAIN_SAMPLE_LOG").is_some();
+    let summary = train::run(train::TrainContext { cfg: &cfg, comm: comm.as_mut(), run_dir: &run_dir, fault, resume, stop, sample_log })?;
     Ok(summary)
 }
 
@@ -84,9 +109,10 @@ fn join_group(cfg: &Config, launch: &LaunchInfo) -> Result<Box<dyn Communicator>
     let bind_ip = client.local_ip();
     let store: Arc<dyn Store> = Arc::new(client);
     // Keys are namespaced by restart count so a restarted group never reads a stale address.
-    let ring_store = PrefixStore::new(format!("gen{}", launch.restart_count), store);
+    let ring_store = PrefixStore::new(format!("gen{}", launch.restart_count), store.clone());
     let opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
-    let comm = RingComm::connect(&ring_store, launch.rank, launch.world_size, &opts)?;
+    let stall_store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store.clone()));
+    let comm = RingComm::connect(&ring_store, launch.rank, launch.world_size, &opts)?.with_stall_reports(stall_store);
     if comm.world_size() != launch.world_size {
         bail!("ring formed with {} ranks, expected {}", comm.world_size(), launch.world_size);
     }

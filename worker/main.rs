@@ -16,15 +16,21 @@ struct Args {
     /// Where outputs go (default: runs/<config name>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// `auto` (newest usable checkpoint in the run directory, else start fresh) or a checkpoint
+    /// folder. A group restarted by ringrun resumes `auto` without it.
+    #[arg(long, value_name = "auto|PATH")]
+    resume: Option<ringtrain::train::Resume>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let worker_args = ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir };
+    let worker_args = ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir, resume: args.resume };
     match ringtrain::worker::run(worker_args) {
         Ok(summary) => {
             if std::env::var("RANK").map_or(true, |r| r == "0") {
-                if let Some(last) = summary.epochs.last() {
+                if summary.stopped {
+                    println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
+                } else if let Some(last) = summary.epochs.last() {
                     let acc = last.test.as_ref().map(|t| format!("test_acc {:.2}%, ", t.accuracy * 100.0)).unwrap_or_default();
                     println!("final: {acc}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
                 }

@@ -10,6 +10,7 @@ mod tensor;
 pub use ring::{RingComm, RingOptions};
 pub use tensor::{all_reduce_tensor, broadcast_tensor};
 
+
 use std::time::Duration;
 
 /// The collective operations, named as PyTorch names them.
@@ -58,6 +59,8 @@ pub enum CommError {
     Io { rank: usize, op: Op, seq: u64, peer: usize, source: std::io::Error },
     #[error("rank {rank}: collective mismatch with rank {peer}: {detail}")]
     Mismatch { rank: usize, peer: usize, detail: String },
+    #[error("rank {rank}: {op} #{seq} stalled: rank(s) {missing:?} did not arrive within {secs:.0}s (rank(s) {waiting:?} are waiting in it)")]
+    Stalled { rank: usize, op: Op, seq: u64, missing: Vec<usize>, waiting: Vec<usize>, secs: f64 },
     #[error("rank {rank}: ring setup: {detail}")]
     Setup { rank: usize, detail: String },
     #[error("rank {rank}: {source}")]
@@ -84,4 +87,16 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<(), CommError>;
     /// The timeout every blocking call uses.
     fn timeout(&self) -> Duration;
+}
+
+/// Broadcasts a byte string of any length from `root` (others pass `None`).
+pub fn broadcast_blob(comm: &mut dyn Communicator, root: usize, mine: Option<&[u8]>) -> Result<Vec<u8>, CommError> {
+    let mut len = (mine.map_or(0, |b| b.len()) as u64).to_le_bytes();
+    comm.broadcast(&mut len, root)?;
+    let mut buf = match mine {
+        Some(b) if comm.rank() == root => b.to_vec(),
+        _ => vec![0u8; u64::from_le_bytes(len) as usize],
+    };
+    comm.broadcast(&mut buf, root)?;
+    Ok(buf)
 }

@@ -40,6 +40,8 @@ impl RingOptions {
 }
 
 pub struct RingComm {
+    /// Where ranks report a collective timeout, to tell who never arrived (see `stall_report`).
+    stall_store: Option<std::sync::Arc<dyn Store>>,
     rank: usize,
     world: usize,
     links: Option<Links>,
@@ -65,7 +67,7 @@ impl RingComm {
     /// rank, accepts the previous one, and checks both present the job token.
     pub fn connect(store: &dyn Store, rank: usize, world: usize, opts: &RingOptions) -> Result<Self, CommError> {
         let segment_elems = (opts.segment_bytes / 4).max(1);
-        let mut comm = Self { rank, world, links: None, seq: 0, timeout: opts.timeout, segment_elems, scratch: vec![] };
+        let mut comm = Self { stall_store: None, rank, world, links: None, seq: 0, timeout: opts.timeout, segment_elems, scratch: vec![] };
         if world <= 1 {
             return Ok(comm);
         }
@@ -112,6 +114,38 @@ impl RingComm {
         }
         comm.links = Some(Links { to_next, from_prev });
         Ok(comm)
+    }
+
+    /// Enables stall reports through `store` (the job's store, reachable while rank 0 lives).
+    pub fn with_stall_reports(mut self, store: std::sync::Arc<dyn Store>) -> Self {
+        self.stall_store = Some(store);
+        self
+    }
+
+    /// After a timeout, finds out which ranks never entered collective `seq`: every rank that
+    /// times out records itself in the store, then waits up to half the timeout for the others'
+    /// records. Ranks that never record are the ones that did not arrive (hung or lost), in the
+    /// spirit of Horovod's stall inspector. Falls back to the plain timeout error when the store
+    /// cannot be reached.
+    fn stall_report(&self, err: CommError) -> CommError {
+        let (CommError::Timeout { op, seq, secs, .. }, Some(store)) = (&err, &self.stall_store) else {
+            return err;
+        };
+        let key = |r: usize| format!("stall/{seq}/{r}");
+        if store.set(&key(self.rank), op.name().as_bytes()).is_err() {
+            return err;
+        }
+        let keys: Vec<String> = (0..self.world).map(key).collect();
+        let window = (self.timeout / 2).min(Duration::from_secs(30));
+        let missing: Vec<usize> = match store.wait(&keys, window) {
+            Ok(()) => return err, // everyone is in it: a slow link, not a missing rank
+            Err(crate::rendezvous::StoreError::Timeout { keys: missing, .. }) => {
+                missing.iter().filter_map(|k| k.rsplit('/').next()?.parse().ok()).collect()
+            }
+            Err(_) => return err,
+        };
+        let waiting = (0..self.world).filter(|r| !missing.contains(r)).collect();
+        CommError::Stalled { rank: self.rank, op: *op, seq: *seq, missing, waiting, secs: *secs }
     }
 
     fn next(&self) -> usize {
@@ -372,7 +406,7 @@ impl Communicator for RingComm {
         if result.is_err() {
             self.poison();
         }
-        result
+        result.map_err(|e| self.stall_report(e))
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
@@ -410,7 +444,7 @@ impl Communicator for RingComm {
         if result.is_err() {
             self.poison();
         }
-        result
+        result.map_err(|e| self.stall_report(e))
     }
 
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
@@ -473,7 +507,7 @@ impl RingComm {
         if result.is_err() {
             self.poison();
         }
-        result.map(|()| out)
+        result.map(|()| out).map_err(|e| self.stall_report(e))
     }
 }
 

@@ -37,12 +37,29 @@ impl DistributedSampler {
 
     /// This rank's indices for the current epoch.
     pub fn indices(&self) -> Vec<usize> {
-        let order = if self.shuffle {
+        self.indices_from(0)
+    }
+
+    /// The epoch's order: `randperm(n)` seeded with seed + epoch, or 0..n without shuffle.
+    pub fn order(&self) -> Vec<usize> {
+        if self.shuffle {
             torch_randperm(self.len, self.seed.wrapping_add(self.epoch))
         } else {
             (0..self.len).collect()
-        };
-        shard(&order, self.world_size, self.rank, self.drop_last)
+        }
+    }
+
+    /// This rank's indices when positions `[0, base)` of the epoch's order were already consumed
+    /// (a resume at a different world size): the rest of the order is sharded exactly as
+    /// DistributedSampler shards a dataset of that many samples.
+    pub fn indices_from(&self, base: usize) -> Vec<usize> {
+        let order = self.order();
+        shard(&order[base.min(order.len())..], self.world_size, self.rank, self.drop_last)
+    }
+
+    /// `num_samples` for the part of the epoch from position `base` on.
+    pub fn num_samples_from(&self, base: usize) -> usize {
+        num_samples(self.len.saturating_sub(base), self.world_size, self.drop_last)
     }
 }
 

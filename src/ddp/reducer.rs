@@ -20,6 +20,12 @@ pub struct Reducer {
     buckets: Vec<Bucket>,
 }
 
+/// One extra f32 rides at the end of the last bucket: a control value each rank contributes
+/// (e.g. "a stop was requested here") whose sum every rank learns with no extra collective.
+fn control_slot(b: &Bucket) -> i64 {
+    b.spans.last().map_or(0, |&(off, n)| off + n)
+}
+
 impl Reducer {
     pub fn new(params: &[Tensor], first_cap_bytes: usize, cap_bytes: usize) -> Result<Self, DdpError> {
         for (i, p) in params.iter().enumerate() {
@@ -29,9 +35,11 @@ impl Reducer {
         }
         let sizes: Vec<usize> = params.iter().map(|p| p.numel() * 4).collect();
         let assignment = compute_bucket_assignment_by_size(&sizes, &[first_cap_bytes, cap_bytes]);
-        let buckets = assignment
+        let last = assignment.len().saturating_sub(1);
+        let mut buckets: Vec<Bucket> = assignment
             .into_iter()
-            .map(|idx| {
+            .enumerate()
+            .map(|(bi, idx)| {
                 let mut off = 0i64;
                 let spans = idx
                     .iter()
@@ -41,9 +49,14 @@ impl Reducer {
                         (off - n, n)
                     })
                     .collect();
-                Bucket { params: idx, spans, flat: Tensor::zeros([off], (Kind::Float, tch::Device::Cpu)) }
+                let extra = i64::from(bi == last);
+                Bucket { params: idx, spans, flat: Tensor::zeros([off + extra], (Kind::Float, tch::Device::Cpu)) }
             })
             .collect();
+        if buckets.is_empty() {
+            // No parameters: still one bucket, for the control value.
+            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)) });
+        }
         Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets })
     }
 
@@ -52,11 +65,17 @@ impl Reducer {
         self.buckets.iter().map(|b| b.params.clone()).collect()
     }
 
-    /// Averages every gradient across ranks. A parameter that got no gradient this step
-    /// contributes zeros, so all ranks still exchange identical buckets.
-    pub fn reduce(&mut self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+    /// Averages every gradient across ranks and returns the sum of every rank's `control`. A
+    /// parameter that got no gradient this step contributes zeros, so all ranks still exchange
+    /// identical buckets.
+    pub fn reduce(&mut self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
         let world = comm.world_size() as f64;
-        for b in &mut self.buckets {
+        let last = self.buckets.len() - 1;
+        let mut control_sum = control;
+        for (bi, b) in self.buckets.iter_mut().enumerate() {
+            if bi == last {
+                let _ = b.flat.f_narrow(0, control_slot(b), 1)?.f_fill_(control as f64)?;
+            }
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut dst = b.flat.f_narrow(0, off, n)?;
                 let g = self.params[i].grad();
@@ -69,6 +88,9 @@ impl Reducer {
             if world > 1.0 {
                 let _ = b.flat.f_div_scalar_(world)?;
                 all_reduce_tensor(comm, &mut b.flat)?;
+                if bi == last {
+                    control_sum = (b.flat.f_double_value(&[control_slot(b)])? * world) as f32;
+                }
             }
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut g = self.params[i].grad();
@@ -77,7 +99,7 @@ impl Reducer {
                 }
             }
         }
-        Ok(())
+        Ok(control_sum)
     }
 }
 

@@ -7,11 +7,14 @@
 //!   evaluate on the test set sharded across ranks; rank 0 writes the epoch's metrics
 //! ```
 
+mod checkpointing;
 mod eval;
 pub mod optim;
+mod resume;
 
 pub use eval::{evaluate, EvalResult};
 pub use optim::Optimizer;
+pub use resume::Resume;
 
 use crate::comm::{CommError, Communicator};
 use crate::config::Config;
@@ -21,7 +24,11 @@ use crate::fault::Fault;
 use crate::models;
 use crate::telemetry::{Metrics, Progress};
 use serde_json::json;
+use checkpointing::Position;
+use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::Tensor;
 
@@ -39,6 +46,8 @@ pub enum TrainError {
     Io { what: String, source: std::io::Error },
     #[error("ranks disagree: {0}")]
     Disagree(String),
+    #[error("{0}")]
+    Startup(String),
 }
 
 pub struct TrainContext<'a> {
@@ -46,6 +55,11 @@ pub struct TrainContext<'a> {
     pub comm: &'a mut dyn Communicator,
     pub run_dir: &'a Path,
     pub fault: Option<Fault>,
+    pub resume: Resume,
+    /// Set by a signal handler: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+    /// Test aid: every rank appends "epoch sample" lines to samples/rankN.txt.
+    pub sample_log: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +75,8 @@ pub struct Summary {
     pub global_steps: u64,
     pub epochs: Vec<EpochSummary>,
     pub param_hash: u64,
+    /// Ended early on a stop request (after writing a checkpoint).
+    pub stopped: bool,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
@@ -82,7 +98,7 @@ fn agree(comm: &mut dyn Communicator, what: &str, mine: &[u8]) -> Result<(), Tra
 }
 
 pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
-    let TrainContext { cfg, comm, run_dir, fault } = ctx;
+    let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log } = ctx;
     let (rank, world) = (comm.rank(), comm.world_size());
     let t = &cfg.train;
 
@@ -91,34 +107,30 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
 
     let splits = data::load(&cfg.data)?;
     let classes = splits.train.classes.max(splits.test.classes);
-    let mut sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
-    let batches_per_epoch = sampler.num_samples().div_ceil(t.batch_size) as u64;
-    // Equal data means equal step counts; a rank that would take a different number of steps
-    // would leave the others waiting in a collective, so it is an error here instead.
     agree(
         comm,
-        "data (train samples, test samples, classes, steps per epoch)",
-        format!("{}, {}, {classes}, {batches_per_epoch}", splits.train.len(), splits.test.len()).as_bytes(),
+        "data (train samples, test samples, classes)",
+        format!("{}, {}, {classes}", splits.train.len(), splits.test.len()).as_bytes(),
     )?;
-    if batches_per_epoch == 0 {
-        return Err(TrainError::Disagree(format!(
-            "no training batches: {} samples over {world} ranks with drop_last={}",
-            splits.train.len(),
-            t.drop_last
-        )));
-    }
 
     tch::manual_seed(t.seed as i64);
     let model = models::build(&cfg.model, &splits.train.sample_shape, classes)?;
     let named = model.named_parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
+    let mut opt = Optimizer::new(&cfg.optimizer, &params);
+    let checkpoints = run_dir.join("checkpoints");
+    let resumed = resume::restore(comm, &resume, &checkpoints, named, &mut opt)?;
+    if resumed.is_none() {
+        if let Some(path) = &cfg.model.init_from {
+            resume::init_from(comm, path, named)?;
+        }
+    }
     ddp::sync_replicas(comm, named)?;
     let mut reducer = Reducer::new(
         &params,
         (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
         (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
     )?;
-    let mut opt = Optimizer::new(&cfg.optimizer, &params);
     let n_params: usize = params.iter().map(|p| p.numel()).sum();
     tracing::info!(
         "model {:?}: {} tensors, {n_params} parameters; {} bucket(s) {:?}; {world} rank(s) × batch {} on {} samples",
@@ -130,62 +142,146 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         splits.train.len()
     );
 
+    // Where to start: the epoch, the position in its order where this sharding begins, and how
+    // many of this sharding's steps are already done (see checkpoint::Meta).
+    let mut pos = Position { global_step: 0, epoch: 0, epoch_base: 0, steps_in_shard: 0 };
+    if let Some(m) = &resumed {
+        pos.global_step = m.global_step;
+        pos.epoch = m.epoch;
+        if m.epoch_world_size == world && m.batch_size == t.batch_size {
+            pos.epoch_base = m.epoch_base;
+            pos.steps_in_shard = m.steps_in_shard;
+        } else {
+            // Different world size or batch: the samples of the epoch not yet seen are
+            // re-sharded across the new ranks; none is repeated or skipped.
+            pos.epoch_base = (m.epoch_base + m.steps_in_shard * (m.batch_size * m.epoch_world_size) as u64).min(splits.train.len() as u64);
+            pos.steps_in_shard = 0;
+            tracing::info!(
+                "epoch {} continues at a new layout ({world} ranks × batch {}, was {} × {}): positions {}..{} of its order re-sharded",
+                m.epoch,
+                t.batch_size,
+                m.epoch_world_size,
+                m.batch_size,
+                pos.epoch_base,
+                splits.train.len()
+            );
+        }
+    }
+
     let mut metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref())
         .map_err(io_err("metrics.jsonl"))?;
-    // As in Hugging Face's Trainer, max_steps (when set) overrides epochs.
-    let total_epochs = match t.max_steps {
-        Some(m) => m.div_ceil(batches_per_epoch) as usize,
-        None => t.epochs,
+    let mut samples_file = match sample_log {
+        true => {
+            let dir = run_dir.join("samples");
+            std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
+            let p = dir.join(format!("rank{rank}.txt"));
+            Some(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?)
+        }
+        false => None,
     };
-    let mut global_step: u64 = 0;
+    let mut sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
     let mut epochs = Vec::new();
-    'epochs: for epoch in 0..total_epochs {
+    let mut last_saved = resumed.as_ref().map(|m| m.global_step);
+    let done = |step: u64, epoch: usize| match t.max_steps {
+        Some(m) => step >= m,
+        None => epoch >= t.epochs,
+    };
+    let mut stopped = false;
+    while !done(pos.global_step, pos.epoch) {
+        let epoch = pos.epoch;
         sampler.set_epoch(epoch as u64);
-        let loader = Loader::spawn(splits.train.clone(), sampler.indices(), t.batch_size, cfg.data.prefetch_batches);
-        let progress = Progress::new(rank == 0, epoch, loader.len() as u64);
+        let indices = sampler.indices_from(pos.epoch_base as usize);
+        let batches_in_shard = indices.len().div_ceil(t.batch_size) as u64;
+        // Equal data means equal step counts; a rank that would take a different number of
+        // steps would leave the others waiting in a collective, so it is an error here instead.
+        agree(comm, "steps in this epoch", batches_in_shard.to_string().as_bytes())?;
+        if batches_in_shard == 0 && pos.epoch_base == 0 {
+            return Err(TrainError::Disagree(format!(
+                "no training batches: {} samples over {world} ranks with drop_last={}",
+                splits.train.len(),
+                t.drop_last
+            )));
+        }
+        let skip = (pos.steps_in_shard as usize * t.batch_size).min(indices.len());
+        let todo: Vec<usize> = indices[skip..].to_vec();
+        let loader = Loader::spawn(splits.train.clone(), todo.clone(), t.batch_size, cfg.data.prefetch_batches);
+        let progress = Progress::new(rank == 0, epoch, batches_in_shard);
         let started = Instant::now();
         let (mut loss_sum, mut samples, mut steps) = (0.0f64, 0usize, 0u64);
         let mut window = (Instant::now(), 0usize);
+        let mut epoch_complete = true;
         for (i, batch) in loader.enumerate() {
-            if t.max_steps.is_some_and(|m| global_step >= m) {
+            if t.max_steps.is_some_and(|m| pos.global_step >= m) {
+                epoch_complete = false;
                 break;
             }
             if let Some(f) = &fault {
-                f.check(rank, global_step);
+                f.check(rank, pos.global_step);
             }
             ddp::zero_grads(&params)?;
             let logits = model.forward(&batch.input)?;
             let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.target, None, tch::Reduction::Mean, -100, 0.0)?;
             loss.f_backward()?;
-            reducer.reduce(comm)?;
+            // A stop request (SIGTERM/SIGINT) rides along with the gradients, so every rank
+            // stops after the same step.
+            let stop_votes = reducer.reduce(comm, f32::from(u8::from(stop.load(Ordering::Relaxed))))?;
             opt.step()?;
             let l = loss.f_double_value(&[])?;
+            if let Some(f) = &mut samples_file {
+                let ids = &todo[i * t.batch_size..(i * t.batch_size + batch.len).min(todo.len())];
+                let lines: String = ids.iter().map(|id| format!("{epoch} {id}\n")).collect();
+                f.write_all(lines.as_bytes()).map_err(io_err("sample log"))?;
+            }
             loss_sum += l * batch.len as f64;
             samples += batch.len;
             window.1 += batch.len;
             steps += 1;
-            global_step += 1;
-            let step = i as u64 + 1;
-            if rank == 0 && (step % t.log_every_steps == 0 || step == batches_per_epoch) {
+            pos.global_step += 1;
+            pos.steps_in_shard += 1;
+            let step = pos.steps_in_shard;
+            if rank == 0 && (step % t.log_every_steps == 0 || step == batches_in_shard) {
                 let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                 progress.update(step, l, rate);
                 if !progress.is_bar() {
-                    tracing::info!("epoch {epoch} step {step}/{batches_per_epoch} loss {l:.4} {rate:.0} samples/s");
+                    tracing::info!("epoch {epoch} step {step}/{batches_in_shard} loss {l:.4} {rate:.0} samples/s");
                 }
                 metrics
-                    .write(json!({"kind": "step", "epoch": epoch, "step": step, "global_step": global_step, "loss": l, "samples_per_s": rate}))
+                    .write(json!({"kind": "step", "epoch": epoch, "step": step, "global_step": pos.global_step, "loss": l, "samples_per_s": rate}))
                     .map_err(io_err("metrics.jsonl"))?;
                 window = (Instant::now(), 0);
             }
+            if stop_votes > 0.0 {
+                progress.finish();
+                tracing::warn!("stop requested: stopping after step {}", pos.global_step);
+                if step < batches_in_shard {
+                    checkpointing::save(comm, cfg, &checkpoints, named, &opt, &pos, "shutdown")?;
+                    last_saved = Some(pos.global_step);
+                }
+                stopped = true;
+                epoch_complete = step >= batches_in_shard;
+                break;
+            }
+            let every = cfg.checkpoint.every_steps;
+            if every > 0 && pos.global_step % every == 0 && step < batches_in_shard {
+                checkpointing::save(comm, cfg, &checkpoints, named, &opt, &pos, "every_steps")?;
+                last_saved = Some(pos.global_step);
+            }
         }
         progress.finish();
+        if epoch_complete {
+            pos.epoch += 1;
+            pos.epoch_base = 0;
+            pos.steps_in_shard = 0;
+            checkpointing::save(comm, cfg, &checkpoints, named, &opt, &pos, "epoch_end")?;
+            last_saved = Some(pos.global_step);
+        }
         let train_secs = started.elapsed().as_secs_f64();
         let samples_per_s = (samples * world) as f64 / train_secs.max(1e-9);
         // Mean training loss over all ranks' samples.
         let mut acc = [loss_sum as f32, samples as f32];
         comm.all_reduce_sum(&mut acc)?;
         let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
-        let test = if t.eval { Some(evaluate(model.as_ref(), &splits.test, comm)?) } else { None };
+        let test = if t.eval && !stopped { Some(evaluate(model.as_ref(), &splits.test, comm)?) } else { None };
         if let Some(r) = &test {
             tracing::info!(
                 "epoch {epoch} done: train_loss {train_loss:.4} test_loss {:.4} test_acc {:.2}% {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)",
@@ -193,26 +289,30 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
                 r.accuracy * 100.0
             );
         } else {
-            tracing::info!("epoch {epoch} done: train_loss {train_loss:.4} {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)");
+            tracing::info!("epoch {epoch}: train_loss {train_loss:.4} {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)");
         }
         metrics
             .write(json!({
                 "kind": "epoch", "epoch": epoch, "train_loss": train_loss,
                 "test_loss": test.as_ref().map(|r| r.loss), "test_acc": test.as_ref().map(|r| r.accuracy),
-                "samples_per_s": samples_per_s, "steps": steps, "global_step": global_step, "seconds": train_secs,
+                "samples_per_s": samples_per_s, "steps": steps, "global_step": pos.global_step, "seconds": train_secs,
+                "complete": epoch_complete,
             }))
             .map_err(io_err("metrics.jsonl"))?;
         epochs.push(EpochSummary { epoch, train_loss, test, samples_per_s });
-        if t.max_steps.is_some_and(|m| global_step >= m) {
-            break 'epochs;
+        if stopped {
+            break;
         }
+    }
+    if last_saved != Some(pos.global_step) {
+        checkpointing::save(comm, cfg, &checkpoints, named, &opt, &pos, "end")?;
     }
 
     comm.barrier()?;
     let param_hash = ddp::parameter_hash(named)?;
-    finish_outputs(run_dir, rank, named, param_hash, global_step)?;
-    tracing::info!("finished {global_step} steps; parameter hash {param_hash:016x}");
-    Ok(Summary { global_steps: global_step, epochs, param_hash })
+    finish_outputs(run_dir, rank, named, param_hash, pos.global_step)?;
+    tracing::info!("{} {} steps; parameter hash {param_hash:016x}", if stopped { "stopped after" } else { "finished" }, pos.global_step);
+    Ok(Summary { global_steps: pos.global_step, epochs, param_hash, stopped })
 }
 
 /// Each rank records its parameter hash (equal on all ranks = bitwise-equal replicas); rank 0

@@ -86,6 +86,57 @@ impl Optimizer {
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
+
+    pub fn name(&self) -> &'static str {
+        match self.cfg.name {
+            OptimizerName::Sgd => "sgd",
+            OptimizerName::Adam => "adam",
+        }
+    }
+
+    fn suffixes(&self) -> (&'static str, &'static str) {
+        match self.cfg.name {
+            OptimizerName::Sgd => ("momentum_buffer", ""),
+            OptimizerName::Adam => ("exp_avg", "exp_avg_sq"),
+        }
+    }
+
+    /// State tensors named `<param>.<state>` as in PyTorch's optimizer state (momentum_buffer;
+    /// exp_avg, exp_avg_sq). `names` are the parameters' names, in the optimizer's order.
+    pub fn state(&self, names: &[String]) -> Vec<(String, Tensor)> {
+        let (a, b) = self.suffixes();
+        let mut out = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            if let Some(t) = &self.state_a[i] {
+                out.push((format!("{n}.{a}"), t.shallow_clone()));
+            }
+            if let Some(t) = &self.state_b[i] {
+                out.push((format!("{n}.{b}"), t.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores what `state` returned (copies, so the source may be dropped) and the step count.
+    /// Names that match no parameter or the wrong shape are errors.
+    pub fn load_state(&mut self, names: &[String], state: &[(String, Tensor)], steps: u64) -> Result<(), String> {
+        let (a, b) = self.suffixes();
+        for (key, t) in state {
+            let (param, suffix) = key.rsplit_once('.').ok_or_else(|| format!("optimizer state `{key}` has no state suffix"))?;
+            let i = names.iter().position(|n| n == param).ok_or_else(|| format!("optimizer state `{key}` names no parameter"))?;
+            if t.size() != self.params[i].size() {
+                return Err(format!("optimizer state `{key}` has shape {:?}, parameter {:?}", t.size(), self.params[i].size()));
+            }
+            let copy = t.to_kind(self.params[i].kind()).detach_copy();
+            match suffix {
+                s if s == a => self.state_a[i] = Some(copy),
+                s if s == b && !b.is_empty() => self.state_b[i] = Some(copy),
+                _ => return Err(format!("optimizer state `{key}`: `{suffix}` is not {} state", self.name())),
+            }
+        }
+        self.step = steps;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

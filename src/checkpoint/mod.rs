@@ -1,0 +1,86 @@
+//! Checkpoints: one folder per checkpoint under `<run dir>/checkpoints/`, e.g. `step-000000120/`:
+//!
+//! | file | holds |
+//! |---|---|
+//! | `model.safetensors` | parameters and buffers, PyTorch names (loads with `safetensors.torch` + `load_state_dict`) |
+//! | `optimizer.safetensors` | `<param>.momentum_buffer` (SGD) or `<param>.exp_avg`, `<param>.exp_avg_sq` (Adam) |
+//! | `meta.json` | epoch, position in the epoch, global step, optimizer step count, RNG rule, config, world size |
+//! | `checksums.sha256` | SHA-256 of the three files above, in `sha256sum -c` format |
+//!
+//! A checkpoint is written into a temporary folder, every file flushed to disk, then renamed into
+//! place; `latest` (a one-line file naming the folder) is replaced last. A folder whose checksums
+//! do not verify is never loaded.
+
+mod read;
+mod write;
+
+pub use read::{find_resumable, load, LoadedCheckpoint};
+pub use write::{write, CheckpointData};
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const META_FILE: &str = "meta.json";
+pub const CHECKSUMS_FILE: &str = "checksums.sha256";
+pub const LATEST_FILE: &str = "latest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("checkpoint {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint {path}: libtorch: {source}")]
+    Torch { path: PathBuf, source: tch::TchError },
+    #[error("no usable checkpoint in {dir}: {reasons}")]
+    NoneUsable { dir: PathBuf, reasons: String },
+}
+
+/// Where training stands, enough to continue exactly.
+///
+/// Position in an epoch: the epoch's order is `randperm(n)` seeded with seed + epoch. The current
+/// sharding started at position `epoch_base` of that order with `epoch_world_size` ranks, and has
+/// taken `steps_in_shard` steps since; so positions `[0, epoch_base + steps·batch·world)` of the
+/// order have been consumed (DistributedSampler's rank r takes positions r, r+w, …, so k steps
+/// of every rank cover a prefix).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub format_version: u32,
+    pub global_step: u64,
+    pub epoch: usize,
+    pub epoch_base: u64,
+    pub epoch_world_size: usize,
+    pub steps_in_shard: u64,
+    pub world_size: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub optimizer: String,
+    pub optimizer_steps: u64,
+    /// How random state is reproduced (it is a function of the seed, not a saved generator).
+    pub rng: String,
+    /// Why it was written: `every_steps`, `epoch_end`, `shutdown`, `end`.
+    pub reason: String,
+    /// The resolved config of the run that wrote it, as YAML.
+    pub config: String,
+}
+
+impl Meta {
+    /// Folder name, ordered by global step.
+    pub fn dir_name(&self) -> String {
+        format!("step-{:09}", self.global_step)
+    }
+}
+
+/// The global step a folder name stands for (`step-000000120` → 120).
+pub fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

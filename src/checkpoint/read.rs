@@ -1,0 +1,159 @@
+//! Finding and verifying checkpoints. Nothing is loaded unless every checksum matches.
+
+use super::*;
+use std::path::Path;
+use tch::Tensor;
+
+pub struct LoadedCheckpoint {
+    pub path: PathBuf,
+    pub meta: Meta,
+    pub model: Vec<(String, Tensor)>,
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+fn invalid(path: &Path, what: impl Into<String>) -> CheckpointError {
+    CheckpointError::Invalid { path: path.to_path_buf(), what: what.into() }
+}
+
+/// Reads and verifies one checkpoint folder.
+pub fn load(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
+    let read = |file: &str| std::fs::read(path.join(file)).map_err(|e| invalid(path, format!("{file}: {e}")));
+    let sums = String::from_utf8(read(CHECKSUMS_FILE)?).map_err(|_| invalid(path, "checksums.sha256 is not text"))?;
+    let mut listed = Vec::new();
+    for line in sums.lines() {
+        let (digest, file) = line.split_once("  ").ok_or_else(|| invalid(path, format!("malformed checksum line {line:?}")))?;
+        let bytes = read(file)?;
+        if sha256_hex(&bytes) != digest {
+            return Err(invalid(path, format!("{file} fails its checksum (truncated or corrupted)")));
+        }
+        listed.push(file.to_string());
+    }
+    for required in [MODEL_FILE, OPTIMIZER_FILE, META_FILE] {
+        if !listed.iter().any(|f| f == required) {
+            return Err(invalid(path, format!("checksums.sha256 does not cover {required}")));
+        }
+    }
+    let meta: Meta = serde_json::from_slice(&read(META_FILE)?).map_err(|e| invalid(path, format!("meta.json: {e}")))?;
+    if meta.format_version != FORMAT_VERSION {
+        return Err(invalid(path, format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version)));
+    }
+    let tensors = |file: &str| {
+        Tensor::read_safetensors(path.join(file)).map_err(|source| CheckpointError::Torch { path: path.join(file), source })
+    };
+    Ok(LoadedCheckpoint { path: path.to_path_buf(), model: tensors(MODEL_FILE)?, optimizer: tensors(OPTIMIZER_FILE)?, meta })
+}
+
+/// The newest usable checkpoint in `dir`: the one `latest` names, else the newest folder that
+/// verifies. Each skipped one is returned with its reason, for a warning. `Ok(None)` when there
+/// are no checkpoints at all; an error when there are some and none is usable.
+pub fn find_resumable(dir: &Path) -> Result<(Option<LoadedCheckpoint>, Vec<String>), CheckpointError> {
+    if !dir.exists() {
+        return Ok((None, vec![]));
+    }
+    let mut candidates: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| step_of(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
+        .collect();
+    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    // `latest` goes first when it names an existing folder (it is written after the folder).
+    if let Ok(name) = std::fs::read_to_string(dir.join(LATEST_FILE)) {
+        let name = name.trim();
+        if let Some(pos) = candidates.iter().position(|(_, p)| p.file_name().is_some_and(|n| n == name)) {
+            let first = candidates.remove(pos);
+            candidates.insert(0, first);
+        }
+    }
+    let mut skipped = Vec::new();
+    for (_, path) in &candidates {
+        match load(path) {
+            Ok(c) => return Ok((Some(c), skipped)),
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    if candidates.is_empty() {
+        Ok((None, skipped))
+    } else {
+        Err(CheckpointError::NoneUsable { dir: dir.to_path_buf(), reasons: skipped.join("; ") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::write::*;
+    use super::*;
+    use tch::Kind;
+
+    fn meta(step: u64) -> Meta {
+        Meta {
+            format_version: FORMAT_VERSION,
+            global_step: step,
+            epoch: 0,
+            epoch_base: 0,
+            epoch_world_size: 2,
+            steps_in_shard: step,
+            world_size: 2,
+            batch_size: 4,
+            seed: 0,
+            optimizer: "sgd".into(),
+            optimizer_steps: step,
+            rng: "test".into(),
+            reason: "every_steps".into(),
+            config: String::new(),
+        }
+    }
+
+    fn save(dir: &Path, step: u64, keep: usize) -> PathBuf {
+        let w = Tensor::from_slice(&[step as f32, 2.0, 3.0]);
+        let model = vec![("fc1.weight".to_string(), w.shallow_clone())];
+        let opt = vec![("fc1.weight.momentum_buffer".to_string(), w.to_kind(Kind::Float))];
+        write(dir, CheckpointData { meta: meta(step), model: &model, optimizer: opt }, keep).unwrap()
+    }
+
+    #[test]
+    fn roundtrip_latest_and_keep() {
+        let d = tempfile::tempdir().unwrap();
+        for step in [10, 20, 30, 40] {
+            save(d.path(), step, 3);
+        }
+        let names: Vec<String> = {
+            let mut v: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names, vec!["latest", "step-000000020", "step-000000030", "step-000000040"]);
+        let (c, skipped) = find_resumable(d.path()).unwrap();
+        let c = c.unwrap();
+        assert!(skipped.is_empty());
+        assert_eq!(c.meta, meta(40));
+        assert_eq!(c.model[0].1.double_value(&[0]), 40.0);
+    }
+
+    #[test]
+    fn corrupt_checkpoints_are_skipped_with_reasons() {
+        let d = tempfile::tempdir().unwrap();
+        save(d.path(), 10, 5);
+        let b = save(d.path(), 20, 5);
+        let c = save(d.path(), 30, 5);
+        // Truncate the newest's model, flip one bit in the next one's optimizer state.
+        let m = c.join(MODEL_FILE);
+        let len = std::fs::metadata(&m).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&m).unwrap().set_len(len / 2).unwrap();
+        let o = b.join(OPTIMIZER_FILE);
+        let mut bytes = std::fs::read(&o).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&o, bytes).unwrap();
+
+        let (found, skipped) = find_resumable(d.path()).unwrap();
+        assert_eq!(found.unwrap().meta.global_step, 10);
+        assert_eq!(skipped.len(), 2);
+        assert!(skipped[0].contains("step-000000030") && skipped[0].contains("model.safetensors"), "{skipped:?}");
+        assert!(skipped[1].contains("step-000000020") && skipped[1].contains("optimizer.safetensors"), "{skipped:?}");
+
+        std::fs::remove_dir_all(d.path().join("step-000000010")).unwrap();
+        let err = find_resumable(d.path()).err().unwrap().to_string();
+        assert!(err.contains("no usable checkpoint"), "{err}");
+        assert!(find_resumable(&d.path().join("none")).unwrap().0.is_none());
+    }
+}

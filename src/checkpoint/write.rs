@@ -1,0 +1,91 @@
+//! Writing a checkpoint atomically, then pruning old ones.
+
+use super::*;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use tch::Tensor;
+
+pub struct CheckpointData<'a> {
+    pub meta: Meta,
+    pub model: &'a [(String, Tensor)],
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn safetensors_bytes(tensors: &[(String, Tensor)], scratch: &Path) -> Result<Vec<u8>, CheckpointError> {
+    let detached: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    Tensor::write_safetensors(&detached, scratch).map_err(|source| CheckpointError::Torch { path: scratch.to_path_buf(), source })?;
+    let bytes = std::fs::read(scratch).map_err(io(scratch))?;
+    std::fs::remove_file(scratch).map_err(io(scratch))?;
+    Ok(bytes)
+}
+
+/// Writes `data` under `dir` (the checkpoints folder), updates `latest`, keeps the newest `keep`.
+/// Returns the new checkpoint's folder.
+pub fn write(dir: &Path, data: CheckpointData<'_>, keep: usize) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = data.meta.dir_name();
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+
+    let model = safetensors_bytes(data.model, &tmp.join("model.tmp"))?;
+    let optimizer = safetensors_bytes(&data.optimizer, &tmp.join("optimizer.tmp"))?;
+    let meta = serde_json::to_vec_pretty(&data.meta).expect("meta serialises");
+    let mut sums = String::new();
+    for (file, bytes) in [(MODEL_FILE, &model), (OPTIMIZER_FILE, &optimizer), (META_FILE, &meta)] {
+        write_synced(&tmp.join(file), bytes)?;
+        sums.push_str(&format!("{}  {file}\n", sha256_hex(bytes)));
+    }
+    write_synced(&tmp.join(CHECKSUMS_FILE), sums.as_bytes())?;
+    sync_dir(&tmp)?;
+
+    // A restarted run may write the same step again; the new one replaces it.
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    let latest_tmp = dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
+    write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
+    std::fs::rename(&latest_tmp, dir.join(LATEST_FILE)).map_err(io(dir))?;
+    sync_dir(dir)?;
+    prune(dir, keep, &name)?;
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` checkpoints (never `current`).
+fn prune(dir: &Path, keep: usize, current: &str) -> Result<(), CheckpointError> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            step_of(&name).map(|s| (s, e.path()))
+        })
+        .collect();
+    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in steps.into_iter().skip(keep.max(1)) {
+        if path.file_name().is_some_and(|n| n == current) {
+            continue;
+        }
+        std::fs::remove_dir_all(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}

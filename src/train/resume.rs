@@ -1,0 +1,157 @@
+//! Starting state: fresh, from `model.init_from` weights, or from a checkpoint. Rank 0 reads the
+//! files and shares what it read over the communicator, so other nodes need no shared disk, and
+//! every rank fails with the same clear message when the files are bad.
+
+use super::{Optimizer, TrainError};
+use crate::checkpoint::{self, LoadedCheckpoint, Meta};
+use crate::comm::{broadcast_blob, broadcast_tensor, Communicator};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// What `--resume` asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resume {
+    /// Start fresh.
+    No,
+    /// The newest usable checkpoint of the run directory, or fresh if it has none.
+    Auto,
+    /// This checkpoint folder (or a checkpoints folder, meaning its newest usable one).
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => Resume::Auto,
+            "no" | "none" => Resume::No,
+            p => Resume::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+/// Runs `f` on rank 0 only and gives every rank its result (or its error message).
+fn on_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(
+    comm: &mut dyn Communicator,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, TrainError> {
+    let mine = (comm.rank() == 0).then(|| serde_json::to_vec(&f().map_err(|e| e.to_string())).expect("serialisable"));
+    let shared = broadcast_blob(comm, 0, mine.as_deref())?;
+    let result: Result<T, String> = serde_json::from_slice(&shared).map_err(|e| TrainError::Disagree(format!("bad message from rank 0: {e}")))?;
+    result.map_err(TrainError::Startup)
+}
+
+/// Copies `loaded` tensors into the model's parameters (rank 0), requiring the same names and
+/// shapes; the error lists every missing, unexpected and mis-shaped tensor.
+pub fn copy_into_params(params: &[(String, Tensor)], loaded: &[(String, Tensor)], source: &Path) -> Result<(), String> {
+    let mut missing = Vec::new();
+    let mut misshaped = Vec::new();
+    for (name, p) in params {
+        match loaded.iter().find(|(n, _)| n == name) {
+            None => missing.push(name.clone()),
+            Some((_, t)) if t.size() != p.size() => misshaped.push(format!("{name} (file {:?}, model {:?})", t.size(), p.size())),
+            Some(_) => {}
+        }
+    }
+    let unexpected: Vec<String> = loaded.iter().filter(|(n, _)| !params.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()).collect();
+    if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
+        return Err(format!(
+            "{} does not fit the model: missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}",
+            source.display()
+        ));
+    }
+    tch::no_grad(|| -> Result<(), String> {
+        for (name, p) in params {
+            let (_, t) = loaded.iter().find(|(n, _)| n == name).expect("checked above");
+            let mut dst = p.shallow_clone();
+            dst.f_copy_(&t.to_kind(p.kind())).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// Loads `model.init_from` into rank 0's parameters (the replica broadcast then spreads them).
+pub fn init_from(comm: &mut dyn Communicator, path: &Path, params: &[(String, Tensor)]) -> Result<(), TrainError> {
+    on_rank0(comm, || {
+        let loaded = Tensor::read_safetensors(path).map_err(|e| format!("model.init_from {}: {e}", path.display()))?;
+        copy_into_params(params, &loaded, path).map_err(|e| format!("model.init_from: {e}"))
+    })?;
+    tracing::info!("initialised parameters from {}", path.display());
+    Ok(())
+}
+
+/// The checkpoint to resume from, chosen and verified by rank 0; `None` to start fresh.
+/// Restores rank 0's parameters and every rank's optimizer state.
+pub fn restore(
+    comm: &mut dyn Communicator,
+    resume: &Resume,
+    checkpoints: &Path,
+    params: &[(String, Tensor)],
+    opt: &mut Optimizer,
+) -> Result<Option<Meta>, TrainError> {
+    if *resume == Resume::No {
+        return Ok(None);
+    }
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let mut loaded: Option<LoadedCheckpoint> = None;
+    // Rank 0 picks, verifies and applies; everyone learns the meta and the optimizer state names.
+    let shared: Option<(Meta, Vec<String>, String)> = on_rank0(comm, || {
+        let found = match resume {
+            // A checkpoint folder is loaded as named, or not at all.
+            Resume::Path(p) if p.join(checkpoint::CHECKSUMS_FILE).exists() || p.join(checkpoint::META_FILE).exists() => {
+                Some(checkpoint::load(p).map_err(|e| format!("--resume {}: {e}", p.display()))?)
+            }
+            Resume::Path(p) if p.is_dir() => match find_newest(p)? {
+                Some(c) => Some(c),
+                None => return Err(format!("--resume {}: no checkpoint there", p.display())),
+            },
+            Resume::Path(p) => return Err(format!("--resume {}: no such checkpoint folder", p.display())),
+            Resume::Auto => find_newest(checkpoints)?,
+            Resume::No => unreachable!(),
+        };
+        let Some(c) = found else { return Ok(None) };
+        copy_into_params(params, &c.model, &c.path.join(checkpoint::MODEL_FILE))?;
+        if c.meta.optimizer != opt.name() {
+            return Err(format!("{}: written with optimizer {}, config asks for {}", c.path.display(), c.meta.optimizer, opt.name()));
+        }
+        opt.load_state(&names, &c.optimizer, c.meta.optimizer_steps).map_err(|e| format!("{}: {e}", c.path.display()))?;
+        let state_names = c.optimizer.iter().map(|(n, _)| n.clone()).collect();
+        let out = (c.meta.clone(), state_names, c.path.display().to_string());
+        loaded = Some(c);
+        Ok(Some(out))
+    })?;
+    let Some((meta, state_names, path)) = shared else {
+        tracing::info!("no checkpoint to resume from: starting fresh");
+        return Ok(None);
+    };
+    // Optimizer state travels from rank 0 (parameters follow in the replica broadcast).
+    let mut state: Vec<(String, Tensor)> = match &loaded {
+        Some(c) => state_names.iter().map(|n| (n.clone(), c.optimizer.iter().find(|(m, _)| m == n).unwrap().1.shallow_clone())).collect(),
+        None => state_names
+            .iter()
+            .map(|n| {
+                let param = n.rsplit_once('.').map(|(p, _)| p).unwrap_or(n);
+                let shape = params.iter().find(|(m, _)| m == param).map(|(_, t)| t.size()).unwrap_or_default();
+                (n.clone(), Tensor::zeros(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
+            })
+            .collect(),
+    };
+    for (_, t) in state.iter_mut() {
+        let mut c = t.contiguous();
+        broadcast_tensor(comm, &mut c, 0)?;
+        *t = c;
+    }
+    if comm.rank() != 0 {
+        opt.load_state(&names, &state, meta.optimizer_steps).map_err(TrainError::Startup)?;
+    }
+    tracing::info!("resuming from {path} (global step {}, epoch {}, written at {})", meta.global_step, meta.epoch, meta.reason);
+    Ok(Some(meta))
+}
+
+fn find_newest(dir: &Path) -> Result<Option<LoadedCheckpoint>, String> {
+    let (found, skipped) = checkpoint::find_resumable(dir).map_err(|e| e.to_string())?;
+    for reason in skipped {
+        tracing::warn!("skipping unusable checkpoint: {reason}");
+    }
+    Ok(found)
+}
