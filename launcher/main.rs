@@ -31,6 +31,14 @@ struct Args {
     /// Compute threads per worker (OMP_NUM_THREADS); default: cores / nproc-per-node.
     #[arg(long)]
     threads_per_worker: Option<usize>,
+    /// Restart the whole group up to N times when a worker fails; workers resume from the latest
+    /// checkpoint.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_restarts: u32,
+    /// After SIGINT/SIGTERM, seconds workers get to finish the step and checkpoint before they
+    /// are killed (a second signal kills them at once).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    stop_timeout_secs: u64,
     /// Worker program and its arguments; if it starts with an option, the `ringtrain` beside
     /// this launcher is run with them.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "WORKER ARGS")]
@@ -79,7 +87,8 @@ fn try_main() -> Result<ExitCode> {
         log_dir: args.log_dir,
         job_token,
         restart_count: 0,
-        stop_grace: Duration::from_secs(5),
+        stop_grace: Duration::from_secs(2),
+        graceful_stop: Duration::from_secs(args.stop_timeout_secs),
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM]).context("installing signal handlers")?;
@@ -95,10 +104,23 @@ fn try_main() -> Result<ExitCode> {
         opts.master_addr,
         opts.master_port
     );
-    match supervise::run_group(&opts, &rx)? {
-        Outcome::Success => Ok(ExitCode::SUCCESS),
+    let job = supervise::run_job(&opts, args.max_restarts, &rx)?;
+    let restarts = match job.restarts.len() {
+        0 => String::new(),
+        n => format!(
+            " after {n} restart(s) ({})",
+            job.restarts.iter().map(|(r, e)| format!("rank {r} {e}")).collect::<Vec<_>>().join("; ")
+        ),
+    };
+    match job.last {
+        Outcome::Success => {
+            if !restarts.is_empty() {
+                eprintln!("ringrun: finished{restarts}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Outcome::Failed { rank, exit } => {
-            eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s)");
+            eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s){restarts}");
             Ok(ExitCode::FAILURE)
         }
         Outcome::Interrupted { signal, exits } => {

@@ -1,5 +1,5 @@
 //! Test-only fault injection, so tests can make a real worker fail at a chosen point:
-//! `RINGTRAIN_FAULT="rank=1,step=5,action=exit:3"` (or `action=hang`, `action=abort`).
+//! `RINGTRAIN_FAULT="rank=1,step=5,action=exit:3"` (or `action=hang`, `action=abort`, `action=kill`).
 //! The step is the global step about to run (0-based).
 
 use std::time::Duration;
@@ -9,6 +9,8 @@ pub enum FaultAction {
     Exit(i32),
     Hang,
     Abort,
+    /// SIGKILL to itself: as `kill -9` from outside, no cleanup at all.
+    Kill,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -27,7 +29,7 @@ impl Fault {
     }
 
     pub fn parse(s: &str) -> Result<Fault, String> {
-        let err = |m: &str| format!("RINGTRAIN_FAULT={s:?}: {m} (expected rank=R,step=S,action=exit:C|hang|abort)");
+        let err = |m: &str| format!("RINGTRAIN_FAULT={s:?}: {m} (expected rank=R,step=S,action=exit:C|hang|abort|kill)");
         let (mut rank, mut step, mut action) = (None, None, None);
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| err("missing '='"))?;
@@ -38,6 +40,7 @@ impl Fault {
                     action = Some(match v {
                         "hang" => FaultAction::Hang,
                         "abort" => FaultAction::Abort,
+                        "kill" => FaultAction::Kill,
                         _ => match v.strip_prefix("exit:") {
                             Some(c) => FaultAction::Exit(c.parse().map_err(|_| err("bad exit code"))?),
                             None => return Err(err("unknown action")),
@@ -63,6 +66,11 @@ impl Fault {
         match self.action {
             FaultAction::Exit(code) => std::process::exit(code),
             FaultAction::Abort => std::process::abort(),
+            FaultAction::Kill => {
+                // SAFETY: signalling our own pid.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                unreachable!("SIGKILL cannot be caught");
+            }
             FaultAction::Hang => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },

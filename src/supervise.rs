@@ -24,8 +24,11 @@ pub struct GroupOptions {
     pub log_dir: Option<PathBuf>,
     pub job_token: String,
     pub restart_count: u32,
-    /// After SIGTERM, how long workers get before SIGKILL.
+    /// After SIGTERM on a failure, how long workers get before SIGKILL.
     pub stop_grace: Duration,
+    /// After forwarding a user's SIGINT/SIGTERM, how long workers get to finish their step and
+    /// checkpoint before SIGKILL.
+    pub graceful_stop: Duration,
 }
 
 /// How a worker ended, as people read it.
@@ -216,7 +219,15 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>) -> std::io::Resul
         }
     }
     let mut interrupted: Option<i32> = None;
+    let mut interrupted_at = Instant::now();
     let outcome = loop {
+        if interrupted.is_some() && interrupted_at.elapsed() > opts.graceful_stop {
+            eprintln!("ringrun: workers did not stop within {:?} of the signal; killing them", opts.graceful_stop);
+            for w in &workers {
+                send_signal(w, libc::SIGKILL);
+            }
+            interrupted_at = Instant::now();
+        }
         if let Ok(sig) = signals.try_recv() {
             if interrupted.is_some() {
                 for w in &workers {
@@ -224,6 +235,7 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>) -> std::io::Resul
                 }
             } else {
                 interrupted = Some(sig);
+                interrupted_at = Instant::now();
                 for w in &workers {
                     send_signal(w, sig);
                 }
@@ -263,4 +275,35 @@ pub fn new_job_token() -> std::io::Result<String> {
 /// A port that was free a moment ago on `addr` (the store binds it right after).
 pub fn free_port(addr: &str) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
+}
+
+/// The end of a job run with restarts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobOutcome {
+    pub last: Outcome,
+    /// Each restart's cause: the failure that triggered it.
+    pub restarts: Vec<(usize, WorkerExit)>,
+}
+
+/// Runs the group; when a worker fails and restarts remain, stops the rest and starts the whole
+/// group again (a new store port, TORCHELASTIC_RESTART_COUNT + 1), and the workers resume from
+/// the latest checkpoint. A user's signal is never a reason to restart.
+pub fn run_job(opts: &GroupOptions, max_restarts: u32, signals: &Receiver<i32>) -> std::io::Result<JobOutcome> {
+    let mut opts = opts.clone();
+    let mut restarts = Vec::new();
+    loop {
+        let outcome = run_group(&opts, signals)?;
+        match &outcome {
+            Outcome::Failed { rank, exit } if (restarts.len() as u32) < max_restarts => {
+                restarts.push((*rank, exit.clone()));
+                opts.restart_count += 1;
+                opts.master_port = free_port(&opts.master_addr)?;
+                eprintln!(
+                    "ringrun: rank {rank} {exit}; restarting the group ({} of {max_restarts}) from the latest checkpoint",
+                    restarts.len()
+                );
+            }
+            _ => return Ok(JobOutcome { last: outcome, restarts }),
+        }
+    }
 }

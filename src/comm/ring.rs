@@ -391,7 +391,10 @@ impl Communicator for RingComm {
                 }
                 Ok(())
             })()
-            .map_err(|e| self.peer_error(Op::AllReduce, seq, e));
+            .map_err(|e| self.peer_error(Op::AllReduce, seq, e))
+            // Before breaking the ring: our open sockets keep the ranks behind us from reporting
+            // a closed connection instead of the stall.
+            .map_err(|e| self.stall_report(e));
             drop(ready_tx);
             if received.is_err() {
                 self.poison();
@@ -440,11 +443,12 @@ impl Communicator for RingComm {
             }
             Ok(())
         })()
-        .map_err(|e| self.peer_error(Op::Broadcast, seq, e));
+        .map_err(|e| self.peer_error(Op::Broadcast, seq, e))
+        .map_err(|e| self.stall_report(e));
         if result.is_err() {
             self.poison();
         }
-        result.map_err(|e| self.stall_report(e))
+        result
     }
 
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
@@ -492,7 +496,8 @@ impl RingComm {
                 }
                 Ok(())
             })()
-            .map_err(|e| self.peer_error(op, seq, e));
+            .map_err(|e| self.peer_error(op, seq, e))
+            .map_err(|e| self.stall_report(e));
             drop(tx);
             if received.is_err() {
                 self.poison();
