@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -235,7 +236,11 @@ fn checkpoint_loads_in_python_safetensors_and_pytorch() {
         Path::new(&p).exists().then_some(p)
     });
     let Some(python) = python.filter(|p| Command::new(p).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success())) else {
-        eprintln!("SKIPPED checkpoint_loads_in_python_safetensors_and_pytorch: no Python with torch and safetensors (set RINGTRAIN_PYTHON)");
+        // Written past libtest's capture so the skip shows in the test output.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED checkpoint_loads_in_python_safetensors_and_pytorch: no Python with torch and safetensors (set RINGTRAIN_PYTHON)"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
