@@ -5,4 +5,25 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
     }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    #[cfg(feature = "mpi")]
+    mpi_shim();
+}
+
+/// Compiles src/comm/mpi/in_place.c against the MPI that rsmpi links.
+#[cfg(feature = "mpi")]
+fn mpi_shim() {
+    println!("cargo:rerun-if-changed=src/comm/mpi/in_place.c");
+    let lib = match build_probe_mpi::probe() {
+        Ok(lib) => lib,
+        Err(errs) => panic!(
+            "the `mpi` feature needs an MPI installation (Debian: apt-get install libopenmpi-dev openmpi-bin, \
+             or run scripts/setup.sh); build without it: cargo build --no-default-features. Probe errors: {errs:?}"
+        ),
+    };
+    let mut build = cc::Build::new();
+    build.file("src/comm/mpi/in_place.c");
+    for inc in &lib.include_paths {
+        build.include(inc);
+    }
+    build.compile("ringtrain_mpi_shim");
 }

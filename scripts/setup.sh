@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ringtrain needs to build and run on a Debian machine; safe to re-run.
 #
-# - Debian packages: the Fashion-MNIST data set, the C/C++ toolchain bits the -sys crates use.
+# - Debian packages: the Fashion-MNIST data set, the C/C++ toolchain bits the -sys crates use,
+#   Open MPI (the MPI backend, built by default) and libclang (rsmpi's bindgen).
 # - libtorch 2.11.0 (what tch 0.24 is built for), taken from the PyPI wheels because that is the
 #   registry reachable everywhere we run. Unpacked once into a cache outside the repo
 #   ($RINGTRAIN_CACHE, default ~/.cache/ringtrain) and linked into the repo as .deps/libtorch,
@@ -21,7 +22,7 @@ site="$cache/libtorch-${torch_version}"
 say() { echo "setup: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_packages=(dataset-fashion-mnist pkg-config g++ unzip python3-pip)
+apt_packages=(dataset-fashion-mnist pkg-config g++ unzip python3-pip libopenmpi-dev openmpi-bin libclang-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

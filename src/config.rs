@@ -187,8 +187,12 @@ impl Default for DdpConfig {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
+    /// MPI when started by mpirun (and built with MPI), else the ring.
+    Auto,
     /// Built-in TCP ring.
     Ring,
+    /// MPI collectives (needs an MPI launcher and the `mpi` feature).
+    Mpi,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -233,7 +237,7 @@ fn default_first_bucket_cap() -> f64 {
     1.0
 }
 fn default_backend() -> Backend {
-    Backend::Ring
+    Backend::Auto
 }
 fn default_timeout() -> u64 {
     300

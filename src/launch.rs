@@ -41,6 +41,8 @@ pub struct LaunchInfo {
     pub job_token: String,
     /// How many times the launcher restarted the group (TORCHELASTIC_RESTART_COUNT).
     pub restart_count: u32,
+    /// Rank 0 already serves the store (it started it to share its address over MPI).
+    pub store_served: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,7 @@ impl LaunchInfo {
             master_port,
             job_token: env.get("RINGTRAIN_JOB_TOKEN").cloned().unwrap_or_default(),
             restart_count,
+            store_served: false,
         })
     }
 
@@ -125,7 +128,7 @@ impl LaunchInfo {
             _ if self.world_size == 1 => Ok("127.0.0.1:0".into()),
             _ => Err(LaunchError(format!(
                 "world size {} needs MASTER_ADDR and MASTER_PORT for the ring backend's rendezvous \
-                 (ringrun sets them; under mpirun/srun export them)",
+                 (ringrun sets them; under mpirun and srun they are found automatically, or export them)",
                 self.world_size
             ))),
         }

@@ -5,7 +5,9 @@
 //! # Layout
 //! - [`launch`] — who am I: rank, world size, master address from the launch environment.
 //! - [`rendezvous`] — the c10d-style key-value `Store` (TCP server on rank 0, client, prefixes).
-//! - [`comm`] — the `Communicator` trait and the built-in TCP ring backend.
+//! - [`comm`] — the `Communicator` trait; backends: the built-in TCP ring, MPI.
+//! - [`group`] — joining the group: backend choice, rendezvous under ringrun, mpirun, srun.
+//! - [`checkpoint`] — checkpoint folders: atomic writes, checksums, `latest`, verified loading.
 //! - [`ddp`] — gradient buckets, the reducer that averages them, the replica check + broadcast.
 //! - [`data`] — IDX reader, synthetic data, `DistributedSampler`, the prefetching loader.
 //! - [`models`] — MLP and reference CNN with PyTorch parameter names.
@@ -14,6 +16,8 @@
 //! - [`telemetry`] — logging with the rank in every line, metrics.jsonl, progress.
 //! - [`supervise`] — the launcher's process group: spawn, prefix output, stop on failure.
 //! - [`fault`] — test-only fault injection (a worker that exits or hangs at a given step).
+//! - [`worker`] — the worker's job: config and environment to a finished run.
+//! - [`bench`] — the all-reduce benchmark behind `ringbench`.
 //! - `wire` — little-endian framing shared by the store and the ring.
 //!
 //! The binaries are thin: `worker/main.rs` (`ringtrain`) and `launcher/main.rs` (`ringrun`).
@@ -29,6 +33,8 @@ pub mod models;
 pub mod fault;
 pub mod telemetry;
 pub mod train;
+pub mod group;
 pub mod worker;
 pub mod supervise;
+pub mod bench;
 pub mod checkpoint;

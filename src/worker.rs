@@ -1,18 +1,14 @@
 //! The worker's job, from command line and environment to a finished run: read the config, find
 //! out who we are, join the group (store, then ring), train, write outputs.
 
-use crate::comm::{Communicator, RingComm, RingOptions};
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::fault::Fault;
 use crate::launch::LaunchInfo;
-use crate::rendezvous::{PrefixStore, Store, TcpStore, TcpStoreServer};
 use crate::{telemetry, train};
-use anyhow::{bail, Context, Result};
-use std::net::{IpAddr, Ipv4Addr};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub struct WorkerArgs {
     pub config: PathBuf,
@@ -81,40 +77,20 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     };
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
-    let mut comm = join_group(&cfg, &launch)?;
+    let mut launch = launch;
+    let mut group = crate::group::join(&cfg.comm, &mut launch, &env)?;
+    let comm = group.comm.as_mut();
     tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
     let sample_log = std::env::var_os("RINGTRAIN_SAMPLE_LOG").is_some();
-    let summary = train::run(train::TrainContext { cfg: &cfg, comm: comm.as_mut(), run_dir: &run_dir, fault, resume, stop, sample_log })?;
-    Ok(summary)
+    match train::run(train::TrainContext { cfg: &cfg, comm, run_dir: &run_dir, fault, resume, stop, sample_log }) {
+        Ok(summary) => {
+            group.finish();
+            Ok(summary)
+        }
+        Err(e) => {
+            group.abandon();
+            Err(e.into())
+        }
+    }
 }
 
-/// Rendezvous through the TCP store on rank 0, then builds the configured backend.
-fn join_group(cfg: &Config, launch: &LaunchInfo) -> Result<Box<dyn Communicator>> {
-    let timeout = Duration::from_secs(cfg.comm.timeout_secs);
-    match cfg.comm.backend {
-        Backend::Ring => {}
-    }
-    if launch.world_size == 1 {
-        let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
-        let store = crate::rendezvous::MemoryStore::new();
-        return Ok(Box::new(RingComm::connect(&store, 0, 1, &opts)?));
-    }
-    let addr = launch.store_addr()?;
-    if launch.rank == 0 {
-        let port = launch.master_port.expect("store_addr checked the port");
-        TcpStoreServer::start(&format!("0.0.0.0:{port}"), &launch.job_token)
-            .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
-    }
-    let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;
-    let bind_ip = client.local_ip();
-    let store: Arc<dyn Store> = Arc::new(client);
-    // Keys are namespaced by restart count so a restarted group never reads a stale address.
-    let ring_store = PrefixStore::new(format!("gen{}", launch.restart_count), store.clone());
-    let opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
-    let stall_store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store.clone()));
-    let comm = RingComm::connect(&ring_store, launch.rank, launch.world_size, &opts)?.with_stall_reports(stall_store);
-    if comm.world_size() != launch.world_size {
-        bail!("ring formed with {} ranks, expected {}", comm.world_size(), launch.world_size);
-    }
-    Ok(Box::new(comm))
-}

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let worker_args = ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir, resume: args.resume };
     match ringtrain::worker::run(worker_args) {
         Ok(summary) => {
-            if std::env::var("RANK").map_or(true, |r| r == "0") {
+            if summary.rank == 0 {
                 if summary.stopped {
                     println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
                 } else if let Some(last) = summary.epochs.last() {

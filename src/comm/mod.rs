@@ -1,9 +1,10 @@
 //! Collective communication: the `Communicator` trait and its backends.
 //!
 //! - `ring`: the built-in ring (reduce-scatter + all-gather between neighbours) over TCP.
-//! - MPI and NCCL backends plug in behind the same trait (see the README's roadmap); asking for
-//!   one that is not built in is a `CommError::NotBuilt`, never a panic.
+//! - `mpi`: MPI collectives (cargo feature `mpi`, on by default).
+//! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
+pub mod mpi;
 pub mod ring;
 mod tensor;
 
@@ -65,6 +66,8 @@ pub enum CommError {
     Setup { rank: usize, detail: String },
     #[error("rank {rank}: {source}")]
     Store { rank: usize, #[source] source: crate::rendezvous::StoreError },
+    #[error("rank {rank}: MPI {op}: {detail}")]
+    Mpi { rank: usize, op: Op, detail: String },
     #[error("backend `{backend}` is not built into this binary ({hint})")]
     NotBuilt { backend: &'static str, hint: &'static str },
     #[error("{op}: {detail}")]

@@ -77,6 +77,7 @@ pub struct Summary {
     pub param_hash: u64,
     /// Ended early on a stop request (after writing a checkpoint).
     pub stopped: bool,
+    pub rank: usize,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrainError {
@@ -312,7 +313,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     let param_hash = ddp::parameter_hash(named)?;
     finish_outputs(run_dir, rank, named, param_hash, pos.global_step)?;
     tracing::info!("{} {} steps; parameter hash {param_hash:016x}", if stopped { "stopped after" } else { "finished" }, pos.global_step);
-    Ok(Summary { global_steps: pos.global_step, epochs, param_hash, stopped })
+    Ok(Summary { global_steps: pos.global_step, epochs, param_hash, stopped, rank })
 }
 
 /// Each rank records its parameter hash (equal on all ranks = bitwise-equal replicas); rank 0

@@ -1,0 +1,70 @@
+//! `ringbench`: collective benchmarks, run under ringrun or mpirun like the worker:
+//!   ringrun --nproc-per-node 2 ringbench allreduce --backend ring
+//!   mpirun -np 2 ringbench allreduce --backend mpi
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ringtrain::config::{Backend, CommConfig};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ringbench", version, about = "ringtrain's collective benchmarks (nccl-tests' columns)")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// In-place f32 sum all-reduce over a sweep of sizes.
+    Allreduce {
+        /// Sizes in bytes (K, M, G suffixes).
+        #[arg(long, default_value = "4K,64K,1M,4M,25M,64M,256M")]
+        sizes: String,
+        /// ring, mpi or auto.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Minimum timed iterations per size.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+}
+
+fn try_main() -> Result<()> {
+    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs } } = Args::parse();
+    let sizes = ringtrain::bench::parse_sizes(&sizes).map_err(anyhow::Error::msg)?;
+    let backend = match backend.as_str() {
+        "ring" => Backend::Ring,
+        "mpi" => Backend::Mpi,
+        "auto" => Backend::Auto,
+        other => anyhow::bail!("--backend {other}: expected ring, mpi or auto"),
+    };
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let mut launch = ringtrain::launch::LaunchInfo::from_env(&env)?;
+    ringtrain::telemetry::init_tracing(launch.rank, None).context("logging")?;
+    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs }, &mut launch, &env)?;
+    let comm = group.comm.as_mut();
+    if comm.rank() == 0 {
+        println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::bench::memcpy_gbps(100 << 20));
+    }
+    let rows = ringtrain::bench::all_reduce_sweep(comm, &sizes, iters)?;
+    if comm.rank() == 0 {
+        ringtrain::bench::print_table(comm.backend_name(), comm.world_size(), &rows);
+    }
+    let wrong: usize = rows.iter().map(|r| r.wrong).sum();
+    group.finish();
+    anyhow::ensure!(wrong == 0, "{wrong} wrong elements");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringbench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

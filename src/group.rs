@@ -1,0 +1,259 @@
+//! Joining the group: which backend, and how the ranks find each other.
+//!
+//! | started by | backend | rendezvous |
+//! |---|---|---|
+//! | ringrun / torchrun-style env | ring | TCP store on MASTER_ADDR:MASTER_PORT |
+//! | mpirun (Open MPI) / PMI | mpi | MPI itself |
+//! | mpirun | ring | rank 0 starts the store on a free port and MPI_Bcasts its address and a job token |
+//! | srun (no MPI) | ring | MASTER_ADDR = first host of SLURM_JOB_NODELIST, MASTER_PORT = 20000 + SLURM_JOB_ID mod 20000 (either may be set explicitly) |
+//!
+//! `comm.backend: auto` picks mpi when the launcher is an MPI launcher and MPI is built in.
+
+use crate::comm::mpi::{self, MpiComm, MpiRuntime};
+use crate::comm::{Communicator, RingComm, RingOptions};
+use crate::config::{Backend, CommConfig};
+use crate::launch::{LaunchInfo, LaunchSource};
+use crate::rendezvous::{MemoryStore, PrefixStore, Store, TcpStore, TcpStoreServer};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The backend `auto` resolves to for this launch.
+pub fn resolve_backend(wanted: Backend, source: LaunchSource) -> Backend {
+    match wanted {
+        Backend::Auto if mpi::BUILT && matches!(source, LaunchSource::OpenMpi | LaunchSource::Pmi) => Backend::Mpi,
+        Backend::Auto => Backend::Ring,
+        b => b,
+    }
+}
+
+/// A joined group: the communicator, and MPI when it carried the ring's rendezvous.
+pub struct Group {
+    pub comm: Box<dyn Communicator>,
+    mpi: Option<MpiRuntime>,
+}
+
+impl Group {
+    /// Leaves cleanly after success (MPI_Finalize when MPI was used).
+    pub fn finish(self) {
+        drop(self.comm);
+        drop(self.mpi);
+    }
+
+    /// Leaves after a failure without MPI_Finalize, which would wait for ranks that may be gone;
+    /// the non-zero exit makes mpirun end the job.
+    pub fn abandon(self) {
+        std::mem::forget(self);
+    }
+}
+
+pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, String>) -> Result<Group> {
+    let timeout = Duration::from_secs(cfg.timeout_secs);
+    let backend = resolve_backend(cfg.backend, launch.source);
+    let under_mpi = matches!(launch.source, LaunchSource::OpenMpi | LaunchSource::Pmi);
+    // MPI is initialised when it is the backend, or when it carries the ring's rendezvous.
+    let runtime = if backend == Backend::Mpi || (under_mpi && launch.master_addr.is_none() && launch.world_size > 1) {
+        let rt = MpiRuntime::init()?;
+        if rt.size() != launch.world_size || rt.rank() != launch.rank {
+            bail!(
+                "MPI reports rank {} of {} but the launcher's environment ({}) says rank {} of {}: this binary's MPI library \
+                 (Open MPI) does not match the launcher that started it (e.g. MPICH's mpiexec); use Open MPI's mpirun",
+                rt.rank(),
+                rt.size(),
+                launch.source.describe(),
+                launch.rank,
+                launch.world_size
+            );
+        }
+        Some(rt)
+    } else {
+        None
+    };
+    match backend {
+        Backend::Mpi => {
+            let rt = runtime.expect("initialised above");
+            Ok(Group { comm: Box::new(MpiComm::new(rt, timeout)?), mpi: None })
+        }
+        Backend::Ring => {
+            if let Some(rt) = &runtime {
+                share_store_address_over_mpi(rt, launch)?;
+            } else if launch.source == LaunchSource::Slurm {
+                derive_from_slurm(launch, env)?;
+            }
+            match ring(launch, timeout) {
+                Ok(comm) => Ok(Group { comm, mpi: runtime }),
+                Err(e) => {
+                    std::mem::forget(runtime);
+                    Err(e)
+                }
+            }
+        }
+        Backend::Auto => unreachable!("resolved above"),
+    }
+}
+
+/// Under mpirun without MASTER_ADDR: rank 0 serves the store on a free port and tells the others
+/// where, with a fresh job token, through MPI_Bcast.
+fn share_store_address_over_mpi(rt: &MpiRuntime, launch: &mut LaunchInfo) -> Result<()> {
+    let mut msg = [0u8; 256];
+    if launch.rank == 0 {
+        let server = TcpStoreServer::start("0.0.0.0:0", &{
+            let token = crate::supervise::new_job_token()?;
+            launch.job_token = token.clone();
+            token
+        })?;
+        let ip = reachable_ip(launch);
+        let text = format!("{ip}\n{}\n{}", server.local_addr().port(), launch.job_token);
+        msg[..text.len()].copy_from_slice(text.as_bytes());
+        std::mem::forget(server); // serves for the life of the process
+    }
+    rt.broadcast_bytes(&mut msg, 0)?;
+    let text = String::from_utf8_lossy(&msg).trim_end_matches('\0').to_string();
+    let mut parts = text.split('\n');
+    let (Some(ip), Some(port), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("malformed store address from rank 0 over MPI: {text:?}");
+    };
+    launch.master_addr = Some(ip.to_string());
+    launch.master_port = Some(port.parse().context("store port from rank 0")?);
+    launch.job_token = token.to_string();
+    launch.store_served = launch.rank == 0;
+    tracing::info!("store address {ip}:{port} shared over MPI");
+    Ok(())
+}
+
+/// Under srun without MASTER_ADDR/MASTER_PORT: derive both from Slurm's variables.
+fn derive_from_slurm(launch: &mut LaunchInfo, env: &HashMap<String, String>) -> Result<()> {
+    let job = env.get("SLURM_JOB_ID").or_else(|| env.get("SLURM_JOBID"));
+    if launch.master_addr.is_none() {
+        let list = env.get("SLURM_JOB_NODELIST").or_else(|| env.get("SLURM_NODELIST")).context(
+            "under srun the ring backend needs MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host",
+        )?;
+        launch.master_addr = Some(first_host(list).with_context(|| format!("SLURM_JOB_NODELIST={list:?}"))?);
+    }
+    if launch.master_port.is_none() {
+        let id: u64 = job.context("under srun the ring backend needs MASTER_PORT or SLURM_JOB_ID")?.parse().context("SLURM_JOB_ID")?;
+        launch.master_port = Some(20000 + (id % 20000) as u16);
+    }
+    if launch.job_token.is_empty() {
+        // Keeps out strays from other jobs; set RINGTRAIN_JOB_TOKEN for a secret one.
+        launch.job_token = format!("slurm-job-{}", job.map(String::as_str).unwrap_or("0"));
+    }
+    tracing::info!("store at {}:{} derived from Slurm's node list and job id", launch.master_addr.as_deref().unwrap_or("?"), launch.master_port.unwrap_or(0));
+    Ok(())
+}
+
+/// First host of a Slurm node list: `node[01-04,07],gpu1` → `node01`.
+pub fn first_host(list: &str) -> Option<String> {
+    let first = {
+        let mut depth = 0;
+        let end = list.char_indices().find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                ',' if depth == 0 => return true,
+                _ => {}
+            }
+            false
+        });
+        &list[..end.map_or(list.len(), |(i, _)| i)]
+    };
+    if first.is_empty() {
+        return None;
+    }
+    match first.split_once('[') {
+        None => Some(first.to_string()),
+        Some((prefix, rest)) => {
+            let (ranges, suffix) = rest.split_once(']')?;
+            let lo = ranges.split([',', '-']).next()?;
+            Some(format!("{prefix}{lo}{suffix}"))
+        }
+    }
+}
+
+/// The address other ranks should use for this host: RINGTRAIN_LOCAL_ADDR if set; loopback when
+/// the whole job is on this node; else the first non-loopback IPv4 address.
+fn reachable_ip(launch: &LaunchInfo) -> IpAddr {
+    if let Some(ip) = std::env::var("RINGTRAIN_LOCAL_ADDR").ok().and_then(|a| a.parse().ok()) {
+        return ip;
+    }
+    if launch.local_world_size == launch.world_size {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
+    }
+    first_non_loopback_ipv4().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn first_non_loopback_ipv4() -> Option<IpAddr> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and then free.
+    unsafe {
+        if libc::getifaddrs(&mut addrs) != 0 {
+            return None;
+        }
+        let mut cur = addrs;
+        let mut found = None;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET && (*cur).ifa_flags & libc::IFF_LOOPBACK as u32 == 0 {
+                let sin = &*(a as *const libc::sockaddr_in);
+                found = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                break;
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(addrs);
+        found
+    }
+}
+
+/// The ring over TCP, with the store on rank 0.
+fn ring(launch: &LaunchInfo, timeout: Duration) -> Result<Box<dyn Communicator>> {
+    if launch.world_size == 1 {
+        let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+        return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
+    }
+    let addr = launch.store_addr()?;
+    if launch.rank == 0 && !launch.store_served {
+        let port = launch.master_port.expect("store_addr checked the port");
+        let server = TcpStoreServer::start(&format!("0.0.0.0:{port}"), &launch.job_token)
+            .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
+        std::mem::forget(server);
+    }
+    let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;
+    let bind_ip = client.local_ip();
+    let store: Arc<dyn Store> = Arc::new(client);
+    // Keys are namespaced by restart count so a restarted group never reads a stale address.
+    let generation: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store));
+    let opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
+    let comm = RingComm::connect(generation.as_ref(), launch.rank, launch.world_size, &opts)?.with_stall_reports(generation.clone());
+    Ok(Box::new(comm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_first_host() {
+        for (list, host) in [
+            ("node01", "node01"),
+            ("node[01-04,07],gpu1", "node01"),
+            ("gpu[3,5-6]", "gpu3"),
+            ("a-b[009-010]x,c", "a-b009x"),
+            ("localhost,other", "localhost"),
+        ] {
+            assert_eq!(first_host(list).as_deref(), Some(host), "{list}");
+        }
+        assert_eq!(first_host(""), None);
+    }
+
+    #[test]
+    fn auto_backend() {
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Slurm), Backend::Ring);
+        let under_mpirun = resolve_backend(Backend::Auto, LaunchSource::OpenMpi);
+        assert_eq!(under_mpirun, if mpi::BUILT { Backend::Mpi } else { Backend::Ring });
+        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::OpenMpi), Backend::Ring);
+    }
+}

@@ -1,0 +1,143 @@
+//! The worker under `mpirun` (Open MPI) and under a simulated `srun`, unchanged: the MPI backend
+//! and the ring with its rendezvous found through MPI or Slurm's variables.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn mpirun_available() -> bool {
+    let ok = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        // Written past libtest's capture so the skip shows in the test output.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: mpirun not found (scripts/setup.sh installs Open MPI)");
+    }
+    ok && ringtrain::comm::mpi::BUILT
+}
+
+fn mpirun(np: usize, cfg: &Path, run_dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    // Root in CI; more ranks than the 2 cores here.
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string(), RINGTRAIN, "--config"])
+        .arg(cfg)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(extra)
+        .env_remove("RINGTRAIN_FAULT")
+        .env("OMP_NUM_THREADS", "1");
+    c
+}
+
+fn cfg(dir: &Path, backend: &str) -> std::path::PathBuf {
+    write_config(dir, &format!("{backend}.yaml"), &mlp_config(10, "").replace("timeout_secs: 20", &format!("timeout_secs: 20, backend: {backend}")))
+}
+
+fn max_relative_difference(a: &Path, b: &Path) -> f64 {
+    load_params(a)
+        .iter()
+        .zip(load_params(b).iter())
+        .map(|((_, x), (_, y))| (x - y).norm().double_value(&[]) / y.norm().double_value(&[]).max(1e-12))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn mpi_backend_matches_the_ring() {
+    if !mpirun_available() {
+        return;
+    }
+    for np in [2usize, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let ring_dir = dir.path().join("ring");
+        run(ringrun(np, &cfg(dir.path(), "ring"), &ring_dir, &[]), Duration::from_secs(120)).assert_success();
+        let mpi_dir = dir.path().join("mpi");
+        let out = run(mpirun(np, &cfg(dir.path(), "mpi"), &mpi_dir, &[]), Duration::from_secs(120));
+        out.assert_success();
+        assert!(out.stderr.contains("backend mpi") && out.stderr.contains("Open MPI environment"), "{}", out.report());
+        let (ring, mpi) = (rank_hashes(&ring_dir, np), rank_hashes(&mpi_dir, np));
+        assert!(mpi.iter().all(|h| h == &mpi[0]), "MPI replicas differ: {mpi:?}");
+        if np == 2 {
+            // One addition per element (a + b = b + a): the same bits whatever the algorithm.
+            assert_eq!(mpi, ring, "np 2 must be bitwise equal");
+        } else {
+            // Three addends are summed in a different order by Open MPI's algorithm than by the
+            // ring; float rounding then differs in the last bits.
+            let rel = max_relative_difference(&mpi_dir, &ring_dir);
+            assert!(rel < 1e-5, "np 3: relative difference {rel:e}");
+        }
+    }
+}
+
+#[test]
+fn ring_backend_under_mpirun_finds_the_store_through_mpi() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ring_dir = dir.path().join("ringrun");
+    run(ringrun(2, &cfg(dir.path(), "ring"), &ring_dir, &[]), Duration::from_secs(120)).assert_success();
+    let under = dir.path().join("mpirun");
+    let out = run(mpirun(2, &cfg(dir.path(), "ring"), &under, &[]), Duration::from_secs(120));
+    out.assert_success();
+    assert!(out.stderr.contains("shared over MPI") && out.stderr.contains("backend ring"), "{}", out.report());
+    assert_eq!(rank_hashes(&under, 2), rank_hashes(&ring_dir, 2));
+    assert_eq!(out.stdout.matches("final:").count(), 1, "only rank 0 prints the result\n{}", out.report());
+}
+
+#[test]
+fn simulated_srun_trains_to_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = cfg(dir.path(), "auto");
+    let ring_dir = dir.path().join("ringrun");
+    run(ringrun(2, &config, &ring_dir, &[]), Duration::from_secs(120)).assert_success();
+    let run_dir = dir.path().join("srun");
+    // As srun would start them: one process per task, Slurm's variables, no MASTER_*.
+    let job_id = 100_000 + std::process::id() % 20_000;
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut c = Command::new(RINGTRAIN);
+            c.arg("--config").arg(&config).arg("--run-dir").arg(&run_dir);
+            for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RINGTRAIN_JOB_TOKEN", "RINGTRAIN_FAULT"] {
+                c.env_remove(v);
+            }
+            c.envs([
+                ("SLURM_PROCID", rank.to_string()),
+                ("SLURM_LOCALID", rank.to_string()),
+                ("SLURM_NTASKS", "2".to_string()),
+                ("SLURM_NTASKS_PER_NODE", "2".to_string()),
+                ("SLURM_JOB_NODELIST", "localhost".to_string()),
+                ("SLURM_JOB_ID", job_id.to_string()),
+                ("OMP_NUM_THREADS", "1".to_string()),
+            ]);
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for child in children {
+        let out = child.join().unwrap();
+        out.assert_success();
+    }
+    assert_eq!(rank_hashes(&run_dir, 2), rank_hashes(&ring_dir, 2));
+    let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
+    assert!(log.contains("Slurm environment") && log.contains(&format!("localhost:{}", 20000 + job_id % 20000)), "{log}");
+}
+
+#[test]
+fn a_rank_killed_under_mpirun_ends_the_job() {
+    if !mpirun_available() {
+        return;
+    }
+    for backend in ["mpi", "ring"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(
+            dir.path(),
+            "job.yaml",
+            &mlp_config(4, "").replace("epochs: 1", "epochs: 50").replace("timeout_secs: 20", &format!("timeout_secs: 10, backend: {backend}")),
+        );
+        let mut c = mpirun(3, &config, &dir.path().join("run"), &[]);
+        c.env("RINGTRAIN_FAULT", "rank=1,step=10,action=kill");
+        let out = run(c, Duration::from_secs(60));
+        out.assert_failure();
+        assert!(out.elapsed < Duration::from_secs(10 + 5), "backend {backend}: took {:?}\n{}", out.elapsed, out.report());
+    }
+}
