@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# All-reduce busbw of every backend built in, one after the other in one invocation, so the
+# figures are comparable (this machine is noisy: compare within one run).
+#   scripts/bench_allreduce.sh [NPROC] [SIZES]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+np="${1:-2}"
+sizes="${2:-4K,64K,1M,4M,25M,64M,256M}"
+cargo build --release --quiet
+bin=target/release
+echo "## ring (TCP), ringrun --nproc-per-node $np"
+"$bin/ringrun" --nproc-per-node "$np" ringbench allreduce --backend ring --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
+if command -v mpirun >/dev/null; then
+    echo "## mpi (Open MPI), mpirun -np $np"
+    # MALLOC_MMAP_THRESHOLD_: Open MPI otherwise reallocates large buffers on every call.
+    mpirun --allow-run-as-root --oversubscribe -np "$np" -x OMP_NUM_THREADS=1 -x MALLOC_MMAP_THRESHOLD_=1073741824 \
+        "$bin/ringbench" allreduce --backend mpi --sizes "$sizes" 2>/dev/null
+fi
