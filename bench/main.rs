@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ringtrain::config::{Backend, CommConfig};
+use ringtrain::config::{Backend, CommConfig, LocalTransport};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -29,11 +29,19 @@ enum Bench {
         iters: usize,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
+        /// Ring links within a node: unix or tcp.
+        #[arg(long, default_value = "unix")]
+        local_transport: String,
     },
 }
 
 fn try_main() -> Result<()> {
-    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs } } = Args::parse();
+    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs, local_transport } } = Args::parse();
+    let local_transport = match local_transport.as_str() {
+        "unix" => LocalTransport::Unix,
+        "tcp" => LocalTransport::Tcp,
+        other => anyhow::bail!("--local-transport {other}: expected unix or tcp"),
+    };
     let sizes = ringtrain::bench::parse_sizes(&sizes).map_err(anyhow::Error::msg)?;
     let backend = match backend.as_str() {
         "ring" => Backend::Ring,
@@ -44,7 +52,7 @@ fn try_main() -> Result<()> {
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut launch = ringtrain::launch::LaunchInfo::from_env(&env)?;
     ringtrain::telemetry::init_tracing(launch.rank, None).context("logging")?;
-    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs }, &mut launch, &env)?;
+    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs, local_transport }, &mut launch, &env)?;
     let comm = group.comm.as_mut();
     if comm.rank() == 0 {
         println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::bench::memcpy_gbps(100 << 20));

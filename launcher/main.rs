@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ringtrain::nodes::NodeCoordinator;
 use ringtrain::supervise::{self, GroupOptions, Outcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,10 +20,23 @@ struct Args {
     /// Workers on this node.
     #[arg(long, default_value_t = 1)]
     nproc_per_node: usize,
+    /// Nodes in the job (one ringrun per node).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This node's index, 0..nnodes; node 0 serves the job's store.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Address other nodes should use to reach this node's workers (default: the address this
+    /// node reaches the master from). Also RINGTRAIN_LOCAL_ADDR.
+    #[arg(long, env = "RINGTRAIN_LOCAL_ADDR")]
+    local_addr: Option<String>,
+    /// Multi-node: how long to wait for every node to join (and node 0 to come up).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    join_timeout_secs: u64,
     /// Address of rank 0's store.
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
-    /// Port of rank 0's store (default: a free port).
+    /// Port of the job's store (default on one node: a free port; required with --nnodes > 1).
     #[arg(long)]
     master_port: Option<u16>,
     /// Also write each worker's output to DIR/rank<N>.log.
@@ -63,6 +77,14 @@ fn worker_command(command: &[String]) -> Result<(PathBuf, Vec<String>)> {
 fn try_main() -> Result<ExitCode> {
     let args = Args::parse();
     anyhow::ensure!(args.nproc_per_node >= 1, "--nproc-per-node must be at least 1");
+    anyhow::ensure!(args.nnodes >= 1, "--nnodes must be at least 1");
+    anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
+    let multi_node = args.nnodes > 1;
+    anyhow::ensure!(
+        !multi_node || args.master_port.is_some_and(|p| p != 0),
+        "--nnodes {} needs --master-port (the same on every node)",
+        args.nnodes
+    );
     let (program, worker_args) = worker_command(&args.command)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = args
@@ -75,12 +97,38 @@ fn try_main() -> Result<ExitCode> {
     };
     let job_token = match std::env::var("RINGTRAIN_JOB_TOKEN") {
         Ok(t) if !t.is_empty() => t,
+        // Nodes must agree on the token; export RINGTRAIN_JOB_TOKEN on every node for a secret one.
+        _ if multi_node => format!("ringrun-{}-{master_port}", args.master_addr),
         _ => supervise::new_job_token().context("making a job token")?,
+    };
+    let nodes = if multi_node {
+        let n = NodeCoordinator::start(
+            &args.master_addr,
+            master_port,
+            &job_token,
+            args.nnodes,
+            args.node_rank,
+            Duration::from_secs(args.join_timeout_secs),
+        )
+        .map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "ringrun: node {} of {}; peers reach this node at {}",
+            args.node_rank,
+            args.nnodes,
+            args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string())
+        );
+        Some(n)
+    } else {
+        None
     };
     let opts = GroupOptions {
         program,
         args: worker_args,
         nproc_per_node: args.nproc_per_node,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        store_hosted: multi_node,
+        local_addr: args.local_addr,
         master_addr: args.master_addr,
         master_port,
         threads_per_worker: threads,
@@ -104,13 +152,10 @@ fn try_main() -> Result<ExitCode> {
         opts.master_addr,
         opts.master_port
     );
-    let job = supervise::run_job(&opts, args.max_restarts, &rx)?;
+    let job = supervise::run_job(&opts, args.max_restarts, &rx, nodes.as_ref()).map_err(anyhow::Error::msg)?;
     let restarts = match job.restarts.len() {
         0 => String::new(),
-        n => format!(
-            " after {n} restart(s) ({})",
-            job.restarts.iter().map(|(r, e)| format!("rank {r} {e}")).collect::<Vec<_>>().join("; ")
-        ),
+        n => format!(" after {n} restart(s) ({})", job.restarts.join("; ")),
     };
     match job.last {
         Outcome::Success => {
@@ -121,6 +166,10 @@ fn try_main() -> Result<ExitCode> {
         }
         Outcome::Failed { rank, exit } => {
             eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s){restarts}");
+            Ok(ExitCode::FAILURE)
+        }
+        Outcome::RemoteFailed { reason } => {
+            eprintln!("ringrun: error: {reason}; stopped this node's worker(s){restarts}");
             Ok(ExitCode::FAILURE)
         }
         Outcome::Interrupted { signal, exits } => {

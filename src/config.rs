@@ -204,11 +204,25 @@ pub struct CommConfig {
     /// in the error.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Ring links between ranks on the same node: `unix` sockets, or `tcp` like links between nodes.
+    #[serde(default = "default_local_transport")]
+    pub local_transport: LocalTransport,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalTransport {
+    Unix,
+    Tcp,
+}
+
+fn default_local_transport() -> LocalTransport {
+    LocalTransport::Unix
 }
 
 impl Default for CommConfig {
     fn default() -> Self {
-        Self { backend: default_backend(), timeout_secs: default_timeout() }
+        Self { backend: default_backend(), timeout_secs: default_timeout(), local_transport: default_local_transport() }
     }
 }
 

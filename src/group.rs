@@ -11,7 +11,7 @@
 
 use crate::comm::mpi::{self, MpiComm, MpiRuntime};
 use crate::comm::{Communicator, RingComm, RingOptions};
-use crate::config::{Backend, CommConfig};
+use crate::config::{Backend, CommConfig, LocalTransport};
 use crate::launch::{LaunchInfo, LaunchSource};
 use crate::rendezvous::{MemoryStore, PrefixStore, Store, TcpStore, TcpStoreServer};
 use anyhow::{bail, Context, Result};
@@ -82,7 +82,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             } else if launch.source == LaunchSource::Slurm {
                 derive_from_slurm(launch, env)?;
             }
-            match ring(launch, timeout) {
+            match ring(launch, timeout, cfg.local_transport == LocalTransport::Unix, env) {
                 Ok(comm) => Ok(Group { comm, mpi: runtime }),
                 Err(e) => {
                     std::mem::forget(runtime);
@@ -207,8 +207,23 @@ fn first_non_loopback_ipv4() -> Option<IpAddr> {
     }
 }
 
-/// The ring over TCP, with the store on rank 0.
-fn ring(launch: &LaunchInfo, timeout: Duration) -> Result<Box<dyn Communicator>> {
+/// This rank's node, for choosing Unix sockets between neighbours on the same node:
+/// RINGTRAIN_NODE_ID, else the launcher's node rank (GROUP_RANK), else the host name.
+fn node_id(env: &HashMap<String, String>) -> String {
+    if let Some(id) = env.get("RINGTRAIN_NODE_ID") {
+        return id.clone();
+    }
+    if let Some(g) = env.get("GROUP_RANK") {
+        return format!("group-{g}");
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned()
+}
+
+/// The ring, with the store on rank 0 (or the multi-node launcher's).
+fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
     if launch.world_size == 1 {
         let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
         return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
@@ -221,11 +236,17 @@ fn ring(launch: &LaunchInfo, timeout: Duration) -> Result<Box<dyn Communicator>>
         std::mem::forget(server);
     }
     let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;
-    let bind_ip = client.local_ip();
+    // The address peers should use: RINGTRAIN_LOCAL_ADDR (ringrun --local-addr), else the one
+    // this host reaches the store from.
+    let bind_ip = match env.get("RINGTRAIN_LOCAL_ADDR") {
+        Some(a) => a.parse().with_context(|| format!("RINGTRAIN_LOCAL_ADDR={a:?} is not an IP address"))?,
+        None => client.local_ip(),
+    };
     let store: Arc<dyn Store> = Arc::new(client);
     // Keys are namespaced by restart count so a restarted group never reads a stale address.
     let generation: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store));
-    let opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
+    let mut opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
+    opts.node_id = local_unix.then(|| node_id(env));
     let comm = RingComm::connect(generation.as_ref(), launch.rank, launch.world_size, &opts)?.with_stall_reports(generation.clone());
     Ok(Box::new(comm))
 }

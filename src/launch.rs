@@ -41,7 +41,8 @@ pub struct LaunchInfo {
     pub job_token: String,
     /// How many times the launcher restarted the group (TORCHELASTIC_RESTART_COUNT).
     pub restart_count: u32,
-    /// Rank 0 already serves the store (it started it to share its address over MPI).
+    /// The store is already served: by the multi-node launcher, or by rank 0 itself after it
+    /// shared its address over MPI.
     pub store_served: bool,
 }
 
@@ -117,7 +118,8 @@ impl LaunchInfo {
             master_port,
             job_token: env.get("RINGTRAIN_JOB_TOKEN").cloned().unwrap_or_default(),
             restart_count,
-            store_served: false,
+            // A multi-node ringrun serves the store itself (on node 0's launcher).
+            store_served: env.get("RINGTRAIN_STORE_HOSTED").is_some_and(|v| v == "1"),
         })
     }
 

@@ -14,7 +14,8 @@
 //! - [`train`] — the training loop, optimizers (SGD, Adam), evaluation.
 //! - [`config`] — the YAML config: serde structs, validation, `--set` overrides.
 //! - [`telemetry`] — logging with the rank in every line, metrics.jsonl, progress.
-//! - [`supervise`] — the launcher's process group: spawn, prefix output, stop on failure.
+//! - [`supervise`] — the launcher's process group: spawn, prefix output, stop on failure, restart.
+//! - [`nodes`] — launchers on several nodes acting as one job (join, failure, restart together).
 //! - [`fault`] — test-only fault injection (a worker that exits or hangs at a given step).
 //! - [`worker`] — the worker's job: config and environment to a finished run.
 //! - [`bench`] — the all-reduce benchmark behind `ringbench`.
@@ -35,6 +36,7 @@ pub mod telemetry;
 pub mod train;
 pub mod group;
 pub mod worker;
+pub mod nodes;
 pub mod supervise;
 pub mod bench;
 pub mod checkpoint;

@@ -18,6 +18,13 @@ pub struct GroupOptions {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub nproc_per_node: usize,
+    /// Nodes in the job, and this one's index (global rank = node_rank × nproc_per_node + local rank).
+    pub nnodes: usize,
+    pub node_rank: usize,
+    /// The store is served by node 0's launcher, not by rank 0 (multi-node jobs).
+    pub store_hosted: bool,
+    /// Address peers should use for this node's workers (RINGTRAIN_LOCAL_ADDR).
+    pub local_addr: Option<String>,
     pub master_addr: String,
     pub master_port: u16,
     pub threads_per_worker: usize,
@@ -78,6 +85,8 @@ pub enum Outcome {
     Failed { rank: usize, exit: WorkerExit },
     /// We were signalled; workers were forwarded the signal and have ended.
     Interrupted { signal: i32, exits: Vec<WorkerExit> },
+    /// Another node failed (or was lost); this node's workers were stopped.
+    RemoteFailed { reason: String },
 }
 
 struct Worker {
@@ -123,13 +132,19 @@ fn pump(
 }
 
 fn spawn_worker(opts: &GroupOptions, local_rank: usize) -> std::io::Result<Worker> {
-    let rank = local_rank; // single node: global rank = local rank
+    let rank = opts.node_rank * opts.nproc_per_node + local_rank;
     let mut cmd = Command::new(&opts.program);
+    if opts.store_hosted {
+        cmd.env("RINGTRAIN_STORE_HOSTED", "1");
+    }
+    if let Some(a) = &opts.local_addr {
+        cmd.env("RINGTRAIN_LOCAL_ADDR", a);
+    }
     cmd.args(&opts.args)
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", local_rank.to_string())
-        .env("GROUP_RANK", "0")
-        .env("WORLD_SIZE", opts.nproc_per_node.to_string())
+        .env("GROUP_RANK", opts.node_rank.to_string())
+        .env("WORLD_SIZE", (opts.nnodes * opts.nproc_per_node).to_string())
         .env("LOCAL_WORLD_SIZE", opts.nproc_per_node.to_string())
         .env("MASTER_ADDR", &opts.master_addr)
         .env("MASTER_PORT", opts.master_port.to_string())
@@ -207,7 +222,7 @@ fn stop_all(workers: &mut [Worker], grace: Duration) {
 
 /// Runs one generation of the group to its end. `signals` delivers SIGINT/SIGTERM received by
 /// the launcher: the first is forwarded to the workers, a second kills them.
-pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>) -> std::io::Result<Outcome> {
+pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn() -> Option<String>) -> std::io::Result<Outcome> {
     let mut workers = Vec::with_capacity(opts.nproc_per_node);
     for local_rank in 0..opts.nproc_per_node {
         match spawn_worker(opts, local_rank) {
@@ -242,6 +257,12 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>) -> std::io::Resul
             }
         }
         reap(&mut workers);
+        if interrupted.is_none() {
+            if let Some(reason) = remote() {
+                stop_all(&mut workers, opts.stop_grace);
+                break Outcome::RemoteFailed { reason };
+            }
+        }
         if interrupted.is_none() {
             if let Some(w) = workers.iter().filter(|w| matches!(&w.exit, Some(e) if *e != WorkerExit::Code(0))).min_by_key(|w| w.rank) {
                 let failed = Outcome::Failed { rank: w.rank, exit: w.exit.clone().unwrap() };
@@ -281,27 +302,62 @@ pub fn free_port(addr: &str) -> std::io::Result<u16> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobOutcome {
     pub last: Outcome,
-    /// Each restart's cause: the failure that triggered it.
-    pub restarts: Vec<(usize, WorkerExit)>,
+    /// Each restart's cause, as people read it.
+    pub restarts: Vec<String>,
 }
 
-/// Runs the group; when a worker fails and restarts remain, stops the rest and starts the whole
-/// group again (a new store port, TORCHELASTIC_RESTART_COUNT + 1), and the workers resume from
-/// the latest checkpoint. A user's signal is never a reason to restart.
-pub fn run_job(opts: &GroupOptions, max_restarts: u32, signals: &Receiver<i32>) -> std::io::Result<JobOutcome> {
+/// Runs the group; when a worker fails (on any node) and restarts remain, stops the rest and
+/// starts the whole group again (TORCHELASTIC_RESTART_COUNT + 1; a new store port on a single
+/// node), and the workers resume from the latest checkpoint. A user's signal never restarts.
+pub fn run_job(
+    opts: &GroupOptions,
+    max_restarts: u32,
+    signals: &Receiver<i32>,
+    nodes: Option<&crate::nodes::NodeCoordinator>,
+) -> Result<JobOutcome, String> {
     let mut opts = opts.clone();
     let mut restarts = Vec::new();
     loop {
-        let outcome = run_group(&opts, signals)?;
-        match &outcome {
-            Outcome::Failed { rank, exit } if (restarts.len() as u32) < max_restarts => {
-                restarts.push((*rank, exit.clone()));
+        let gen = opts.restart_count;
+        if let Some(n) = nodes {
+            n.join(gen)?;
+        }
+        let watch = nodes.map(|n| n.watch(gen));
+        let remote = || watch.as_ref().and_then(|w| w.get());
+        let outcome = run_group(&opts, signals, &remote).map_err(|e| e.to_string())?;
+        if let Some(w) = &watch {
+            w.stop_watching();
+        }
+        let cause = match &outcome {
+            Outcome::Failed { rank, exit } => {
+                let what = format!("rank {rank} {exit}");
+                if let Some(n) = nodes {
+                    n.report_failure(gen, &what);
+                }
+                Some(what)
+            }
+            Outcome::RemoteFailed { reason } => Some(reason.clone()),
+            Outcome::Success => {
+                if let Some(n) = nodes {
+                    n.finish(gen)?;
+                }
+                None
+            }
+            Outcome::Interrupted { .. } => {
+                if let Some(n) = nodes {
+                    n.report_failure(gen, "interrupted by a signal");
+                }
+                None
+            }
+        };
+        match cause {
+            Some(cause) if (restarts.len() as u32) < max_restarts => {
+                eprintln!("ringrun: {cause}; restarting the group ({} of {max_restarts}) from the latest checkpoint", restarts.len() + 1);
+                restarts.push(cause);
                 opts.restart_count += 1;
-                opts.master_port = free_port(&opts.master_addr)?;
-                eprintln!(
-                    "ringrun: rank {rank} {exit}; restarting the group ({} of {max_restarts}) from the latest checkpoint",
-                    restarts.len()
-                );
+                if !opts.store_hosted {
+                    opts.master_port = free_port(&opts.master_addr).map_err(|e| e.to_string())?;
+                }
             }
             _ => return Ok(JobOutcome { last: outcome, restarts }),
         }

@@ -4,6 +4,7 @@
 //! - `mpi`: MPI collectives (cargo feature `mpi`, on by default).
 //! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
+mod link;
 pub mod mpi;
 pub mod ring;
 mod tensor;

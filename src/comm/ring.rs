@@ -15,7 +15,8 @@ use crate::rendezvous::Store;
 use crate::wire::*;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use super::link::{connect_until, Endpoint, Link, Listener};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 const HELLO_MAGIC: u64 = 0x5254_5249_4e47_3031; // "RTRING01"
@@ -31,11 +32,14 @@ pub struct RingOptions {
     pub bind_ip: IpAddr,
     /// Pipelining granularity of all_reduce and broadcast.
     pub segment_bytes: usize,
+    /// This rank's node. Neighbours on the same node connect over a Unix socket; `None` means
+    /// TCP for every link.
+    pub node_id: Option<String>,
 }
 
 impl RingOptions {
     pub fn new(token: impl Into<String>, bind_ip: IpAddr, timeout: Duration) -> Self {
-        Self { timeout, token: token.into(), bind_ip, segment_bytes: 256 << 10 }
+        Self { timeout, token: token.into(), bind_ip, segment_bytes: 256 << 10, node_id: None }
     }
 }
 
@@ -52,8 +56,8 @@ pub struct RingComm {
 }
 
 struct Links {
-    to_next: TcpStream,
-    from_prev: TcpStream,
+    to_next: Link,
+    from_prev: Link,
 }
 
 /// Raw view of the caller's buffer shared between the receiving and the sending thread. The ring
@@ -77,20 +81,24 @@ impl RingComm {
         let prev = (rank + world - 1) % world;
         let deadline = Instant::now() + opts.timeout;
 
-        let listener = TcpListener::bind((opts.bind_ip, 0))
+        let node = opts.node_id.clone().unwrap_or_else(|| format!("tcp-only-{rank}"));
+        // Abstract socket names are per network namespace, as nodes are; pid and token keep
+        // concurrent jobs and restarts apart.
+        let unix_name = opts.node_id.as_ref().map(|_| {
+            format!("ringtrain-{}-{rank}-{}", &opts.token[..opts.token.len().min(16)], std::process::id())
+        });
+        let listener = Listener::bind(opts.bind_ip, &node, unix_name)
             .map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
-        let my_addr = listener.local_addr().map_err(|e| setup(e.to_string()))?;
-        store.set(&format!("ring/addr/{rank}"), my_addr.to_string().as_bytes()).map_err(store_err)?;
-        let next_addr = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
-        let next_addr: SocketAddr = String::from_utf8_lossy(&next_addr)
-            .parse()
-            .map_err(|e| setup(format!("rank {next} published a bad address: {e}")))?;
+        store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
+        let next_raw = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
+        let next_ep = Endpoint::decode(&String::from_utf8_lossy(&next_raw))
+            .ok_or_else(|| setup(format!("rank {next} published a bad address: {:?}", String::from_utf8_lossy(&next_raw))))?;
 
         // Connect and say hello first, accept second, read the ack last: waiting for our ack
         // before accepting would deadlock the whole ring.
-        let mut to_next = connect_until(next_addr, deadline)
-            .map_err(|e| setup(format!("cannot connect to rank {next} at {next_addr}: {e}")))?;
-        configure(&to_next, opts.timeout).map_err(|e| setup(e.to_string()))?;
+        let mut to_next = connect_until(&next_ep, &node, deadline)
+            .map_err(|e| setup(format!("cannot connect to rank {next} at {}: {e}", next_ep.encode())))?;
+        to_next.configure(opts.timeout).map_err(|e| setup(e.to_string()))?;
         (|| {
             write_u64(&mut to_next, HELLO_MAGIC)?;
             write_blob(&mut to_next, opts.token.as_bytes())?;
@@ -99,19 +107,20 @@ impl RingComm {
         })()
         .map_err(|e| setup(format!("hello to rank {next}: {e}")))?;
 
-        let from_prev = accept_prev(&listener, rank, prev, world, &opts.token, deadline)?;
+        let from_prev = accept_prev(&listener, rank, prev, world, &opts.token, deadline, opts.timeout)?;
 
         match read_u8(&mut to_next) {
             Ok(1) => {}
             Ok(_) => return Err(setup(format!("rank {next} refused our connection"))),
             Err(e) if is_closed(&e) => {
-                return Err(setup(format!("rank {next} at {next_addr} closed our connection (job token mismatch?)")))
+                return Err(setup(format!("rank {next} at {} closed our connection (job token mismatch?)", next_ep.encode())))
             }
             Err(e) if is_timeout(&e) => {
                 return Err(setup(format!("timed out after {:.0}s waiting for rank {next} to accept", opts.timeout.as_secs_f64())))
             }
             Err(e) => return Err(setup(format!("ack from rank {next}: {e}"))),
         }
+        tracing::debug!("ring: to rank {next} over {}, from rank {prev} over {}", to_next.kind(), from_prev.kind());
         comm.links = Some(Links { to_next, from_prev });
         Ok(comm)
     }
@@ -204,8 +213,8 @@ impl RingComm {
     /// communicator is unusable afterwards, as with any failed collective in c10d.
     fn poison(&mut self) {
         if let Some(l) = &self.links {
-            let _ = l.to_next.shutdown(Shutdown::Both);
-            let _ = l.from_prev.shutdown(Shutdown::Both);
+            l.to_next.shutdown();
+            l.from_prev.shutdown();
         }
     }
 }
@@ -222,48 +231,23 @@ fn parse_header(h: &[u8; HEADER_BYTES]) -> (u8, u64, u64) {
     (h[0], u64::from_le_bytes(h[8..16].try_into().unwrap()), u64::from_le_bytes(h[16..24].try_into().unwrap()))
 }
 
-fn configure(s: &TcpStream, timeout: Duration) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))
-}
-
-fn connect_until(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 /// Accepts connections until the previous rank presents the job token; strangers are logged and
 /// dropped, not fatal.
 fn accept_prev(
-    listener: &TcpListener,
+    listener: &Listener,
     rank: usize,
     prev: usize,
     world: usize,
     token: &str,
     deadline: Instant,
-) -> Result<TcpStream, CommError> {
+    timeout: Duration,
+) -> Result<Link, CommError> {
     let setup = |detail: String| CommError::Setup { rank, detail };
-    listener.set_nonblocking(true).map_err(|e| setup(e.to_string()))?;
     loop {
-        let (mut conn, from) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(setup(format!("timed out waiting for rank {prev} to connect")));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            Err(e) => return Err(setup(format!("accept: {e}"))),
+        let Some((mut conn, from)) = listener.accept_until(deadline).map_err(|e| setup(format!("accept: {e}")))? else {
+            return Err(setup(format!("timed out waiting for rank {prev} to connect")));
         };
-        conn.set_nonblocking(false).map_err(|e| setup(e.to_string()))?;
-        configure(&conn, deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
+        conn.configure(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
             .map_err(|e| setup(e.to_string()))?;
         let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64)> {
             Ok((read_u64(&mut conn)?, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?))
@@ -286,6 +270,7 @@ fn accept_prev(
             return Err(setup(format!("expected rank {prev} to connect, rank {their_rank} did (from {from})")));
         }
         write_u8(&mut conn, 1).map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
+        conn.configure(timeout).map_err(|e| setup(e.to_string()))?;
         return Ok(conn);
     }
 }
@@ -351,7 +336,7 @@ impl Communicator for RingComm {
             let sender = s.spawn(move || -> io::Result<()> {
                 let shared = shared;
                 to_next.write_all(&header(Op::AllReduce, seq, n as u64))?;
-                let send = |to_next: &mut TcpStream, (a, b): (usize, usize)| {
+                let send = |to_next: &mut Link, (a, b): (usize, usize)| {
                     // SAFETY: segment [a, b) was completed before it was handed to us and is not
                     // written again until the ring has carried our copy of it onwards (a later
                     // value for it can only arrive after this write has returned).
