@@ -1,0 +1,253 @@
+//! Multi-node jobs on emulated nodes: network namespaces joined by veth pairs to a bridge
+//! (scripts/netns_nodes.sh). Needs root and `ip netns`; skipped with a message elsewhere.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+/// Emulated nodes for one test (its own id, so tests can run in parallel); removed on drop.
+struct Nodes {
+    id: u32,
+}
+
+impl Nodes {
+    fn up(id: u32, n: usize) -> Option<Nodes> {
+        let ok = Command::new(script("netns_nodes.sh")).args(["up", &n.to_string()]).env("RT_NETNS_ID", id.to_string()).output();
+        match ok {
+            Ok(o) if o.status.success() => Some(Nodes { id }),
+            Ok(o) => {
+                let _ = Command::new(script("netns_nodes.sh")).arg("down").env("RT_NETNS_ID", id.to_string()).status();
+                skip(&format!("cannot create network namespaces: {}", String::from_utf8_lossy(&o.stderr).trim()));
+                None
+            }
+            Err(e) => {
+                skip(&format!("cannot run netns_nodes.sh: {e}"));
+                None
+            }
+        }
+    }
+
+    fn addr(&self, k: usize) -> String {
+        format!("10.77.{}.{}", self.id, k + 1)
+    }
+
+    /// `cmd` run inside node k.
+    fn exec(&self, k: usize, cmd: &[String]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("rt{}n{k}", self.id)]).args(cmd);
+        c
+    }
+
+    /// Bytes through node k's link (both directions), read on the bridge side.
+    fn link_bytes(&self, k: usize) -> u64 {
+        ["rx_bytes", "tx_bytes"]
+            .iter()
+            .map(|f| std::fs::read_to_string(format!("/sys/class/net/rt{}v{k}/statistics/{f}", self.id)).unwrap().trim().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        let _ = Command::new(script("netns_nodes.sh")).arg("down").env("RT_NETNS_ID", self.id.to_string()).status();
+    }
+}
+
+fn skip(why: &str) {
+    // Past libtest's capture, so the skip shows in the test output.
+    let _ = writeln!(std::io::stderr(), "SKIPPED (multi-node): {why}");
+}
+
+fn ringrun_node(nodes: &Nodes, k: usize, port: u16, cfg: &Path, run_dir: &Path, extra: &[&str]) -> Command {
+    let mut args: Vec<String> = vec![
+        RINGRUN.into(),
+        "--nnodes".into(),
+        "2".into(),
+        "--node-rank".into(),
+        k.to_string(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--master-addr".into(),
+        nodes.addr(0),
+        "--master-port".into(),
+        port.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([RINGTRAIN.into(), "--config".into(), cfg.display().to_string(), "--run-dir".into(), run_dir.display().to_string()]);
+    let mut c = nodes.exec(k, &args);
+    c.env_remove("RINGTRAIN_FAULT");
+    c
+}
+
+fn job(dir: &Path, backend: &str) -> PathBuf {
+    write_config(dir, "job.yaml", &mlp_config(10, "").replace("timeout_secs: 20", &format!("timeout_secs: 8, backend: {backend}")))
+}
+
+#[test]
+fn two_nodes_by_two_workers_match_four_workers_on_one_node() {
+    let Some(nodes) = Nodes::up(31, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
+
+    let before = nodes.link_bytes(1);
+    let handles: Vec<_> = (0..2)
+        .map(|k| {
+            let c = ringrun_node(&nodes, k, 29631, &cfg, &dir.path().join(format!("node{k}")), &[]);
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().assert_success();
+    }
+    let crossed = nodes.link_bytes(1) - before;
+    let expected = rank_hashes(&one_node, 4);
+    let got: Vec<String> = (0..4)
+        .map(|r| {
+            let p = dir.path().join(format!("node{}/ranks/rank{r}.json", r / 2));
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+            v["param_hash"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Same ring order, same sums: bitwise equal; only the transport differs.
+    assert_eq!(got, expected);
+    // 30 steps; the MLP has 995 parameters; each all-reduce moves 2·(3/4)·3,980 bytes over each
+    // of the two links that cross nodes, both through node 1's veth.
+    let gradient_bytes = 30 * 2 * (2 * 3 * 3980 / 4);
+    assert!(crossed >= gradient_bytes as u64, "only {crossed} bytes crossed the link (expected ≥ {gradient_bytes})");
+}
+
+#[test]
+fn mpirun_across_two_nodes_with_the_mpi_backend() {
+    if !Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) || !ringtrain::comm::mpi::BUILT {
+        skip("mpirun or the mpi feature missing");
+        return;
+    }
+    let Some(nodes) = Nodes::up(32, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &job(dir.path(), "ring"), &one_node, &[]), Duration::from_secs(120)).assert_success();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("rt{0}n0 slots=2\nrt{0}n1 slots=2\n", nodes.id)).unwrap();
+    let run_dir = dir.path().join("mpi");
+    let cmd: Vec<String> = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "4",
+        "--hostfile",
+        &hosts.display().to_string(),
+        "--mca",
+        "plm_rsh_agent",
+        &script("netns_rsh.sh").display().to_string(),
+        // Emulated nodes share one kernel: Open MPI's shared-memory paths (hwloc topology in
+        // shared memory, the vader transport) crash there, so TCP carries everything.
+        "--mca",
+        "rtc",
+        "^hwloc",
+        "--mca",
+        "btl",
+        "self,tcp",
+        "--mca",
+        "btl_tcp_if_include",
+        "eth0",
+        "--mca",
+        "oob_tcp_if_include",
+        "eth0",
+        "-x",
+        "OMP_NUM_THREADS=1",
+        RINGTRAIN,
+        "--config",
+        &job(dir.path(), "mpi").display().to_string(),
+        "--run-dir",
+        &run_dir.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let before = nodes.link_bytes(1);
+    let out = run(nodes.exec(0, &cmd), Duration::from_secs(120));
+    out.assert_success();
+    assert!(nodes.link_bytes(1) - before > 30 * 3980, "no MPI traffic crossed the link");
+    let hashes = rank_hashes(&run_dir, 4);
+    assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
+    // Four addends: Open MPI sums in another order than the ring; a tight tolerance instead.
+    for ((n, a), (_, b)) in load_params(&run_dir).iter().zip(load_params(&one_node).iter()) {
+        let rel = (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+        assert!(rel < 1e-5, "{n}: relative difference {rel:e}");
+    }
+}
+
+#[test]
+fn killing_one_nodes_launcher_stops_the_other_naming_the_lost_ranks() {
+    let Some(nodes) = Nodes::up(33, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(2, "").replace("epochs: 1", "epochs: 100").replace("timeout_secs: 20", "timeout_secs: 8"));
+    let node0_dir = dir.path().join("node0");
+    let node0 = ringrun_node(&nodes, 0, 29633, &cfg, &node0_dir, &[]);
+    let survivor = std::thread::spawn(move || run(node0, Duration::from_secs(120)));
+    let mut node1 = ringrun_node(&nodes, 1, 29633, &cfg, &dir.path().join("node1"), &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let metrics = node0_dir.join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node1.kill().unwrap(); // SIGKILL to node 1's ringrun; its workers die with it
+    let killed = Instant::now();
+    node1.wait().unwrap();
+    let out = survivor.join().unwrap();
+    out.assert_failure();
+    assert!(killed.elapsed() < Duration::from_secs(8 + 5), "node 0 took {:?} to stop\n{}", killed.elapsed(), out.report());
+    let named = out.stderr.lines().any(|l| l.contains("ringtrain: error") && (l.contains("rank 2") || l.contains("rank 3") || l.contains("[2") || l.contains("3]")));
+    assert!(named, "no worker named a lost rank (2 or 3)\n{}", out.report());
+}
+
+#[test]
+fn a_node_that_never_joins_is_named() {
+    let Some(nodes) = Nodes::up(34, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let out = run(ringrun_node(&nodes, 0, 29634, &cfg, &dir.path().join("run"), &["--join-timeout-secs", "3"]), Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("node(s) [1] did not join within 3s"), "{}", out.report());
+    assert!(out.elapsed < Duration::from_secs(10), "{:?}", out.elapsed);
+}
+
+#[test]
+fn a_failure_on_one_node_restarts_the_whole_job_together() {
+    let Some(nodes) = Nodes::up(35, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, "checkpoint: {every_steps: 4}").replace("timeout_secs: 20", "timeout_secs: 8, backend: ring"));
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
+    let handles: Vec<_> = (0..2)
+        .map(|k| {
+            let mut c = ringrun_node(&nodes, k, 29635, &cfg, &dir.path().join(format!("node{k}")), &["--max-restarts", "1"]);
+            // Rank 3 (on node 1) is killed before step 10; both nodes must restart from step 8.
+            c.env("RINGTRAIN_FAULT", "rank=3,step=10,action=kill");
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect();
+    let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (k, out) in outs.iter().enumerate() {
+        out.assert_success();
+        assert!(out.stderr.contains("finished after 1 restart(s)"), "node {k}\n{}", out.report());
+    }
+    // Node 1 saw its worker killed; node 0 saw it as a lost peer or as node 1's report, whichever
+    // came first.
+    assert!(outs[1].stderr.contains("rank 3 was killed by signal 9"), "{}", outs[1].report());
+    let expected = rank_hashes(&one_node, 1).remove(0);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("node1/ranks/rank3.json")).unwrap()).unwrap();
+    assert_eq!(v["param_hash"].as_str().unwrap(), expected);
+    assert_eq!(rank_hashes(&dir.path().join("node0"), 1).remove(0), expected);
+}
