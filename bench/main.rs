@@ -21,7 +21,7 @@ enum Bench {
         /// Sizes in bytes (K, M, G suffixes).
         #[arg(long, default_value = "4K,64K,1M,4M,25M,64M,256M")]
         sizes: String,
-        /// ring, mpi or auto.
+        /// ring, mpi, nccl or auto.
         #[arg(long, default_value = "auto")]
         backend: String,
         /// Minimum timed iterations per size.
@@ -29,6 +29,9 @@ enum Bench {
         iters: usize,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
+        /// cpu or cuda (buffers on cuda:LOCAL_RANK).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Ring links within a node: unix or tcp.
         #[arg(long, default_value = "unix")]
         local_transport: String,
@@ -36,7 +39,12 @@ enum Bench {
 }
 
 fn try_main() -> Result<()> {
-    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs, local_transport } } = Args::parse();
+    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport } } = Args::parse();
+    let device = match device.as_str() {
+        "cpu" => ringtrain::config::DeviceChoice::Cpu,
+        "cuda" => ringtrain::config::DeviceChoice::Cuda,
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
     let local_transport = match local_transport.as_str() {
         "unix" => LocalTransport::Unix,
         "tcp" => LocalTransport::Tcp,
@@ -46,18 +54,20 @@ fn try_main() -> Result<()> {
     let backend = match backend.as_str() {
         "ring" => Backend::Ring,
         "mpi" => Backend::Mpi,
+        "nccl" => Backend::Nccl,
         "auto" => Backend::Auto,
-        other => anyhow::bail!("--backend {other}: expected ring, mpi or auto"),
+        other => anyhow::bail!("--backend {other}: expected ring, mpi, nccl or auto"),
     };
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut launch = ringtrain::launch::LaunchInfo::from_env(&env)?;
     ringtrain::telemetry::init_tracing(launch.rank, None).context("logging")?;
-    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs, local_transport }, &mut launch, &env)?;
+    let device = ringtrain::device::select(device, launch.local_rank, launch.local_world_size)?;
+    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs, local_transport }, &mut launch, &env, device)?;
     let comm = group.comm.as_mut();
     if comm.rank() == 0 {
         println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::bench::memcpy_gbps(100 << 20));
     }
-    let rows = ringtrain::bench::all_reduce_sweep(comm, &sizes, iters)?;
+    let rows = ringtrain::bench::all_reduce_sweep(comm, &sizes, iters, device)?;
     if comm.rank() == 0 {
         ringtrain::bench::print_table(comm.backend_name(), comm.world_size(), &rows);
     }

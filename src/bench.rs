@@ -45,22 +45,25 @@ fn value(rank: usize, i: usize) -> f32 {
 }
 
 /// Runs the sweep; every rank returns the rows (rank 0 prints them).
-pub fn all_reduce_sweep(comm: &mut dyn Communicator, sizes: &[usize], min_iters: usize) -> Result<Vec<Row>, crate::comm::CommError> {
+/// Buffers live on `device` (a CUDA device for NCCL; host backends then stage through host memory).
+pub fn all_reduce_sweep(comm: &mut dyn Communicator, sizes: &[usize], min_iters: usize, device: tch::Device) -> Result<Vec<Row>, crate::comm::CommError> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut rows = Vec::new();
     for &bytes in sizes {
         let count = bytes / 4;
-        let mut buf: Vec<f32> = (0..count).map(|i| value(rank, i)).collect();
+        let host: Vec<f32> = (0..count).map(|i| value(rank, i)).collect();
+        let mut buf = tch::Tensor::from_slice(&host).to_device(device);
         // Warm-up, and the correctness check on its result.
-        comm.all_reduce_sum(&mut buf)?;
+        comm.all_reduce_tensor(&mut buf)?;
+        let result = Vec::<f32>::try_from(&buf.to_device(tch::Device::Cpu)).unwrap_or_default();
         let rank_sum = (n * (n - 1) / 2) as f32;
-        let wrong = buf.iter().enumerate().filter(|(i, x)| **x != (i % 61) as f32 * n as f32 + rank_sum).count();
+        let wrong = result.iter().enumerate().filter(|(i, x)| **x != (i % 61) as f32 * n as f32 + rank_sum).count() + (count - result.len());
         // Enough iterations for ~0.5 s of traffic per size, at least `min_iters`.
         let iters = min_iters.max((512usize << 20) / bytes.max(1)).min(1000);
         comm.barrier()?;
         let started = Instant::now();
         for _ in 0..iters {
-            comm.all_reduce_sum(&mut buf)?;
+            comm.all_reduce_tensor(&mut buf)?;
         }
         let secs = started.elapsed().as_secs_f64() / iters as f64;
         // The slowest rank's time is the collective's time.

@@ -28,6 +28,45 @@ pub struct Config {
     pub comm: CommConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// `cpu`, `cuda` (local rank r uses cuda:r), or `auto` (cuda when a GPU is visible).
+    #[serde(default = "default_device")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+fn default_device() -> DeviceChoice {
+    DeviceChoice::Cpu
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast for forward and backward, fp32 master parameters (CUDA only).
+    Bf16,
+}
+
+fn default_precision() -> Precision {
+    Precision::Fp32
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceDtype {
+    Fp32,
+    /// Gradients travel as bf16 (NCCL only): half the bytes, less precision.
+    Bf16,
+}
+
+fn default_reduce_dtype() -> ReduceDtype {
+    ReduceDtype::Fp32
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -139,6 +178,9 @@ pub struct TrainConfig {
     /// Evaluate on the test set at the end of each epoch.
     #[serde(default = "yes")]
     pub eval: bool,
+    /// `fp32`, or `bf16` autocast on CUDA.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -176,11 +218,14 @@ pub struct DdpConfig {
     /// Cap of the first bucket (the last layers' gradients, ready first), as PyTorch does.
     #[serde(default = "default_first_bucket_cap")]
     pub first_bucket_cap_mb: f64,
+    /// Dtype gradients are all-reduced in: fp32, or bf16 (NCCL only).
+    #[serde(default = "default_reduce_dtype")]
+    pub reduce_dtype: ReduceDtype,
 }
 
 impl Default for DdpConfig {
     fn default() -> Self {
-        Self { bucket_cap_mb: default_bucket_cap(), first_bucket_cap_mb: default_first_bucket_cap() }
+        Self { bucket_cap_mb: default_bucket_cap(), first_bucket_cap_mb: default_first_bucket_cap(), reduce_dtype: default_reduce_dtype() }
     }
 }
 
@@ -193,6 +238,8 @@ pub enum Backend {
     Ring,
     /// MPI collectives (needs an MPI launcher and the `mpi` feature).
     Mpi,
+    /// NCCL on CUDA devices (`auto` picks it when the device is cuda).
+    Nccl,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -321,6 +368,15 @@ impl Config {
         }
         if !(self.ddp.bucket_cap_mb > 0.0 && self.ddp.first_bucket_cap_mb > 0.0) {
             return Err("ddp.bucket_cap_mb and ddp.first_bucket_cap_mb must be positive".into());
+        }
+        if self.train.precision == Precision::Bf16 && self.device == DeviceChoice::Cpu {
+            return Err("train.precision bf16 needs device cuda (or auto): autocast here is CUDA-only".into());
+        }
+        if self.comm.backend == Backend::Nccl && self.device == DeviceChoice::Cpu {
+            return Err("comm.backend nccl needs device cuda (or auto)".into());
+        }
+        if self.ddp.reduce_dtype == ReduceDtype::Bf16 && !matches!(self.comm.backend, Backend::Nccl | Backend::Auto) {
+            return Err("ddp.reduce_dtype bf16 needs comm.backend nccl".into());
         }
         if self.checkpoint.keep == 0 {
             return Err("checkpoint.keep must be at least 1".into());

@@ -10,6 +10,7 @@
 //! `comm.backend: auto` picks mpi when the launcher is an MPI launcher and MPI is built in.
 
 use crate::comm::mpi::{self, MpiComm, MpiRuntime};
+use crate::comm::nccl::NcclComm;
 use crate::comm::{Communicator, RingComm, RingOptions};
 use crate::config::{Backend, CommConfig, LocalTransport};
 use crate::launch::{LaunchInfo, LaunchSource};
@@ -20,9 +21,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The backend `auto` resolves to for this launch.
-pub fn resolve_backend(wanted: Backend, source: LaunchSource) -> Backend {
+/// The backend `auto` resolves to: NCCL on CUDA devices, MPI under an MPI launcher (when built
+/// in), else the ring.
+pub fn resolve_backend(wanted: Backend, source: LaunchSource, cuda: bool) -> Backend {
     match wanted {
+        Backend::Auto if cuda => Backend::Nccl,
         Backend::Auto if mpi::BUILT && matches!(source, LaunchSource::OpenMpi | LaunchSource::Pmi) => Backend::Mpi,
         Backend::Auto => Backend::Ring,
         b => b,
@@ -49,9 +52,12 @@ impl Group {
     }
 }
 
-pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, String>) -> Result<Group> {
+pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, String>, device: tch::Device) -> Result<Group> {
     let timeout = Duration::from_secs(cfg.timeout_secs);
-    let backend = resolve_backend(cfg.backend, launch.source);
+    let backend = resolve_backend(cfg.backend, launch.source, device.is_cuda());
+    if backend == Backend::Nccl && !device.is_cuda() {
+        bail!("comm.backend nccl needs a CUDA device (device: cuda), this rank computes on {device:?}");
+    }
     let under_mpi = matches!(launch.source, LaunchSource::OpenMpi | LaunchSource::Pmi);
     // MPI is initialised when it is the backend, or when it carries the ring's rendezvous.
     let runtime = if backend == Backend::Mpi || (under_mpi && launch.master_addr.is_none() && launch.world_size > 1) {
@@ -76,13 +82,18 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             let rt = runtime.expect("initialised above");
             Ok(Group { comm: Box::new(MpiComm::new(rt, timeout)?), mpi: None })
         }
-        Backend::Ring => {
+        Backend::Ring | Backend::Nccl => {
             if let Some(rt) = &runtime {
                 share_store_address_over_mpi(rt, launch)?;
             } else if launch.source == LaunchSource::Slurm {
                 derive_from_slurm(launch, env)?;
             }
-            match ring(launch, timeout, cfg.local_transport == LocalTransport::Unix, env) {
+            let joined = if backend == Backend::Nccl {
+                nccl(launch, timeout, device)
+            } else {
+                ring(launch, timeout, cfg.local_transport == LocalTransport::Unix, env)
+            };
+            match joined {
                 Ok(comm) => Ok(Group { comm, mpi: runtime }),
                 Err(e) => {
                     std::mem::forget(runtime);
@@ -222,12 +233,9 @@ fn node_id(env: &HashMap<String, String>) -> String {
     String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned()
 }
 
-/// The ring, with the store on rank 0 (or the multi-node launcher's).
-fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
-    if launch.world_size == 1 {
-        let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
-        return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
-    }
+/// The job's store (served by rank 0, or by the multi-node launcher), namespaced by restart
+/// generation, and the address this host reaches it from.
+fn connect_store(launch: &LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Store>, IpAddr)> {
     let addr = launch.store_addr()?;
     if launch.rank == 0 && !launch.store_served {
         let port = launch.master_port.expect("store_addr checked the port");
@@ -236,15 +244,32 @@ fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<
         std::mem::forget(server);
     }
     let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;
+    let local_ip = client.local_ip();
+    let store: Arc<dyn Store> = Arc::new(client);
+    // Keys are namespaced by restart count so a restarted group never reads a stale address.
+    Ok((Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store)), local_ip))
+}
+
+/// NCCL on this rank's GPU; the unique id travels through the store.
+fn nccl(launch: &LaunchInfo, timeout: Duration, device: tch::Device) -> Result<Box<dyn Communicator>> {
+    let tch::Device::Cuda(index) = device else { bail!("NCCL needs a CUDA device") };
+    let store: Arc<dyn Store> = if launch.world_size == 1 { Arc::new(MemoryStore::new()) } else { connect_store(launch, timeout)?.0 };
+    Ok(Box::new(NcclComm::new(store.as_ref(), launch.rank, launch.world_size, index, timeout)?))
+}
+
+/// The ring, with the store on rank 0 (or the multi-node launcher's).
+fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
+    if launch.world_size == 1 {
+        let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+        return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
+    }
+    let (generation, store_ip) = connect_store(launch, timeout)?;
     // The address peers should use: RINGTRAIN_LOCAL_ADDR (ringrun --local-addr), else the one
     // this host reaches the store from.
     let bind_ip = match env.get("RINGTRAIN_LOCAL_ADDR") {
         Some(a) => a.parse().with_context(|| format!("RINGTRAIN_LOCAL_ADDR={a:?} is not an IP address"))?,
-        None => client.local_ip(),
+        None => store_ip,
     };
-    let store: Arc<dyn Store> = Arc::new(client);
-    // Keys are namespaced by restart count so a restarted group never reads a stale address.
-    let generation: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store));
     let mut opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
     opts.node_id = local_unix.then(|| node_id(env));
     let comm = RingComm::connect(generation.as_ref(), launch.rank, launch.world_size, &opts)?.with_stall_reports(generation.clone());
@@ -271,10 +296,13 @@ mod tests {
 
     #[test]
     fn auto_backend() {
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun), Backend::Ring);
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Slurm), Backend::Ring);
-        let under_mpirun = resolve_backend(Backend::Auto, LaunchSource::OpenMpi);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, false), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Slurm, false), Backend::Ring);
+        let under_mpirun = resolve_backend(Backend::Auto, LaunchSource::OpenMpi, false);
         assert_eq!(under_mpirun, if mpi::BUILT { Backend::Mpi } else { Backend::Ring });
-        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::OpenMpi), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::OpenMpi, false), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, true), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::OpenMpi, true), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::Torchrun, true), Backend::Ring);
     }
 }

@@ -9,6 +9,7 @@
 //! - [`group`] — joining the group: backend choice, rendezvous under ringrun, mpirun, srun.
 //! - [`checkpoint`] — checkpoint folders: atomic writes, checksums, `latest`, verified loading.
 //! - [`ddp`] — gradient buckets, the reducer that averages them, the replica check + broadcast.
+//! - [`device`] — cpu / cuda:local_rank; loads libtorch's CUDA backend only when asked for.
 //! - [`data`] — IDX reader, synthetic data, `DistributedSampler`, the prefetching loader.
 //! - [`models`] — MLP and reference CNN with PyTorch parameter names.
 //! - [`train`] — the training loop, optimizers (SGD, Adam), evaluation.
@@ -28,6 +29,7 @@ pub mod rendezvous;
 mod wire;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod launch;
 pub mod ddp;
 pub mod models;

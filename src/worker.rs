@@ -78,11 +78,14 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
     let mut launch = launch;
-    let mut group = crate::group::join(&cfg.comm, &mut launch, &env)?;
+    // Before joining anyone: a rank without its GPU stops here with the reason.
+    let device = crate::device::select(cfg.device, launch.local_rank, launch.local_world_size)?;
+    tracing::info!("device {device:?}");
+    let mut group = crate::group::join(&cfg.comm, &mut launch, &env, device)?;
     let comm = group.comm.as_mut();
     tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
     let sample_log = std::env::var_os("RINGTRAIN_SAMPLE_LOG").is_some();
-    match train::run(train::TrainContext { cfg: &cfg, comm, run_dir: &run_dir, fault, resume, stop, sample_log }) {
+    match train::run(train::TrainContext { cfg: &cfg, comm, run_dir: &run_dir, fault, resume, stop, sample_log, device }) {
         Ok(summary) => {
             group.finish();
             Ok(summary)

@@ -27,7 +27,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 }
 
 fn safetensors_bytes(tensors: &[(String, Tensor)], scratch: &Path) -> Result<Vec<u8>, CheckpointError> {
-    let detached: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    let detached: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu))).collect();
     Tensor::write_safetensors(&detached, scratch).map_err(|source| CheckpointError::Torch { path: scratch.to_path_buf(), source })?;
     let bytes = std::fs::read(scratch).map_err(io(scratch))?;
     std::fs::remove_file(scratch).map_err(io(scratch))?;

@@ -2,15 +2,17 @@
 //!
 //! - `ring`: the built-in ring (reduce-scatter + all-gather between neighbours) over TCP.
 //! - `mpi`: MPI collectives (cargo feature `mpi`, on by default).
+//! - `nccl`: NCCL on CUDA tensors, loaded at run time.
 //! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
 mod link;
 pub mod mpi;
+pub mod nccl;
 pub mod ring;
 mod tensor;
 
 pub use ring::{RingComm, RingOptions};
-pub use tensor::{all_reduce_tensor, broadcast_tensor};
+
 
 
 use std::time::Duration;
@@ -69,6 +71,10 @@ pub enum CommError {
     Store { rank: usize, #[source] source: crate::rendezvous::StoreError },
     #[error("rank {rank}: MPI {op}: {detail}")]
     Mpi { rank: usize, op: Op, detail: String },
+    #[error("rank {rank}: NCCL {op} #{seq}: {detail}")]
+    Nccl { rank: usize, op: Op, seq: u64, detail: String },
+    #[error("backend `{backend}` is not available: {detail}")]
+    NotAvailable { backend: &'static str, detail: String },
     #[error("backend `{backend}` is not built into this binary ({hint})")]
     NotBuilt { backend: &'static str, hint: &'static str },
     #[error("{op}: {detail}")]
@@ -91,6 +97,19 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<(), CommError>;
     /// The timeout every blocking call uses.
     fn timeout(&self) -> Duration;
+    /// True when the backend works on device memory itself (NCCL): buffers should then live on
+    /// the model's device. Host backends stage device tensors through host memory.
+    fn device_native(&self) -> bool {
+        false
+    }
+    /// Sums a tensor across ranks in place (host backends stage non-CPU tensors through host memory).
+    fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        tensor::all_reduce_staged(self, t)
+    }
+    /// Broadcasts a tensor's bytes from `root` in place.
+    fn broadcast_tensor(&mut self, t: &mut tch::Tensor, root: usize) -> Result<(), CommError> {
+        tensor::broadcast_staged(self, t, root)
+    }
 }
 
 /// Broadcasts a byte string of any length from `root` (others pass `None`).

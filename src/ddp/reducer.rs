@@ -5,7 +5,7 @@
 
 use super::buckets::compute_bucket_assignment_by_size;
 use super::DdpError;
-use crate::comm::{all_reduce_tensor, Communicator};
+use crate::comm::Communicator;
 use tch::{Kind, Tensor};
 
 struct Bucket {
@@ -18,6 +18,8 @@ struct Bucket {
 pub struct Reducer {
     params: Vec<Tensor>,
     buckets: Vec<Bucket>,
+    /// All-reduce in bf16 (NCCL): half the bytes on the wire.
+    reduce_bf16: bool,
 }
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
@@ -27,7 +29,10 @@ fn control_slot(b: &Bucket) -> i64 {
 }
 
 impl Reducer {
-    pub fn new(params: &[Tensor], first_cap_bytes: usize, cap_bytes: usize) -> Result<Self, DdpError> {
+    /// `buffer_device`: where the flat buckets live — the model's device for a backend that
+    /// reduces device memory itself (NCCL), else the CPU (host backends; device gradients are
+    /// copied there and back).
+    pub fn new(params: &[Tensor], first_cap_bytes: usize, cap_bytes: usize, buffer_device: tch::Device, reduce_bf16: bool) -> Result<Self, DdpError> {
         for (i, p) in params.iter().enumerate() {
             if p.kind() != Kind::Float {
                 return Err(DdpError::Unsupported(format!("parameter {i} has dtype {:?}; gradients are reduced as f32", p.kind())));
@@ -50,14 +55,14 @@ impl Reducer {
                     })
                     .collect();
                 let extra = i64::from(bi == last);
-                Bucket { params: idx, spans, flat: Tensor::zeros([off + extra], (Kind::Float, tch::Device::Cpu)) }
+                Bucket { params: idx, spans, flat: Tensor::zeros([off + extra], (Kind::Float, buffer_device)) }
             })
             .collect();
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
-            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)) });
+            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, buffer_device)) });
         }
-        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets })
+        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16 })
     }
 
     /// Parameter indices of each bucket, in reduction order.
@@ -87,7 +92,13 @@ impl Reducer {
             }
             if world > 1.0 {
                 let _ = b.flat.f_div_scalar_(world)?;
-                all_reduce_tensor(comm, &mut b.flat)?;
+                if self.reduce_bf16 {
+                    let mut low = b.flat.f_to_kind(Kind::BFloat16)?;
+                    comm.all_reduce_tensor(&mut low)?;
+                    b.flat.f_copy_(&low)?;
+                } else {
+                    comm.all_reduce_tensor(&mut b.flat)?;
+                }
                 if bi == last {
                     control_sum = (b.flat.f_double_value(&[control_slot(b)])? * world) as f32;
                 }

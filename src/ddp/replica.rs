@@ -1,7 +1,7 @@
 //! Start of training: every rank must have built the same model (names, shapes, dtypes, in
 //! order); then rank 0's parameters and buffers are broadcast so replicas start bit-identical.
 
-use crate::comm::{broadcast_tensor, CommError, Communicator};
+use crate::comm::{CommError, Communicator};
 use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub fn sync_replicas(comm: &mut dyn Communicator, params: &[(String, Tensor)]) -
             // Parameters are contiguous leaf tensors; broadcasting into their storage updates
             // the model in place.
             let mut view = t.shallow_clone();
-            broadcast_tensor(comm, &mut view, 0)?;
+            comm.broadcast_tensor(&mut view, 0)?;
         }
         Ok(())
     })
@@ -59,7 +59,7 @@ pub fn first_difference(a: &[&str], b: &[&str]) -> Option<String> {
 pub fn parameter_hash(params: &[(String, Tensor)]) -> Result<u64, tch::TchError> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (name, t) in params {
-        let t = t.f_contiguous()?;
+        let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
         let n = t.numel() * t.kind().elt_size_in_bytes();
         let mut bytes = vec![0u8; n];
         t.f_copy_data_u8(&mut bytes, t.numel())?;

@@ -3,7 +3,7 @@
 //! padding=2) → ReLU → MaxPool2d(2); flatten; fc1 = Linear(3136, 128) → ReLU; fc2 = Linear(128, 10).
 
 use super::{layer, Model};
-use tch::{TchError, Tensor};
+use tch::{Device, TchError, Tensor};
 
 pub struct Cnn {
     conv1: (Tensor, Tensor),
@@ -14,12 +14,12 @@ pub struct Cnn {
 }
 
 impl Cnn {
-    pub fn new(classes: i64) -> Result<Self, TchError> {
+    pub fn new(classes: i64, device: Device) -> Result<Self, TchError> {
         let mut p = Vec::new();
-        let conv1 = layer(&mut p, "conv1", &[32, 1, 5, 5], 25)?;
-        let conv2 = layer(&mut p, "conv2", &[64, 32, 5, 5], 32 * 25)?;
-        let fc1 = layer(&mut p, "fc1", &[128, 3136], 3136)?;
-        let fc2 = layer(&mut p, "fc2", &[classes, 128], 128)?;
+        let conv1 = layer(&mut p, "conv1", &[32, 1, 5, 5], 25, device)?;
+        let conv2 = layer(&mut p, "conv2", &[64, 32, 5, 5], 32 * 25, device)?;
+        let fc1 = layer(&mut p, "fc1", &[128, 3136], 3136, device)?;
+        let fc2 = layer(&mut p, "fc2", &[classes, 128], 128, device)?;
         Ok(Self { conv1, conv2, fc1, fc2, params: p })
     }
 }

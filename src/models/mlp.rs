@@ -2,7 +2,7 @@
 //! `hidden: [4096, 4096]` on 784 inputs.
 
 use super::{layer, Model};
-use tch::{TchError, Tensor};
+use tch::{Device, TchError, Tensor};
 
 pub struct Mlp {
     layers: Vec<(Tensor, Tensor)>,
@@ -10,13 +10,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(inputs: i64, hidden: &[usize], classes: i64) -> Result<Self, TchError> {
+    pub fn new(inputs: i64, hidden: &[usize], classes: i64, device: Device) -> Result<Self, TchError> {
         let mut params = Vec::new();
         let mut layers = Vec::new();
         let mut fan_in = inputs;
         let widths: Vec<i64> = hidden.iter().map(|&h| h as i64).chain([classes]).collect();
         for (i, &out) in widths.iter().enumerate() {
-            layers.push(layer(&mut params, &format!("fc{}", i + 1), &[out, fan_in], fan_in)?);
+            layers.push(layer(&mut params, &format!("fc{}", i + 1), &[out, fan_in], fan_in, device)?);
             fan_in = out;
         }
         Ok(Self { layers, params })

@@ -19,24 +19,26 @@ pub trait Model {
 
 /// Builds the configured model for samples of `sample_shape` and `classes` outputs. Initialised
 /// as PyTorch initialises Linear/Conv2d, from libtorch's default generator (seed it first).
-pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize) -> Result<Box<dyn Model>, TchError> {
+pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: Device) -> Result<Box<dyn Model>, TchError> {
     Ok(match cfg.name {
-        ModelName::Mlp => Box::new(Mlp::new(sample_shape.iter().product(), &cfg.hidden, classes as i64)?),
-        ModelName::Cnn => Box::new(Cnn::new(classes as i64)?),
+        ModelName::Mlp => Box::new(Mlp::new(sample_shape.iter().product(), &cfg.hidden, classes as i64, device)?),
+        ModelName::Cnn => Box::new(Cnn::new(classes as i64, device)?),
     })
 }
 
 /// Creates a weight/bias pair with PyTorch's default init for a layer with `fan_in` inputs:
 /// kaiming_uniform_(a=√5) for the weight and U(±1/√fan_in) for the bias — both U(±1/√fan_in).
+/// Drawn on the CPU, so every device starts from the same values, then moved to `device`.
 pub(crate) fn layer(
     params: &mut Vec<(String, Tensor)>,
     name: &str,
     weight_shape: &[i64],
     fan_in: i64,
+    device: Device,
 ) -> Result<(Tensor, Tensor), TchError> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let init = |shape: &[i64]| -> Result<Tensor, TchError> {
-        let t = tch::no_grad(|| Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound))?;
+        let t = tch::no_grad(|| Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?.f_to_device(device))?;
         t.f_set_requires_grad(true)
     };
     let w = init(weight_shape)?;

@@ -60,6 +60,8 @@ pub struct TrainContext<'a> {
     pub stop: Arc<AtomicBool>,
     /// Test aid: every rank appends "epoch sample" lines to samples/rankN.txt.
     pub sample_log: bool,
+    /// Where this rank computes (device::select).
+    pub device: tch::Device,
 }
 
 #[derive(Clone, Debug)]
@@ -99,7 +101,7 @@ fn agree(comm: &mut dyn Communicator, what: &str, mine: &[u8]) -> Result<(), Tra
 }
 
 pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
-    let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log } = ctx;
+    let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log, device } = ctx;
     let (rank, world) = (comm.rank(), comm.world_size());
     let t = &cfg.train;
 
@@ -115,7 +117,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     )?;
 
     tch::manual_seed(t.seed as i64);
-    let model = models::build(&cfg.model, &splits.train.sample_shape, classes)?;
+    let model = models::build(&cfg.model, &splits.train.sample_shape, classes, device)?;
     let named = model.named_parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
     let mut opt = Optimizer::new(&cfg.optimizer, &params);
@@ -131,7 +133,10 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         &params,
         (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
         (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
+        if comm.device_native() { device } else { tch::Device::Cpu },
+        cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
     )?;
+    let bf16 = cfg.train.precision == crate::config::Precision::Bf16;
     let n_params: usize = params.iter().map(|p| p.numel()).sum();
     tracing::info!(
         "model {:?}: {} tensors, {n_params} parameters; {} bucket(s) {:?}; {world} rank(s) × batch {} on {} samples",
@@ -220,8 +225,12 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
                 f.check(rank, pos.global_step);
             }
             ddp::zero_grads(&params)?;
-            let logits = model.forward(&batch.input)?;
-            let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.target, None, tch::Reduction::Mean, -100, 0.0)?;
+            let (input, target) = (batch.input.f_to_device(device)?, batch.target.f_to_device(device)?);
+            // bf16: forward (and so backward) under autocast; parameters stay fp32.
+            let loss = tch::autocast(bf16, || -> Result<Tensor, tch::TchError> {
+                let logits = model.forward(&input)?;
+                logits.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0)
+            })?;
             loss.f_backward()?;
             // A stop request (SIGTERM/SIGINT) rides along with the gradients, so every rank
             // stops after the same step.
@@ -282,7 +291,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         let mut acc = [loss_sum as f32, samples as f32];
         comm.all_reduce_sum(&mut acc)?;
         let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
-        let test = if t.eval && !stopped { Some(evaluate(model.as_ref(), &splits.test, comm)?) } else { None };
+        let test = if t.eval && !stopped { Some(evaluate(model.as_ref(), &splits.test, comm, device, bf16)?) } else { None };
         if let Some(r) = &test {
             tracing::info!(
                 "epoch {epoch} done: train_loss {train_loss:.4} test_loss {:.4} test_acc {:.2}% {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)",
@@ -326,7 +335,7 @@ fn finish_outputs(run_dir: &Path, rank: usize, named: &[(String, Tensor)], hash:
     std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))?;
     if rank == 0 {
         let tmp = run_dir.join("model.safetensors.tmp");
-        let detached: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        let detached: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu))).collect();
         Tensor::write_safetensors(&detached, &tmp)?;
         std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))?;
     }

@@ -127,7 +127,7 @@ impl Optimizer {
             if t.size() != self.params[i].size() {
                 return Err(format!("optimizer state `{key}` has shape {:?}, parameter {:?}", t.size(), self.params[i].size()));
             }
-            let copy = t.to_kind(self.params[i].kind()).detach_copy();
+            let copy = t.to_kind(self.params[i].kind()).to_device(self.params[i].device()).detach_copy();
             match suffix {
                 s if s == a => self.state_a[i] = Some(copy),
                 s if s == b && !b.is_empty() => self.state_b[i] = Some(copy),

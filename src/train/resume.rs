@@ -4,7 +4,7 @@
 
 use super::{Optimizer, TrainError};
 use crate::checkpoint::{self, LoadedCheckpoint, Meta};
-use crate::comm::{broadcast_blob, broadcast_tensor, Communicator};
+use crate::comm::{broadcast_blob, Communicator};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -64,7 +64,7 @@ pub fn copy_into_params(params: &[(String, Tensor)], loaded: &[(String, Tensor)]
         for (name, p) in params {
             let (_, t) = loaded.iter().find(|(n, _)| n == name).expect("checked above");
             let mut dst = p.shallow_clone();
-            dst.f_copy_(&t.to_kind(p.kind())).map_err(|e| format!("{name}: {e}"))?;
+            dst.f_copy_(&t.to_kind(p.kind()).to_device(p.device())).map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(())
     })
@@ -138,7 +138,7 @@ pub fn restore(
     };
     for (_, t) in state.iter_mut() {
         let mut c = t.contiguous();
-        broadcast_tensor(comm, &mut c, 0)?;
+        comm.broadcast_tensor(&mut c, 0)?;
         *t = c;
     }
     if comm.rank() != 0 {
