@@ -45,8 +45,21 @@ pub fn check_gpus(local_rank: usize, local_world_size: usize, visible: usize) ->
     Ok(local_rank)
 }
 
-/// Resolves the configured device for this local rank.
+/// Resolves the configured device for this local rank. RINGTRAIN_CUDA_DEVICE=N puts every local
+/// rank on cuda:N instead (several ranks sharing one GPU, for testing with the ring or MPI;
+/// NCCL refuses that).
 pub fn select(choice: DeviceChoice, local_rank: usize, local_world_size: usize) -> Result<Device, DeviceError> {
+    if choice != DeviceChoice::Cpu {
+        if let Ok(n) = std::env::var("RINGTRAIN_CUDA_DEVICE") {
+            let n: usize = n.parse().map_err(|_| DeviceError(format!("RINGTRAIN_CUDA_DEVICE={n:?} is not a device index")))?;
+            load_cuda()?;
+            let visible = tch::Cuda::device_count() as usize;
+            if n >= visible {
+                return Err(DeviceError(format!("RINGTRAIN_CUDA_DEVICE={n} but {visible} GPU(s) visible")));
+            }
+            return Ok(Device::Cuda(n));
+        }
+    }
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => {

@@ -56,24 +56,31 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--normalize", action="store_true", help="Fashion-MNIST mean/std, as ringtrain's data.normalize")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if a.device == "cuda" else "cpu")
     torch.manual_seed(a.seed)
     x = torch.from_numpy(idx(f"{a.data}/train-images-idx3-ubyte.gz").copy()).float().div_(255).unsqueeze(1)
     y = torch.from_numpy(idx(f"{a.data}/train-labels-idx1-ubyte.gz").astype(np.int64))
     tx = torch.from_numpy(idx(f"{a.data}/t10k-images-idx3-ubyte.gz").copy()).float().div_(255).unsqueeze(1)
     ty = torch.from_numpy(idx(f"{a.data}/t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    if a.normalize:
+        x, tx = (x - 0.2860) / 0.3530, (tx - 0.2860) / 0.3530
     train = TensorDataset(x, y)
     sampler = DistributedSampler(train, seed=a.seed)
     loader = DataLoader(train, batch_size=a.batch_size, sampler=sampler)
-    model = DDP(Cnn() if a.model == "cnn" else WideMlp())
+    model = (Cnn() if a.model == "cnn" else WideMlp()).to(dev)
+    model = DDP(model, device_ids=[dev.index] if a.device == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
     steps, samples, t0 = 0, 0, time.perf_counter()
     for epoch in range(a.epochs):
         sampler.set_epoch(epoch)
         for xb, yb in loader:
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
@@ -81,15 +88,17 @@ def main():
             samples += len(xb) * world
             if a.max_steps and steps >= a.max_steps:
                 break
+    if a.device == "cuda":
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
         shard = slice(rank, None, world)
-        logits = model.module(tx[shard])
-        stats = torch.tensor([(logits.argmax(1) == ty[shard]).sum().item(), len(ty[shard])], dtype=torch.float64)
+        logits = model.module(tx[shard].to(dev))
+        stats = torch.tensor([(logits.argmax(1).cpu() == ty[shard]).sum().item(), len(ty[shard])], dtype=torch.float64, device=dev)
     dist.all_reduce(stats)
     if rank == 0:
-        print(json.dumps({"framework": "pytorch", "model": a.model, "workers": world, "steps": steps,
+        print(json.dumps({"framework": "pytorch", "model": a.model, "device": a.device, "workers": world, "steps": steps,
                           "test_acc": stats[0].item() / stats[1].item(), "samples_per_s": samples / secs}))
     dist.destroy_process_group()
 

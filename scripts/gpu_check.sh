@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU check: run from the folder scripts/gpu_pack.sh makes, on a machine with one GPU and
+# Python torch 2.11 (+ the nvidia wheels, nvidia-nccl-cu13 among them). About 2–5 minutes.
+#   (a) NCCL, world size 1: the reference CNN for 300 steps on cuda:0 — loss falls, accuracy
+#   (b) 2 workers sharing the GPU with the ring backend (host staging): replicas identical
+#   (c) (a) with bf16 autocast
+#   (d) ringtrain's single-GPU throughput against PyTorch eager (same CNN, batch 64, data), ratio
+#   (e) NCCL all-reduce 1 MB–256 MB at world size 1 (smoke test, nccl-tests' columns)
+# Prints a summary table; exits non-zero if any part failed.
+#   RINGTRAIN_PYTHON: the Python with torch (default /opt/torch/.venv/bin/python)
+set -uo pipefail
+cd "$(dirname "$0")"
+here="$PWD"
+py="${RINGTRAIN_PYTHON:-/opt/torch/.venv/bin/python}"
+site="$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" || {
+    echo "gpu_check: no Python with torch at $py (set RINGTRAIN_PYTHON)"; exit 1; }
+# Our binaries were linked against the same libtorch 2.11; use the GPU machine's copy.
+export LD_LIBRARY_PATH="$site/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export RINGTRAIN_NCCL_LIB="${RINGTRAIN_NCCL_LIB:-$site/nvidia/nccl/lib/libnccl.so.2}"
+export OMP_NUM_THREADS=4
+runs="$here/runs"
+rm -rf "$runs"
+mkdir -p "$runs"
+common=(--config "$here/configs/fashion_mnist_cnn.yaml" --set "data.dir=$here/data/fashion-mnist" --set device=cuda
+        --set train.max_steps=300 --set train.log_every_steps=50 --set checkpoint.enabled=false)
+declare -A result
+
+metric() { # metric RUN_DIR KEY: the last epoch line's value
+    "$py" -c "import json,sys; ls=[json.loads(l) for l in open('$1/metrics.jsonl')]; e=[l for l in ls if l['kind']=='epoch'][-1]; print(e['$2'])"
+}
+first_loss() { "$py" -c "import json; ls=[json.loads(l) for l in open('$1/metrics.jsonl') if '\"step\"' in l]; print(ls[0]['loss'])"; }
+
+echo "== (a) NCCL, world size 1, CNN 300 steps on cuda:0"
+if "$here/bin/ringtrain" "${common[@]}" --set comm.backend=nccl --run-dir "$runs/a" 2>&1 | tail -n 8; then
+    result[a]="PASS loss $(first_loss "$runs/a") -> $(metric "$runs/a" train_loss), test_acc $(metric "$runs/a" test_acc), $(metric "$runs/a" samples_per_s) samples/s"
+else result[a]="FAIL"; fi
+
+echo "== (b) 2 workers on one GPU, ring backend"
+if RINGTRAIN_CUDA_DEVICE=0 "$here/bin/ringrun" --nproc-per-node 2 "$here/bin/ringtrain" "${common[@]}" --set comm.backend=ring \
+        --set train.max_steps=100 --run-dir "$runs/b" 2>&1 | tail -n 4; then
+    h0=$(cat "$runs/b/ranks/rank0.json"); h1=$(cat "$runs/b/ranks/rank1.json")
+    if [ "${h0/\"rank\":0/}" = "${h1/\"rank\":1/}" ]; then result[b]="PASS replicas identical ($h0)"; else result[b]="FAIL replicas differ: $h0 vs $h1"; fi
+else result[b]="FAIL"; fi
+
+echo "== (c) bf16 autocast"
+if "$here/bin/ringtrain" "${common[@]}" --set comm.backend=nccl --set train.precision=bf16 --run-dir "$runs/c" 2>&1 | tail -n 4; then
+    result[c]="PASS loss $(first_loss "$runs/c") -> $(metric "$runs/c" train_loss), test_acc $(metric "$runs/c" test_acc) (fp32: $(metric "$runs/a" test_acc))"
+else result[c]="FAIL"; fi
+
+echo "== (d) ringtrain vs PyTorch eager, one GPU, batch 64"
+torchrun="$(dirname "$py")/torchrun"
+pt=$("$torchrun" --nproc-per-node 1 "$here/reference/ddp_train.py" --model cnn --device cuda --max-steps 300 \
+        --data "$here/data/fashion-mnist" --normalize 2>/dev/null | tail -n 1)
+if [ -n "$pt" ] && [ -f "$runs/a/metrics.jsonl" ]; then
+    rt=$(metric "$runs/a" samples_per_s)
+    ps=$("$py" -c "import json; print(json.loads('$pt')['samples_per_s'])")
+    result[d]="ringtrain $rt vs PyTorch $ps samples/s: ratio $("$py" -c "print(round($rt/$ps, 3))")"
+else result[d]="FAIL (PyTorch reference: $pt)"; fi
+
+echo "== (e) NCCL all-reduce, world size 1"
+if "$here/bin/ringbench" allreduce --backend nccl --device cuda --sizes 1M,4M,16M,64M,256M 2>&1 | tee "$runs/e.txt" | grep -v INFO; then
+    result[e]="PASS ($(grep -c ' 0$' "$runs/e.txt") sizes, #wrong 0)"
+else result[e]="FAIL"; fi
+
+echo
+echo "| part | result |"
+echo "|---|---|"
+status=0
+for k in a b c d e; do
+    echo "| ($k) | ${result[$k]} |"
+    case "${result[$k]}" in FAIL*) status=1 ;; esac
+done
+exit $status

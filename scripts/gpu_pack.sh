@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Packs what scripts/gpu_check.sh needs on a GPU machine that has Python torch but no Rust
+# toolchain: stripped release binaries, configs, the Fashion-MNIST files, the PyTorch reference.
+#   scripts/gpu_pack.sh [OUT]     (default target/gpu-pack; well under 64 MiB)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-target/gpu-pack}"
+cargo build --release --quiet
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/configs" "$out/data/fashion-mnist" "$out/reference"
+for b in ringtrain ringrun ringbench; do
+    strip --strip-debug -o "$out/bin/$b" "target/release/$b"
+done
+cp configs/*.yaml "$out/configs/"
+cp /usr/share/datasets/fashion-mnist/*.gz "$out/data/fashion-mnist/"
+cp scripts/reference/ddp_train.py "$out/reference/"
+cp scripts/gpu_check.sh "$out/"
+du -sh "$out"

@@ -1,0 +1,80 @@
+//! The GPU paths that can run without a GPU: device selection and its errors, and the clear
+//! errors when CUDA or NCCL is asked for on a machine without them. (The GPU itself is exercised
+//! by scripts/gpu_check.sh on a GPU machine.)
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn solo(dir: &std::path::Path, sets: &[&str]) -> Output {
+    let cfg = write_config(dir, "job.yaml", &mlp_config(10, ""));
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("--config").arg(&cfg).arg("--run-dir").arg(dir.join("run"));
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    run(c, Duration::from_secs(60))
+}
+
+fn cuda_present() -> bool {
+    Command::new("nvidia-smi").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn cuda_without_a_gpu_is_one_clear_line() {
+    if cuda_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = solo(dir.path(), &["device=cuda"]);
+    out.assert_failure();
+    // Progress logs may come first; the error is one line, last, and no panic.
+    let err = out.stderr.trim().lines().last().unwrap_or_default();
+    assert!(err.starts_with("ringtrain: error: device: CUDA was asked for") && err.contains("libtorch's CUDA backend"), "{}", out.report());
+    assert!(!out.stderr.contains("panicked"), "{}", out.report());
+    assert!(!dir.path().join("run/model.safetensors").exists());
+}
+
+#[test]
+fn auto_device_falls_back_to_the_cpu_and_trains() {
+    if cuda_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = solo(dir.path(), &["device=auto", "train.max_steps=3"]);
+    out.assert_success();
+    assert!(out.stderr.contains("device auto: using the CPU") && out.stderr.contains("device Cpu"), "{}", out.report());
+}
+
+#[test]
+fn nccl_and_bf16_need_a_cuda_device() {
+    let dir = tempfile::tempdir().unwrap();
+    for (set, needle) in [
+        ("comm.backend=nccl", "comm.backend nccl needs device cuda"),
+        ("train.precision=bf16", "train.precision bf16 needs device cuda"),
+        ("ddp.reduce_dtype=bf16", "ddp.reduce_dtype bf16 needs comm.backend nccl"),
+    ] {
+        let sets: Vec<&str> = if set.starts_with("ddp") { vec![set, "comm.backend=ring"] } else { vec![set] };
+        let out = solo(dir.path(), &sets);
+        out.assert_failure();
+        assert!(out.stderr.contains(needle), "{set}\n{}", out.report());
+    }
+}
+
+#[test]
+fn nccl_benchmark_without_cuda_fails_clearly() {
+    if cuda_present() {
+        return;
+    }
+    let out = run(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_ringbench"));
+            c.args(["allreduce", "--backend", "nccl", "--device", "cuda", "--sizes", "1M"]);
+            c
+        },
+        Duration::from_secs(60),
+    );
+    out.assert_failure();
+    assert!(out.stderr.contains("ringbench: error: device: CUDA was asked for"), "{}", out.report());
+}
