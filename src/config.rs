@@ -181,6 +181,9 @@ pub struct TrainConfig {
     /// `fp32`, or `bf16` autocast on CUDA.
     #[serde(default = "default_precision")]
     pub precision: Precision,
+    /// Write a Chrome-trace timeline per rank to trace/rankN.json.
+    #[serde(default)]
+    pub trace: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -4,7 +4,7 @@ torchrun --nproc-per-node 2 scripts/reference/ddp_train.py --model cnn --epochs 
 Reads the Fashion-MNIST IDX files directly (no torchvision needed) and scales pixels by 1/255,
 as ringtrain does. Prints one JSON line at the end (rank 0): accuracy and samples/s.
 """
-import argparse, gzip, json, os, time
+import argparse, gzip, json, os, resource, time
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
@@ -97,9 +97,12 @@ def main():
         logits = model.module(tx[shard].to(dev))
         stats = torch.tensor([(logits.argmax(1).cpu() == ty[shard]).sum().item(), len(ty[shard])], dtype=torch.float64, device=dev)
     dist.all_reduce(stats)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64, device=dev)
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         print(json.dumps({"framework": "pytorch", "model": a.model, "device": a.device, "workers": world, "steps": steps,
-                          "test_acc": stats[0].item() / stats[1].item(), "samples_per_s": samples / secs}))
+                          "test_acc": stats[0].item() / stats[1].item(), "samples_per_s": samples / secs,
+                          "peak_rss_mib": rss.item()}))
     dist.destroy_process_group()
 
 

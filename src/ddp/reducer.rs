@@ -20,6 +20,8 @@ pub struct Reducer {
     buckets: Vec<Bucket>,
     /// All-reduce in bf16 (NCCL): half the bytes on the wire.
     reduce_bf16: bool,
+    /// When each bucket's all-reduce ran in the last `reduce`, for the timeline.
+    bucket_times: Vec<(std::time::Instant, std::time::Instant)>,
 }
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
@@ -62,7 +64,12 @@ impl Reducer {
             // No parameters: still one bucket, for the control value.
             buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, buffer_device)) });
         }
-        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16 })
+        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16, bucket_times: Vec::new() })
+    }
+
+    /// Start and end of each bucket's all-reduce in the last `reduce`.
+    pub fn last_bucket_times(&self) -> &[(std::time::Instant, std::time::Instant)] {
+        &self.bucket_times
     }
 
     /// Parameter indices of each bucket, in reduction order.
@@ -77,6 +84,7 @@ impl Reducer {
         let world = comm.world_size() as f64;
         let last = self.buckets.len() - 1;
         let mut control_sum = control;
+        self.bucket_times.clear();
         for (bi, b) in self.buckets.iter_mut().enumerate() {
             if bi == last {
                 let _ = b.flat.f_narrow(0, control_slot(b), 1)?.f_fill_(control as f64)?;
@@ -91,6 +99,7 @@ impl Reducer {
                 }
             }
             if world > 1.0 {
+                let started = std::time::Instant::now();
                 let _ = b.flat.f_div_scalar_(world)?;
                 if self.reduce_bf16 {
                     let mut low = b.flat.f_to_kind(Kind::BFloat16)?;
@@ -102,6 +111,7 @@ impl Reducer {
                 if bi == last {
                     control_sum = (b.flat.f_double_value(&[control_slot(b)])? * world) as f32;
                 }
+                self.bucket_times.push((started, std::time::Instant::now()));
             }
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut g = self.params[i].grad();

@@ -7,6 +7,7 @@
 //!   evaluate on the test set sharded across ranks; rank 0 writes the epoch's metrics
 //! ```
 
+pub mod breakdown;
 mod checkpointing;
 mod eval;
 pub mod optim;
@@ -24,6 +25,7 @@ use crate::fault::Fault;
 use crate::models;
 use crate::telemetry::{Metrics, Progress};
 use serde_json::json;
+use breakdown::{peak_rss_mib, Breakdown, Phase};
 use checkpointing::Position;
 use std::io::Write;
 use std::path::Path;
@@ -193,6 +195,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         None => epoch >= t.epochs,
     };
     let mut stopped = false;
+    let mut timing = Breakdown::new(rank, t.trace);
     while !done(pos.global_step, pos.epoch) {
         let epoch = pos.epoch;
         sampler.set_epoch(epoch as u64);
@@ -216,7 +219,11 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         let (mut loss_sum, mut samples, mut steps) = (0.0f64, 0usize, 0u64);
         let mut window = (Instant::now(), 0usize);
         let mut epoch_complete = true;
-        for (i, batch) in loader.enumerate() {
+        let mut batches = loader.enumerate();
+        loop {
+            let waited = Instant::now();
+            let Some((i, batch)) = batches.next() else { break };
+            timing.record(Phase::DataWait, waited);
             if t.max_steps.is_some_and(|m| pos.global_step >= m) {
                 epoch_complete = false;
                 break;
@@ -225,17 +232,29 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
                 f.check(rank, pos.global_step);
             }
             ddp::zero_grads(&params)?;
+            let started_fwd = Instant::now();
             let (input, target) = (batch.input.f_to_device(device)?, batch.target.f_to_device(device)?);
             // bf16: forward (and so backward) under autocast; parameters stay fp32.
             let loss = tch::autocast(bf16, || -> Result<Tensor, tch::TchError> {
                 let logits = model.forward(&input)?;
                 logits.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0)
             })?;
+            timing.record(Phase::Forward, started_fwd);
+            let started_bwd = Instant::now();
             loss.f_backward()?;
+            timing.record(Phase::Backward, started_bwd);
             // A stop request (SIGTERM/SIGINT) rides along with the gradients, so every rank
             // stops after the same step.
+            let started_comm = Instant::now();
             let stop_votes = reducer.reduce(comm, f32::from(u8::from(stop.load(Ordering::Relaxed))))?;
+            timing.record(Phase::Communication, started_comm);
+            for (b, (s0, s1)) in reducer.last_bucket_times().iter().enumerate() {
+                timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
+            }
+            let started_opt = Instant::now();
             opt.step()?;
+            timing.record(Phase::Optimizer, started_opt);
+            timing.step_done();
             let l = loss.f_double_value(&[])?;
             if let Some(f) = &mut samples_file {
                 let ids = &todo[i * t.batch_size..(i * t.batch_size + batch.len).min(todo.len())];
@@ -287,6 +306,13 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         }
         let train_secs = started.elapsed().as_secs_f64();
         let samples_per_s = (samples * world) as f64 / train_secs.max(1e-9);
+        let step_ms = timing.take();
+        if rank == 0 {
+            tracing::info!(
+                "epoch {epoch} per step (ms): {}",
+                step_ms.iter().map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", ")
+            );
+        }
         // Mean training loss over all ranks' samples.
         let mut acc = [loss_sum as f32, samples as f32];
         comm.all_reduce_sum(&mut acc)?;
@@ -306,7 +332,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
                 "kind": "epoch", "epoch": epoch, "train_loss": train_loss,
                 "test_loss": test.as_ref().map(|r| r.loss), "test_acc": test.as_ref().map(|r| r.accuracy),
                 "samples_per_s": samples_per_s, "steps": steps, "global_step": pos.global_step, "seconds": train_secs,
-                "complete": epoch_complete,
+                "complete": epoch_complete, "step_ms": step_ms, "peak_rss_mib": peak_rss_mib(),
             }))
             .map_err(io_err("metrics.jsonl"))?;
         epochs.push(EpochSummary { epoch, train_loss, test, samples_per_s });
@@ -319,6 +345,10 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     }
 
     comm.barrier()?;
+    if t.trace {
+        let path = run_dir.join("trace").join(format!("rank{rank}.json"));
+        timing.write_trace(&path).map_err(io_err(path.display().to_string()))?;
+    }
     let param_hash = ddp::parameter_hash(named)?;
     finish_outputs(run_dir, rank, named, param_hash, pos.global_step)?;
     tracing::info!("{} {} steps; parameter hash {param_hash:016x}", if stopped { "stopped after" } else { "finished" }, pos.global_step);
@@ -330,7 +360,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
 fn finish_outputs(run_dir: &Path, rank: usize, named: &[(String, Tensor)], hash: u64, steps: u64) -> Result<(), TrainError> {
     let ranks_dir = run_dir.join("ranks");
     std::fs::create_dir_all(&ranks_dir).map_err(io_err(ranks_dir.display().to_string()))?;
-    let report = json!({"rank": rank, "param_hash": format!("{hash:016x}"), "global_steps": steps});
+    let report = json!({"rank": rank, "param_hash": format!("{hash:016x}"), "global_steps": steps, "peak_rss_mib": peak_rss_mib()});
     let path = ranks_dir.join(format!("rank{rank}.json"));
     std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))?;
     if rank == 0 {
