@@ -22,6 +22,9 @@ pub struct Reducer {
     reduce_bf16: bool,
     /// When each bucket's all-reduce ran in the last `reduce`, for the timeline.
     bucket_times: Vec<(std::time::Instant, std::time::Instant)>,
+    /// Gradients live inside the buckets (after the first step): backward accumulates straight
+    /// into them and no copies in or out are needed.
+    attached: bool,
 }
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
@@ -64,7 +67,7 @@ impl Reducer {
             // No parameters: still one bucket, for the control value.
             buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, buffer_device)) });
         }
-        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16, bucket_times: Vec::new() })
+        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16, bucket_times: Vec::new(), attached: false })
     }
 
     /// Start and end of each bucket's all-reduce in the last `reduce`.
@@ -82,6 +85,10 @@ impl Reducer {
     /// identical buckets.
     pub fn reduce(&mut self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
         let world = comm.world_size() as f64;
+        if comm.world_size() == 1 {
+            // Nothing to average: no copies in and out of buckets.
+            return Ok(control);
+        }
         let last = self.buckets.len() - 1;
         let mut control_sum = control;
         self.bucket_times.clear();
@@ -92,10 +99,10 @@ impl Reducer {
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut dst = b.flat.f_narrow(0, off, n)?;
                 let g = self.params[i].grad();
-                if g.defined() {
-                    dst.f_copy_(&g.f_view([-1])?)?;
-                } else {
+                if !g.defined() {
                     let _ = dst.f_zero_()?;
+                } else if !self.attached {
+                    dst.f_copy_(&g.f_view([-1])?)?;
                 }
             }
             if world > 1.0 {
@@ -115,10 +122,20 @@ impl Reducer {
             }
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut g = self.params[i].grad();
-                if g.defined() {
-                    g.f_copy_(&b.flat.f_narrow(0, off, n)?.f_view_as(&g)?)?;
+                if g.defined() && !self.attached {
+                    // Copy back, and from now on let the gradient live in the bucket (zeroed in
+                    // place by zero_grads, never replaced, so the view stays valid).
+                    let view = b.flat.f_narrow(0, off, n)?.f_view_as(&g)?;
+                    g.f_copy_(&view)?;
+                    if self.reduce_bf16 || g.device() != b.flat.device() {
+                        continue;
+                    }
+                    g.f_set_data(&view)?;
                 }
             }
+        }
+        if !self.reduce_bf16 && self.params.iter().all(|p| p.grad().defined()) {
+            self.attached = self.buckets.iter().all(|b| b.params.iter().all(|&i| self.params[i].grad().device() == b.flat.device()));
         }
         Ok(control_sum)
     }

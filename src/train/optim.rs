@@ -12,6 +12,8 @@ pub struct Optimizer {
     state_a: Vec<Option<Tensor>>,
     /// Adam: second moment.
     state_b: Vec<Option<Tensor>>,
+    /// Per-parameter workspace for the update.
+    scratch: Vec<Option<Tensor>>,
     step: u64,
 }
 
@@ -22,6 +24,7 @@ impl Optimizer {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
             state_a: params.iter().map(|_| None).collect(),
             state_b: params.iter().map(|_| None).collect(),
+            scratch: params.iter().map(|_| None).collect(),
             step: 0,
         }
     }
@@ -34,6 +37,11 @@ impl Optimizer {
             if !g.defined() {
                 continue;
             }
+            // One parameter-sized scratch tensor per parameter, reused every step: the update
+            // allocates nothing (a fresh 64 MB temporary per step costs page faults every time).
+            if self.scratch[i].is_none() {
+                self.scratch[i] = Some(g.f_empty_like()?);
+            }
             match self.cfg.name {
                 OptimizerName::Sgd => self.sgd(i, g)?,
                 OptimizerName::Adam => self.adam(i, g)?,
@@ -45,20 +53,34 @@ impl Optimizer {
     fn sgd(&mut self, i: usize, grad: Tensor) -> Result<(), TchError> {
         let c = &self.cfg;
         let p = &mut self.params[i];
-        let mut d_p = if c.weight_decay != 0.0 { grad.f_add(&p.f_mul_scalar(c.weight_decay)?)? } else { grad };
+        let scratch = self.scratch[i].as_mut().expect("made in step");
+        // d_p = grad + weight_decay * p (into scratch), or the gradient itself. A 0-dim tensor as
+        // addcmul_'s second factor gives PyTorch's `add_(x, alpha=a)` in one pass.
+        let mut d_p = if c.weight_decay != 0.0 {
+            scratch.f_copy_(&grad)?;
+            let _ = scratch.f_addcmul_(p, &Tensor::from(c.weight_decay))?;
+            scratch.shallow_clone()
+        } else {
+            grad
+        };
         if c.momentum != 0.0 {
             let buf = match self.state_a[i].take() {
                 None => d_p.f_detach_copy()?,
                 Some(mut b) => {
                     let _ = b.f_mul_scalar_(c.momentum)?;
-                    let _ = b.f_add_(&d_p.f_mul_scalar(1.0 - c.dampening)?)?;
+                    if c.dampening != 0.0 {
+                        let _ = b.f_add_(&d_p.f_mul_scalar(1.0 - c.dampening)?)?;
+                    } else {
+                        let _ = b.f_add_(&d_p)?;
+                    }
                     b
                 }
             };
             d_p = if c.nesterov { d_p.f_add(&buf.f_mul_scalar(c.momentum)?)? } else { buf.shallow_clone() };
             self.state_a[i] = Some(buf);
         }
-        let _ = p.f_sub_(&d_p.f_mul_scalar(c.lr)?)?;
+        // p.add_(d_p, alpha=-lr)
+        let _ = p.f_addcmul_(&d_p, &Tensor::from(-c.lr))?;
         Ok(())
     }
 
@@ -66,20 +88,27 @@ impl Optimizer {
         let c = &self.cfg;
         let (beta1, beta2) = (c.betas[0], c.betas[1]);
         let p = &mut self.params[i];
+        let scratch = self.scratch[i].as_mut().expect("made in step");
         let grad = if c.weight_decay != 0.0 { grad.f_add(&p.f_mul_scalar(c.weight_decay)?)? } else { grad };
+        // exp_avg.lerp_(grad, 1 - beta1), as torch.optim.Adam.
         let m = self.state_a[i].get_or_insert_with(|| grad.zeros_like());
-        let _ = m.f_mul_scalar_(beta1)?;
-        let _ = m.f_add_(&grad.f_mul_scalar(1.0 - beta1)?)?;
+        let _ = m.f_lerp_(&grad, 1.0 - beta1)?;
+        // exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad²
         let v = self.state_b[i].get_or_insert_with(|| grad.zeros_like());
         let _ = v.f_mul_scalar_(beta2)?;
-        let _ = v.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+        let _ = grad.f_mul_out(scratch, &grad)?;
+        let _ = v.f_addcmul_(scratch, &Tensor::from(1.0 - beta2))?;
         let step = self.step as i32;
         let bias_correction1 = 1.0 - beta1.powi(step);
         let bias_correction2 = 1.0 - beta2.powi(step);
         let step_size = c.lr / bias_correction1;
-        let denom = v.f_sqrt()?.f_div_scalar(bias_correction2.sqrt())?.f_add_scalar(c.eps)?;
+        // denom = sqrt(v) / sqrt(bias_correction2) + eps; p -= step_size * m / denom
+        let _ = v.f_sqrt_out(scratch)?;
+        let _ = scratch.f_div_scalar_(bias_correction2.sqrt())?;
+        let _ = scratch.f_add_scalar_(c.eps)?;
         let m = self.state_a[i].as_ref().unwrap();
-        let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(step_size)?)?;
+        let _ = m.f_div_out(scratch, &scratch.shallow_clone())?;
+        let _ = p.f_addcmul_(scratch, &Tensor::from(-step_size))?;
         Ok(())
     }
 
