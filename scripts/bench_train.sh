@@ -35,7 +35,7 @@ for model in cnn wide_mlp; do
     done
 done
 
-echo "# $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $steps steps per run; batch 64/worker; 1 thread/worker"
+echo "# $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $steps steps per run; batch 64/worker; 1 thread/worker"
 printf "%-9s %-10s %3s %12s %10s %11s %14s %14s\n" model framework N "samples/s" "vs PyTorch" "scaling eff" "compute ceil." "peak RSS MiB"
 for model in cnn wide_mlp; do
     for fw in pytorch ringtrain; do
