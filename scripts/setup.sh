@@ -22,7 +22,7 @@ site="$cache/libtorch-${torch_version}"
 say() { echo "setup: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_packages=(dataset-fashion-mnist pkg-config g++ unzip python3-pip libopenmpi-dev openmpi-bin libclang-dev)
+apt_packages=(dataset-fashion-mnist pkg-config g++ unzip libopenmpi-dev openmpi-bin libclang-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -67,13 +67,13 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     }
 
     let stop = install_stop_handlers()?;
-    let resume = match args.resume {
-        Some(r) => r,
-        None if launch.restart_count > 0 => {
-            tracing::info!("restart {} of the group: resuming from the latest checkpoint", launch.restart_count);
-            train::Resume::Auto
-        }
-        None => train::Resume::No,
+    // A restarted group continues from its own newest checkpoint, whatever --resume named for
+    // the first start (that checkpoint is older than what the group has written since).
+    let resume = if launch.restart_count > 0 {
+        tracing::info!("restart {} of the group: resuming from the latest checkpoint", launch.restart_count);
+        train::Resume::Auto
+    } else {
+        args.resume.unwrap_or(train::Resume::No)
     };
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
