@@ -17,7 +17,7 @@ struct Args {
     #[arg(long)]
     run_dir: Option<PathBuf>,
     /// `auto` (newest usable checkpoint in the run directory, else start fresh) or a checkpoint
-    /// folder. A group restarted by ringrun resumes `auto` without it.
+    /// folder. A group restarted by ringrun always resumes `auto`.
     #[arg(long, value_name = "auto|PATH")]
     resume: Option<ringtrain::train::Resume>,
 }
