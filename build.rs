@@ -5,8 +5,30 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
     }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    ready_hook_shim();
     #[cfg(feature = "mpi")]
     mpi_shim();
+}
+
+/// Compiles the gradient-ready hook shim against the libtorch headers torch-sys uses.
+fn ready_hook_shim() {
+    println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let libtorch = std::path::PathBuf::from(std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml"));
+    let libtorch = if libtorch.is_relative() {
+        std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join(libtorch)
+    } else {
+        libtorch
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("src/ddp/hooks/ready_hook.cpp")
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-w")
+        .opt_level(2)
+        .compile("ringtrain_ready_hook");
 }
 
 /// Compiles src/comm/mpi/in_place.c against the MPI that rsmpi links.

@@ -224,11 +224,19 @@ pub struct DdpConfig {
     /// Dtype gradients are all-reduced in: fp32, or bf16 (NCCL only).
     #[serde(default = "default_reduce_dtype")]
     pub reduce_dtype: ReduceDtype,
+    /// All-reduce each bucket during backward, as soon as its gradients are ready (ring backend).
+    #[serde(default = "yes")]
+    pub overlap: bool,
 }
 
 impl Default for DdpConfig {
     fn default() -> Self {
-        Self { bucket_cap_mb: default_bucket_cap(), first_bucket_cap_mb: default_first_bucket_cap(), reduce_dtype: default_reduce_dtype() }
+        Self {
+            bucket_cap_mb: default_bucket_cap(),
+            first_bucket_cap_mb: default_first_bucket_cap(),
+            reduce_dtype: default_reduce_dtype(),
+            overlap: true,
+        }
     }
 }
 

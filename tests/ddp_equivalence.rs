@@ -43,3 +43,23 @@ fn two_workers_batch_b_equal_one_worker_batch_2b() {
         assert!(max_relative_difference(&load_params(dir0.path()), &p1) > 1e-3);
     }
 }
+
+#[test]
+fn overlapping_communication_with_backward_changes_no_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small buckets, so several all-reduces run while backward is still going.
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(8, "ddp: {bucket_cap_mb: 0.0005, first_bucket_cap_mb: 0.0001}"));
+    let mut hashes = Vec::new();
+    for overlap in [false, true] {
+        let run_dir = dir.path().join(format!("overlap-{overlap}"));
+        let set = format!("ddp.overlap={overlap}");
+        let out = run(ringrun(2, &cfg, &run_dir, &["--set", &set, "--set", "train.trace=true"]), Duration::from_secs(120));
+        out.assert_success();
+        assert!(out.stderr.contains("3 bucket(s)"), "{}", out.report());
+        hashes.push(rank_hashes(&run_dir, 2));
+        // The timeline shows each bucket's all-reduce.
+        let trace = std::fs::read_to_string(run_dir.join("trace/rank0.json")).unwrap();
+        assert!(trace.contains("\"bucket 2\""), "no bucket events in the trace");
+    }
+    assert_eq!(hashes[0], hashes[1]);
+}

@@ -97,6 +97,12 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<(), CommError>;
     /// The timeout every blocking call uses.
     fn timeout(&self) -> Duration;
+    /// True when collectives may be issued from a thread other than the one that created the
+    /// communicator (needed to overlap them with backward). MPI initialised without thread
+    /// support and NCCL's per-thread device state say no.
+    fn supports_overlap(&self) -> bool {
+        false
+    }
     /// True when the backend works on device memory itself (NCCL): buffers should then live on
     /// the model's device. Host backends stage device tensors through host memory.
     fn device_native(&self) -> bool {

@@ -304,6 +304,9 @@ impl Communicator for RingComm {
     fn backend_name(&self) -> &'static str {
         "ring"
     }
+    fn supports_overlap(&self) -> bool {
+        true
+    }
     fn timeout(&self) -> Duration {
         self.timeout
     }

@@ -6,6 +6,7 @@
 //! - `replica`: at start, checks every rank built the same model, then broadcasts rank 0's state.
 
 pub mod buckets;
+mod hooks;
 mod reducer;
 mod replica;
 

@@ -4,7 +4,10 @@
 //! rank, and reduced in the same order, so every rank issues the same collectives.
 
 use super::buckets::compute_bucket_assignment_by_size;
+use super::hooks::ReadyHooks;
 use super::DdpError;
+use crossbeam_channel::Receiver;
+use std::time::Instant;
 use crate::comm::Communicator;
 use tch::{Kind, Tensor};
 
@@ -25,7 +28,15 @@ pub struct Reducer {
     /// Gradients live inside the buckets (after the first step): backward accumulates straight
     /// into them and no copies in or out are needed.
     attached: bool,
+    /// Start each bucket's all-reduce during backward, as soon as its gradients are ready.
+    overlap: bool,
+    hooks: Option<(ReadyHooks, Receiver<usize>)>,
+    /// Bucket of each parameter.
+    bucket_of: Vec<usize>,
 }
+
+/// Marks the end of backward on the ready channel.
+const BACKWARD_DONE: usize = usize::MAX;
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
 /// (e.g. "a stop was requested here") whose sum every rank learns with no extra collective.
@@ -45,6 +56,12 @@ impl Reducer {
         }
         let sizes: Vec<usize> = params.iter().map(|p| p.numel() * 4).collect();
         let assignment = compute_bucket_assignment_by_size(&sizes, &[first_cap_bytes, cap_bytes]);
+        let mut bucket_of = vec![0; params.len()];
+        for (b, idx) in assignment.iter().enumerate() {
+            for &i in idx {
+                bucket_of[i] = b;
+            }
+        }
         let last = assignment.len().saturating_sub(1);
         let mut buckets: Vec<Bucket> = assignment
             .into_iter()
@@ -67,7 +84,86 @@ impl Reducer {
             // No parameters: still one bucket, for the control value.
             buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, buffer_device)) });
         }
-        Ok(Self { params: params.iter().map(|p| p.shallow_clone()).collect(), buckets, reduce_bf16, bucket_times: Vec::new(), attached: false })
+        Ok(Self {
+            params: params.iter().map(|p| p.shallow_clone()).collect(),
+            buckets,
+            reduce_bf16,
+            bucket_times: Vec::new(),
+            attached: false,
+            overlap: false,
+            hooks: None,
+            bucket_of,
+        })
+    }
+
+    /// Overlap communication with backward where the backend allows it (from the second step on,
+    /// once gradients live in the buckets).
+    pub fn set_overlap(&mut self, on: bool) {
+        self.overlap = on;
+    }
+
+    /// Runs `backward` and averages the gradients; returns the sum of every rank's `control`.
+    /// With overlap, a communication thread all-reduces each bucket, in bucket order on every
+    /// rank, as soon as backward has accumulated all of its gradients; the step then waits only
+    /// for what backward did not hide. Results are bitwise the same as without overlap.
+    pub fn backward_and_reduce(
+        &mut self,
+        comm: &mut dyn Communicator,
+        control: f32,
+        backward: impl FnOnce() -> Result<(), tch::TchError>,
+    ) -> Result<f32, DdpError> {
+        let can_overlap = self.overlap && self.attached && comm.world_size() > 1 && comm.supports_overlap() && !self.reduce_bf16;
+        if !can_overlap {
+            backward()?;
+            return self.reduce(comm, control);
+        }
+        if self.hooks.is_none() {
+            self.hooks = Some(ReadyHooks::install(&self.params).map_err(DdpError::Unsupported)?);
+        }
+        let (hooks, rx) = self.hooks.as_ref().expect("installed above");
+        while rx.try_recv().is_ok() {} // nothing stale from an aborted step
+        let world = comm.world_size() as f64;
+        let last = self.buckets.len() - 1;
+        let _ = self.buckets[last].flat.f_narrow(0, control_slot(&self.buckets[last]), 1)?.f_fill_(control as f64)?;
+        let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
+        let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
+        let bucket_of = &self.bucket_of;
+        let done = hooks.sender();
+        let (backward_result, reduced) = std::thread::scope(|s| {
+            let worker = s.spawn(move || -> Result<Vec<(Instant, Instant)>, DdpError> {
+                let mut ready = vec![0usize; sizes.len()];
+                let mut next = 0;
+                let mut times = Vec::with_capacity(sizes.len());
+                let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
+                    while *next < sizes.len() && upto(*next) {
+                        let started = Instant::now();
+                        let mut flat = flats[*next].shallow_clone();
+                        let _ = flat.f_div_scalar_(world)?;
+                        comm.all_reduce_tensor(&mut flat)?;
+                        times.push((started, Instant::now()));
+                        *next += 1;
+                    }
+                    Ok(())
+                };
+                for i in rx.iter() {
+                    if i == BACKWARD_DONE {
+                        break;
+                    }
+                    ready[bucket_of[i]] += 1;
+                    reduce_ready(&mut next, &|b| ready[b] >= sizes[b])?;
+                }
+                // Parameters that got no gradient this step still take part (zeros).
+                reduce_ready(&mut next, &|_| true)?;
+                Ok(times)
+            });
+            let backward_result = backward();
+            let _ = done.send(BACKWARD_DONE);
+            (backward_result, worker.join().expect("communication thread panicked"))
+        });
+        backward_result?;
+        self.bucket_times = reduced?;
+        let b = &self.buckets[last];
+        Ok((b.flat.f_double_value(&[control_slot(b)])? * world) as f32)
     }
 
     /// Start and end of each bucket's all-reduce in the last `reduce`.

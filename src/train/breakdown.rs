@@ -45,8 +45,11 @@ impl Breakdown {
 
     /// Records `phase` as having run from `start` until now.
     pub fn record(&mut self, phase: Phase, start: Instant) {
-        let end = Instant::now();
-        self.totals[phase as usize] += end - start;
+        self.record_span(phase, start, Instant::now());
+    }
+
+    pub fn record_span(&mut self, phase: Phase, start: Instant, end: Instant) {
+        self.totals[phase as usize] += end.saturating_duration_since(start);
         self.event(phase.name(), "step", start, end);
     }
 

@@ -138,6 +138,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         if comm.device_native() { device } else { tch::Device::Cpu },
         cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
     )?;
+    reducer.set_overlap(cfg.ddp.overlap);
     let bf16 = cfg.train.precision == crate::config::Precision::Bf16;
     let n_params: usize = params.iter().map(|p| p.numel()).sum();
     tracing::info!(
@@ -240,14 +241,19 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
                 logits.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0)
             })?;
             timing.record(Phase::Forward, started_fwd);
+            // Backward, and the gradient all-reduce (overlapped with backward where possible). A
+            // stop request (SIGTERM/SIGINT) rides along with the gradients, so every rank stops
+            // after the same step.
             let started_bwd = Instant::now();
-            loss.f_backward()?;
-            timing.record(Phase::Backward, started_bwd);
-            // A stop request (SIGTERM/SIGINT) rides along with the gradients, so every rank
-            // stops after the same step.
-            let started_comm = Instant::now();
-            let stop_votes = reducer.reduce(comm, f32::from(u8::from(stop.load(Ordering::Relaxed))))?;
-            timing.record(Phase::Communication, started_comm);
+            let mut backward_done = started_bwd;
+            let stop_votes = reducer.backward_and_reduce(comm, f32::from(u8::from(stop.load(Ordering::Relaxed))), || {
+                loss.f_backward()?;
+                backward_done = Instant::now();
+                Ok(())
+            })?;
+            // Communication here is what backward did not hide.
+            timing.record_span(Phase::Backward, started_bwd, backward_done);
+            timing.record_span(Phase::Communication, backward_done, Instant::now());
             for (b, (s0, s1)) in reducer.last_bucket_times().iter().enumerate() {
                 timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
             }

@@ -1,0 +1,74 @@
+//! Gradient-ready notifications from libtorch's autograd engine (the C++ shim beside this file):
+//! each parameter's index is sent on a channel as soon as backward has accumulated its .grad.
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::ffi::{c_int, c_void};
+use tch::Tensor;
+
+extern "C" {
+    fn ringtrain_set_ready_hook(tensor: *mut c_void, f: extern "C" fn(*mut c_void, c_int), ctx: *mut c_void, index: c_int) -> c_int;
+    fn ringtrain_clear_ready_hook(tensor: *mut c_void) -> c_int;
+}
+
+extern "C" fn on_ready(ctx: *mut c_void, index: c_int) {
+    // SAFETY: ctx is the boxed Sender owned by ReadyHooks, which clears the hooks before dropping it.
+    let tx = unsafe { &*(ctx as *const Sender<usize>) };
+    let _ = tx.send(index as usize);
+}
+
+pub struct ReadyHooks {
+    params: Vec<Tensor>,
+    tx: Box<Sender<usize>>,
+}
+
+impl ReadyHooks {
+    pub fn install(params: &[Tensor]) -> Result<(ReadyHooks, Receiver<usize>), String> {
+        let (tx, rx) = unbounded();
+        let mut hooks = ReadyHooks { params: params.iter().map(|p| p.shallow_clone()).collect(), tx: Box::new(tx) };
+        let ctx = hooks.tx.as_ref() as *const Sender<usize> as *mut c_void;
+        for (i, p) in hooks.params.iter_mut().enumerate() {
+            // SAFETY: a live tch tensor handle; the shim only attaches a hook to its autograd meta.
+            if unsafe { ringtrain_set_ready_hook(p.as_mut_ptr() as *mut c_void, on_ready, ctx, i as c_int) } != 0 {
+                return Err(format!("registering the gradient hook of parameter {i} failed"));
+            }
+        }
+        Ok((hooks, rx))
+    }
+
+    /// A sender on the same channel (for the end-of-backward marker).
+    pub fn sender(&self) -> Sender<usize> {
+        (*self.tx).clone()
+    }
+}
+
+impl Drop for ReadyHooks {
+    fn drop(&mut self) {
+        for p in &mut self.params {
+            // SAFETY: as in install.
+            unsafe { ringtrain_clear_ready_hook(p.as_mut_ptr() as *mut c_void) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn hooks_fire_once_per_parameter_after_accumulation() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let (hooks, rx) = ReadyHooks::install(&[a.shallow_clone(), b.shallow_clone()]).unwrap();
+        let loss = (&a * 2.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float) + (&a * 3.0).sum(Kind::Float);
+        loss.backward();
+        let mut got: Vec<usize> = rx.try_iter().collect();
+        got.sort();
+        assert_eq!(got, vec![0, 1]);
+        assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![5.0, 5.0]);
+        drop(hooks);
+        let loss = (&a * 1.0).sum(Kind::Float);
+        loss.backward();
+        assert!(rx.try_iter().next().is_none(), "hooks must be gone after drop");
+    }
+}
