@@ -32,8 +32,8 @@ enum Bench {
         /// cpu or cuda (buffers on cuda:LOCAL_RANK).
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Ring links within a node: unix or tcp.
-        #[arg(long, default_value = "unix")]
+        /// Ring links within a node: shm, unix or tcp.
+        #[arg(long, default_value = "shm")]
         local_transport: String,
     },
 }
@@ -47,8 +47,9 @@ fn try_main() -> Result<()> {
     };
     let local_transport = match local_transport.as_str() {
         "unix" => LocalTransport::Unix,
+        "shm" => LocalTransport::Shm,
         "tcp" => LocalTransport::Tcp,
-        other => anyhow::bail!("--local-transport {other}: expected unix or tcp"),
+        other => anyhow::bail!("--local-transport {other}: expected shm, unix or tcp"),
     };
     let sizes = ringtrain::bench::parse_sizes(&sizes).map_err(anyhow::Error::msg)?;
     let backend = match backend.as_str() {

@@ -262,7 +262,8 @@ pub struct CommConfig {
     /// in the error.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
-    /// Ring links between ranks on the same node: `unix` sockets, or `tcp` like links between nodes.
+    /// Ring links between ranks on the same node: `shm`, `unix` sockets, or `tcp` like links
+    /// between nodes.
     #[serde(default = "default_local_transport")]
     pub local_transport: LocalTransport,
 }
@@ -270,12 +271,14 @@ pub struct CommConfig {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LocalTransport {
+    /// Shared-memory rings (set up over Unix sockets).
+    Shm,
     Unix,
     Tcp,
 }
 
 fn default_local_transport() -> LocalTransport {
-    LocalTransport::Unix
+    LocalTransport::Shm
 }
 
 impl Default for CommConfig {

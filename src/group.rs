@@ -91,7 +91,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             let joined = if backend == Backend::Nccl {
                 nccl(launch, timeout, device)
             } else {
-                ring(launch, timeout, cfg.local_transport == LocalTransport::Unix, env)
+                ring(launch, timeout, cfg.local_transport, env)
             };
             match joined {
                 Ok(comm) => Ok(Group { comm, mpi: runtime }),
@@ -258,7 +258,7 @@ fn nccl(launch: &LaunchInfo, timeout: Duration, device: tch::Device) -> Result<B
 }
 
 /// The ring, with the store on rank 0 (or the multi-node launcher's).
-fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
+fn ring(launch: &LaunchInfo, timeout: Duration, local: LocalTransport, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
     if launch.world_size == 1 {
         let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
         return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
@@ -271,7 +271,8 @@ fn ring(launch: &LaunchInfo, timeout: Duration, local_unix: bool, env: &HashMap<
         None => store_ip,
     };
     let mut opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
-    opts.node_id = local_unix.then(|| node_id(env));
+    opts.node_id = (local != LocalTransport::Tcp).then(|| node_id(env));
+    opts.shm = local == LocalTransport::Shm;
     let comm = RingComm::connect(generation.as_ref(), launch.rank, launch.world_size, &opts)?.with_stall_reports(generation.clone());
     Ok(Box::new(comm))
 }

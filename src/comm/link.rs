@@ -6,11 +6,14 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use super::shm::ShmLink;
 use std::time::{Duration, Instant};
 
 pub enum Link {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// One direction of a shared-memory ring (same node), set up over the Unix link.
+    Shm(ShmLink),
 }
 
 impl Link {
@@ -18,6 +21,7 @@ impl Link {
         Ok(match self {
             Link::Tcp(s) => Link::Tcp(s.try_clone()?),
             Link::Unix(s) => Link::Unix(s.try_clone()?),
+            Link::Shm(s) => Link::Shm(s.try_clone()),
         })
     }
 
@@ -25,6 +29,10 @@ impl Link {
         let _ = match self {
             Link::Tcp(s) => s.shutdown(Shutdown::Both),
             Link::Unix(s) => s.shutdown(Shutdown::Both),
+            Link::Shm(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -41,6 +49,8 @@ impl Link {
                 s.set_read_timeout(Some(timeout))?;
                 s.set_write_timeout(Some(timeout))
             }
+            // Its timeout was fixed when it was made.
+            Link::Shm(_) => Ok(()),
         }
     }
 
@@ -48,6 +58,17 @@ impl Link {
         match self {
             Link::Tcp(_) => "tcp",
             Link::Unix(_) => "unix",
+            Link::Shm(_) => "shm",
+        }
+    }
+
+    /// Turns this same-node Unix link into a shared-memory one: the sending side (`to_next`)
+    /// makes the segment and hands it over; the receiving side (`from_prev`) takes it.
+    pub fn upgrade_to_shm(self, sending: bool, name: &str, timeout: Duration) -> io::Result<Link> {
+        match self {
+            Link::Unix(s) if sending => Ok(Link::Shm(ShmLink::offer(&s, name, timeout)?)),
+            Link::Unix(s) => Ok(Link::Shm(ShmLink::accept(&s, timeout)?)),
+            other => Ok(other),
         }
     }
 }
@@ -57,6 +78,7 @@ impl Read for Link {
         match self {
             Link::Tcp(s) => s.read(buf),
             Link::Unix(s) => s.read(buf),
+            Link::Shm(s) => s.read(buf),
         }
     }
 }
@@ -66,6 +88,7 @@ impl Write for Link {
         match self {
             Link::Tcp(s) => s.write(buf),
             Link::Unix(s) => s.write(buf),
+            Link::Shm(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

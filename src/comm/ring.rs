@@ -35,11 +35,15 @@ pub struct RingOptions {
     /// This rank's node. Neighbours on the same node connect over a Unix socket; `None` means
     /// TCP for every link.
     pub node_id: Option<String>,
+    /// Upgrade same-node links from Unix sockets to shared memory.
+    pub shm: bool,
 }
 
 impl RingOptions {
     pub fn new(token: impl Into<String>, bind_ip: IpAddr, timeout: Duration) -> Self {
-        Self { timeout, token: token.into(), bind_ip, segment_bytes: 256 << 10, node_id: None }
+        // RINGTRAIN_SEGMENT_KB tunes the pipelining granularity (benchmarks).
+        let segment_bytes = std::env::var("RINGTRAIN_SEGMENT_KB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(256 << 10, |k| k.max(4) << 10);
+        Self { timeout, token: token.into(), bind_ip, segment_bytes, node_id: None, shm: false }
     }
 }
 
@@ -120,6 +124,15 @@ impl RingComm {
             }
             Err(e) => return Err(setup(format!("ack from rank {next}: {e}"))),
         }
+        let (to_next, from_prev) = if opts.shm {
+            // Hand over our sending segment first, then take the one from prev: neither blocks.
+            let name = format!("ringtrain-{}-{rank}to{next}", &opts.token[..opts.token.len().min(16)]);
+            let to_next = to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
+            let from_prev = from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;
+            (to_next, from_prev)
+        } else {
+            (to_next, from_prev)
+        };
         tracing::debug!("ring: to rank {next} over {}, from rank {prev} over {}", to_next.kind(), from_prev.kind());
         comm.links = Some(Links { to_next, from_prev });
         Ok(comm)

@@ -1,0 +1,295 @@
+//! Shared-memory ring links between ranks on the same node: a single-producer single-consumer
+//! byte ring in a memfd segment named `ringtrain-<job token>-<from>to<to>`, handed from the
+//! sending rank to the receiving one over their Unix socket (SCM_RIGHTS). Nothing is ever named in
+//! the file system, so nothing outlives the job, even after a crash: the kernel frees the segment
+//! when both processes have gone. Waiting uses futexes on the shared counters (no busy loops on a
+//! machine where every core computes); the Unix socket stays open only to notice a dead peer.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Data bytes in each ring (power of two).
+const CAPACITY: usize = 4 << 20;
+const HEADER: usize = 4096;
+
+#[repr(C)]
+struct Header {
+    /// Total bytes written / read; the ring holds head - tail bytes.
+    head: AtomicU64,
+    _pad1: [u8; 56],
+    tail: AtomicU64,
+    _pad2: [u8; 56],
+    /// Futex words: bumped on every publish; the other side waits on them.
+    head_seq: AtomicU32,
+    tail_seq: AtomicU32,
+    closed: AtomicU32,
+}
+
+struct Segment {
+    base: *mut u8,
+    len: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is shared memory accessed through atomics (header) and the SPSC protocol
+// (data): the writer only touches free space, the reader only published bytes.
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+impl Segment {
+    fn create(name: &str) -> io::Result<Segment> {
+        let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad segment name"))?;
+        // SAFETY: memfd_create with a valid name.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), (HEADER + CAPACITY) as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Segment::map(fd)
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Segment> {
+        let len = HEADER + CAPACITY;
+        // SAFETY: mapping a file of `len` bytes shared.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Segment { base: base as *mut u8, len, _fd: fd })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the header sits at the start of the mapping, zero-initialised by ftruncate.
+        unsafe { &*(self.base as *const Header) }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: within the mapping.
+        unsafe { self.base.add(HEADER) }
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: a shared (not private) futex wait on a word in our mapping.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec) };
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: waking waiters on a word in our mapping.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// True when the peer has closed its end of the Unix socket (it exited or crashed).
+fn peer_gone(sock: &UnixStream) -> bool {
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: polling one valid descriptor without waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// One direction of a link: this side either writes or reads.
+pub struct ShmLink {
+    seg: Arc<Segment>,
+    sock: Arc<UnixStream>,
+    timeout: Duration,
+    writer: bool,
+}
+
+impl ShmLink {
+    /// Creates the ring for sending to the peer at the other end of `sock` and hands it over.
+    pub fn offer(sock: &UnixStream, name: &str, timeout: Duration) -> io::Result<ShmLink> {
+        let seg = Segment::create(name)?;
+        send_fd(sock, seg._fd.as_raw_fd())?;
+        Ok(ShmLink { seg: Arc::new(seg), sock: Arc::new(sock.try_clone()?), timeout, writer: true })
+    }
+
+    /// Receives the ring the peer at the other end of `sock` made for sending to us.
+    pub fn accept(sock: &UnixStream, timeout: Duration) -> io::Result<ShmLink> {
+        let fd = recv_fd(sock)?;
+        Ok(ShmLink { seg: Arc::new(Segment::map(fd)?), sock: Arc::new(sock.try_clone()?), timeout, writer: false })
+    }
+
+    pub fn try_clone(&self) -> ShmLink {
+        ShmLink { seg: self.seg.clone(), sock: self.sock.clone(), timeout: self.timeout, writer: self.writer }
+    }
+
+    pub fn shutdown(&self) {
+        self.seg.header().closed.store(1, Ordering::Release);
+        self.seg.header().head_seq.fetch_add(1, Ordering::Release);
+        self.seg.header().tail_seq.fetch_add(1, Ordering::Release);
+        futex_wake(&self.seg.header().head_seq);
+        futex_wake(&self.seg.header().tail_seq);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Waits until `ready()` holds, sleeping on `word` between checks.
+    fn wait(&self, word: &AtomicU32, ready: impl Fn() -> bool, started: Instant) -> io::Result<()> {
+        let h = self.seg.header();
+        let mut spins = 0u32;
+        loop {
+            let seq = word.load(Ordering::Acquire);
+            if ready() {
+                return Ok(());
+            }
+            if h.closed.load(Ordering::Acquire) != 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed"));
+            }
+            if spins < 200 {
+                spins += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            if peer_gone(&self.sock) {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed its connection"));
+            }
+            if started.elapsed() > self.timeout {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "shared-memory link timed out"));
+            }
+            futex_wait(word, seq, Duration::from_millis(50));
+        }
+    }
+}
+
+impl Write for ShmLink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        debug_assert!(self.writer);
+        let h = self.seg.header();
+        let started = Instant::now();
+        let head = h.head.load(Ordering::Relaxed);
+        self.wait(&h.tail_seq, || head - h.tail.load(Ordering::Acquire) < CAPACITY as u64, started)?;
+        let free = CAPACITY - (head - h.tail.load(Ordering::Acquire)) as usize;
+        let n = buf.len().min(free);
+        let at = head as usize % CAPACITY;
+        let first = n.min(CAPACITY - at);
+        // SAFETY: [at, at+first) and [0, n-first) are free space the reader does not touch.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.seg.data().add(at), first);
+            std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), self.seg.data(), n - first);
+        }
+        h.head.store(head + n as u64, Ordering::Release);
+        h.head_seq.fetch_add(1, Ordering::Release);
+        futex_wake(&h.head_seq);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for ShmLink {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        debug_assert!(!self.writer);
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let h = self.seg.header();
+        let started = Instant::now();
+        let tail = h.tail.load(Ordering::Relaxed);
+        self.wait(&h.head_seq, || h.head.load(Ordering::Acquire) > tail, started)?;
+        let avail = (h.head.load(Ordering::Acquire) - tail) as usize;
+        let n = buf.len().min(avail);
+        let at = tail as usize % CAPACITY;
+        let first = n.min(CAPACITY - at);
+        // SAFETY: [at, at+first) and [0, n-first) hold published bytes the writer does not touch.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.seg.data().add(at), buf.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(self.seg.data(), buf.as_mut_ptr().add(first), n - first);
+        }
+        h.tail.store(tail + n as u64, Ordering::Release);
+        h.tail_seq.fetch_add(1, Ordering::Release);
+        futex_wake(&h.tail_seq);
+        Ok(n)
+    }
+}
+
+fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
+    let mut byte = [1u8];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
+    // SAFETY: building a one-fd SCM_RIGHTS control message in a correctly sized buffer.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
+    let mut byte = [0u8];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
+    // SAFETY: receiving into a correctly sized control buffer, then reading one fd from it.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n != 1 {
+            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::new(io::ErrorKind::UnexpectedEof, "no segment received") });
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "peer sent no shared-memory segment"));
+        }
+        Ok(OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const RawFd)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_cross_in_order_with_wraparound_and_close_is_noticed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut w = ShmLink::offer(&a, "ringtrain-test", Duration::from_secs(5)).unwrap();
+        let mut r = ShmLink::accept(&b, Duration::from_secs(5)).unwrap();
+        let data: Vec<u8> = (0..(3 * CAPACITY + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&data).unwrap();
+            w
+        });
+        let mut got = vec![0u8; expected.len()];
+        r.read_exact(&mut got).unwrap();
+        assert!(got == expected);
+        let w = writer.join().unwrap();
+        drop(a);
+        drop(w);
+        let mut one = [0u8];
+        let err = r.read(&mut one).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+    }
+}
