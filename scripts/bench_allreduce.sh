@@ -8,8 +8,10 @@ np="${1:-2}"
 sizes="${2:-4K,64K,1M,4M,25M,64M,256M}"
 cargo build --release --quiet
 bin=target/release
-echo "## ring (TCP), ringrun --nproc-per-node $np"
-"$bin/ringrun" --nproc-per-node "$np" ringbench allreduce --backend ring --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
+for t in shm unix tcp; do
+    echo "## ring ($t links), ringrun --nproc-per-node $np"
+    "$bin/ringrun" --nproc-per-node "$np" ringbench allreduce --backend ring --local-transport "$t" --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
+done
 if command -v mpirun >/dev/null; then
     echo "## mpi (Open MPI), mpirun -np $np"
     # MALLOC_MMAP_THRESHOLD_: Open MPI otherwise reallocates large buffers on every call.

@@ -8,8 +8,10 @@ sizes="${1:-1M,25M}"
 cargo build --release --quiet
 bin="$PWD/target/release"
 export RT_NETNS_ID="${RT_NETNS_ID:-41}"
+echo "## same node: ringrun --nproc-per-node 2 (shared-memory links)"
+"$bin/ringrun" --nproc-per-node 2 ringbench allreduce --backend ring --local-transport shm --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
 echo "## same node: ringrun --nproc-per-node 2 (Unix-socket links)"
-"$bin/ringrun" --nproc-per-node 2 ringbench allreduce --backend ring --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
+"$bin/ringrun" --nproc-per-node 2 ringbench allreduce --backend ring --local-transport unix --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
 echo "## same node: ringrun --nproc-per-node 2 (TCP loopback links)"
 "$bin/ringrun" --nproc-per-node 2 ringbench allreduce --backend ring --local-transport tcp --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
 echo "## two emulated nodes × 1 worker: TCP over veth + bridge"
