@@ -37,7 +37,7 @@ pub fn default_run_dir(config: &Path) -> PathBuf {
 pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     let cfg = Config::load(&args.config, &args.overrides)?;
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let launch = LaunchInfo::from_env(&env)?;
+    let mut launch = LaunchInfo::from_env(&env)?;
     let fault = Fault::from_env().map_err(anyhow::Error::msg)?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&args.config));
     let rank = launch.rank;
@@ -77,7 +77,6 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     };
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
-    let mut launch = launch;
     // Before joining anyone: a rank without its GPU stops here with the reason.
     let device = crate::device::select(cfg.device, launch.local_rank, launch.local_world_size)?;
     tracing::info!("device {device:?}");

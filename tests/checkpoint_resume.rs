@@ -21,7 +21,7 @@ checkpoint: {{every_steps: 7, keep: 3}}
 }
 
 fn hash_of(run_dir: &Path) -> String {
-    rank_hashes(run_dir, 1).remove(0)
+    rank_hash(run_dir, 0)
 }
 
 /// An uninterrupted run of `cfg` at `world` ranks; returns its run directory.

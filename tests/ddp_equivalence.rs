@@ -7,18 +7,6 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-fn max_relative_difference(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            let diff = (ta - tb).norm().double_value(&[]);
-            diff / tb.norm().double_value(&[]).max(1e-12)
-        })
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn two_workers_batch_b_equal_one_worker_batch_2b() {
     for (optimizer, shuffle) in [("{name: sgd, lr: 0.1, momentum: 0.9}", true), ("{name: sgd, lr: 0.05}", false)] {

@@ -34,14 +34,6 @@ fn cfg(dir: &Path, backend: &str) -> std::path::PathBuf {
     write_config(dir, &format!("{backend}.yaml"), &mlp_config(10, "").replace("timeout_secs: 20", &format!("timeout_secs: 20, backend: {backend}")))
 }
 
-fn max_relative_difference(a: &Path, b: &Path) -> f64 {
-    load_params(a)
-        .iter()
-        .zip(load_params(b).iter())
-        .map(|((_, x), (_, y))| (x - y).norm().double_value(&[]) / y.norm().double_value(&[]).max(1e-12))
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn mpi_backend_matches_the_ring() {
     if !mpirun_available() {
@@ -63,7 +55,7 @@ fn mpi_backend_matches_the_ring() {
         } else {
             // Three addends are summed in a different order by Open MPI's algorithm than by the
             // ring; float rounding then differs in the last bits.
-            let rel = max_relative_difference(&mpi_dir, &ring_dir);
+            let rel = max_relative_difference(&load_params(&mpi_dir), &load_params(&ring_dir));
             assert!(rel < 1e-5, "np 3: relative difference {rel:e}");
         }
     }

@@ -219,18 +219,29 @@ impl Read for ShmLink {
     }
 }
 
+/// A one-byte message with room for one SCM_RIGHTS descriptor; `iov` and `control` must outlive it.
+fn fd_message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: an all-zero msghdr is valid; the pointers set below stay valid while it is used.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = control.len();
+    msg
+}
+
+fn fd_control_space() -> usize {
+    // SAFETY: pure size computation.
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize }
+}
+
 fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
     let mut byte = [1u8];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
-    // SAFETY: building a one-fd SCM_RIGHTS control message in a correctly sized buffer.
+    let mut control = vec![0u8; fd_control_space()];
+    let msg = fd_message(&mut iov, &mut control);
+    // SAFETY: filling the one control message the buffer was sized for, then sending it.
     unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let mut control = vec![0u8; space];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -246,15 +257,10 @@ fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
 fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut byte = [0u8];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
-    // SAFETY: receiving into a correctly sized control buffer, then reading one fd from it.
+    let mut control = vec![0u8; fd_control_space()];
+    let mut msg = fd_message(&mut iov, &mut control);
+    // SAFETY: receiving into the sized control buffer, then reading one descriptor from it.
     unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let mut control = vec![0u8; space];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space;
         let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
         if n != 1 {
             return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::new(io::ErrorKind::UnexpectedEof, "no segment received") });

@@ -12,4 +12,4 @@ mod replica;
 
 pub use buckets::compute_bucket_assignment_by_size;
 pub use reducer::{zero_grads, Reducer};
-pub use replica::{parameter_hash, sync_replicas, DdpError};
+pub use replica::{fnv1a, parameter_hash, sync_replicas, DdpError, FNV_OFFSET};

@@ -6,10 +6,10 @@
 use super::buckets::compute_bucket_assignment_by_size;
 use super::hooks::ReadyHooks;
 use super::DdpError;
+use crate::comm::Communicator;
 use crossbeam_channel::Receiver;
 use std::time::Instant;
-use crate::comm::Communicator;
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 struct Bucket {
     params: Vec<usize>,
@@ -24,7 +24,7 @@ pub struct Reducer {
     /// All-reduce in bf16 (NCCL): half the bytes on the wire.
     reduce_bf16: bool,
     /// When each bucket's all-reduce ran in the last `reduce`, for the timeline.
-    bucket_times: Vec<(std::time::Instant, std::time::Instant)>,
+    bucket_times: Vec<(Instant, Instant)>,
     /// Gradients live inside the buckets (after the first step): backward accumulates straight
     /// into them and no copies in or out are needed.
     attached: bool,
@@ -40,8 +40,35 @@ const BACKWARD_DONE: usize = usize::MAX;
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
 /// (e.g. "a stop was requested here") whose sum every rank learns with no extra collective.
-fn control_slot(b: &Bucket) -> i64 {
-    b.spans.last().map_or(0, |&(off, n)| off + n)
+impl Bucket {
+    fn control_slot(&self) -> i64 {
+        self.spans.last().map_or(0, |&(off, n)| off + n)
+    }
+
+    fn set_control(&self, value: f32) -> Result<(), TchError> {
+        self.flat.f_narrow(0, self.control_slot(), 1)?.f_fill_(value as f64).map(|_| ())
+    }
+
+    /// The sum of every rank's control value, after the (pre-divided) all-reduce.
+    fn control_sum(&self, world: f64) -> Result<f32, TchError> {
+        Ok((self.flat.f_double_value(&[self.control_slot()])? * world) as f32)
+    }
+}
+
+/// Divides a bucket by the world size and sums it across ranks (as bf16 on the wire when asked);
+/// returns when it started and ended, for the timeline.
+fn all_reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, bf16: bool) -> Result<(Instant, Instant), DdpError> {
+    let started = Instant::now();
+    let mut flat = flat.shallow_clone();
+    let _ = flat.f_div_scalar_(world)?;
+    if bf16 {
+        let mut low = flat.f_to_kind(Kind::BFloat16)?;
+        comm.all_reduce_tensor(&mut low)?;
+        flat.f_copy_(&low)?;
+    } else {
+        comm.all_reduce_tensor(&mut flat)?;
+    }
+    Ok((started, Instant::now()))
 }
 
 impl Reducer {
@@ -124,7 +151,7 @@ impl Reducer {
         while rx.try_recv().is_ok() {} // nothing stale from an aborted step
         let world = comm.world_size() as f64;
         let last = self.buckets.len() - 1;
-        let _ = self.buckets[last].flat.f_narrow(0, control_slot(&self.buckets[last]), 1)?.f_fill_(control as f64)?;
+        self.buckets[last].set_control(control)?;
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
@@ -136,11 +163,7 @@ impl Reducer {
                 let mut times = Vec::with_capacity(sizes.len());
                 let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
                     while *next < sizes.len() && upto(*next) {
-                        let started = Instant::now();
-                        let mut flat = flats[*next].shallow_clone();
-                        let _ = flat.f_div_scalar_(world)?;
-                        comm.all_reduce_tensor(&mut flat)?;
-                        times.push((started, Instant::now()));
+                        times.push(all_reduce_bucket(comm, &flats[*next], world, false)?);
                         *next += 1;
                     }
                     Ok(())
@@ -162,12 +185,11 @@ impl Reducer {
         });
         backward_result?;
         self.bucket_times = reduced?;
-        let b = &self.buckets[last];
-        Ok((b.flat.f_double_value(&[control_slot(b)])? * world) as f32)
+        Ok(self.buckets[last].control_sum(world)?)
     }
 
     /// Start and end of each bucket's all-reduce in the last `reduce`.
-    pub fn last_bucket_times(&self) -> &[(std::time::Instant, std::time::Instant)] {
+    pub fn last_bucket_times(&self) -> &[(Instant, Instant)] {
         &self.bucket_times
     }
 
@@ -186,12 +208,9 @@ impl Reducer {
             return Ok(control);
         }
         let last = self.buckets.len() - 1;
-        let mut control_sum = control;
+        self.buckets[last].set_control(control)?;
         self.bucket_times.clear();
-        for (bi, b) in self.buckets.iter_mut().enumerate() {
-            if bi == last {
-                let _ = b.flat.f_narrow(0, control_slot(b), 1)?.f_fill_(control as f64)?;
-            }
+        for b in &self.buckets {
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut dst = b.flat.f_narrow(0, off, n)?;
                 let g = self.params[i].grad();
@@ -201,21 +220,7 @@ impl Reducer {
                     dst.f_copy_(&g.f_view([-1])?)?;
                 }
             }
-            if world > 1.0 {
-                let started = std::time::Instant::now();
-                let _ = b.flat.f_div_scalar_(world)?;
-                if self.reduce_bf16 {
-                    let mut low = b.flat.f_to_kind(Kind::BFloat16)?;
-                    comm.all_reduce_tensor(&mut low)?;
-                    b.flat.f_copy_(&low)?;
-                } else {
-                    comm.all_reduce_tensor(&mut b.flat)?;
-                }
-                if bi == last {
-                    control_sum = (b.flat.f_double_value(&[control_slot(b)])? * world) as f32;
-                }
-                self.bucket_times.push((started, std::time::Instant::now()));
-            }
+            self.bucket_times.push(all_reduce_bucket(comm, &b.flat, world, self.reduce_bf16)?);
             for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                 let mut g = self.params[i].grad();
                 if g.defined() && !self.attached {
@@ -233,7 +238,7 @@ impl Reducer {
         if !self.reduce_bf16 && self.params.iter().all(|p| p.grad().defined()) {
             self.attached = self.buckets.iter().all(|b| b.params.iter().all(|&i| self.params[i].grad().device() == b.flat.device()));
         }
-        Ok(control_sum)
+        Ok(self.buckets[last].control_sum(world)?)
     }
 }
 

@@ -55,18 +55,24 @@ pub fn first_difference(a: &[&str], b: &[&str]) -> Option<String> {
     }
 }
 
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Continues an FNV-1a hash `h` over `bytes`: small, dependency-free, and the same everywhere,
+/// which is all comparing replicas or configs across ranks needs.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// FNV-1a over every parameter's bytes in order: equal hashes mean bitwise-equal replicas.
 pub fn parameter_hash(params: &[(String, Tensor)]) -> Result<u64, tch::TchError> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET;
     for (name, t) in params {
         let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
         let n = t.numel() * t.kind().elt_size_in_bytes();
         let mut bytes = vec![0u8; n];
         t.f_copy_data_u8(&mut bytes, t.numel())?;
-        for b in name.as_bytes().iter().chain(&bytes) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h = fnv1a(fnv1a(h, name.as_bytes()), &bytes);
     }
     Ok(h)
 }

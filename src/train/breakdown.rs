@@ -53,6 +53,11 @@ impl Breakdown {
         self.event(phase.name(), "step", start, end);
     }
 
+    /// Whether a timeline is being recorded (callers skip building event names otherwise).
+    pub fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
     /// A timeline-only event (e.g. one bucket's all-reduce).
     pub fn event(&mut self, name: &str, category: &str, start: Instant, end: Instant) {
         if let Some(t) = &mut self.trace {

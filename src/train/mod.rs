@@ -108,7 +108,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     let t = &cfg.train;
 
     // Identical config everywhere, or the replicas silently diverge.
-    agree(comm, "config", format!("{:016x}", fnv(cfg.to_yaml().as_bytes())).as_bytes())?;
+    agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
 
     let splits = data::load(&cfg.data)?;
     let classes = splits.train.classes.max(splits.test.classes);
@@ -254,8 +254,10 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
             // Communication here is what backward did not hide.
             timing.record_span(Phase::Backward, started_bwd, backward_done);
             timing.record_span(Phase::Communication, backward_done, Instant::now());
-            for (b, (s0, s1)) in reducer.last_bucket_times().iter().enumerate() {
-                timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
+            if timing.tracing() {
+                for (b, (s0, s1)) in reducer.last_bucket_times().iter().enumerate() {
+                    timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
+                }
             }
             let started_opt = Instant::now();
             opt.step()?;
@@ -376,8 +378,4 @@ fn finish_outputs(run_dir: &Path, rank: usize, named: &[(String, Tensor)], hash:
         std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))?;
     }
     Ok(())
-}
-
-pub(crate) fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }

@@ -103,15 +103,28 @@ pub fn ringrun(n: usize, cfg: &Path, run_dir: &Path, extra_args: &[&str]) -> Com
     c
 }
 
+/// The parameter hash rank `r` reported in `run_dir`.
+pub fn rank_hash(run_dir: &Path, r: usize) -> String {
+    let p = run_dir.join("ranks").join(format!("rank{r}.json"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap();
+    v["param_hash"].as_str().unwrap().to_string()
+}
+
 /// The parameter hash each rank reported, indexed by rank.
 pub fn rank_hashes(run_dir: &Path, world: usize) -> Vec<String> {
-    (0..world)
-        .map(|r| {
-            let p = run_dir.join("ranks").join(format!("rank{r}.json"));
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap();
-            v["param_hash"].as_str().unwrap().to_string()
+    (0..world).map(|r| rank_hash(run_dir, r)).collect()
+}
+
+/// The largest ‖a − b‖ / ‖b‖ over same-named tensors.
+pub fn max_relative_difference(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).norm().double_value(&[]) / tb.norm().double_value(&[]).max(1e-12)
         })
-        .collect()
+        .fold(0.0, f64::max)
 }
 
 /// Final parameters written by rank 0.
