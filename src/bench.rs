@@ -46,7 +46,12 @@ fn value(rank: usize, i: usize) -> f32 {
 
 /// Runs the sweep; every rank returns the rows (rank 0 prints them).
 /// Buffers live on `device` (a CUDA device for NCCL; host backends then stage through host memory).
-pub fn all_reduce_sweep(comm: &mut dyn Communicator, sizes: &[usize], min_iters: usize, device: tch::Device) -> Result<Vec<Row>, crate::comm::CommError> {
+pub fn all_reduce_sweep(
+    comm: &mut dyn Communicator,
+    sizes: &[usize],
+    min_iters: usize,
+    device: tch::Device,
+) -> Result<Vec<Row>, crate::comm::CommError> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut rows = Vec::new();
     for &bytes in sizes {
@@ -57,7 +62,8 @@ pub fn all_reduce_sweep(comm: &mut dyn Communicator, sizes: &[usize], min_iters:
         comm.all_reduce_tensor(&mut buf)?;
         let result = Vec::<f32>::try_from(&buf.to_device(tch::Device::Cpu)).unwrap_or_default();
         let rank_sum = (n * (n - 1) / 2) as f32;
-        let wrong = result.iter().enumerate().filter(|(i, x)| **x != (i % 61) as f32 * n as f32 + rank_sum).count() + (count - result.len());
+        let wrong =
+            result.iter().enumerate().filter(|(i, x)| **x != (i % 61) as f32 * n as f32 + rank_sum).count() + (count - result.len());
         // Enough iterations for ~0.5 s of traffic per size, at least `min_iters`.
         let iters = min_iters.max((512usize << 20) / bytes.max(1)).min(1000);
         comm.barrier()?;
@@ -93,7 +99,10 @@ pub fn memcpy_gbps(bytes: usize) -> f64 {
 
 pub fn print_table(backend: &str, world: usize, rows: &[Row]) {
     println!("# all_reduce, backend {backend}, {world} ranks, float sum, in place");
-    println!("{:>12} {:>12} {:>6} {:>6} {:>12} {:>10} {:>10} {:>7}", "size(B)", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong");
+    println!(
+        "{:>12} {:>12} {:>6} {:>6} {:>12} {:>10} {:>10} {:>7}",
+        "size(B)", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
+    );
     for r in rows {
         println!(
             "{:>12} {:>12} {:>6} {:>6} {:>12.1} {:>10.3} {:>10.3} {:>7}",

@@ -399,9 +399,7 @@ impl Config {
             return Err("comm.timeout_secs must be at least 1".into());
         }
         match self.model.name {
-            ModelName::Mlp if self.model.hidden.contains(&0) => {
-                return Err("model.hidden: layer widths must be at least 1".into())
-            }
+            ModelName::Mlp if self.model.hidden.contains(&0) => return Err("model.hidden: layer widths must be at least 1".into()),
             ModelName::Cnn if !self.model.hidden.is_empty() => {
                 return Err("model.hidden applies to the mlp only; the cnn's layers are fixed".into())
             }
@@ -463,9 +461,7 @@ fn apply_override(root: &mut serde_yaml::Value, arg: &str) -> Result<(), ConfigE
         if node.is_null() {
             *node = serde_yaml::Value::Mapping(Default::default());
         }
-        let map = node
-            .as_mapping_mut()
-            .ok_or_else(|| err(&format!("`{}` is not a section", keys[..i].join("."))))?;
+        let map = node.as_mapping_mut().ok_or_else(|| err(&format!("`{}` is not a section", keys[..i].join("."))))?;
         let key = serde_yaml::Value::String(k.to_string());
         if i + 1 == keys.len() {
             map.insert(key, value);

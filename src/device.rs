@@ -35,7 +35,9 @@ pub fn load_cuda() -> Result<(), DeviceError> {
 /// local ranks.
 pub fn check_gpus(local_rank: usize, local_world_size: usize, visible: usize) -> Result<usize, String> {
     if visible == 0 {
-        return Err("no CUDA device is visible (torch.cuda.device_count() == 0: is the NVIDIA driver loaded, CUDA_VISIBLE_DEVICES empty?)".into());
+        return Err(
+            "no CUDA device is visible (torch.cuda.device_count() == 0: is the NVIDIA driver loaded, CUDA_VISIBLE_DEVICES empty?)".into()
+        );
     }
     if local_world_size > visible {
         return Err(format!(

@@ -88,11 +88,8 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             } else if launch.source == LaunchSource::Slurm {
                 derive_from_slurm(launch, env)?;
             }
-            let joined = if backend == Backend::Nccl {
-                nccl(launch, timeout, device)
-            } else {
-                ring(launch, timeout, cfg.local_transport, env)
-            };
+            let joined =
+                if backend == Backend::Nccl { nccl(launch, timeout, device) } else { ring(launch, timeout, cfg.local_transport, env) };
             match joined {
                 Ok(comm) => Ok(Group { comm, mpi: runtime }),
                 Err(e) => {
@@ -135,9 +132,10 @@ fn share_store_address_over_mpi(rt: &MpiRuntime, launch: &mut LaunchInfo) -> Res
 fn derive_from_slurm(launch: &mut LaunchInfo, env: &HashMap<String, String>) -> Result<()> {
     let job = env.get("SLURM_JOB_ID").or_else(|| env.get("SLURM_JOBID"));
     if launch.master_addr.is_none() {
-        let list = env.get("SLURM_JOB_NODELIST").or_else(|| env.get("SLURM_NODELIST")).context(
-            "under srun the ring backend needs MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host",
-        )?;
+        let list = env
+            .get("SLURM_JOB_NODELIST")
+            .or_else(|| env.get("SLURM_NODELIST"))
+            .context("under srun the ring backend needs MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host")?;
         launch.master_addr = Some(first_host(list).with_context(|| format!("SLURM_JOB_NODELIST={list:?}"))?);
     }
     if launch.master_port.is_none() {
@@ -148,7 +146,11 @@ fn derive_from_slurm(launch: &mut LaunchInfo, env: &HashMap<String, String>) -> 
         // Keeps out strays from other jobs; set RINGTRAIN_JOB_TOKEN for a secret one.
         launch.job_token = format!("slurm-job-{}", job.map(String::as_str).unwrap_or("0"));
     }
-    tracing::info!("store at {}:{} derived from Slurm's node list and job id", launch.master_addr.as_deref().unwrap_or("?"), launch.master_port.unwrap_or(0));
+    tracing::info!(
+        "store at {}:{} derived from Slurm's node list and job id",
+        launch.master_addr.as_deref().unwrap_or("?"),
+        launch.master_port.unwrap_or(0)
+    );
     Ok(())
 }
 

@@ -53,11 +53,7 @@ pub struct LaunchError(pub String);
 fn get_num(env: &HashMap<String, String>, key: &str) -> Result<Option<usize>, LaunchError> {
     match env.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .map(Some)
-            .map_err(|_| LaunchError(format!("{key}={v:?} is not a non-negative integer"))),
+        Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| LaunchError(format!("{key}={v:?} is not a non-negative integer"))),
     }
 }
 
@@ -67,13 +63,7 @@ impl LaunchInfo {
         let (source, rank, world, local_rank, local_world) = if let (Some(r), Some(w)) = (n("RANK")?, n("WORLD_SIZE")?) {
             (LaunchSource::Torchrun, r, w, n("LOCAL_RANK")?.unwrap_or(r), n("LOCAL_WORLD_SIZE")?.unwrap_or(w))
         } else if let (Some(r), Some(w)) = (n("OMPI_COMM_WORLD_RANK")?, n("OMPI_COMM_WORLD_SIZE")?) {
-            (
-                LaunchSource::OpenMpi,
-                r,
-                w,
-                n("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(r),
-                n("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(w),
-            )
+            (LaunchSource::OpenMpi, r, w, n("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(r), n("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(w))
         } else if let (Some(r), Some(w)) = (n("PMI_RANK")?, n("PMI_SIZE")?) {
             (LaunchSource::Pmi, r, w, n("MPI_LOCALRANKID")?.unwrap_or(r), n("MPI_LOCALNRANKS")?.unwrap_or(w))
         } else if let (Some(r), Some(w)) = (n("SLURM_PROCID")?, n("SLURM_NTASKS")?) {
@@ -81,11 +71,7 @@ impl LaunchInfo {
                 Some(k) => k,
                 // SLURM_TASKS_PER_NODE looks like "2(x3),1"; the first group is this layout's
                 // common case. Without it, assume one node.
-                None => env
-                    .get("SLURM_TASKS_PER_NODE")
-                    .and_then(|s| s.split(['(', ',']).next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(w),
+                None => env.get("SLURM_TASKS_PER_NODE").and_then(|s| s.split(['(', ',']).next()).and_then(|s| s.parse().ok()).unwrap_or(w),
             };
             (LaunchSource::Slurm, r, w, n("SLURM_LOCALID")?.unwrap_or(r), local_world)
         } else {
@@ -159,7 +145,12 @@ mod tests {
                 1,
             ),
             (
-                &[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3"), ("OMPI_COMM_WORLD_LOCAL_RANK", "0"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "1")],
+                &[
+                    ("OMPI_COMM_WORLD_RANK", "2"),
+                    ("OMPI_COMM_WORLD_SIZE", "3"),
+                    ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                    ("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
+                ],
                 LaunchSource::OpenMpi,
                 2,
                 3,
@@ -167,11 +158,22 @@ mod tests {
                 1,
             ),
             (&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")], LaunchSource::Pmi, 1, 2, 1, 2),
-            (&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1"), ("SLURM_TASKS_PER_NODE", "2(x2)")], LaunchSource::Slurm, 3, 4, 1, 2),
+            (
+                &[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1"), ("SLURM_TASKS_PER_NODE", "2(x2)")],
+                LaunchSource::Slurm,
+                3,
+                4,
+                1,
+                2,
+            ),
         ];
         for (vars, source, rank, world, lrank, lworld) in cases {
             let li = LaunchInfo::from_env(&env(vars)).unwrap();
-            assert_eq!((li.source, li.rank, li.world_size, li.local_rank, li.local_world_size), (*source, *rank, *world, *lrank, *lworld), "{vars:?}");
+            assert_eq!(
+                (li.source, li.rank, li.world_size, li.local_rank, li.local_world_size),
+                (*source, *rank, *world, *lrank, *lworld),
+                "{vars:?}"
+            );
         }
     }
 

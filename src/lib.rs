@@ -24,21 +24,21 @@
 //!
 //! The binaries are thin: `worker/main.rs` (`ringtrain`) and `launcher/main.rs` (`ringrun`).
 
-pub mod comm;
-pub mod rendezvous;
-mod wire;
-pub mod config;
-pub mod data;
-pub mod device;
-pub mod launch;
-pub mod ddp;
-pub mod models;
-pub mod fault;
-pub mod telemetry;
-pub mod train;
-pub mod group;
-pub mod worker;
-pub mod nodes;
-pub mod supervise;
 pub mod bench;
 pub mod checkpoint;
+pub mod comm;
+pub mod config;
+pub mod data;
+pub mod ddp;
+pub mod device;
+pub mod fault;
+pub mod group;
+pub mod launch;
+pub mod models;
+pub mod nodes;
+pub mod rendezvous;
+pub mod supervise;
+pub mod telemetry;
+pub mod train;
+mod wire;
+pub mod worker;

@@ -44,12 +44,16 @@ fn key(gen: u32, what: &str) -> String {
 impl NodeCoordinator {
     /// Node 0 serves the store on `port`; every node connects (waiting up to the join timeout
     /// for node 0 to come up).
-    pub fn start(master_addr: &str, port: u16, token: &str, nnodes: usize, node_rank: usize, join_timeout: Duration) -> Result<Self, String> {
-        let server = if node_rank == 0 {
-            Some(TcpStoreServer::start(&format!("0.0.0.0:{port}"), token).map_err(|e| e.to_string())?)
-        } else {
-            None
-        };
+    pub fn start(
+        master_addr: &str,
+        port: u16,
+        token: &str,
+        nnodes: usize,
+        node_rank: usize,
+        join_timeout: Duration,
+    ) -> Result<Self, String> {
+        let server =
+            if node_rank == 0 { Some(TcpStoreServer::start(&format!("0.0.0.0:{port}"), token).map_err(|e| e.to_string())?) } else { None };
         let addr = format!("{master_addr}:{port}");
         let store = TcpStore::connect(&addr, token, join_timeout).map_err(|e| format!("node {node_rank}: {e}"))?;
         Ok(Self { store, addr, token: token.to_string(), nnodes, node_rank, join_timeout, _server: server })

@@ -98,12 +98,7 @@ struct Worker {
 
 /// Copies a worker's stream line by line, prefixed with its rank, to our stdout/stderr and to
 /// its log file.
-fn pump(
-    src: impl Read + Send + 'static,
-    rank: usize,
-    to_stderr: bool,
-    log: Option<Arc<Mutex<std::fs::File>>>,
-) -> JoinHandle<()> {
+fn pump(src: impl Read + Send + 'static, rank: usize, to_stderr: bool, log: Option<Arc<Mutex<std::fs::File>>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut r = BufReader::new(src);
         let mut line = Vec::new();

@@ -43,8 +43,7 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     let rank = launch.rank;
 
     std::fs::create_dir_all(run_dir.join("logs")).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    telemetry::init_tracing(rank, Some(&run_dir.join("logs").join(format!("rank{rank}.log"))))
-        .context("opening the log file")?;
+    telemetry::init_tracing(rank, Some(&run_dir.join("logs").join(format!("rank{rank}.log")))).context("opening the log file")?;
     let _span = tracing::info_span!("rank", rank).entered();
     tracing::info!(
         "rank {rank} of {} (local {} of {}), launched by {}",
@@ -95,4 +94,3 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
         }
     }
 }
-

@@ -87,7 +87,8 @@ fn resume_at_another_world_size_sees_every_sample_of_the_epoch_once() {
     for (before, after, steps) in [(2usize, 3usize, 30u64), (3, 2, 20)] {
         let dir = tempfile::tempdir().unwrap();
         // Checkpoint only at the end of the first part, so nothing is recomputed.
-        let cfg = write_config(dir.path(), "job.yaml", &job("").replace("epochs: 3", "epochs: 2").replace("every_steps: 7", "every_steps: 0"));
+        let cfg =
+            write_config(dir.path(), "job.yaml", &job("").replace("epochs: 3", "epochs: 2").replace("every_steps: 7", "every_steps: 0"));
         let run_dir = dir.path().join("run");
         let mut c = ringrun(before, &cfg, &run_dir, &["--set", &format!("train.max_steps={steps}")]);
         c.env("RINGTRAIN_SAMPLE_LOG", "1");
@@ -174,7 +175,8 @@ fn sigterm_checkpoints_exits_0_and_resume_continues_exactly() {
     let cfg = write_config(dir.path(), "job.yaml", &job("").replace("epochs: 3", "epochs: 30").replace("batch_size: 10", "batch_size: 2"));
     let expected = hash_of(&reference(dir.path(), &cfg, 2, &[]));
     let run_dir = dir.path().join("run");
-    let mut child = ringrun(2, &cfg, &run_dir, &[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child =
+        ringrun(2, &cfg, &run_dir, &[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     // Wait until training is under way, then send SIGTERM as a preempting scheduler would.
     let metrics = run_dir.join("metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -209,8 +211,11 @@ fn init_from_loads_weights_and_lists_what_does_not_fit() {
     // Starting from trained weights with lr 0 keeps them exactly.
     let run_dir = dir.path().join("init");
     let init = format!("model.init_from={}", weights.display());
-    run(ringrun(2, &cfg, &run_dir, &["--set", &init, "--set", "optimizer.lr=1e-30", "--set", "train.max_steps=1"]), Duration::from_secs(120))
-        .assert_success();
+    run(
+        ringrun(2, &cfg, &run_dir, &["--set", &init, "--set", "optimizer.lr=1e-30", "--set", "train.max_steps=1"]),
+        Duration::from_secs(120),
+    )
+    .assert_success();
     let (a, b) = (load_params(&first), load_params(&run_dir));
     for ((n, x), (_, y)) in a.iter().zip(&b) {
         assert!(x.equal(y), "{n} changed");
@@ -235,7 +240,9 @@ fn checkpoint_loads_in_python_safetensors_and_pytorch() {
         let p = format!("{home}/.cache/ringtrain/pytorch-venv/bin/python");
         Path::new(&p).exists().then_some(p)
     });
-    let Some(python) = python.filter(|p| Command::new(p).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success())) else {
+    let Some(python) =
+        python.filter(|p| Command::new(p).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success()))
+    else {
         // Written past libtest's capture so the skip shows in the test output.
         let _ = writeln!(
             std::io::stderr(),
@@ -246,7 +253,8 @@ fn checkpoint_loads_in_python_safetensors_and_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/fashion_mnist_cnn.yaml");
     let run_dir = dir.path().join("run");
-    run(ringrun(2, &cfg, &run_dir, &["--set", "train.max_steps=3", "--set", "train.eval=false"]), Duration::from_secs(120)).assert_success();
+    run(ringrun(2, &cfg, &run_dir, &["--set", "train.max_steps=3", "--set", "train.eval=false"]), Duration::from_secs(120))
+        .assert_success();
     let ckpt = run_dir.join("checkpoints/step-000000003");
     let script = format!(
         "import sys; sys.path.insert(0, '{}/scripts/reference')\n\
@@ -260,7 +268,14 @@ fn checkpoint_loads_in_python_safetensors_and_pytorch() {
         ckpt.display(),
         ckpt.display()
     );
-    let out = run({ let mut c = Command::new(&python); c.args(["-c", &script]); c }, Duration::from_secs(120));
+    let out = run(
+        {
+            let mut c = Command::new(&python);
+            c.args(["-c", &script]);
+            c
+        },
+        Duration::from_secs(120),
+    );
     out.assert_success();
     assert!(out.stdout.contains("ok 8"), "{}", out.report());
 }

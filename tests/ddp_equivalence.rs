@@ -26,7 +26,10 @@ fn two_workers_batch_b_equal_one_worker_batch_2b() {
         // And training did move the parameters (the comparison is not vacuous).
         let dir0 = tempfile::tempdir().unwrap();
         let mut c = Command::new(RINGTRAIN);
-        c.arg("--config").arg(write_config(dir0.path(), "b16.yaml", &job(16).replace("max_steps: 20", "max_steps: 1"))).arg("--run-dir").arg(dir0.path());
+        c.arg("--config")
+            .arg(write_config(dir0.path(), "b16.yaml", &job(16).replace("max_steps: 20", "max_steps: 1")))
+            .arg("--run-dir")
+            .arg(dir0.path());
         run(c, Duration::from_secs(120)).assert_success();
         assert!(max_relative_difference(&load_params(dir0.path()), &p1) > 1e-3);
     }

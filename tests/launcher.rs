@@ -97,14 +97,28 @@ fn bad_config_fails_naming_the_field() {
     out.assert_failure();
     assert!(out.stderr.contains("epochz") || out.stderr.contains("train.batch_size"), "{}", out.report());
 
-    let out = run({ let mut c = Command::new(RINGTRAIN); c.args(["--config", "/nonexistent.yaml"]); c }, Duration::from_secs(30));
+    let out = run(
+        {
+            let mut c = Command::new(RINGTRAIN);
+            c.args(["--config", "/nonexistent.yaml"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
     out.assert_failure();
     assert!(out.stderr.contains("/nonexistent.yaml"), "{}", out.report());
 }
 
 #[test]
 fn a_missing_worker_program_is_an_error() {
-    let out = run({ let mut c = Command::new(RINGRUN); c.args(["--nproc-per-node", "2", "/no/such/worker"]); c }, Duration::from_secs(30));
+    let out = run(
+        {
+            let mut c = Command::new(RINGRUN);
+            c.args(["--nproc-per-node", "2", "/no/such/worker"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
     out.assert_failure();
     assert!(out.stderr.contains("/no/such/worker"), "{}", out.report());
 }

@@ -31,7 +31,11 @@ fn mpirun(np: usize, cfg: &Path, run_dir: &Path, extra: &[&str]) -> Command {
 }
 
 fn cfg(dir: &Path, backend: &str) -> std::path::PathBuf {
-    write_config(dir, &format!("{backend}.yaml"), &mlp_config(10, "").replace("timeout_secs: 20", &format!("timeout_secs: 20, backend: {backend}")))
+    write_config(
+        dir,
+        &format!("{backend}.yaml"),
+        &mlp_config(10, "").replace("timeout_secs: 20", &format!("timeout_secs: 20, backend: {backend}")),
+    )
 }
 
 #[test]
@@ -90,7 +94,16 @@ fn simulated_srun_trains_to_the_same_result() {
         .map(|rank| {
             let mut c = Command::new(RINGTRAIN);
             c.arg("--config").arg(&config).arg("--run-dir").arg(&run_dir);
-            for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RINGTRAIN_JOB_TOKEN", "RINGTRAIN_FAULT"] {
+            for v in [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "RINGTRAIN_JOB_TOKEN",
+                "RINGTRAIN_FAULT",
+            ] {
                 c.env_remove(v);
             }
             c.envs([
@@ -124,7 +137,9 @@ fn a_rank_killed_under_mpirun_ends_the_job() {
         let config = write_config(
             dir.path(),
             "job.yaml",
-            &mlp_config(4, "").replace("epochs: 1", "epochs: 50").replace("timeout_secs: 20", &format!("timeout_secs: 10, backend: {backend}")),
+            &mlp_config(4, "")
+                .replace("epochs: 1", "epochs: 50")
+                .replace("timeout_secs: 20", &format!("timeout_secs: 10, backend: {backend}")),
         );
         let mut c = mpirun(3, &config, &dir.path().join("run"), &[]);
         c.env("RINGTRAIN_FAULT", "rank=1,step=10,action=kill");

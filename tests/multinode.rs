@@ -49,7 +49,9 @@ impl Nodes {
     fn link_bytes(&self, k: usize) -> u64 {
         ["rx_bytes", "tx_bytes"]
             .iter()
-            .map(|f| std::fs::read_to_string(format!("/sys/class/net/rt{}v{k}/statistics/{f}", self.id)).unwrap().trim().parse::<u64>().unwrap())
+            .map(|f| {
+                std::fs::read_to_string(format!("/sys/class/net/rt{}v{k}/statistics/{f}", self.id)).unwrap().trim().parse::<u64>().unwrap()
+            })
             .sum()
     }
 }
@@ -183,11 +185,16 @@ fn mpirun_across_two_nodes_with_the_mpi_backend() {
 fn killing_one_nodes_launcher_stops_the_other_naming_the_lost_ranks() {
     let Some(nodes) = Nodes::up(33, 2) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(2, "").replace("epochs: 1", "epochs: 100").replace("timeout_secs: 20", "timeout_secs: 8"));
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(2, "").replace("epochs: 1", "epochs: 100").replace("timeout_secs: 20", "timeout_secs: 8"),
+    );
     let node0_dir = dir.path().join("node0");
     let node0 = ringrun_node(&nodes, 0, 29633, &cfg, &node0_dir, &[]);
     let survivor = std::thread::spawn(move || run(node0, Duration::from_secs(120)));
-    let mut node1 = ringrun_node(&nodes, 1, 29633, &cfg, &dir.path().join("node1"), &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut node1 =
+        ringrun_node(&nodes, 1, 29633, &cfg, &dir.path().join("node1"), &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let metrics = node0_dir.join("metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
@@ -200,7 +207,10 @@ fn killing_one_nodes_launcher_stops_the_other_naming_the_lost_ranks() {
     let out = survivor.join().unwrap();
     out.assert_failure();
     assert!(killed.elapsed() < Duration::from_secs(8 + 5), "node 0 took {:?} to stop\n{}", killed.elapsed(), out.report());
-    let named = out.stderr.lines().any(|l| l.contains("ringtrain: error") && (l.contains("rank 2") || l.contains("rank 3") || l.contains("[2") || l.contains("3]")));
+    let named = out
+        .stderr
+        .lines()
+        .any(|l| l.contains("ringtrain: error") && (l.contains("rank 2") || l.contains("rank 3") || l.contains("[2") || l.contains("3]")));
     assert!(named, "no worker named a lost rank (2 or 3)\n{}", out.report());
 }
 
@@ -219,7 +229,11 @@ fn a_node_that_never_joins_is_named() {
 fn a_failure_on_one_node_restarts_the_whole_job_together() {
     let Some(nodes) = Nodes::up(35, 2) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, "checkpoint: {every_steps: 4}").replace("timeout_secs: 20", "timeout_secs: 8, backend: ring"));
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(10, "checkpoint: {every_steps: 4}").replace("timeout_secs: 20", "timeout_secs: 8, backend: ring"),
+    );
     let one_node = dir.path().join("one-node");
     run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
     let handles: Vec<_> = (0..2)

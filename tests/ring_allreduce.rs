@@ -63,9 +63,7 @@ fn all_reduce_of_random_floats_is_bitwise_identical_on_every_rank() {
         comm.all_reduce_sum(&mut buf).unwrap();
         buf
     });
-    let serial: Vec<f32> = (0..100_003)
-        .map(|i| (0..3).map(|r| ((i as f32 + 0.37) * (r as f32 + 1.3)).sin()).sum::<f32>())
-        .collect();
+    let serial: Vec<f32> = (0..100_003).map(|i| (0..3).map(|r| ((i as f32 + 0.37) * (r as f32 + 1.3)).sin()).sum::<f32>()).collect();
     for r in &results {
         assert!(r.iter().map(|x| x.to_bits()).eq(results[0].iter().map(|x| x.to_bits())), "ranks differ");
     }

@@ -24,7 +24,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let worker_args = ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir, resume: args.resume };
+    let worker_args =
+        ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir, resume: args.resume };
     match ringtrain::worker::run(worker_args) {
         Ok(summary) => {
             if summary.rank == 0 {

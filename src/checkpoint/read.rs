@@ -37,9 +37,8 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     if meta.format_version != FORMAT_VERSION {
         return Err(invalid(path, format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version)));
     }
-    let tensors = |file: &str| {
-        Tensor::read_safetensors(path.join(file)).map_err(|source| CheckpointError::Torch { path: path.join(file), source })
-    };
+    let tensors =
+        |file: &str| Tensor::read_safetensors(path.join(file)).map_err(|source| CheckpointError::Torch { path: path.join(file), source });
     Ok(LoadedCheckpoint { path: path.to_path_buf(), model: tensors(MODEL_FILE)?, optimizer: tensors(OPTIMIZER_FILE)?, meta })
 }
 
@@ -117,7 +116,8 @@ mod tests {
             save(d.path(), step, 3);
         }
         let names: Vec<String> = {
-            let mut v: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            let mut v: Vec<String> =
+                std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             v.sort();
             v
         };

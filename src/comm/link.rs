@@ -2,11 +2,11 @@
 //! twice TCP loopback's bandwidth here, and no network stack). Unix sockets use Linux's abstract
 //! namespace, so nothing is left on disk after a crash.
 
+use super::shm::ShmLink;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
-use super::shm::ShmLink;
 use std::time::{Duration, Instant};
 
 pub enum Link {

@@ -14,8 +14,6 @@ mod tensor;
 
 pub use ring::{RingComm, RingOptions};
 
-
-
 use std::time::Duration;
 
 /// The collective operations, named as PyTorch names them.
@@ -64,12 +62,18 @@ pub enum CommError {
     Io { rank: usize, op: Op, seq: u64, peer: usize, source: std::io::Error },
     #[error("rank {rank}: collective mismatch with rank {peer}: {detail}")]
     Mismatch { rank: usize, peer: usize, detail: String },
-    #[error("rank {rank}: {op} #{seq} stalled: rank(s) {missing:?} did not arrive within {secs:.0}s (rank(s) {waiting:?} are waiting in it)")]
+    #[error(
+        "rank {rank}: {op} #{seq} stalled: rank(s) {missing:?} did not arrive within {secs:.0}s (rank(s) {waiting:?} are waiting in it)"
+    )]
     Stalled { rank: usize, op: Op, seq: u64, missing: Vec<usize>, waiting: Vec<usize>, secs: f64 },
     #[error("rank {rank}: ring setup: {detail}")]
     Setup { rank: usize, detail: String },
     #[error("rank {rank}: {source}")]
-    Store { rank: usize, #[source] source: crate::rendezvous::StoreError },
+    Store {
+        rank: usize,
+        #[source]
+        source: crate::rendezvous::StoreError,
+    },
     #[error("rank {rank}: MPI {op}: {detail}")]
     Mpi { rank: usize, op: Op, detail: String },
     #[error("rank {rank}: NCCL {op} #{seq}: {detail}")]

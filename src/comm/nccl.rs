@@ -141,7 +141,8 @@ pub fn exchange_unique_id(
         return Ok(id);
     }
     let got = store.get(UNIQUE_ID_KEY, timeout).map_err(|source| CommError::Store { rank, source })?;
-    got.try_into().map_err(|v: Vec<u8>| CommError::Setup { rank, detail: format!("NCCL unique id of {} bytes, expected {UNIQUE_ID_BYTES}", v.len()) })
+    got.try_into()
+        .map_err(|v: Vec<u8>| CommError::Setup { rank, detail: format!("NCCL unique id of {} bytes, expected {UNIQUE_ID_BYTES}", v.len()) })
 }
 
 pub struct NcclComm {
@@ -161,12 +162,22 @@ unsafe impl Send for NcclComm {}
 impl NcclComm {
     pub fn new(store: &dyn Store, rank: usize, world: usize, device_index: usize, timeout: Duration) -> Result<NcclComm, CommError> {
         let api = api()?;
-        let fail = |what: &str, code: c_int| CommError::Nccl { rank, op: Op::Setup, seq: 0, detail: format!("{what}: {}", error_string(api, code)) };
+        let fail = |what: &str, code: c_int| CommError::Nccl {
+            rank,
+            op: Op::Setup,
+            seq: 0,
+            detail: format!("{what}: {}", error_string(api, code)),
+        };
         // SAFETY: plain C calls with valid out-pointers.
         unsafe {
             let code = (api.set_device)(device_index as c_int);
             if code != 0 {
-                return Err(CommError::Nccl { rank, op: Op::Setup, seq: 0, detail: format!("cudaSetDevice({device_index}) failed with CUDA error {code}") });
+                return Err(CommError::Nccl {
+                    rank,
+                    op: Op::Setup,
+                    seq: 0,
+                    detail: format!("cudaSetDevice({device_index}) failed with CUDA error {code}"),
+                });
             }
             let mut version = 0;
             (api.get_version)(&mut version);
@@ -197,7 +208,10 @@ impl NcclComm {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            eprintln!("ringtrain: error: rank {rank}: NCCL communicator setup did not complete within {:.0}s: not every rank joined", timeout.as_secs_f64());
+            eprintln!(
+                "ringtrain: error: rank {rank}: NCCL communicator setup did not complete within {:.0}s: not every rank joined",
+                timeout.as_secs_f64()
+            );
             unsafe { libc::_exit(1) };
         });
         let mut comm: NcclCommT = std::ptr::null_mut();
@@ -240,7 +254,12 @@ impl NcclComm {
                 (api.get_async_error)(self.comm, &mut async_err);
                 if async_err != 0 && async_err != NCCL_IN_PROGRESS {
                     (api.comm_abort)(self.comm);
-                    return Err(CommError::Nccl { rank, op, seq, detail: format!("{} (communicator aborted)", error_string(api, async_err)) });
+                    return Err(CommError::Nccl {
+                        rank,
+                        op,
+                        seq,
+                        detail: format!("{} (communicator aborted)", error_string(api, async_err)),
+                    });
                 }
                 if started.elapsed() > self.timeout {
                     (api.comm_abort)(self.comm);
@@ -248,7 +267,10 @@ impl NcclComm {
                         rank,
                         op,
                         seq,
-                        detail: format!("did not complete within {:.0}s: a rank did not arrive (communicator aborted)", self.timeout.as_secs_f64()),
+                        detail: format!(
+                            "did not complete within {:.0}s: a rank did not arrive (communicator aborted)",
+                            self.timeout.as_secs_f64()
+                        ),
                     });
                 }
                 std::thread::sleep(Duration::from_micros(20));
@@ -269,7 +291,10 @@ impl NcclComm {
 
     fn check_tensor(&self, t: &Tensor, op: Op) -> Result<(), CommError> {
         if t.device() != self.device || !t.is_contiguous() {
-            return Err(CommError::BadArgument { op, detail: format!("NCCL needs a contiguous tensor on {:?}, got {:?}", self.device, t.device()) });
+            return Err(CommError::BadArgument {
+                op,
+                detail: format!("NCCL needs a contiguous tensor on {:?}, got {:?}", self.device, t.device()),
+            });
         }
         Ok(())
     }
@@ -370,9 +395,11 @@ impl NcclComm {
         let recv = Tensor::zeros([(n.max(1) * self.world) as i64], (Kind::Uint8, self.device));
         self.seq += 1;
         // SAFETY: send holds n.max(1) bytes, recv world times that.
-        let code = unsafe { (self.api.all_gather)(send.data_ptr(), recv.data_ptr(), n.max(1), NCCL_UINT8, self.comm, std::ptr::null_mut()) };
+        let code =
+            unsafe { (self.api.all_gather)(send.data_ptr(), recv.data_ptr(), n.max(1), NCCL_UINT8, self.comm, std::ptr::null_mut()) };
         self.wait(Op::AllGather, code)?;
-        let host = Vec::<u8>::try_from(&recv.to_device(Device::Cpu)).map_err(|e| CommError::BadArgument { op: Op::AllGather, detail: e.to_string() })?;
+        let host = Vec::<u8>::try_from(&recv.to_device(Device::Cpu))
+            .map_err(|e| CommError::BadArgument { op: Op::AllGather, detail: e.to_string() })?;
         Ok(if n == 0 { vec![] } else { host })
     }
 }

@@ -10,12 +10,12 @@
 //! exchanging garbage. Buffers travel in native byte order: all ranks run the same binary on the
 //! same architecture.
 
+use super::link::{connect_until, Endpoint, Link, Listener};
 use super::{CommError, Communicator, Op};
 use crate::rendezvous::Store;
 use crate::wire::*;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use std::io::{self, Read, Write};
-use super::link::{connect_until, Endpoint, Link, Listener};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,8 @@ pub struct RingOptions {
 impl RingOptions {
     pub fn new(token: impl Into<String>, bind_ip: IpAddr, timeout: Duration) -> Self {
         // RINGTRAIN_SEGMENT_KB tunes the pipelining granularity (benchmarks).
-        let segment_bytes = std::env::var("RINGTRAIN_SEGMENT_KB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(256 << 10, |k| k.max(4) << 10);
+        let segment_bytes =
+            std::env::var("RINGTRAIN_SEGMENT_KB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(256 << 10, |k| k.max(4) << 10);
         Self { timeout, token: token.into(), bind_ip, segment_bytes, node_id: None, shm: false }
     }
 }
@@ -88,11 +89,10 @@ impl RingComm {
         let node = opts.node_id.clone().unwrap_or_else(|| format!("tcp-only-{rank}"));
         // Abstract socket names are per network namespace, as nodes are; pid and token keep
         // concurrent jobs and restarts apart.
-        let unix_name = opts.node_id.as_ref().map(|_| {
-            format!("ringtrain-{}-{rank}-{}", &opts.token[..opts.token.len().min(16)], std::process::id())
-        });
-        let listener = Listener::bind(opts.bind_ip, &node, unix_name)
-            .map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
+        let unix_name =
+            opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", &opts.token[..opts.token.len().min(16)], std::process::id()));
+        let listener =
+            Listener::bind(opts.bind_ip, &node, unix_name).map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
         store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
         let next_raw = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
         let next_ep = Endpoint::decode(&String::from_utf8_lossy(&next_raw))
@@ -127,8 +127,10 @@ impl RingComm {
         let (to_next, from_prev) = if opts.shm {
             // Hand over our sending segment first, then take the one from prev: neither blocks.
             let name = format!("ringtrain-{}-{rank}to{next}", &opts.token[..opts.token.len().min(16)]);
-            let to_next = to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
-            let from_prev = from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;
+            let to_next =
+                to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
+            let from_prev =
+                from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;
             (to_next, from_prev)
         } else {
             (to_next, from_prev)
@@ -260,8 +262,7 @@ fn accept_prev(
         let Some((mut conn, from)) = listener.accept_until(deadline).map_err(|e| setup(format!("accept: {e}")))? else {
             return Err(setup(format!("timed out waiting for rank {prev} to connect")));
         };
-        conn.configure(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))
-            .map_err(|e| setup(e.to_string()))?;
+        conn.configure(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))).map_err(|e| setup(e.to_string()))?;
         let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64)> {
             Ok((read_u64(&mut conn)?, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?))
         })();

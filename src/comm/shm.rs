@@ -66,7 +66,8 @@ impl Segment {
     fn map(fd: OwnedFd) -> io::Result<Segment> {
         let len = HEADER + CAPACITY;
         // SAFETY: mapping a file of `len` bytes shared.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        let base =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -263,7 +264,11 @@ fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     unsafe {
         let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
         if n != 1 {
-            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::new(io::ErrorKind::UnexpectedEof, "no segment received") });
+            return Err(if n < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "no segment received")
+            });
         }
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {

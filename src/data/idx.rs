@@ -19,9 +19,7 @@ pub fn read(path: &Path) -> Result<IdxArray, DataError> {
     let raw = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| fail(format!("corrupt gzip stream: {e}")))?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| fail(format!("corrupt gzip stream: {e}")))?;
         out
     } else {
         raw
@@ -48,9 +46,7 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     if bytes.len() < header {
         return Err(format!("truncated header: {ndim} dimensions need {header} bytes, file has {}", bytes.len()));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> = (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("dimensions overflow")?;
     let found = bytes.len() - header;
     if found != expected {

@@ -38,11 +38,8 @@ impl Loader {
                     }
                     let mut shape = vec![chunk.len() as i64];
                     shape.extend_from_slice(&data.sample_shape);
-                    let batch = Batch {
-                        input: Tensor::from_slice(&x).view(shape.as_slice()),
-                        target: Tensor::from_slice(&y),
-                        len: chunk.len(),
-                    };
+                    let batch =
+                        Batch { input: Tensor::from_slice(&x).view(shape.as_slice()), target: Tensor::from_slice(&y), len: chunk.len() };
                     if tx.send(batch).is_err() {
                         return; // consumer stopped early (max_steps)
                     }

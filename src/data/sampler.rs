@@ -112,9 +112,8 @@ mod tests {
             for world in [1usize, 2, 3, 7] {
                 for drop_last in [false, true] {
                     for shuffle in [false, true] {
-                        let shards: Vec<Vec<usize>> = (0..world)
-                            .map(|r| DistributedSampler::new(n, world, r, shuffle, 7, drop_last).indices())
-                            .collect();
+                        let shards: Vec<Vec<usize>> =
+                            (0..world).map(|r| DistributedSampler::new(n, world, r, shuffle, 7, drop_last).indices()).collect();
                         let case = format!("n={n} world={world} drop_last={drop_last} shuffle={shuffle}");
                         let len = shards[0].len();
                         assert!(shards.iter().all(|s| s.len() == len), "unequal lengths: {case}");
@@ -163,7 +162,8 @@ mod tests {
             let h: Vec<u64> = head.split(' ').map(|x| x.parse().unwrap()).collect();
             let (n, world, rank, shuffle, drop_last, seed, epoch) = (h[0], h[1], h[2], h[3] == 1, h[4] == 1, h[5], h[6]);
             let truncated = tail.ends_with(" ...");
-            let expected: Vec<usize> = tail.trim_end_matches(" ...").split(' ').filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect();
+            let expected: Vec<usize> =
+                tail.trim_end_matches(" ...").split(' ').filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect();
             let mut s = DistributedSampler::new(n as usize, world as usize, rank as usize, shuffle, seed, drop_last);
             s.set_epoch(epoch);
             let mut got = s.indices();

@@ -75,7 +75,13 @@ impl Reducer {
     /// `buffer_device`: where the flat buckets live — the model's device for a backend that
     /// reduces device memory itself (NCCL), else the CPU (host backends; device gradients are
     /// copied there and back).
-    pub fn new(params: &[Tensor], first_cap_bytes: usize, cap_bytes: usize, buffer_device: tch::Device, reduce_bf16: bool) -> Result<Self, DdpError> {
+    pub fn new(
+        params: &[Tensor],
+        first_cap_bytes: usize,
+        cap_bytes: usize,
+        buffer_device: tch::Device,
+        reduce_bf16: bool,
+    ) -> Result<Self, DdpError> {
         for (i, p) in params.iter().enumerate() {
             if p.kind() != Kind::Float {
                 return Err(DdpError::Unsupported(format!("parameter {i} has dtype {:?}; gradients are reduced as f32", p.kind())));

@@ -48,11 +48,7 @@ impl Store for MemoryStore {
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         let mut map = self.map.lock().unwrap();
-        let current = map
-            .get(key)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| s.parse::<i64>().ok())
-            .unwrap_or(0);
+        let current = map.get(key).and_then(|v| std::str::from_utf8(v).ok()).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
         let next = current + delta;
         map.insert(key.to_string(), next.to_string().into_bytes());
         drop(map);

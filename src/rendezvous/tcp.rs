@@ -30,8 +30,7 @@ pub struct TcpStoreServer {
 impl TcpStoreServer {
     /// Binds `addr` (port 0 picks a free port) and serves in background threads.
     pub fn start(addr: &str, token: &str) -> Result<Self, StoreError> {
-        let listener =
-            TcpListener::bind(addr).map_err(|source| StoreError::Bind { addr: addr.to_string(), source })?;
+        let listener = TcpListener::bind(addr).map_err(|source| StoreError::Bind { addr: addr.to_string(), source })?;
         let local = listener.local_addr().map_err(|source| StoreError::Bind { addr: addr.to_string(), source })?;
         let table = Arc::new(MemoryStore::new());
         let token = token.to_string();
@@ -41,9 +40,7 @@ impl TcpStoreServer {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let (table, token) = (table.clone(), token.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("store-conn".into())
-                        .spawn(move || serve_connection(conn, &table, &token));
+                    let _ = std::thread::Builder::new().name("store-conn".into()).spawn(move || serve_connection(conn, &table, &token));
                 }
             })
             .expect("spawning a thread");
@@ -122,9 +119,7 @@ fn serve_connection(conn: TcpStream, table: &MemoryStore, token: &str) {
                         Err(_) => unreachable!("MemoryStore::wait only times out"),
                     }
                 }
-                op => {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unknown op {op}")))
-                }
+                op => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unknown op {op}"))),
             }
             w.flush()
         })();
@@ -153,11 +148,7 @@ impl TcpStore {
             match attempt {
                 Ok(s) => break s,
                 Err(source) if Instant::now() >= deadline => {
-                    return Err(StoreError::Connect {
-                        addr: addr.to_string(),
-                        secs: connect_timeout.as_secs_f64(),
-                        source,
-                    })
+                    return Err(StoreError::Connect { addr: addr.to_string(), secs: connect_timeout.as_secs_f64(), source })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
@@ -194,9 +185,7 @@ impl TcpStore {
     ) -> Result<T, StoreError> {
         let mut guard = self.conn.lock().unwrap();
         let (r, w) = &mut *guard;
-        r.get_ref()
-            .set_read_timeout(Some(wait + REPLY_SLACK))
-            .map_err(|source| StoreError::Io { addr: self.addr.clone(), op, source })?;
+        r.get_ref().set_read_timeout(Some(wait + REPLY_SLACK)).map_err(|source| StoreError::Io { addr: self.addr.clone(), op, source })?;
         f(r, w).map_err(|source| StoreError::Io { addr: self.addr.clone(), op, source })
     }
 }

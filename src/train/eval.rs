@@ -17,7 +17,13 @@ pub struct EvalResult {
 
 const EVAL_BATCH: usize = 1000;
 
-pub fn evaluate(model: &dyn Model, test: &Arc<Dataset>, comm: &mut dyn Communicator, device: tch::Device, bf16: bool) -> Result<EvalResult, TrainError> {
+pub fn evaluate(
+    model: &dyn Model,
+    test: &Arc<Dataset>,
+    comm: &mut dyn Communicator,
+    device: tch::Device,
+    bf16: bool,
+) -> Result<EvalResult, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let indices: Vec<usize> = (rank..test.len()).step_by(world).collect();
     let (mut loss_sum, mut correct, mut count) = (0f64, 0i64, 0usize);

@@ -24,9 +24,9 @@ use crate::ddp::{self, DdpError, Reducer};
 use crate::fault::Fault;
 use crate::models;
 use crate::telemetry::{Metrics, Progress};
-use serde_json::json;
 use breakdown::{peak_rss_mib, Breakdown, Phase};
 use checkpointing::Position;
+use serde_json::json;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,8 +177,7 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
         }
     }
 
-    let mut metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref())
-        .map_err(io_err("metrics.jsonl"))?;
+    let mut metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref()).map_err(io_err("metrics.jsonl"))?;
     let mut samples_file = match sample_log {
         true => {
             let dir = run_dir.join("samples");

@@ -37,7 +37,8 @@ fn on_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(
 ) -> Result<T, TrainError> {
     let mine = (comm.rank() == 0).then(|| serde_json::to_vec(&f().map_err(|e| e.to_string())).expect("serialisable"));
     let shared = broadcast_blob(comm, 0, mine.as_deref())?;
-    let result: Result<T, String> = serde_json::from_slice(&shared).map_err(|e| TrainError::Disagree(format!("bad message from rank 0: {e}")))?;
+    let result: Result<T, String> =
+        serde_json::from_slice(&shared).map_err(|e| TrainError::Disagree(format!("bad message from rank 0: {e}")))?;
     result.map_err(TrainError::Startup)
 }
 

@@ -106,7 +106,8 @@ pub fn ringrun(n: usize, cfg: &Path, run_dir: &Path, extra_args: &[&str]) -> Com
 /// The parameter hash rank `r` reported in `run_dir`.
 pub fn rank_hash(run_dir: &Path, r: usize) -> String {
     let p = run_dir.join("ranks").join(format!("rank{r}.json"));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap();
     v["param_hash"].as_str().unwrap().to_string()
 }
 

@@ -48,7 +48,13 @@ impl MpiRuntime {
         for chunk in buf.chunks_mut(1 << 30) {
             // SAFETY: valid buffer of chunk.len() bytes.
             let code = unsafe {
-                ffi::MPI_Bcast(chunk.as_mut_ptr() as *mut c_void, chunk.len() as c_int, ffi::RSMPI_UINT8_T, root as c_int, ffi::RSMPI_COMM_WORLD)
+                ffi::MPI_Bcast(
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len() as c_int,
+                    ffi::RSMPI_UINT8_T,
+                    root as c_int,
+                    ffi::RSMPI_COMM_WORLD,
+                )
             };
             check(code, self.rank, Op::Broadcast)?;
         }
@@ -162,7 +168,13 @@ impl Communicator for MpiComm {
         for chunk in chunks {
             // SAFETY: valid byte buffer.
             self.watched(Op::Broadcast, || unsafe {
-                ffi::MPI_Bcast(chunk.as_mut_ptr() as *mut c_void, chunk.len() as c_int, ffi::RSMPI_UINT8_T, root as c_int, ffi::RSMPI_COMM_WORLD)
+                ffi::MPI_Bcast(
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len() as c_int,
+                    ffi::RSMPI_UINT8_T,
+                    root as c_int,
+                    ffi::RSMPI_COMM_WORLD,
+                )
             })?;
         }
         Ok(())
