@@ -9,6 +9,7 @@ mod link;
 pub mod mpi;
 pub mod nccl;
 pub mod ring;
+mod ring_setup;
 mod shm;
 mod tensor;
 

@@ -10,16 +10,16 @@
 //! exchanging garbage. Buffers travel in native byte order: all ranks run the same binary on the
 //! same architecture.
 
-use super::link::{connect_until, Endpoint, Link, Listener};
+use super::link::Link;
+use super::ring_setup as setup;
 use super::{CommError, Communicator, Op};
 use crate::rendezvous::Store;
 use crate::wire::*;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const HELLO_MAGIC: u64 = 0x5254_5249_4e47_3031; // "RTRING01"
 const HEADER_BYTES: usize = 24;
 
 #[derive(Clone, Debug)]
@@ -80,62 +80,7 @@ impl RingComm {
         if world <= 1 {
             return Ok(comm);
         }
-        let setup = |detail: String| CommError::Setup { rank, detail };
-        let store_err = |source| CommError::Store { rank, source };
-        let next = (rank + 1) % world;
-        let prev = (rank + world - 1) % world;
-        let deadline = Instant::now() + opts.timeout;
-
-        let node = opts.node_id.clone().unwrap_or_else(|| format!("tcp-only-{rank}"));
-        // Abstract socket names are per network namespace, as nodes are; pid and token keep
-        // concurrent jobs and restarts apart.
-        let unix_name =
-            opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", &opts.token[..opts.token.len().min(16)], std::process::id()));
-        let listener =
-            Listener::bind(opts.bind_ip, &node, unix_name).map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
-        store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
-        let next_raw = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
-        let next_ep = Endpoint::decode(&String::from_utf8_lossy(&next_raw))
-            .ok_or_else(|| setup(format!("rank {next} published a bad address: {:?}", String::from_utf8_lossy(&next_raw))))?;
-
-        // Connect and say hello first, accept second, read the ack last: waiting for our ack
-        // before accepting would deadlock the whole ring.
-        let mut to_next = connect_until(&next_ep, &node, deadline)
-            .map_err(|e| setup(format!("cannot connect to rank {next} at {}: {e}", next_ep.encode())))?;
-        to_next.configure(opts.timeout).map_err(|e| setup(e.to_string()))?;
-        (|| {
-            write_u64(&mut to_next, HELLO_MAGIC)?;
-            write_blob(&mut to_next, opts.token.as_bytes())?;
-            write_u64(&mut to_next, rank as u64)?;
-            write_u64(&mut to_next, world as u64)
-        })()
-        .map_err(|e| setup(format!("hello to rank {next}: {e}")))?;
-
-        let from_prev = accept_prev(&listener, rank, prev, world, &opts.token, deadline, opts.timeout)?;
-
-        match read_u8(&mut to_next) {
-            Ok(1) => {}
-            Ok(_) => return Err(setup(format!("rank {next} refused our connection"))),
-            Err(e) if is_closed(&e) => {
-                return Err(setup(format!("rank {next} at {} closed our connection (job token mismatch?)", next_ep.encode())))
-            }
-            Err(e) if is_timeout(&e) => {
-                return Err(setup(format!("timed out after {:.0}s waiting for rank {next} to accept", opts.timeout.as_secs_f64())))
-            }
-            Err(e) => return Err(setup(format!("ack from rank {next}: {e}"))),
-        }
-        let (to_next, from_prev) = if opts.shm {
-            // Hand over our sending segment first, then take the one from prev: neither blocks.
-            let name = format!("ringtrain-{}-{rank}to{next}", &opts.token[..opts.token.len().min(16)]);
-            let to_next =
-                to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
-            let from_prev =
-                from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;
-            (to_next, from_prev)
-        } else {
-            (to_next, from_prev)
-        };
-        tracing::debug!("ring: to rank {next} over {}, from rank {prev} over {}", to_next.kind(), from_prev.kind());
+        let (to_next, from_prev) = setup::join(store, rank, world, opts)?;
         comm.links = Some(Links { to_next, from_prev });
         Ok(comm)
     }
@@ -244,49 +189,6 @@ fn header(op: Op, seq: u64, len: u64) -> [u8; HEADER_BYTES] {
 
 fn parse_header(h: &[u8; HEADER_BYTES]) -> (u8, u64, u64) {
     (h[0], u64::from_le_bytes(h[8..16].try_into().unwrap()), u64::from_le_bytes(h[16..24].try_into().unwrap()))
-}
-
-/// Accepts connections until the previous rank presents the job token; strangers are logged and
-/// dropped, not fatal.
-fn accept_prev(
-    listener: &Listener,
-    rank: usize,
-    prev: usize,
-    world: usize,
-    token: &str,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Link, CommError> {
-    let setup = |detail: String| CommError::Setup { rank, detail };
-    loop {
-        let Some((mut conn, from)) = listener.accept_until(deadline).map_err(|e| setup(format!("accept: {e}")))? else {
-            return Err(setup(format!("timed out waiting for rank {prev} to connect")));
-        };
-        conn.configure(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))).map_err(|e| setup(e.to_string()))?;
-        let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64)> {
-            Ok((read_u64(&mut conn)?, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?))
-        })();
-        let (magic, presented, their_rank, their_world) = match hello {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!("ring: dropped a connection from {from} that sent no valid hello: {e}");
-                continue;
-            }
-        };
-        if magic != HELLO_MAGIC || presented != token.as_bytes() {
-            tracing::warn!("ring: refused a connection from {from}: wrong job token");
-            continue;
-        }
-        if their_world as usize != world {
-            return Err(setup(format!("rank {their_rank} at {from} has world size {their_world}, this rank {world}")));
-        }
-        if their_rank as usize != prev {
-            return Err(setup(format!("expected rank {prev} to connect, rank {their_rank} did (from {from})")));
-        }
-        write_u8(&mut conn, 1).map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
-        conn.configure(timeout).map_err(|e| setup(e.to_string()))?;
-        return Ok(conn);
-    }
 }
 
 /// Balanced split of n elements into w chunks: chunk c is [start(c), start(c+1)).
