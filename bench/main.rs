@@ -2,9 +2,9 @@
 //!   ringrun --nproc-per-node 2 ringbench allreduce --backend ring
 //!   mpirun -np 2 ringbench allreduce --backend mpi
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ringtrain::config::{Backend, CommConfig, LocalTransport};
+use ringtrain::config::{Backend, LocalTransport};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -51,7 +51,7 @@ fn try_main() -> Result<()> {
         "tcp" => LocalTransport::Tcp,
         other => anyhow::bail!("--local-transport {other}: expected shm, unix or tcp"),
     };
-    let sizes = ringtrain::bench::parse_sizes(&sizes).map_err(anyhow::Error::msg)?;
+    let sizes = ringtrain::internal::bench::parse_sizes(&sizes).map_err(anyhow::Error::msg)?;
     let backend = match backend.as_str() {
         "ring" => Backend::Ring,
         "mpi" => Backend::Mpi,
@@ -59,21 +59,18 @@ fn try_main() -> Result<()> {
         "auto" => Backend::Auto,
         other => anyhow::bail!("--backend {other}: expected ring, mpi, nccl or auto"),
     };
-    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let mut launch = ringtrain::launch::LaunchInfo::from_env(&env)?;
-    ringtrain::telemetry::init_tracing(launch.rank, None).context("logging")?;
-    let device = ringtrain::device::select(device, launch.local_rank, launch.local_world_size)?;
-    let mut group = ringtrain::group::join(&CommConfig { backend, timeout_secs, local_transport }, &mut launch, &env, device)?;
-    let comm = group.comm.as_mut();
+    let mut pg = ringtrain::init(ringtrain::InitOptions { backend, device, timeout_secs, local_transport, logging: true, log_file: None })?;
+    let device = pg.device();
+    let comm = pg.comm();
     if comm.rank() == 0 {
-        println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::bench::memcpy_gbps(100 << 20));
+        println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::internal::bench::memcpy_gbps(100 << 20));
     }
-    let rows = ringtrain::bench::all_reduce_sweep(comm, &sizes, iters, device)?;
+    let rows = ringtrain::internal::bench::all_reduce_sweep(comm, &sizes, iters, device)?;
     if comm.rank() == 0 {
-        ringtrain::bench::print_table(comm.backend_name(), comm.world_size(), &rows);
+        ringtrain::internal::bench::print_table(comm.backend_name(), comm.world_size(), &rows);
     }
     let wrong: usize = rows.iter().map(|r| r.wrong).sum();
-    group.finish();
+    pg.finish();
     anyhow::ensure!(wrong == 0, "{wrong} wrong elements");
     Ok(())
 }

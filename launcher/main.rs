@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ringtrain::nodes::NodeCoordinator;
-use ringtrain::supervise::{self, GroupOptions, Outcome};
+use ringtrain::internal::nodes::NodeCoordinator;
+use ringtrain::internal::supervise::{self, GroupOptions, Outcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

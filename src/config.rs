@@ -184,6 +184,13 @@ pub struct TrainConfig {
     /// Write a Chrome-trace timeline per rank to trace/rankN.json.
     #[serde(default)]
     pub trace: bool,
+    /// Micro-batches per optimizer step: gradients accumulate locally and only the last
+    /// micro-batch's backward communicates (DDP's `no_sync()`); the loss is scaled by 1/N.
+    #[serde(default = "one_u64")]
+    pub grad_accum_steps: u64,
+    /// Clip gradients to this global L2 norm after the all-reduce (`clip_grad_norm_` under DDP).
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -191,6 +198,28 @@ pub struct TrainConfig {
 pub enum OptimizerName {
     Sgd,
     Adam,
+    /// Adam with decoupled weight decay (torch.optim.AdamW).
+    Adamw,
+}
+
+/// The learning rate as a function of the optimizer step (0-based, as nanoGPT's `iter_num`), so a
+/// resumed run continues the same curve.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ScheduleConfig {
+    /// `optimizer.lr` throughout.
+    Constant,
+    /// torch.optim.lr_scheduler.StepLR: lr · gamma^⌊step / step_size⌋.
+    Step { step_size: u64, gamma: f64 },
+    /// nanoGPT's `get_lr`: linear warmup over `warmup_steps`, cosine decay to `min_lr` at
+    /// `decay_steps`, `min_lr` after.
+    WarmupCosine { warmup_steps: u64, decay_steps: u64, min_lr: f64 },
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig::Constant
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -210,6 +239,32 @@ pub struct OptimizerConfig {
     pub betas: [f64; 2],
     #[serde(default = "default_eps")]
     pub eps: f64,
+    /// Apply `weight_decay` to 1-d parameters too (biases, norm weights), as PyTorch does for
+    /// `model.parameters()`. `false`: only tensors of 2+ dimensions decay, nanoGPT's
+    /// `configure_optimizers` groups.
+    #[serde(default = "yes")]
+    pub weight_decay_1d: bool,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+}
+
+impl OptimizerConfig {
+    /// PyTorch's defaults for `name` with learning rate `lr` (AdamW: weight_decay 0.01, as
+    /// torch.optim.AdamW).
+    pub fn new(name: OptimizerName, lr: f64) -> Self {
+        OptimizerConfig {
+            name,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: if name == OptimizerName::Adamw { 0.01 } else { 0.0 },
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay_1d: true,
+            schedule: ScheduleConfig::Constant,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -227,6 +282,10 @@ pub struct DdpConfig {
     /// All-reduce each bucket during backward, as soon as its gradients are ready (ring backend).
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// Broadcast rank 0's buffers (e.g. BatchNorm running statistics) before every forward, as
+    /// DDP's `broadcast_buffers=True`.
+    #[serde(default = "yes")]
+    pub broadcast_buffers: bool,
 }
 
 impl Default for DdpConfig {
@@ -236,6 +295,7 @@ impl Default for DdpConfig {
             first_bucket_cap_mb: default_first_bucket_cap(),
             reduce_dtype: default_reduce_dtype(),
             overlap: true,
+            broadcast_buffers: true,
         }
     }
 }
@@ -288,6 +348,9 @@ impl Default for CommConfig {
 }
 
 fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
     1
 }
 fn yes() -> bool {
@@ -361,6 +424,14 @@ impl Config {
         if t.log_every_steps == 0 {
             return Err("train.log_every_steps must be at least 1".into());
         }
+        if t.grad_accum_steps == 0 {
+            return Err("train.grad_accum_steps must be at least 1".into());
+        }
+        if let Some(c) = t.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(format!("train.clip_grad_norm must be a positive number, got {c}"));
+            }
+        }
         if t.threads == Some(0) {
             return Err("train.threads must be at least 1".into());
         }
@@ -379,6 +450,27 @@ impl Config {
         }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(format!("optimizer.betas must be in [0, 1), got {:?}", o.betas));
+        }
+        match o.schedule {
+            ScheduleConfig::Constant => {}
+            ScheduleConfig::Step { step_size, gamma } => {
+                if step_size == 0 {
+                    return Err("optimizer.schedule.step_size must be at least 1".into());
+                }
+                if !(gamma > 0.0 && gamma.is_finite()) {
+                    return Err(format!("optimizer.schedule.gamma must be a positive number, got {gamma}"));
+                }
+            }
+            ScheduleConfig::WarmupCosine { warmup_steps, decay_steps, min_lr } => {
+                if decay_steps <= warmup_steps {
+                    return Err(format!(
+                        "optimizer.schedule.decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})"
+                    ));
+                }
+                if !(min_lr >= 0.0 && min_lr <= o.lr) {
+                    return Err(format!("optimizer.schedule.min_lr must be in [0, optimizer.lr], got {min_lr}"));
+                }
+            }
         }
         if !(self.ddp.bucket_cap_mb > 0.0 && self.ddp.first_bucket_cap_mb > 0.0) {
             return Err("ddp.bucket_cap_mb and ddp.first_bucket_cap_mb must be positive".into());

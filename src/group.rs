@@ -107,7 +107,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
 fn share_store_address_over_mpi(rt: &MpiRuntime, launch: &mut LaunchInfo) -> Result<()> {
     let mut msg = [0u8; 256];
     if launch.rank == 0 {
-        launch.job_token = crate::supervise::new_job_token()?;
+        launch.job_token = crate::internal::supervise::new_job_token()?;
         let server = TcpStoreServer::start("0.0.0.0:0", &launch.job_token)?;
         let ip = reachable_ip(launch);
         let text = format!("{ip}\n{}\n{}", server.local_addr().port(), launch.job_token);

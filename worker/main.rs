@@ -24,15 +24,25 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let worker_args =
-        ringtrain::worker::WorkerArgs { config: args.config, overrides: args.overrides, run_dir: args.run_dir, resume: args.resume };
-    match ringtrain::worker::run(worker_args) {
+    let worker_args = ringtrain::internal::worker::WorkerArgs {
+        config: args.config,
+        overrides: args.overrides,
+        run_dir: args.run_dir,
+        resume: args.resume,
+    };
+    match ringtrain::internal::worker::run(worker_args) {
         Ok(summary) => {
             if summary.rank == 0 {
                 if summary.stopped {
                     println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
                 } else if let Some(last) = summary.epochs.last() {
-                    let acc = last.test.as_ref().map(|t| format!("test_acc {:.2}%, ", t.accuracy * 100.0)).unwrap_or_default();
+                    // The task's metrics but the loss: test_acc for classification, …
+                    let acc: String = last
+                        .test
+                        .iter()
+                        .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss"))
+                        .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
+                        .collect();
                     println!("final: {acc}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
                 }
             }

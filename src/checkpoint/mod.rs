@@ -12,9 +12,11 @@
 //! do not verify is never loaded.
 
 mod read;
+mod shared;
 mod write;
 
-pub use read::{find_resumable, load, LoadedCheckpoint};
+pub use read::{copy_into, find_resumable, load, LoadedCheckpoint};
+pub use shared::{load_shared, save_shared};
 pub use write::{write, CheckpointData};
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,10 @@ pub enum CheckpointError {
     Torch { path: PathBuf, source: tch::TchError },
     #[error("no usable checkpoint in {dir}: {reasons}")]
     NoneUsable { dir: PathBuf, reasons: String },
+    #[error("{0}")]
+    Rank0(String),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
 }
 
 /// Where training stands, enough to continue exactly.
@@ -66,6 +72,33 @@ pub struct Meta {
     pub reason: String,
     /// The resolved config of the run that wrote it, as YAML.
     pub config: String,
+    /// The program's own metadata (library use), saved and restored as is.
+    #[serde(default)]
+    pub user: serde_json::Value,
+}
+
+impl Meta {
+    /// The meta of a checkpoint a program of its own writes at optimizer step `step`: the
+    /// training-loop position fields stay zero; `user` holds whatever it needs to resume.
+    pub fn for_program(step: u64, world_size: usize, optimizer: &str, optimizer_steps: u64, user: serde_json::Value) -> Meta {
+        Meta {
+            format_version: FORMAT_VERSION,
+            global_step: step,
+            epoch: 0,
+            epoch_base: 0,
+            epoch_world_size: world_size,
+            steps_in_shard: 0,
+            world_size,
+            batch_size: 0,
+            seed: 0,
+            optimizer: optimizer.to_string(),
+            optimizer_steps,
+            rng: "the program's own".into(),
+            reason: "program".into(),
+            config: String::new(),
+            user,
+        }
+    }
 }
 
 impl Meta {

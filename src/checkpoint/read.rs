@@ -77,6 +77,35 @@ pub fn find_resumable(dir: &Path) -> Result<(Option<LoadedCheckpoint>, Vec<Strin
     }
 }
 
+/// Copies `loaded` tensors into the model's parameters and buffers (rank 0), requiring the same
+/// names and shapes; the error lists every missing, unexpected and mis-shaped tensor.
+pub fn copy_into(params: &[(String, Tensor)], loaded: &[(String, Tensor)], source: &Path) -> Result<(), String> {
+    let mut missing = Vec::new();
+    let mut misshaped = Vec::new();
+    for (name, p) in params {
+        match loaded.iter().find(|(n, _)| n == name) {
+            None => missing.push(name.clone()),
+            Some((_, t)) if t.size() != p.size() => misshaped.push(format!("{name} (file {:?}, model {:?})", t.size(), p.size())),
+            Some(_) => {}
+        }
+    }
+    let unexpected: Vec<String> = loaded.iter().filter(|(n, _)| !params.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()).collect();
+    if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
+        return Err(format!(
+            "{} does not fit the model: missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}",
+            source.display()
+        ));
+    }
+    tch::no_grad(|| -> Result<(), String> {
+        for (name, p) in params {
+            let (_, t) = loaded.iter().find(|(n, _)| n == name).expect("checked above");
+            let mut dst = p.shallow_clone();
+            dst.f_copy_(&t.to_kind(p.kind()).to_device(p.device())).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::write::*;
@@ -99,6 +128,7 @@ mod tests {
             rng: "test".into(),
             reason: "every_steps".into(),
             config: String::new(),
+            user: serde_json::Value::Null,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The IDX format of MNIST and Fashion-MNIST: a 4-byte magic (0, 0, type, ndim), ndim big-endian
 //! u32 sizes, then the data. Gzip is detected by its magic bytes.
 
-use super::{DataError, Dataset, Pixels};
+use super::{ArrayDataset, DataError, Pixels};
 use std::io::Read;
 use std::path::Path;
 
@@ -59,7 +59,7 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
 }
 
 /// Loads an images file (n × rows × cols) and its labels file (n) into a dataset of 1×rows×cols.
-pub fn load_pair(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
+pub fn load_pair(images: &Path, labels: &Path) -> Result<ArrayDataset, DataError> {
     let img = read(images)?;
     let lab = read(labels)?;
     let fail = |p: &Path, what: String| DataError::Idx { path: p.display().to_string(), what };
@@ -73,7 +73,7 @@ pub fn load_pair(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
         return Err(fail(labels, format!("{} labels for {} images in {}", lab.dims[0], img.dims[0], images.display())));
     }
     let classes = lab.data.iter().copied().max().map_or(0, |m| m as usize + 1);
-    Ok(Dataset {
+    Ok(ArrayDataset {
         pixels: Pixels::U8(img.data),
         labels: lab.data.iter().map(|&l| l as i64).collect(),
         sample_shape: vec![1, img.dims[1] as i64, img.dims[2] as i64],

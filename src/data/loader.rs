@@ -1,20 +1,28 @@
-//! The loader: a background thread turns this rank's index list into ready batches (f32 input,
-//! int64 labels), `prefetch` ahead of the training step, so the step never waits on assembly.
+//! The loader: a background thread turns this rank's index list into ready batches, `prefetch`
+//! ahead of the training step, so the step never waits on assembly.
 
-use super::Dataset;
+use super::{DataError, Dataset};
 use crossbeam_channel::{bounded, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tch::Tensor;
 
+/// One batch: the model's input and the task's target, `len` samples.
 pub struct Batch {
     pub input: Tensor,
     pub target: Tensor,
     pub len: usize,
 }
 
+impl Batch {
+    /// Both tensors moved to `device`.
+    pub fn to_device(&self, device: tch::Device) -> Result<Batch, tch::TchError> {
+        Ok(Batch { input: self.input.f_to_device(device)?, target: self.target.f_to_device(device)?, len: self.len })
+    }
+}
+
 pub struct Loader {
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Result<Batch, DataError>>>,
     thread: Option<JoinHandle<()>>,
     batches: usize,
 }
@@ -22,31 +30,23 @@ pub struct Loader {
 impl Loader {
     /// Batches of `batch_size` in index order; the last may be smaller (DataLoader's default,
     /// drop_last=False). Every rank has as many indices, so every rank takes as many steps.
-    pub fn spawn(data: Arc<Dataset>, indices: Vec<usize>, batch_size: usize, prefetch: usize) -> Loader {
+    pub fn spawn(data: Arc<dyn Dataset>, indices: Vec<usize>, batch_size: usize, prefetch: usize, epoch: u64) -> Result<Loader, DataError> {
         let batches = indices.len().div_ceil(batch_size);
         let (tx, rx) = bounded(prefetch);
         let thread = std::thread::Builder::new()
             .name("loader".into())
             .spawn(move || {
-                let k = data.sample_numel();
                 for chunk in indices.chunks(batch_size) {
-                    let mut x = vec![0f32; chunk.len() * k];
-                    let mut y = Vec::with_capacity(chunk.len());
-                    for (j, &i) in chunk.iter().enumerate() {
-                        data.write_sample(i, &mut x[j * k..(j + 1) * k]);
-                        y.push(data.labels[i]);
-                    }
-                    let mut shape = vec![chunk.len() as i64];
-                    shape.extend_from_slice(&data.sample_shape);
-                    let batch =
-                        Batch { input: Tensor::from_slice(&x).view(shape.as_slice()), target: Tensor::from_slice(&y), len: chunk.len() };
-                    if tx.send(batch).is_err() {
-                        return; // consumer stopped early (max_steps)
+                    let batch = data.batch(chunk, epoch);
+                    let failed = batch.is_err();
+                    // A send fails when the consumer stopped early (max_steps).
+                    if tx.send(batch).is_err() || failed {
+                        return;
                     }
                 }
             })
-            .expect("spawning the loader thread");
-        Loader { rx: Some(rx), thread: Some(thread), batches }
+            .map_err(|e| DataError::Loader(format!("starting it: {e}")))?;
+        Ok(Loader { rx: Some(rx), thread: Some(thread), batches })
     }
 
     /// Number of batches this loader yields.
@@ -60,8 +60,8 @@ impl Loader {
 }
 
 impl Iterator for Loader {
-    type Item = Batch;
-    fn next(&mut self) -> Option<Batch> {
+    type Item = Result<Batch, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
         self.rx.as_ref()?.recv().ok()
     }
 }

@@ -1,4 +1,6 @@
-//! Data: datasets in memory, the distributed sampler, and the prefetching loader.
+//! Data: the `Dataset` seam (a length and a way to make a batch from sample indices), the
+//! in-memory labelled arrays behind IDX and synthetic data, the distributed sampler, and the
+//! prefetching loader. A new format is one file here implementing `Dataset`.
 
 pub mod idx;
 pub mod loader;
@@ -11,6 +13,7 @@ pub use sampler::DistributedSampler;
 use crate::config::{DataConfig, DataFormat};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -18,6 +21,8 @@ pub enum DataError {
     Idx { path: String, what: String },
     #[error("data: {0}")]
     Invalid(String),
+    #[error("data: the loader thread: {0}")]
+    Loader(String),
 }
 
 /// Sample values: IDX images stay as bytes (scaled by 1/255 per batch, as torchvision's ToTensor
@@ -27,8 +32,21 @@ pub enum Pixels {
     F32(Vec<f32>),
 }
 
-/// A labelled dataset held in memory, shared read-only with the loader thread.
-pub struct Dataset {
+/// What the training loop needs from a data set: its size, and a batch made from any sample
+/// indices. Shared read-only with the loader thread.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The samples `indices`, in that order, as one batch. `epoch` is there for random
+    /// transforms, which must draw from (seed, epoch, sample index) so a resumed run sees the
+    /// same samples.
+    fn batch(&self, indices: &[usize], epoch: u64) -> Result<Batch, DataError>;
+}
+
+/// A labelled dataset held in memory: IDX and synthetic data.
+pub struct ArrayDataset {
     pub pixels: Pixels,
     pub labels: Vec<i64>,
     /// Shape of one sample, e.g. [1, 28, 28].
@@ -38,7 +56,31 @@ pub struct Dataset {
     pub normalize: Option<[f32; 2]>,
 }
 
-impl Dataset {
+impl Dataset for ArrayDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn batch(&self, indices: &[usize], _epoch: u64) -> Result<Batch, DataError> {
+        let k = self.sample_numel();
+        let mut x = vec![0f32; indices.len() * k];
+        let mut y = Vec::with_capacity(indices.len());
+        for (j, &i) in indices.iter().enumerate() {
+            if i >= self.labels.len() {
+                return Err(DataError::Invalid(format!("sample index {i} is past the end ({} samples)", self.labels.len())));
+            }
+            self.write_sample(i, &mut x[j * k..(j + 1) * k]);
+            y.push(self.labels[i]);
+        }
+        let mut shape = vec![indices.len() as i64];
+        shape.extend_from_slice(&self.sample_shape);
+        let input = Tensor::f_from_slice(&x).and_then(|t| t.f_view(shape.as_slice())).map_err(|e| DataError::Invalid(e.to_string()))?;
+        let target = Tensor::f_from_slice(&y).map_err(|e| DataError::Invalid(e.to_string()))?;
+        Ok(Batch { input, target, len: indices.len() })
+    }
+}
+
+impl ArrayDataset {
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -68,10 +110,14 @@ impl Dataset {
     }
 }
 
-/// Train and test splits.
+/// Train and test splits, and what the model must fit.
 pub struct Splits {
-    pub train: Arc<Dataset>,
-    pub test: Arc<Dataset>,
+    pub train: Arc<dyn Dataset>,
+    pub test: Arc<dyn Dataset>,
+    /// Shape of one input sample, e.g. [1, 28, 28].
+    pub sample_shape: Vec<i64>,
+    /// Classes of a classification data set.
+    pub classes: usize,
 }
 
 /// Finds `name` or `name.gz` in `dir`.
@@ -87,28 +133,36 @@ fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     )))
 }
 
+fn arrays(train: ArrayDataset, test: ArrayDataset) -> Splits {
+    Splits {
+        sample_shape: train.sample_shape.clone(),
+        classes: train.classes.max(test.classes),
+        train: Arc::new(train),
+        test: Arc::new(test),
+    }
+}
+
 pub fn load(cfg: &DataConfig) -> Result<Splits, DataError> {
     match cfg.format {
         DataFormat::Idx => {
             let dir = cfg.dir.as_deref().expect("validated: idx has a dir");
-            let split = |images: &str, labels: &str| -> Result<Arc<Dataset>, DataError> {
+            let split = |images: &str, labels: &str| -> Result<ArrayDataset, DataError> {
                 let mut d = idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?)?;
                 d.normalize = cfg.normalize;
-                Ok(Arc::new(d))
+                Ok(d)
             };
-            Ok(Splits {
-                train: split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
-                test: split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
-            })
+            let train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
+            let test = split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
+            Ok(arrays(train, test))
         }
         DataFormat::Synthetic => {
             let s = cfg.synthetic.as_ref().expect("validated: synthetic has its section");
             let split = |which| {
                 let mut d = synthetic::generate(s, which);
                 d.normalize = cfg.normalize;
-                Arc::new(d)
+                d
             };
-            Ok(Splits { train: split(0), test: split(1) })
+            Ok(arrays(split(0), split(1)))
         }
     }
 }

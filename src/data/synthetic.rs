@@ -1,7 +1,7 @@
 //! A deterministic, learnable synthetic classification task for tests and benchmarks: samples are
 //! standard normal, labels the argmax of a fixed random linear "teacher".
 
-use super::{Dataset, Pixels};
+use super::{ArrayDataset, Pixels};
 use crate::config::SyntheticConfig;
 
 /// splitmix64: tiny, fast, and the same on every platform, so every rank generates equal data.
@@ -26,7 +26,7 @@ impl SplitMix {
 }
 
 /// `split` 0 is the training set, 1 the test set: same teacher, different samples.
-pub fn generate(cfg: &SyntheticConfig, split: u64) -> Dataset {
+pub fn generate(cfg: &SyntheticConfig, split: u64) -> ArrayDataset {
     let d: usize = cfg.shape.iter().product();
     let n = if split == 0 { cfg.train_samples } else { cfg.test_samples };
     let mut teacher_rng = SplitMix(cfg.seed ^ 0x7465_6163_6865_72);
@@ -41,7 +41,7 @@ pub fn generate(cfg: &SyntheticConfig, split: u64) -> Dataset {
         pixels.extend_from_slice(&x);
         labels.push(label as i64);
     }
-    Dataset {
+    ArrayDataset {
         pixels: Pixels::F32(pixels),
         labels,
         sample_shape: cfg.shape.iter().map(|&s| s as i64).collect(),

@@ -1,15 +1,18 @@
 //! DistributedDataParallel semantics: the only module that knows about gradients and buckets.
 //!
+//! - [`Ddp`]: the wrapper a training loop holds (replica check + broadcast, buffers, backward
+//!   with bucketed all-reduce, `no_sync`, in-place `zero_grad`).
 //! - `buckets`: which parameters share a flat buffer (pure; PyTorch's
 //!   `compute_bucket_assignment_by_size`).
-//! - `reducer`: copies gradients into the buckets, all-reduces, averages, copies back.
+//! - `reducer`: gradients living in the buckets, averaged across ranks, overlapped with backward.
 //! - `replica`: at start, checks every rank built the same model, then broadcasts rank 0's state.
 
 pub mod buckets;
 mod hooks;
 mod reducer;
 mod replica;
+mod wrapper;
 
 pub use buckets::compute_bucket_assignment_by_size;
-pub use reducer::{zero_grads, Reducer};
 pub use replica::{fnv1a, parameter_hash, sync_replicas, DdpError, FNV_OFFSET};
+pub use wrapper::{Ddp, DdpOptions};

@@ -1,10 +1,17 @@
-//! The reducer: after backward, each bucket's gradients are copied into one flat f32 buffer,
-//! divided by the world size (as PyTorch's reducer does before communicating), summed across
-//! ranks with one all_reduce, and copied back. Buckets are computed once, identically on every
-//! rank, and reduced in the same order, so every rank issues the same collectives.
+//! The reducer: gradients live in flat f32 buckets; after backward each bucket is divided by the
+//! world size (as PyTorch's reducer does before communicating) and summed across ranks with one
+//! all_reduce. Buckets are computed once, identically on every rank, and reduced in the same
+//! order, so every rank issues the same collectives.
+//!
+//! Where the buckets share the parameters' device (and gradients travel as f32), every `.grad` is
+//! a view into its bucket from the start: backward accumulates straight into the buckets and
+//! nothing is copied. Something that replaces a `.grad` (an optimizer's `zero_grad` that sets it
+//! to None, an assignment) would leave its rank stepping on a gradient nobody averaged, so
+//! `reattach` checks every view before each backward and repairs what was replaced. Elsewhere
+//! (device gradients with host buckets, bf16 on the wire) gradients are copied in and out.
 
 use super::buckets::compute_bucket_assignment_by_size;
-use super::hooks::ReadyHooks;
+use super::hooks::{set_grad, ReadyHooks};
 use super::DdpError;
 use crate::comm::Communicator;
 use crossbeam_channel::Receiver;
@@ -18,21 +25,33 @@ struct Bucket {
     flat: Tensor,
 }
 
+/// How the reducer is built (`DdpOptions` carries the user-facing form).
+pub struct ReducerOptions {
+    pub first_cap_bytes: usize,
+    pub cap_bytes: usize,
+    /// Where the flat buckets live: the model's device for a backend that reduces device memory
+    /// itself (NCCL), else the CPU (host backends).
+    pub buffer_device: tch::Device,
+    /// All-reduce in bf16: half the bytes on the wire.
+    pub reduce_bf16: bool,
+    /// Start each bucket's all-reduce during backward, as soon as its gradients are ready.
+    pub overlap: bool,
+}
+
 pub struct Reducer {
     params: Vec<Tensor>,
     buckets: Vec<Bucket>,
-    /// All-reduce in bf16 (NCCL): half the bytes on the wire.
     reduce_bf16: bool,
     /// When each bucket's all-reduce ran in the last `reduce`, for the timeline.
     bucket_times: Vec<(Instant, Instant)>,
-    /// Gradients live inside the buckets (after the first step): backward accumulates straight
-    /// into them and no copies in or out are needed.
-    attached: bool,
-    /// Start each bucket's all-reduce during backward, as soon as its gradients are ready.
+    /// Each parameter's view into its bucket, when gradients live in the buckets.
+    views: Option<Vec<Tensor>>,
     overlap: bool,
     hooks: Option<(ReadyHooks, Receiver<usize>)>,
     /// Bucket of each parameter.
     bucket_of: Vec<usize>,
+    /// Gradients found replaced (and re-attached) since the reducer was built.
+    reattached: u64,
 }
 
 /// Marks the end of backward on the ready channel.
@@ -72,23 +91,17 @@ fn all_reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, bf1
 }
 
 impl Reducer {
-    /// `buffer_device`: where the flat buckets live — the model's device for a backend that
-    /// reduces device memory itself (NCCL), else the CPU (host backends; device gradients are
-    /// copied there and back).
-    pub fn new(
-        params: &[Tensor],
-        first_cap_bytes: usize,
-        cap_bytes: usize,
-        buffer_device: tch::Device,
-        reduce_bf16: bool,
-    ) -> Result<Self, DdpError> {
+    pub fn new(params: &[Tensor], opts: &ReducerOptions) -> Result<Self, DdpError> {
         for (i, p) in params.iter().enumerate() {
             if p.kind() != Kind::Float {
                 return Err(DdpError::Unsupported(format!("parameter {i} has dtype {:?}; gradients are reduced as f32", p.kind())));
             }
+            if !p.requires_grad() {
+                return Err(DdpError::Unsupported(format!("parameter {i} does not require a gradient (pass it as a buffer)")));
+            }
         }
         let sizes: Vec<usize> = params.iter().map(|p| p.numel() * 4).collect();
-        let assignment = compute_bucket_assignment_by_size(&sizes, &[first_cap_bytes, cap_bytes]);
+        let assignment = compute_bucket_assignment_by_size(&sizes, &[opts.first_cap_bytes, opts.cap_bytes]);
         let mut bucket_of = vec![0; params.len()];
         for (b, idx) in assignment.iter().enumerate() {
             for &i in idx {
@@ -96,43 +109,105 @@ impl Reducer {
             }
         }
         let last = assignment.len().saturating_sub(1);
-        let mut buckets: Vec<Bucket> = assignment
-            .into_iter()
-            .enumerate()
-            .map(|(bi, idx)| {
-                let mut off = 0i64;
-                let spans = idx
-                    .iter()
-                    .map(|&i| {
-                        let n = params[i].numel() as i64;
-                        off += n;
-                        (off - n, n)
-                    })
-                    .collect();
-                let extra = i64::from(bi == last);
-                Bucket { params: idx, spans, flat: Tensor::zeros([off + extra], (Kind::Float, buffer_device)) }
-            })
-            .collect();
+        let mut buckets = Vec::with_capacity(assignment.len());
+        for (bi, idx) in assignment.into_iter().enumerate() {
+            let mut off = 0i64;
+            let spans = idx
+                .iter()
+                .map(|&i| {
+                    let n = params[i].numel() as i64;
+                    off += n;
+                    (off - n, n)
+                })
+                .collect();
+            let extra = i64::from(bi == last);
+            buckets.push(Bucket { params: idx, spans, flat: Tensor::f_zeros([off + extra], (Kind::Float, opts.buffer_device))? });
+        }
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
-            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::zeros([1], (Kind::Float, buffer_device)) });
+            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::f_zeros([1], (Kind::Float, opts.buffer_device))? });
         }
-        Ok(Self {
+        let mut reducer = Self {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
             buckets,
-            reduce_bf16,
+            reduce_bf16: opts.reduce_bf16,
             bucket_times: Vec::new(),
-            attached: false,
-            overlap: false,
+            views: None,
+            overlap: opts.overlap,
             hooks: None,
             bucket_of,
-        })
+            reattached: 0,
+        };
+        if !opts.reduce_bf16 && params.iter().all(|p| p.device() == opts.buffer_device) {
+            reducer.attach()?;
+        }
+        Ok(reducer)
     }
 
-    /// Overlap communication with backward where the backend allows it (from the second step on,
-    /// once gradients live in the buckets).
-    pub fn set_overlap(&mut self, on: bool) {
-        self.overlap = on;
+    /// Lets every gradient live in its bucket: existing values are copied in, then `.grad`
+    /// becomes the view.
+    fn attach(&mut self) -> Result<(), DdpError> {
+        let mut views: Vec<Tensor> = (0..self.params.len()).map(|_| Tensor::new()).collect();
+        for b in &self.buckets {
+            for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                let p = &self.params[i];
+                // Detached: the same memory, but not an autograd view, so a zero_grad that
+                // detaches gradients in place (libtorch's optimizers do) works on it.
+                let mut view = b.flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?.f_detach()?;
+                let g = p.grad();
+                if g.defined() {
+                    view.f_copy_(&g)?;
+                } else {
+                    let _ = view.f_zero_()?;
+                }
+                set_grad(p, &view).map_err(DdpError::Unsupported)?;
+                views[i] = view;
+            }
+        }
+        self.views = Some(views);
+        Ok(())
+    }
+
+    /// Checks that every gradient is still its bucket view and re-attaches the ones that were
+    /// replaced (a None gradient counts as zero). Returns the indices repaired.
+    pub fn reattach(&mut self) -> Result<Vec<usize>, DdpError> {
+        let Some(views) = &self.views else { return Ok(vec![]) };
+        let mut repaired = Vec::new();
+        for (i, (p, view)) in self.params.iter().zip(views).enumerate() {
+            let g = p.grad();
+            if g.defined() && g.data_ptr() == view.data_ptr() {
+                continue;
+            }
+            let mut view = view.shallow_clone();
+            tch::no_grad(|| if g.defined() { view.f_copy_(&g) } else { view.f_zero_().map(|_| ()) })?;
+            set_grad(p, &view).map_err(DdpError::Unsupported)?;
+            repaired.push(i);
+        }
+        self.reattached += repaired.len() as u64;
+        Ok(repaired)
+    }
+
+    /// Gradients found replaced and re-attached so far.
+    pub fn reattached(&self) -> u64 {
+        self.reattached
+    }
+
+    /// Zeroes every gradient in place, keeping the views (as `zero_grad(set_to_none=False)`).
+    pub fn zero_grad(&mut self) -> Result<(), DdpError> {
+        if self.views.is_some() {
+            self.reattach()?;
+            for b in &self.buckets {
+                let _ = b.flat.shallow_clone().f_zero_()?;
+            }
+        } else {
+            for p in &self.params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.f_zero_()?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs `backward` and averages the gradients; returns the sum of every rank's `control`.
@@ -145,7 +220,7 @@ impl Reducer {
         control: f32,
         backward: impl FnOnce() -> Result<(), tch::TchError>,
     ) -> Result<f32, DdpError> {
-        let can_overlap = self.overlap && self.attached && comm.world_size() > 1 && comm.supports_overlap() && !self.reduce_bf16;
+        let can_overlap = self.overlap && self.views.is_some() && comm.world_size() > 1 && comm.supports_overlap();
         if !can_overlap {
             backward()?;
             return self.reduce(comm, control);
@@ -154,7 +229,7 @@ impl Reducer {
             self.hooks = Some(ReadyHooks::install(&self.params).map_err(DdpError::Unsupported)?);
         }
         let (hooks, rx) = self.hooks.as_ref().expect("installed above");
-        while rx.try_recv().is_ok() {} // nothing stale from an aborted step
+        while rx.try_recv().is_ok() {} // nothing stale from an aborted or no_sync step
         let world = comm.world_size() as f64;
         let last = self.buckets.len() - 1;
         self.buckets[last].set_control(control)?;
@@ -163,7 +238,7 @@ impl Reducer {
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
         let (backward_result, reduced) = std::thread::scope(|s| {
-            let worker = s.spawn(move || -> Result<Vec<(Instant, Instant)>, DdpError> {
+            let worker = std::thread::Builder::new().name("ddp-comm".into()).spawn_scoped(s, move || {
                 let mut ready = vec![0usize; sizes.len()];
                 let mut next = 0;
                 let mut times = Vec::with_capacity(sizes.len());
@@ -181,13 +256,18 @@ impl Reducer {
                     ready[bucket_of[i]] += 1;
                     reduce_ready(&mut next, &|b| ready[b] >= sizes[b])?;
                 }
-                // Parameters that got no gradient this step still take part (zeros).
+                // Parameters that got no gradient this step still take part (zeros), as with
+                // DDP's find_unused_parameters: no rank waits for a hook that never fires.
                 reduce_ready(&mut next, &|_| true)?;
                 Ok(times)
             });
             let backward_result = backward();
             let _ = done.send(BACKWARD_DONE);
-            (backward_result, worker.join().expect("communication thread panicked"))
+            let reduced = match worker {
+                Ok(w) => w.join().unwrap_or_else(|_| Err(DdpError::Unsupported("the communication thread panicked".into()))),
+                Err(e) => Err(DdpError::Unsupported(format!("starting the communication thread: {e}"))),
+            };
+            (backward_result, reduced)
         });
         backward_result?;
         self.bucket_times = reduced?;
@@ -210,51 +290,42 @@ impl Reducer {
     pub fn reduce(&mut self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
         let world = comm.world_size() as f64;
         if comm.world_size() == 1 {
-            // Nothing to average: no copies in and out of buckets.
+            // Nothing to average.
             return Ok(control);
         }
         let last = self.buckets.len() - 1;
         self.buckets[last].set_control(control)?;
         self.bucket_times.clear();
+        let attached = self.views.is_some();
         for b in &self.buckets {
-            for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
-                let mut dst = b.flat.f_narrow(0, off, n)?;
-                let g = self.params[i].grad();
-                if !g.defined() {
-                    let _ = dst.f_zero_()?;
-                } else if !self.attached {
-                    dst.f_copy_(&g.f_view([-1])?)?;
+            if !attached {
+                for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                    let mut dst = b.flat.f_narrow(0, off, n)?;
+                    let g = self.params[i].grad();
+                    if g.defined() {
+                        dst.f_copy_(&g.f_view([-1])?)?;
+                    } else {
+                        let _ = dst.f_zero_()?;
+                    }
                 }
             }
             self.bucket_times.push(all_reduce_bucket(comm, &b.flat, world, self.reduce_bf16)?);
-            for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
-                let mut g = self.params[i].grad();
-                if g.defined() && !self.attached {
-                    // Copy back, and from now on let the gradient live in the bucket (zeroed in
-                    // place by zero_grads, never replaced, so the view stays valid).
-                    let view = b.flat.f_narrow(0, off, n)?.f_view_as(&g)?;
-                    g.f_copy_(&view)?;
-                    if self.reduce_bf16 || g.device() != b.flat.device() {
-                        continue;
+            if !attached {
+                for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                    let p = &self.params[i];
+                    let view = b.flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+                    let mut g = p.grad();
+                    if g.defined() {
+                        g.f_copy_(&view)?;
+                    } else {
+                        // No gradient here, but other ranks had one: this rank must step on the
+                        // average too.
+                        let own = view.f_to_device(p.device())?.f_detach_copy()?;
+                        set_grad(p, &own).map_err(DdpError::Unsupported)?;
                     }
-                    g.f_set_data(&view)?;
                 }
             }
         }
-        if !self.reduce_bf16 && self.params.iter().all(|p| p.grad().defined()) {
-            self.attached = self.buckets.iter().all(|b| b.params.iter().all(|&i| self.params[i].grad().device() == b.flat.device()));
-        }
         Ok(self.buckets[last].control_sum(world)?)
     }
-}
-
-/// Zeroes gradients in place (keeping their storage), as `zero_grad(set_to_none=False)`.
-pub fn zero_grads(params: &[Tensor]) -> Result<(), tch::TchError> {
-    for p in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.f_zero_()?;
-        }
-    }
-    Ok(())
 }

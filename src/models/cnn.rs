@@ -29,7 +29,7 @@ fn conv_block(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor, TchError>
 }
 
 impl Model for Cnn {
-    fn forward(&self, input: &Tensor) -> Result<Tensor, TchError> {
+    fn forward_t(&self, input: &Tensor, _train: bool) -> Result<Tensor, TchError> {
         let x = conv_block(input, &self.conv1)?;
         let x = conv_block(&x, &self.conv2)?.f_flatten(1, -1)?;
         let x = x.f_linear(&self.fc1.0, Some(&self.fc1.1))?.f_relu()?;

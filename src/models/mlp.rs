@@ -24,7 +24,7 @@ impl Mlp {
 }
 
 impl Model for Mlp {
-    fn forward(&self, input: &Tensor) -> Result<Tensor, TchError> {
+    fn forward_t(&self, input: &Tensor, _train: bool) -> Result<Tensor, TchError> {
         let mut x = input.f_flatten(1, -1)?;
         for (i, (w, b)) in self.layers.iter().enumerate() {
             x = x.f_linear(w, Some(b))?;

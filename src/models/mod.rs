@@ -10,11 +10,20 @@ pub use mlp::Mlp;
 use crate::config::{ModelConfig, ModelName};
 use tch::{Device, Kind, TchError, Tensor};
 
+/// The model seam: what the training loop needs from a model.
 pub trait Model {
-    /// Logits for a batch.
-    fn forward(&self, input: &Tensor) -> Result<Tensor, TchError>;
-    /// Parameters (and buffers) in registration order, with PyTorch names.
+    /// The output for a batch's input. `train`: training mode (dropout on, BatchNorm updating
+    /// its running statistics); false: evaluation mode.
+    fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError>;
+    /// Trainable parameters in registration order, with PyTorch names (`state_dict` keys). A
+    /// tied weight appears once.
     fn named_parameters(&self) -> &[(String, Tensor)];
+    /// Buffers (no gradient; any dtype, e.g. BatchNorm's running statistics and its i64
+    /// `num_batches_tracked`), PyTorch names. Broadcast from rank 0 and checkpointed with the
+    /// parameters.
+    fn named_buffers(&self) -> &[(String, Tensor)] {
+        &[]
+    }
 }
 
 /// Builds the configured model for samples of `sample_shape` and `classes` outputs. Initialised

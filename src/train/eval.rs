@@ -1,44 +1,76 @@
-//! Evaluation on the test set, sharded across ranks without padding (rank r takes r, r+w, …, so
-//! every test sample counts exactly once), with loss and accuracy summed across ranks.
+//! Evaluation on the test split, sharded across ranks without padding (rank r takes r, r+w, …,
+//! so every test sample counts exactly once); the task's sums are added up across ranks.
 
+use super::tasks::Task;
 use super::TrainError;
 use crate::comm::Communicator;
 use crate::data::{Dataset, Loader};
 use crate::models::Model;
 use std::sync::Arc;
-use tch::{Kind, Tensor};
 
+/// The task's metrics over the whole split, `loss` first; `samples` evaluated.
 #[derive(Clone, Debug)]
 pub struct EvalResult {
-    pub loss: f64,
-    pub accuracy: f64,
+    pub metrics: Vec<(&'static str, f64)>,
     pub samples: usize,
+}
+
+impl EvalResult {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    pub fn loss(&self) -> f64 {
+        self.get("loss").unwrap_or(f64::NAN)
+    }
 }
 
 const EVAL_BATCH: usize = 1000;
 
 pub fn evaluate(
     model: &dyn Model,
-    test: &Arc<Dataset>,
+    task: &dyn Task,
+    test: &Arc<dyn Dataset>,
     comm: &mut dyn Communicator,
     device: tch::Device,
     bf16: bool,
 ) -> Result<EvalResult, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let indices: Vec<usize> = (rank..test.len()).step_by(world).collect();
-    let (mut loss_sum, mut correct, mut count) = (0f64, 0i64, 0usize);
+    let mut sums: Vec<f64> = Vec::new();
+    let mut samples = 0usize;
     let _guard = tch::no_grad_guard();
-    for batch in Loader::spawn(test.clone(), indices, EVAL_BATCH, 2) {
-        let (input, target) = (batch.input.f_to_device(device)?, batch.target.f_to_device(device)?);
-        let logits = tch::autocast(bf16, || model.forward(&input))?.f_to_kind(Kind::Float)?;
-        let loss = logits.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Sum, -100, 0.0)?;
-        loss_sum += loss.f_double_value(&[])?;
-        correct += logits.f_argmax(-1, false)?.f_eq_tensor(&target)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-        count += batch.len;
+    for batch in Loader::spawn(test.clone(), indices, EVAL_BATCH, 2, 0)? {
+        let batch = batch?.to_device(device)?;
+        let part = tch::autocast(bf16, || task.eval_sums(model, &batch))?;
+        if sums.is_empty() {
+            sums = vec![0.0; part.len()];
+        }
+        for (s, p) in sums.iter_mut().zip(&part) {
+            *s += p;
+        }
+        samples += batch.len;
     }
-    // f32 holds these sums exactly enough: counts below 2^24, losses summed per rank first.
-    let mut sums = [loss_sum as f32, correct as f32, count as f32];
-    comm.all_reduce_sum(&mut sums)?;
-    let n = sums[2].max(1.0) as f64;
-    Ok(EvalResult { loss: sums[0] as f64 / n, accuracy: sums[1] as f64 / n, samples: sums[2] as usize })
+    // Every rank's sums, added in rank order in f64: exact for counts, the same on every rank.
+    let mut mine: Vec<u8> = (samples as f64).to_le_bytes().to_vec();
+    mine.extend((sums.len() as f64).to_le_bytes());
+    mine.extend(sums.iter().flat_map(|s| s.to_le_bytes()));
+    let all = comm.all_gather(&mine)?;
+    let mut total = Vec::new();
+    let mut total_samples = 0usize;
+    for blob in &all {
+        let vals: Vec<f64> = blob.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        total_samples += vals[0] as usize;
+        let theirs = &vals[2..2 + vals[1] as usize];
+        if total.is_empty() {
+            total = vec![0.0; theirs.len()];
+        }
+        for (t, v) in total.iter_mut().zip(theirs) {
+            *t += v;
+        }
+    }
+    if total.is_empty() {
+        return Ok(EvalResult { metrics: vec![("loss", f64::NAN)], samples: 0 });
+    }
+    Ok(EvalResult { metrics: task.metrics(&total), samples: total_samples })
 }

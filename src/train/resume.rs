@@ -2,9 +2,10 @@
 //! files and shares what it read over the communicator, so other nodes need no shared disk, and
 //! every rank fails with the same clear message when the files are bad.
 
-use super::{Optimizer, TrainError};
+use super::TrainError;
 use crate::checkpoint::{self, LoadedCheckpoint, Meta};
 use crate::comm::{broadcast_blob, Communicator};
+use crate::optim::Optimizer;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -42,40 +43,11 @@ fn on_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(
     result.map_err(TrainError::Startup)
 }
 
-/// Copies `loaded` tensors into the model's parameters (rank 0), requiring the same names and
-/// shapes; the error lists every missing, unexpected and mis-shaped tensor.
-pub fn copy_into_params(params: &[(String, Tensor)], loaded: &[(String, Tensor)], source: &Path) -> Result<(), String> {
-    let mut missing = Vec::new();
-    let mut misshaped = Vec::new();
-    for (name, p) in params {
-        match loaded.iter().find(|(n, _)| n == name) {
-            None => missing.push(name.clone()),
-            Some((_, t)) if t.size() != p.size() => misshaped.push(format!("{name} (file {:?}, model {:?})", t.size(), p.size())),
-            Some(_) => {}
-        }
-    }
-    let unexpected: Vec<String> = loaded.iter().filter(|(n, _)| !params.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()).collect();
-    if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
-        return Err(format!(
-            "{} does not fit the model: missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}",
-            source.display()
-        ));
-    }
-    tch::no_grad(|| -> Result<(), String> {
-        for (name, p) in params {
-            let (_, t) = loaded.iter().find(|(n, _)| n == name).expect("checked above");
-            let mut dst = p.shallow_clone();
-            dst.f_copy_(&t.to_kind(p.kind()).to_device(p.device())).map_err(|e| format!("{name}: {e}"))?;
-        }
-        Ok(())
-    })
-}
-
 /// Loads `model.init_from` into rank 0's parameters (the replica broadcast then spreads them).
 pub fn init_from(comm: &mut dyn Communicator, path: &Path, params: &[(String, Tensor)]) -> Result<(), TrainError> {
     on_rank0(comm, || {
         let loaded = Tensor::read_safetensors(path).map_err(|e| format!("model.init_from {}: {e}", path.display()))?;
-        copy_into_params(params, &loaded, path).map_err(|e| format!("model.init_from: {e}"))
+        checkpoint::copy_into(params, &loaded, path).map_err(|e| format!("model.init_from: {e}"))
     })?;
     tracing::info!("initialised parameters from {}", path.display());
     Ok(())
@@ -93,7 +65,6 @@ pub fn restore(
     if *resume == Resume::No {
         return Ok(None);
     }
-    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     let mut loaded: Option<LoadedCheckpoint> = None;
     // Rank 0 picks, verifies and applies; everyone learns the meta and the optimizer state names.
     let shared: Option<(Meta, Vec<String>, String)> = on_rank0(comm, || {
@@ -111,11 +82,11 @@ pub fn restore(
             Resume::No => unreachable!(),
         };
         let Some(c) = found else { return Ok(None) };
-        copy_into_params(params, &c.model, &c.path.join(checkpoint::MODEL_FILE))?;
+        checkpoint::copy_into(params, &c.model, &c.path.join(checkpoint::MODEL_FILE))?;
         if c.meta.optimizer != opt.name() {
             return Err(format!("{}: written with optimizer {}, config asks for {}", c.path.display(), c.meta.optimizer, opt.name()));
         }
-        opt.load_state(&names, &c.optimizer, c.meta.optimizer_steps).map_err(|e| format!("{}: {e}", c.path.display()))?;
+        opt.load_state(&c.optimizer, c.meta.optimizer_steps).map_err(|e| format!("{}: {e}", c.path.display()))?;
         let state_names = c.optimizer.iter().map(|(n, _)| n.clone()).collect();
         let out = (c.meta.clone(), state_names, c.path.display().to_string());
         loaded = Some(c);
@@ -143,7 +114,7 @@ pub fn restore(
         *t = c;
     }
     if comm.rank() != 0 {
-        opt.load_state(&names, &state, meta.optimizer_steps).map_err(TrainError::Startup)?;
+        opt.load_state(&state, meta.optimizer_steps).map_err(TrainError::Startup)?;
     }
     tracing::info!("resuming from {path} (global step {}, epoch {}, written at {})", meta.global_step, meta.epoch, meta.reason);
     Ok(Some(meta))

@@ -8,6 +8,19 @@ use tch::Tensor;
 extern "C" {
     fn ringtrain_set_ready_hook(tensor: *mut c_void, f: extern "C" fn(*mut c_void, c_int), ctx: *mut c_void, index: c_int) -> c_int;
     fn ringtrain_clear_ready_hook(tensor: *mut c_void) -> c_int;
+    fn ringtrain_set_grad(tensor: *mut c_void, grad: *mut c_void) -> c_int;
+}
+
+/// Makes `grad` the `.grad` of `param` (same storage: backward then accumulates into it).
+pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
+    let mut p = param.shallow_clone();
+    let mut g = grad.shallow_clone();
+    // SAFETY: two live tch tensor handles; the shim assigns one to the other's grad slot (a
+    // refcounted copy of the handle), so neither outlives the call through these pointers.
+    match unsafe { ringtrain_set_grad(p.as_mut_ptr() as *mut c_void, g.as_mut_ptr() as *mut c_void) } {
+        0 => Ok(()),
+        _ => Err("setting a parameter's gradient failed".into()),
+    }
 }
 
 extern "C" fn on_ready(ctx: *mut c_void, index: c_int) {

@@ -39,3 +39,17 @@ extern "C" int ringtrain_clear_ready_hook(void *tensor) {
         return 1;
     }
 }
+
+// Points a parameter's .grad at `grad` (tch has no setter). The reducer uses it to let gradients
+// live inside its flat buckets from the first step, and to re-attach a gradient that something
+// (e.g. an optimizer's zero_grad(set_to_none=True)) replaced. Returns 0 on success.
+extern "C" int ringtrain_set_grad(void *tensor, void *grad) {
+    try {
+        auto *t = static_cast<at::Tensor *>(tensor);
+        auto *g = static_cast<at::Tensor *>(grad);
+        t->mutable_grad() = *g;
+        return 0;
+    } catch (...) {
+        return 1;
+    }
+}

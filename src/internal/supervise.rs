@@ -308,7 +308,7 @@ pub fn run_job(
     opts: &GroupOptions,
     max_restarts: u32,
     signals: &Receiver<i32>,
-    nodes: Option<&crate::nodes::NodeCoordinator>,
+    nodes: Option<&crate::internal::nodes::NodeCoordinator>,
 ) -> Result<JobOutcome, String> {
     let mut opts = opts.clone();
     let mut restarts = Vec::new();

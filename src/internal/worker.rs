@@ -2,7 +2,7 @@
 //! out who we are, join the group (store, then ring), train, write outputs.
 
 use crate::config::Config;
-use crate::fault::Fault;
+use crate::internal::fault::Fault;
 use crate::launch::LaunchInfo;
 use crate::{telemetry, train};
 use anyhow::{Context, Result};
@@ -37,7 +37,7 @@ pub fn default_run_dir(config: &Path) -> PathBuf {
 pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     let cfg = Config::load(&args.config, &args.overrides)?;
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let mut launch = LaunchInfo::from_env(&env)?;
+    let launch = LaunchInfo::from_env(&env)?;
     let fault = Fault::from_env().map_err(anyhow::Error::msg)?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&args.config));
     let rank = launch.rank;
@@ -76,20 +76,29 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     };
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
-    // Before joining anyone: a rank without its GPU stops here with the reason.
-    let device = crate::device::select(cfg.device, launch.local_rank, launch.local_world_size)?;
+    // Joins through the library's face (the device is chosen before anyone is joined, so a rank
+    // without its GPU stops there with the reason); logging is already set up above.
+    let opts = crate::InitOptions {
+        backend: cfg.comm.backend,
+        device: cfg.device,
+        timeout_secs: cfg.comm.timeout_secs,
+        local_transport: cfg.comm.local_transport,
+        logging: false,
+        log_file: None,
+    };
+    let mut pg = crate::init_from_env(&env, opts)?;
+    let device = pg.device();
     tracing::info!("device {device:?}");
-    let mut group = crate::group::join(&cfg.comm, &mut launch, &env, device)?;
-    let comm = group.comm.as_mut();
+    let comm = pg.comm();
     tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
     let sample_log = std::env::var_os("RINGTRAIN_SAMPLE_LOG").is_some();
     match train::run(train::TrainContext { cfg: &cfg, comm, run_dir: &run_dir, fault, resume, stop, sample_log, device }) {
         Ok(summary) => {
-            group.finish();
+            pg.finish();
             Ok(summary)
         }
         Err(e) => {
-            group.abandon();
+            pg.abandon();
             Err(e.into())
         }
     }

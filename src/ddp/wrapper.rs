@@ -1,0 +1,211 @@
+//! `Ddp`: DistributedDataParallel over a model's named parameters and buffers.
+//!
+//! ```text
+//! Ddp::new        replica check (names, shapes, dtypes on every rank) → broadcast rank 0's
+//!                 parameters and buffers → buckets, gradients attached to them
+//! sync_buffers    before each forward: rank 0's buffers to everyone (broadcast_buffers=True)
+//! backward        re-attach replaced gradients → loss.backward() with each bucket all-reduced
+//!                 as soon as it is ready → averaged gradients on every rank
+//! no_sync         backward accumulates locally, no communication (gradient accumulation)
+//! zero_grad       in place; the gradients stay inside the buckets
+//! ```
+
+use super::reducer::{Reducer, ReducerOptions};
+use super::{parameter_hash, sync_replicas, DdpError};
+use crate::comm::Communicator;
+use std::time::Instant;
+use tch::{nn::VarStore, Tensor};
+
+/// How a `Ddp` reduces; the defaults are PyTorch DDP's.
+#[derive(Clone, Debug)]
+pub struct DdpOptions {
+    /// Bucket size cap (PyTorch's `bucket_cap_mb`, 25 MiB).
+    pub bucket_cap_bytes: usize,
+    /// Cap of the first bucket (the last layers' gradients, ready first), 1 MiB as PyTorch.
+    pub first_bucket_cap_bytes: usize,
+    /// All-reduce buckets during backward, as soon as their gradients are ready.
+    pub overlap: bool,
+    /// Gradients travel as bf16 (half the bytes; less precision).
+    pub reduce_bf16: bool,
+    /// `sync_buffers` broadcasts rank 0's buffers (DDP's `broadcast_buffers=True`).
+    pub broadcast_buffers: bool,
+}
+
+impl Default for DdpOptions {
+    fn default() -> Self {
+        Self { bucket_cap_bytes: 25 << 20, first_bucket_cap_bytes: 1 << 20, overlap: true, reduce_bf16: false, broadcast_buffers: true }
+    }
+}
+
+pub struct Ddp {
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    reducer: Reducer,
+    opts: DdpOptions,
+    /// False inside `no_sync`: backward accumulates without communicating.
+    sync: bool,
+    warned_reattach: bool,
+}
+
+impl Ddp {
+    /// Wraps `params` (trainable, f32) and `buffers` (any dtype, no gradient), in an order that
+    /// must be the same on every rank. Checks the replicas agree and broadcasts rank 0's values.
+    pub fn new(
+        comm: &mut dyn Communicator,
+        params: Vec<(String, Tensor)>,
+        buffers: Vec<(String, Tensor)>,
+        opts: DdpOptions,
+    ) -> Result<Ddp, DdpError> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some((n, _)) = params.iter().chain(&buffers).find(|(n, _)| !seen.insert(n.as_str())) {
+            return Err(DdpError::Unsupported(format!("`{n}` is listed twice (a tied weight must appear once)")));
+        }
+        let all: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        sync_replicas(comm, &all)?;
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        let reducer = Reducer::new(
+            &params.iter().map(|(_, p)| p.shallow_clone()).collect::<Vec<_>>(),
+            &ReducerOptions {
+                first_cap_bytes: opts.first_bucket_cap_bytes,
+                cap_bytes: opts.bucket_cap_bytes,
+                buffer_device: if comm.device_native() { device } else { tch::Device::Cpu },
+                reduce_bf16: opts.reduce_bf16,
+                overlap: opts.overlap,
+            },
+        )?;
+        Ok(Ddp { params, buffers, reducer, opts, sync: true, warned_reattach: false })
+    }
+
+    /// Wraps a `tch::nn::VarStore`: trainable variables are parameters, the others buffers
+    /// (e.g. BatchNorm's running statistics), each sorted by name — a VarStore keeps them in a
+    /// HashMap, whose order differs between processes.
+    pub fn from_var_store(comm: &mut dyn Communicator, vs: &VarStore, opts: DdpOptions) -> Result<Ddp, DdpError> {
+        let mut params = Vec::new();
+        let mut buffers = Vec::new();
+        for (name, t) in vs.variables() {
+            if t.requires_grad() {
+                params.push((name, t));
+            } else {
+                buffers.push((name, t));
+            }
+        }
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ddp::new(comm, params, buffers, opts)
+    }
+
+    /// Backward of `loss`, then (unless inside `no_sync`) gradients averaged across ranks.
+    pub fn backward(&mut self, comm: &mut dyn Communicator, loss: &Tensor) -> Result<(), DdpError> {
+        self.backward_with(comm, 0.0, || loss.f_backward()).map(|_| ())
+    }
+
+    /// As `backward`, with the backward pass given as a closure and a control value every rank
+    /// contributes; returns the sum of all ranks' values (0 inside `no_sync`). It rides in the
+    /// last bucket, so a vote (e.g. "stop after this step") costs no extra collective.
+    pub fn backward_with(
+        &mut self,
+        comm: &mut dyn Communicator,
+        control: f32,
+        backward: impl FnOnce() -> Result<(), tch::TchError>,
+    ) -> Result<f32, DdpError> {
+        self.reattach()?;
+        if !self.sync {
+            backward()?;
+            return Ok(0.0);
+        }
+        self.reducer.backward_and_reduce(comm, control, backward)
+    }
+
+    /// Runs `f` with gradient synchronisation off (PyTorch's `no_sync()`): backward passes in it
+    /// accumulate gradients locally; the next `backward` outside communicates the sum.
+    pub fn no_sync<R>(&mut self, f: impl FnOnce(&mut Ddp) -> R) -> R {
+        let before = self.sync;
+        self.sync = false;
+        let r = f(self);
+        self.sync = before;
+        r
+    }
+
+    /// Turns gradient synchronisation on or off for the following backward passes (what
+    /// `no_sync` does around a closure; DDP's `require_backward_grad_sync`).
+    pub fn set_sync(&mut self, on: bool) {
+        self.sync = on;
+    }
+
+    /// Zeroes the gradients in place. Prefer it to an optimizer's `zero_grad`, which in tch sets
+    /// them to None (repaired at the next backward, with a warning).
+    pub fn zero_grad(&mut self) -> Result<(), DdpError> {
+        self.reattach()?;
+        self.reducer.zero_grad()
+    }
+
+    /// Broadcasts rank 0's buffers to every rank (when `broadcast_buffers` is on and there are
+    /// buffers); call before each forward, as DDP does inside its forward.
+    pub fn sync_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        if !self.opts.broadcast_buffers || self.buffers.is_empty() || comm.world_size() == 1 {
+            return Ok(());
+        }
+        tch::no_grad(|| -> Result<(), DdpError> {
+            for (_, b) in &self.buffers {
+                let mut view = b.shallow_clone();
+                comm.broadcast_tensor(&mut view, 0)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn reattach(&mut self) -> Result<(), DdpError> {
+        let repaired = self.reducer.reattach()?;
+        if !repaired.is_empty() && !self.warned_reattach {
+            self.warned_reattach = true;
+            let names: Vec<&str> = repaired.iter().take(3).map(|&i| self.params[i].0.as_str()).collect();
+            tracing::warn!(
+                "ddp: the gradients of {} parameter(s) ({}{}) were replaced since the last step, e.g. by an optimizer's \
+                 zero_grad that sets them to None; re-attached them to the all-reduce buckets (None counts as zero). \
+                 Use Ddp::zero_grad to avoid this",
+                repaired.len(),
+                names.join(", "),
+                if repaired.len() > 3 { ", …" } else { "" }
+            );
+        }
+        Ok(())
+    }
+
+    /// Gradients found replaced and re-attached so far.
+    pub fn reattached_grads(&self) -> u64 {
+        self.reducer.reattached()
+    }
+
+    pub fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn named_buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+
+    /// The parameters (shallow handles), e.g. for a tch optimizer or `clip_grad_norm`.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+    }
+
+    /// Parameters then buffers, the order checkpoints and hashes use.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().chain(&self.buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
+    /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas.
+    pub fn state_hash(&self) -> Result<u64, tch::TchError> {
+        parameter_hash(&self.state())
+    }
+
+    /// Start and end of each bucket's all-reduce in the last synchronising backward.
+    pub fn last_bucket_times(&self) -> &[(Instant, Instant)] {
+        self.reducer.last_bucket_times()
+    }
+
+    /// Parameter indices of each bucket, in reduction order.
+    pub fn bucket_layout(&self) -> Vec<Vec<usize>> {
+        self.reducer.bucket_layout()
+    }
+}

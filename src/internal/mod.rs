@@ -1,0 +1,13 @@
+//! What the binaries need and library users do not: not a stable API.
+//!
+//! - `worker` — the `ringtrain` binary's job: config and environment to a finished run.
+//! - `supervise` — `ringrun`'s process group: spawn, prefix output, stop on failure, restart.
+//! - `nodes` — launchers on several nodes acting as one job (join, failure, restart together).
+//! - `bench` — the all-reduce benchmark behind `ringbench`.
+//! - `fault` — test-only fault injection (a worker that exits or hangs at a given step).
+
+pub mod bench;
+pub mod fault;
+pub mod nodes;
+pub mod supervise;
+pub mod worker;

@@ -1,0 +1,157 @@
+//! `ringtrain::init`: from the launch environment to a joined process group — who this process
+//! is (ringrun / torchrun, mpirun, srun, or a lone process), which device it computes on, and a
+//! communicator every rank shares.
+
+use crate::comm::Communicator;
+use crate::config::{Backend, CommConfig, DeviceChoice, LocalTransport};
+use crate::group::Group;
+use crate::launch::{LaunchError, LaunchInfo, LaunchSource};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// What `init` needs to know; the defaults suit a CPU job under ringrun or torchrun.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// `Auto`: NCCL on CUDA, MPI under mpirun (when built in), else the built-in ring.
+    pub backend: Backend,
+    /// `Cpu`, `Cuda` (local rank r on cuda:r), or `Auto` (CUDA when a GPU is visible).
+    pub device: DeviceChoice,
+    /// Bound on every rendezvous wait and collective.
+    pub timeout_secs: u64,
+    /// Ring links between ranks on one node.
+    pub local_transport: LocalTransport,
+    /// Install logging: rank 0 at INFO on stderr, other ranks WARN, the rank in every line
+    /// (off when the program sets up `tracing` itself).
+    pub logging: bool,
+    /// Also log this rank at INFO to this file.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        let comm = CommConfig::default();
+        Self {
+            backend: comm.backend,
+            device: DeviceChoice::Cpu,
+            timeout_secs: comm.timeout_secs,
+            local_transport: comm.local_transport,
+            logging: true,
+            log_file: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error("rank {rank}: joining the group ({backend:?}): {detail}")]
+    Join { rank: usize, backend: Backend, detail: String },
+    #[error("logging: {0}")]
+    Logging(std::io::Error),
+}
+
+/// A joined group of ranks: the communicator, and where this rank computes.
+pub struct ProcessGroup {
+    launch: LaunchInfo,
+    device: tch::Device,
+    group: Option<Group>,
+}
+
+/// Joins the group described by this process's environment (`RANK`, `WORLD_SIZE`,
+/// `MASTER_ADDR`, … as ringrun and torchrun set them; Open MPI's, PMI's or Slurm's variables; or
+/// none: a group of one).
+pub fn init(opts: InitOptions) -> Result<ProcessGroup, InitError> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    init_from_env(&env, opts)
+}
+
+/// As `init`, from an explicit environment map.
+pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result<ProcessGroup, InitError> {
+    let mut launch = LaunchInfo::from_env(env)?;
+    let rank = launch.rank;
+    if opts.logging {
+        crate::telemetry::init_tracing(rank, opts.log_file.as_deref()).map_err(InitError::Logging)?;
+    }
+    // Before joining anyone: a rank without its GPU stops here with the reason.
+    let device = crate::device::select(opts.device, launch.local_rank, launch.local_world_size)?;
+    let comm_cfg = CommConfig { backend: opts.backend, timeout_secs: opts.timeout_secs, local_transport: opts.local_transport };
+    let group = crate::group::join(&comm_cfg, &mut launch, env, device).map_err(|e| InitError::Join {
+        rank,
+        backend: opts.backend,
+        detail: format!("{e:#}"),
+    })?;
+    Ok(ProcessGroup { launch, device, group: Some(group) })
+}
+
+impl ProcessGroup {
+    pub fn rank(&self) -> usize {
+        self.launch.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.launch.world_size
+    }
+
+    pub fn local_rank(&self) -> usize {
+        self.launch.local_rank
+    }
+
+    pub fn local_world_size(&self) -> usize {
+        self.launch.local_world_size
+    }
+
+    /// Rank 0: the one that logs, writes metrics and checkpoints.
+    pub fn is_main(&self) -> bool {
+        self.launch.rank == 0
+    }
+
+    /// Where this rank computes: `Cpu`, or `Cuda(local_rank)`.
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+
+    /// How this process was started (ringrun/torchrun, mpirun, srun, alone).
+    pub fn launched_by(&self) -> LaunchSource {
+        self.launch.source
+    }
+
+    /// Restarts of the group so far (ringrun --max-restarts): > 0 means resume.
+    pub fn restart_count(&self) -> u32 {
+        self.launch.restart_count
+    }
+
+    /// The collectives: all_reduce, broadcast, all_gather, barrier.
+    pub fn comm(&mut self) -> &mut (dyn Communicator + 'static) {
+        self.group.as_mut().expect("the group is held until finish").comm.as_mut()
+    }
+
+    /// Leaves cleanly after success (MPI_Finalize where MPI was used).
+    pub fn finish(mut self) {
+        if let Some(g) = self.group.take() {
+            g.finish();
+        }
+    }
+
+    /// Leaves after a failure without waiting for ranks that may be gone (no MPI_Finalize).
+    pub fn abandon(mut self) {
+        if let Some(g) = self.group.take() {
+            g.abandon();
+        }
+    }
+}
+
+impl std::ops::Deref for ProcessGroup {
+    type Target = dyn Communicator;
+    fn deref(&self) -> &Self::Target {
+        self.group.as_ref().expect("the group is held until finish").comm.as_ref()
+    }
+}
+
+impl std::ops::DerefMut for ProcessGroup {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.comm()
+    }
+}

@@ -1,0 +1,143 @@
+//! One epoch: the sampler's order for this rank, the optimizer steps over it (logging, stop
+//! requests and periodic checkpoints between them), then the epoch's metrics and evaluation.
+
+use super::position;
+use super::{agree, evaluate, io_err, EpochSummary, TrainError, Trainer};
+use crate::data::Loader;
+use crate::telemetry::Progress;
+use serde_json::json;
+use std::time::Instant;
+
+impl Trainer<'_> {
+    pub(crate) fn run_epoch(&mut self) -> Result<EpochSummary, TrainError> {
+        let (rank, world) = (self.rank(), self.comm.world_size());
+        let cfg = self.cfg;
+        let t = &cfg.train;
+        let epoch = self.pos.epoch;
+        self.sampler.set_epoch(epoch as u64);
+        let indices = self.sampler.indices_from(self.pos.epoch_base as usize);
+        let batches_in_shard = indices.len().div_ceil(t.batch_size) as u64;
+        // Equal data means equal step counts; a rank that would take a different number of
+        // steps would leave the others waiting in a collective, so it is an error here instead.
+        agree(self.comm, "steps in this epoch", batches_in_shard.to_string().as_bytes())?;
+        if batches_in_shard == 0 && self.pos.epoch_base == 0 {
+            return Err(TrainError::Disagree(format!(
+                "no training batches: {} samples over {world} ranks with drop_last={}",
+                self.splits.train.len(),
+                t.drop_last
+            )));
+        }
+        let skip = (self.pos.steps_in_shard as usize * t.batch_size).min(indices.len());
+        let todo: Vec<usize> = indices[skip..].to_vec();
+        let mut loader =
+            Loader::spawn(self.splits.train.clone(), todo.clone(), t.batch_size, self.cfg.data.prefetch_batches, epoch as u64)?;
+        let progress = Progress::new(rank == 0, epoch, batches_in_shard);
+        let started = Instant::now();
+        let (mut loss_sum, mut samples, mut steps) = (0.0f64, 0usize, 0u64);
+        let mut window = (Instant::now(), 0usize);
+        let mut epoch_complete = true;
+        let mut taken = 0usize;
+        loop {
+            let batches_left = batches_in_shard.saturating_sub(self.pos.steps_in_shard);
+            if batches_left == 0 {
+                break;
+            }
+            if t.max_steps.is_some_and(|m| self.pos.global_step >= m) {
+                epoch_complete = false;
+                break;
+            }
+            if let Some(f) = &self.fault {
+                f.check(rank, self.pos.global_step);
+            }
+            let micro = position::micro_batches_in_step(batches_left, t.grad_accum_steps);
+            let epoch_ends = micro == batches_left;
+            let log_now = rank == 0 && ((self.pos.global_step + 1) % t.log_every_steps == 0 || epoch_ends);
+            let out = self.step(&mut loader, micro, &todo, &mut taken, log_now)?;
+            loss_sum += out.loss * out.samples as f64;
+            samples += out.samples;
+            window.1 += out.samples;
+            steps += 1;
+            let step = self.pos.steps_in_shard;
+            if log_now {
+                let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                progress.update(step, out.loss, rate);
+                if !progress.is_bar() {
+                    tracing::info!(
+                        "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {rate:.0} samples/s",
+                        out.loss,
+                        out.lr,
+                        out.grad_norm.map(|g| format!(" grad_norm {g:.3}")).unwrap_or_default()
+                    );
+                }
+                self.metrics
+                    .write(json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
+                                  "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate}))
+                    .map_err(io_err("metrics.jsonl"))?;
+                window = (Instant::now(), 0);
+            }
+            if out.stop_votes > 0.0 {
+                progress.finish();
+                tracing::warn!("stop requested: stopping after step {}", self.pos.global_step);
+                if step < batches_in_shard {
+                    self.checkpoint("shutdown")?;
+                }
+                self.stopped = true;
+                epoch_complete = step >= batches_in_shard;
+                break;
+            }
+            let every = self.cfg.checkpoint.every_steps;
+            if every > 0 && self.pos.global_step % every == 0 && step < batches_in_shard {
+                self.checkpoint("every_steps")?;
+            }
+        }
+        drop(loader);
+        progress.finish();
+        if epoch_complete {
+            self.pos.epoch += 1;
+            self.pos.epoch_base = 0;
+            self.pos.steps_in_shard = 0;
+            self.checkpoint("epoch_end")?;
+        }
+        let train_secs = started.elapsed().as_secs_f64();
+        let samples_per_s = (samples * world) as f64 / train_secs.max(1e-9);
+        let step_ms = self.timing.take();
+        if rank == 0 {
+            tracing::info!(
+                "epoch {epoch} per step (ms): {}",
+                step_ms.iter().map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", ")
+            );
+        }
+        // Mean training loss over all ranks' samples.
+        let mut acc = [loss_sum as f32, samples as f32];
+        self.comm.all_reduce_sum(&mut acc)?;
+        let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
+        let test = match t.eval && !self.stopped {
+            true => Some(evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16)?),
+            false => None,
+        };
+        let shown: String = test.iter().flat_map(|r| r.metrics.iter()).map(|(k, v)| format!(" test_{k} {}", fmt_metric(k, *v))).collect();
+        tracing::info!(
+            "epoch {epoch}{}: train_loss {train_loss:.4}{shown} {samples_per_s:.0} samples/s ({steps} steps, {train_secs:.1}s)",
+            if test.is_some() { " done" } else { "" }
+        );
+        let mut line = json!({
+            "kind": "epoch", "epoch": epoch, "train_loss": train_loss,
+            "samples_per_s": samples_per_s, "steps": steps, "global_step": self.pos.global_step, "seconds": train_secs,
+            "complete": epoch_complete, "step_ms": step_ms, "peak_rss_mib": super::peak_rss_mib(),
+        });
+        for (k, v) in test.iter().flat_map(|r| r.metrics.iter()) {
+            line[format!("test_{k}")] = json!(v);
+        }
+        self.metrics.write(line).map_err(io_err("metrics.jsonl"))?;
+        Ok(EpochSummary { epoch, train_loss, test, samples_per_s })
+    }
+}
+
+/// Accuracy-like metrics as percentages, the rest with four decimals.
+pub(crate) fn fmt_metric(name: &str, v: f64) -> String {
+    if name == "acc" {
+        format!("{:.2}%", v * 100.0)
+    } else {
+        format!("{v:.4}")
+    }
+}

@@ -1,0 +1,112 @@
+//! From a config to a ready `Trainer`: every rank agrees on config and data, builds the model,
+//! restores a checkpoint or `init_from` weights on rank 0, and wraps the model in `Ddp`, which
+//! broadcasts rank 0's parameters and buffers.
+
+use super::breakdown::Breakdown;
+use super::position::{self, Position};
+use super::{agree, io_err, resume, tasks, TrainContext, TrainError, Trainer};
+use crate::data::{self, DistributedSampler};
+use crate::ddp::{self, Ddp, DdpOptions};
+use crate::models;
+use crate::optim::Optimizer;
+use crate::telemetry::Metrics;
+use tch::Tensor;
+
+impl<'a> Trainer<'a> {
+    pub(crate) fn setup(ctx: TrainContext<'a>) -> Result<Trainer<'a>, TrainError> {
+        let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log, device } = ctx;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let t = &cfg.train;
+
+        // Identical config everywhere, or the replicas silently diverge.
+        agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
+        let splits = data::load(&cfg.data)?;
+        agree(
+            comm,
+            "data (train samples, test samples, classes)",
+            format!("{}, {}, {}", splits.train.len(), splits.test.len(), splits.classes).as_bytes(),
+        )?;
+
+        tch::manual_seed(t.seed as i64);
+        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device)?;
+        let params: Vec<(String, Tensor)> = model.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let buffers: Vec<(String, Tensor)> = model.named_buffers().iter().map(|(n, b)| (n.clone(), b.shallow_clone())).collect();
+        let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let mut opt = Optimizer::new(&cfg.optimizer, &params);
+        let checkpoints = run_dir.join("checkpoints");
+        let resumed = resume::restore(comm, &resume, &checkpoints, &state, &mut opt)?;
+        if resumed.is_none() {
+            if let Some(path) = &cfg.model.init_from {
+                resume::init_from(comm, path, &state)?;
+            }
+        }
+        let opts = DdpOptions {
+            bucket_cap_bytes: (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
+            first_bucket_cap_bytes: (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
+            overlap: cfg.ddp.overlap,
+            reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
+            broadcast_buffers: cfg.ddp.broadcast_buffers,
+        };
+        let ddp = Ddp::new(comm, params, buffers, opts)?;
+        let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
+        tracing::info!(
+            "model {:?}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}; {world} rank(s) × batch {}{} on {} samples",
+            cfg.model.name,
+            ddp.named_parameters().len(),
+            ddp.named_buffers().len(),
+            ddp.bucket_layout().len(),
+            ddp.bucket_layout(),
+            t.batch_size,
+            if t.grad_accum_steps > 1 { format!(" × {} micro-batches", t.grad_accum_steps) } else { String::new() },
+            splits.train.len()
+        );
+
+        let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
+        if let Some(m) = resumed.as_ref().filter(|m| m.epoch_world_size != world || m.batch_size != t.batch_size) {
+            tracing::info!(
+                "epoch {} continues at a new layout ({world} ranks × batch {}, was {} × {}): positions {}..{} of its order re-sharded",
+                m.epoch,
+                t.batch_size,
+                m.epoch_world_size,
+                m.batch_size,
+                pos.epoch_base,
+                splits.train.len()
+            );
+        }
+
+        let metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref()).map_err(io_err("metrics.jsonl"))?;
+        let samples_file = match sample_log {
+            true => {
+                let dir = run_dir.join("samples");
+                std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
+                let p = dir.join(format!("rank{rank}.txt"));
+                Some(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?)
+            }
+            false => None,
+        };
+        let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
+        Ok(Trainer {
+            cfg,
+            comm,
+            run_dir,
+            checkpoints,
+            fault,
+            stop,
+            device,
+            bf16: t.precision == crate::config::Precision::Bf16,
+            task: tasks::build(cfg),
+            params: ddp.parameters(),
+            model,
+            ddp,
+            opt,
+            splits,
+            last_saved: resumed.as_ref().map(|m| m.global_step),
+            pos,
+            metrics,
+            samples_file,
+            sampler,
+            timing: Breakdown::new(rank, t.trace),
+            stopped: false,
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! One optimizer step: the learning rate from the schedule, then each micro-batch's forward and
+//! backward — only the last one all-reduces (DDP's `no_sync()` before it), carrying the stop
+//! vote — then clipping and the update.
+
+use super::breakdown::Phase;
+use super::{io_err, TrainError, Trainer};
+use crate::data::{Batch, DataError, Loader};
+use crate::optim;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+pub(crate) struct StepOutcome {
+    /// Mean loss over the step's samples (unscaled).
+    pub loss: f64,
+    pub samples: usize,
+    /// Sum of every rank's stop request: > 0 means every rank stops after this step.
+    pub stop_votes: f32,
+    /// Global gradient norm after the all-reduce (when clipping, or when `want_norm`).
+    pub grad_norm: Option<f64>,
+    pub lr: f64,
+}
+
+impl Trainer<'_> {
+    /// Takes `micro` batches from `loader` (the epoch's `todo` from position `taken` on, for the
+    /// sample log) and makes one optimizer step of them.
+    pub(crate) fn step(
+        &mut self,
+        loader: &mut Loader,
+        micro: u64,
+        todo: &[usize],
+        taken: &mut usize,
+        want_norm: bool,
+    ) -> Result<StepOutcome, TrainError> {
+        let cfg = self.cfg;
+        let t = &cfg.train;
+        let lr = optim::lr_at(&self.cfg.optimizer.schedule, self.cfg.optimizer.lr, self.pos.global_step);
+        self.opt.set_lr(lr);
+        self.ddp.zero_grad()?;
+        let (mut loss_sum, mut samples, mut stop_votes) = (0f64, 0usize, 0f32);
+        for m in 0..micro {
+            let waited = Instant::now();
+            let batch: Batch = match loader.next() {
+                Some(b) => b?,
+                None => return Err(DataError::Loader("the loader ended before the epoch's last batch".into()).into()),
+            };
+            self.timing.record(Phase::DataWait, waited);
+            if let Some(f) = &mut self.samples_file {
+                let ids = &todo[*taken..(*taken + batch.len).min(todo.len())];
+                let lines: String = ids.iter().map(|id| format!("{} {id}\n", self.pos.epoch)).collect();
+                f.write_all(lines.as_bytes()).map_err(io_err("sample log"))?;
+            }
+            *taken += t.batch_size;
+
+            // Buffers from rank 0 before each forward (DDP's broadcast_buffers).
+            self.ddp.sync_buffers(self.comm)?;
+            let started_fwd = Instant::now();
+            let batch = batch.to_device(self.device)?;
+            // bf16: forward (and so backward) under autocast; parameters stay fp32.
+            let loss = tch::autocast(self.bf16, || self.task.loss(self.model.as_ref(), &batch))?;
+            // Mean over the step's micro-batches; a single one is left untouched (bitwise as
+            // without accumulation).
+            let scaled = if micro > 1 { loss.f_div_scalar(micro as f64)? } else { loss.shallow_clone() };
+            self.timing.record(Phase::Forward, started_fwd);
+
+            let last = m + 1 == micro;
+            self.ddp.set_sync(last);
+            let started_bwd = Instant::now();
+            let mut backward_done = started_bwd;
+            let vote = if last { f32::from(u8::from(self.stop.load(Ordering::Relaxed))) } else { 0.0 };
+            let votes = self.ddp.backward_with(self.comm, vote, || {
+                scaled.f_backward()?;
+                backward_done = Instant::now();
+                Ok(())
+            });
+            self.ddp.set_sync(true);
+            let votes = votes?;
+            // Communication here is what backward did not hide.
+            self.timing.record_span(Phase::Backward, started_bwd, backward_done);
+            if last {
+                stop_votes = votes;
+                self.timing.record_span(Phase::Communication, backward_done, Instant::now());
+                if self.timing.tracing() {
+                    for (b, (s0, s1)) in self.ddp.last_bucket_times().iter().enumerate() {
+                        self.timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
+                    }
+                }
+            }
+            loss_sum += loss.f_double_value(&[])? * batch.len as f64;
+            samples += batch.len;
+        }
+
+        let started_opt = Instant::now();
+        let grad_norm = match t.clip_grad_norm {
+            Some(max) => Some(optim::clip_grad_norm(&self.params, max)?),
+            None if want_norm => Some(optim::grad_norm(&self.params)?),
+            None => None,
+        };
+        self.opt.step()?;
+        self.timing.record(Phase::Optimizer, started_opt);
+        self.timing.step_done();
+        self.pos.global_step += 1;
+        self.pos.steps_in_shard += micro;
+        Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr })
+    }
+}

@@ -1,0 +1,27 @@
+//! The task seam: what "loss" and "evaluation" mean for a kind of work. The loop, the loader and
+//! evaluation call only this trait, so a new kind of work (language modelling, …) is one new
+//! file here plus a line in `build`.
+
+mod classification;
+
+pub use classification::Classification;
+
+use crate::config::Config;
+use crate::data::Batch;
+use crate::models::Model;
+use tch::{TchError, Tensor};
+
+pub trait Task {
+    /// Mean training loss over a batch (already on the model's device), forward in training mode.
+    fn loss(&self, model: &dyn Model, batch: &Batch) -> Result<Tensor, TchError>;
+    /// Sums over one evaluation batch, forward in evaluation mode (no gradients are recorded):
+    /// e.g. [loss sum, correct, samples]. Summed over every batch and rank, then `metrics`.
+    fn eval_sums(&self, model: &dyn Model, batch: &Batch) -> Result<Vec<f64>, TchError>;
+    /// Named metrics from the sums over the whole evaluation split, `loss` first.
+    fn metrics(&self, sums: &[f64]) -> Vec<(&'static str, f64)>;
+}
+
+/// The task the config describes.
+pub fn build(_cfg: &Config) -> Box<dyn Task> {
+    Box::new(Classification)
+}
