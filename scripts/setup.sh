@@ -8,8 +8,19 @@
 #   ($RINGTRAIN_CACHE, default ~/.cache/ringtrain) and linked into the repo as .deps/libtorch,
 #   which .cargo/config.toml points LIBTORCH at.
 #
+# With --python, also a Python venv with torch 2.11 (scripts/bench_setup.sh), which the tests that
+# compare with PyTorch and the benchmarks use; the test command asks for it.
+#
 # Quiet when nothing is missing.
 set -euo pipefail
+
+with_python=0
+for arg in "$@"; do
+    case "$arg" in
+        --python) with_python=1 ;;
+        *) echo "setup: unknown option $arg (expected --python)" >&2; exit 2 ;;
+    esac
+done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${RINGTRAIN_CACHE:-$HOME/.cache/ringtrain}"
@@ -23,6 +34,7 @@ say() { echo "setup: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_packages=(dataset-fashion-mnist pkg-config g++ unzip libopenmpi-dev openmpi-bin libclang-dev)
+((with_python)) && apt_packages+=(python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -62,4 +74,9 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found; install Rust (https://rustup.rs) and re-run" >&2
     exit 1
+fi
+
+# --- Python torch for the tests that compare with PyTorch --------------------------------------
+if ((with_python)); then
+    "$repo/scripts/bench_setup.sh" >/dev/null
 fi

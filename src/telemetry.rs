@@ -42,6 +42,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Rank 0 appends to `path`; every other rank gets a writer that writes nothing, so the same
+    /// code runs on every rank.
+    pub fn for_rank(rank: usize, path: &Path) -> std::io::Result<Self> {
+        Self::open((rank == 0).then_some(path))
+    }
+
     pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
         let file = match path {
             Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p)?),

@@ -1,0 +1,134 @@
+//! The library face in-process: two ranks on threads joined by a real ring over a real TCP store,
+//! each holding a `Ddp` over its own tensors.
+
+use ringtrain::checkpoint::{self, CheckpointData, Meta};
+use ringtrain::comm::{Communicator, RingComm, RingOptions};
+use ringtrain::rendezvous::{Store, TcpStore, TcpStoreServer};
+use ringtrain::{Ddp, DdpOptions};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+use tch::{Kind, Tensor};
+
+fn with_ring<T: Send + 'static>(world: usize, f: impl Fn(usize, &mut RingComm) -> T + Send + Sync + Clone + 'static) -> Vec<T> {
+    let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
+    let addr = server.local_addr().to_string();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addr, f) = (addr.clone(), f.clone());
+            std::thread::spawn(move || {
+                let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
+                let opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), Duration::from_secs(20));
+                let mut comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
+                f(rank, &mut comm)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Per-rank parameters and buffers that differ until Ddp broadcasts rank 0's.
+fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    let r = rank as f64;
+    let params = vec![
+        ("used.weight".to_string(), (Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]) + r).set_requires_grad(true)),
+        ("unused.weight".to_string(), (Tensor::ones([4], tch::kind::FLOAT_CPU) * (r + 1.0)).set_requires_grad(true)),
+    ];
+    let buffers = vec![
+        ("bn.running_mean".to_string(), Tensor::full([3], r + 0.5, tch::kind::FLOAT_CPU)),
+        ("bn.num_batches_tracked".to_string(), Tensor::from_slice(&[7 + rank as i64]).view([])),
+    ];
+    (params, buffers)
+}
+
+#[test]
+fn replicas_buffers_unused_parameters_and_replaced_gradients() {
+    let results = with_ring(2, |rank, comm| {
+        let (params, buffers) = state(rank);
+        let mut ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
+        // Rank 0's values everywhere, the i64 buffer kept in its dtype.
+        let nbt = &ddp.named_buffers()[1].1;
+        assert_eq!((nbt.kind(), nbt.int64_value(&[])), (Kind::Int64, 7));
+        let hash0 = ddp.state_hash().unwrap();
+
+        // Rank 0 updates its running statistics; sync_buffers (before each forward) spreads them.
+        if rank == 0 {
+            let _ = ddp.named_buffers()[0].1.shallow_clone().fill_(2.25);
+            let _ = ddp.named_buffers()[1].1.shallow_clone().fill_(8);
+        }
+        ddp.sync_buffers(comm).unwrap();
+
+        // A loss that leaves `unused.weight` without a gradient, different data on each rank:
+        // the overlapped reduce must not wait for it.
+        let w = ddp.named_parameters()[0].1.shallow_clone();
+        let x = Tensor::full([3], rank as f64 + 1.0, tch::kind::FLOAT_CPU);
+        for _ in 0..3 {
+            ddp.zero_grad().unwrap();
+            let loss = w.matmul(&x).sum(Kind::Float);
+            ddp.backward(comm, &loss).unwrap();
+        }
+        let g_used = Vec::<f32>::try_from(&w.grad().view([-1])).unwrap();
+        let g_unused = Vec::<f32>::try_from(&ddp.named_parameters()[1].1.grad()).unwrap();
+        (hash0, ddp.state_hash().unwrap(), g_used, g_unused, Vec::<f32>::try_from(&ddp.named_buffers()[0].1).unwrap())
+    });
+    let (a, b) = (&results[0], &results[1]);
+    assert_eq!(a.0, b.0, "replicas differ after Ddp::new");
+    assert_eq!(a.1, b.1, "replicas differ after training");
+    // d(w·x)/dw = x per row; the average of x = 1 and x = 2 is 1.5.
+    assert_eq!(a.2, vec![1.5; 6]);
+    assert_eq!(b.2, vec![1.5; 6]);
+    assert_eq!(a.3, vec![0.0; 4]);
+    assert_eq!(b.4, vec![2.25; 3], "rank 0's buffers reach rank 1");
+}
+
+#[test]
+fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
+    use tch::nn::OptimizerConfig;
+    let results = with_ring(2, |rank, comm| {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().var_copy("w", &(Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]) + rank as f64));
+        let mut opt = tch::nn::Sgd::default().build(&vs, 0.0).unwrap();
+        let mut ddp = Ddp::from_var_store(comm, &vs, DdpOptions::default()).unwrap();
+        let x = Tensor::full([3], rank as f64 + 1.0, tch::kind::FLOAT_CPU);
+        ddp.backward(comm, &w.matmul(&x).sum(Kind::Float)).unwrap();
+        // tch's zero_grad sets every gradient to None: without the check, the next backward
+        // would make a fresh local gradient that no all-reduce touches.
+        opt.zero_grad();
+        assert!(!w.grad().defined());
+        ddp.backward(comm, &w.matmul(&x).sum(Kind::Float)).unwrap();
+        (ddp.reattached_grads(), Vec::<f32>::try_from(&w.grad().view([-1])).unwrap())
+    });
+    for (reattached, grad) in &results {
+        assert_eq!(*reattached, 1, "the replaced gradient was not noticed");
+        // The average of x = 1 and x = 2 (1.5), not this rank's own gradient (1 or 2).
+        assert_eq!(grad, &vec![1.5; 6]);
+    }
+}
+
+#[test]
+fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let results = with_ring(2, move |rank, comm| {
+        let (params, buffers) = state(rank);
+        let ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
+        let meta = Meta::for_program(5, comm.world_size(), "sgd", 5, serde_json::json!({"epoch": 3, "note": "mine"}));
+        let opt = vec![("used.weight.momentum_buffer".to_string(), Tensor::full([2, 3], 0.25, tch::kind::FLOAT_CPU))];
+        let st = ddp.state();
+        checkpoint::save_shared(comm, &path, 2, CheckpointData { meta, model: &st, optimizer: opt }).unwrap();
+        let c = checkpoint::load_shared(comm, &path, tch::Device::Cpu).unwrap().expect("a checkpoint");
+        let nbt = c.model.iter().find(|(n, _)| n == "bn.num_batches_tracked").unwrap().1.shallow_clone();
+        // Hashes in name order (safetensors files list tensors sorted by name).
+        let sorted = |mut v: Vec<(String, Tensor)>| {
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            ringtrain::ddp::parameter_hash(&v).unwrap()
+        };
+        (c.meta.global_step, c.meta.user.clone(), nbt.kind(), nbt.int64_value(&[]), sorted(c.model), sorted(ddp.state()), c.optimizer.len())
+    });
+    for r in &results {
+        assert_eq!(r.0, 5);
+        assert_eq!(r.1, serde_json::json!({"epoch": 3, "note": "mine"}));
+        assert_eq!((r.2, r.3), (Kind::Int64, 7));
+        assert_eq!(r.4, r.5, "loaded tensors equal the saved ones");
+        assert_eq!(r.6, 1);
+    }
+}

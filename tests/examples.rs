@@ -1,0 +1,98 @@
+//! The library's examples, run as a user runs them: under ringrun with 2 workers.
+//! `cargo test` builds the examples beside the binaries (target/<profile>/examples/).
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+fn example(name: &str) -> PathBuf {
+    let p = std::path::Path::new(RINGTRAIN).parent().unwrap().join("examples").join(name);
+    assert!(p.exists(), "{} is missing: cargo build --release --examples", p.display());
+    p
+}
+
+fn ringrun_example(name: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(RINGRUN);
+    c.args(["--nproc-per-node", "2"]).arg(example(name)).args(args);
+    c.env_remove("RINGTRAIN_FAULT");
+    c
+}
+
+/// (rank, first loss, last loss, hash) from `rank R: loss A -> B, parameter hash H` lines.
+fn summaries(stdout: &str) -> Vec<(usize, f64, f64, String)> {
+    let mut v: Vec<_> = stdout
+        .lines()
+        .filter_map(|l| {
+            let l = l.split_once("] ").map_or(l, |(_, r)| r);
+            let rest = l.strip_prefix("rank ")?;
+            let (rank, rest) = rest.split_once(": loss ")?;
+            let (losses, hash) = rest.split_once(", parameter hash ")?;
+            let (a, b) = losses.split_once(" -> ")?;
+            Some((rank.parse().ok()?, a.parse().ok()?, b.parse().ok()?, hash.trim().to_string()))
+        })
+        .collect();
+    v.sort_by_key(|s| s.0);
+    v
+}
+
+#[test]
+fn custom_model_trains_with_identical_replicas() {
+    let out = run(ringrun_example("custom_model", &["--steps", "120"]), Duration::from_secs(180));
+    out.assert_success();
+    let s = summaries(&out.stdout);
+    assert_eq!(s.len(), 2, "{}", out.report());
+    assert_eq!(s[0].3, s[1].3, "replicas differ\n{}", out.report());
+    for (rank, first, last, _) in &s {
+        assert!(last < &(first * 0.5), "rank {rank}: loss {first} -> {last} did not fall\n{}", out.report());
+    }
+    assert!(!out.stdout.contains("re-attached"), "{}", out.report());
+}
+
+#[test]
+fn tch_zero_grad_setting_gradients_to_none_is_caught_and_repaired_exactly() {
+    let plain = run(ringrun_example("custom_model", &["--steps", "30"]), Duration::from_secs(180));
+    plain.assert_success();
+    let tch_zero = run(ringrun_example("custom_model", &["--steps", "30", "--tch-zero-grad"]), Duration::from_secs(180));
+    tch_zero.assert_success();
+    assert!(tch_zero.stderr.contains("were replaced since the last step"), "{}", tch_zero.report());
+    assert!(tch_zero.stdout.contains("re-attached"), "{}", tch_zero.report());
+    let (a, b) = (summaries(&plain.stdout), summaries(&tch_zero.stdout));
+    // Repaired gradients behave as zeroed ones: the same weights, bit for bit, on every rank.
+    assert_eq!(b.len(), 2);
+    assert_eq!(a.iter().map(|s| &s.3).collect::<Vec<_>>(), b.iter().map(|s| &s.3).collect::<Vec<_>>(), "{}", tch_zero.report());
+}
+
+fn final_hashes(stdout: &str) -> Vec<String> {
+    let mut v: Vec<(String, String)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let l = l.split_once("] ").map_or(l, |(_, r)| r);
+            let (head, hash) = l.split_once(", parameter hash ")?;
+            Some((head.split(':').next()?.to_string(), hash.trim().to_string()))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, h)| h).collect()
+}
+
+#[test]
+fn grad_accum_example_resumes_from_its_checkpoint_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let ckpt = ckpt.to_str().unwrap();
+    let whole = run(ringrun_example("grad_accum", &["--steps", "30"]), Duration::from_secs(180));
+    whole.assert_success();
+    let expected = final_hashes(&whole.stdout);
+    assert_eq!(expected.len(), 2, "{}", whole.report());
+    assert_eq!(expected[0], expected[1], "{}", whole.report());
+    let first =
+        run(ringrun_example("grad_accum", &["--steps", "30", "--checkpoints", ckpt, "--stop-after", "20"]), Duration::from_secs(180));
+    first.assert_success();
+    assert_ne!(final_hashes(&first.stdout), expected, "stopping early must leave other weights");
+    let resumed = run(ringrun_example("grad_accum", &["--steps", "30", "--checkpoints", ckpt]), Duration::from_secs(180));
+    resumed.assert_success();
+    assert!(resumed.stdout.contains("resumed from") && resumed.stdout.contains("at step 20"), "{}", resumed.report());
+    assert_eq!(final_hashes(&resumed.stdout), expected, "{}", resumed.report());
+}
