@@ -14,11 +14,15 @@ fn main() {
 fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let libtorch = std::path::PathBuf::from(std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml"));
-    let libtorch = if libtorch.is_relative() {
-        std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join(libtorch)
-    } else {
-        libtorch
+    // LIBTORCH (this repo's .cargo/config.toml sets it), else the libtorch torch-sys found (a
+    // crate depending on ringtrain: torch-sys exports its lib folder; the headers sit beside it).
+    let libtorch = match std::env::var("LIBTORCH") {
+        Ok(p) if std::path::Path::new(&p).is_relative() => std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join(p),
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => match std::env::var("DEP_TCH_LIBTORCH_LIB") {
+            Ok(lib) => std::path::PathBuf::from(lib).join(".."),
+            Err(_) => panic!("neither LIBTORCH nor torch-sys's libtorch location is known: set LIBTORCH as for tch"),
+        },
     };
     cc::Build::new()
         .cpp(true)

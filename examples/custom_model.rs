@@ -45,6 +45,9 @@ fn net(root: &nn::Path) -> impl Module {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     // Who we are (RANK, WORLD_SIZE, … from ringrun), the device, and the joined group.
+    if args.batch_size == 0 {
+        return Err("--batch-size must be at least 1".into());
+    }
     let mut pg = ringtrain::init(InitOptions::default())?;
     let (rank, world) = (pg.rank(), pg.world_size());
 

@@ -75,7 +75,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let data = synthetic::generate(&SyntheticConfig { train_samples: 4096, test_samples: 0, shape: vec![32], classes: 4, seed: 1 }, 0);
     let mut sampler = DistributedSampler::new(data.len(), world, rank, true, 0, true);
-    let per_epoch = (sampler.indices().len() / args.batch_size) as u64 / args.accum;
+    let per_epoch = (sampler.indices().len() / args.batch_size.max(1)) as u64 / args.accum.max(1);
+    if args.batch_size == 0 || args.accum == 0 || args.every == 0 || per_epoch == 0 {
+        return Err(format!(
+            "--batch-size, --accum and --every must be at least 1, and {} samples per rank must fill one step",
+            sampler.indices().len()
+        )
+        .into());
+    }
     let started = step;
     let mut last_loss = f64::NAN;
     while step < args.steps && args.stop_after.is_none_or(|n| step - started < n) {

@@ -20,8 +20,8 @@ pub struct InitOptions {
     pub timeout_secs: u64,
     /// Ring links between ranks on one node.
     pub local_transport: LocalTransport,
-    /// Install logging: rank 0 at INFO on stderr, other ranks WARN, the rank in every line
-    /// (off when the program sets up `tracing` itself).
+    /// Install logging: rank 0 at INFO on stderr, other ranks WARN, the rank in every line the
+    /// calling thread logs (off when the program sets up `tracing` itself).
     pub logging: bool,
     /// Also log this rank at INFO to this file.
     pub log_file: Option<PathBuf>,
@@ -74,6 +74,8 @@ pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result
     let rank = launch.rank;
     if opts.logging {
         crate::telemetry::init_tracing(rank, opts.log_file.as_deref()).map_err(InitError::Logging)?;
+        // The rank in every line this thread logs, for the life of the process.
+        std::mem::forget(tracing::info_span!("rank", rank).entered());
     }
     // Before joining anyone: a rank without its GPU stops here with the reason.
     let device = crate::device::select(opts.device, launch.local_rank, launch.local_world_size)?;

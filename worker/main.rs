@@ -1,15 +1,22 @@
-//! `ringtrain`: one training worker. Started by `ringrun` (or torchrun-style env by hand).
+//! `ringtrain`: one training worker, started by `ringrun` (or torchrun-style env by hand, mpirun,
+//! srun); and two tools for language models: `prepare-text` and `sample`.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ringtrain", version, about = "A data-parallel training worker (one per GPU or CPU slot)")]
+#[command(
+    name = "ringtrain",
+    version,
+    about = "A data-parallel training worker (one per GPU or CPU slot)",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
     /// YAML config (see configs/).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     /// Override a config value: --set train.epochs=2 (repeatable; the value is YAML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -20,34 +27,104 @@ struct Args {
     /// folder. A group restarted by ringrun always resumes `auto`.
     #[arg(long, value_name = "auto|PATH")]
     resume: Option<ringtrain::train::Resume>,
+    #[command(subcommand)]
+    tool: Option<Tool>,
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+#[derive(Subcommand)]
+enum Tool {
+    /// UTF-8 text files or folders → train.bin / val.bin (byte-level tokens, 90/10) + meta.json.
+    PrepareText {
+        /// Text files or folders (read sorted, recursively; .dat and .u8 files skipped).
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Text from a trained GPT: the prompt and its continuation.
+    Sample {
+        /// The training run's directory (its config.yaml and checkpoints).
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// A checkpoint folder or a safetensors file (default: the run's newest checkpoint).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        #[arg(long, default_value_t = 300)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// The same seed gives the same text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn train(args: Args) -> anyhow::Result<()> {
     let worker_args = ringtrain::internal::worker::WorkerArgs {
-        config: args.config,
+        config: args.config.expect("clap requires --config without a subcommand"),
         overrides: args.overrides,
         run_dir: args.run_dir,
         resume: args.resume,
     };
-    match ringtrain::internal::worker::run(worker_args) {
-        Ok(summary) => {
-            if summary.rank == 0 {
-                if summary.stopped {
-                    println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
-                } else if let Some(last) = summary.epochs.last() {
-                    // The task's metrics but the loss: test_acc for classification, …
-                    let acc: String = last
-                        .test
-                        .iter()
-                        .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss"))
-                        .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
-                        .collect();
-                    println!("final: {acc}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
-                }
-            }
-            ExitCode::SUCCESS
+    let summary = ringtrain::internal::worker::run(worker_args)?;
+    if summary.rank == 0 {
+        if summary.stopped {
+            println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
+        } else if let Some(last) = summary.epochs.last() {
+            // The task's metrics: test_acc for classification, test_loss and perplexity for
+            // language models.
+            let shown: String = last
+                .test
+                .iter()
+                .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss" || t.get("perplexity").is_some()))
+                .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
+                .collect();
+            println!("final: {shown}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
         }
+        if let Some(text) = &summary.sample {
+            println!("sample:\n{text}");
+        }
+    }
+    Ok(())
+}
+
+fn tool(t: Tool) -> anyhow::Result<()> {
+    match t {
+        Tool::PrepareText { input, out } => {
+            let p = ringtrain::data::prepare::prepare_text(&input, &out)?;
+            println!(
+                "prepared {}: {} file(s), {} train and {} val tokens (byte-level, vocabulary 256)",
+                out.display(),
+                p.files.len(),
+                p.train_tokens,
+                p.val_tokens
+            );
+        }
+        Tool::Sample { run_dir, checkpoint, prompt, max_new_tokens, temperature, top_k, seed } => {
+            anyhow::ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be a positive number, got {temperature}");
+            let _ = ringtrain::telemetry::init_tracing(0, None);
+            let options = ringtrain::models::generate::SampleOptions { max_new_tokens, temperature, top_k, seed };
+            let text = ringtrain::internal::sample::run(ringtrain::internal::sample::SampleArgs { run_dir, checkpoint, prompt, options })?;
+            println!("{text}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    let result = match args.tool.take() {
+        Some(t) => tool(t),
+        None => train(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringtrain: error: {e:#}");
             ExitCode::FAILURE

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use tch::Tensor;
 
 /// One batch: the model's input and the task's target, `len` samples.
+#[derive(Debug)]
 pub struct Batch {
     pub input: Tensor,
     pub target: Tensor,

@@ -4,8 +4,10 @@
 
 pub mod idx;
 pub mod loader;
+pub mod prepare;
 pub mod sampler;
 pub mod synthetic;
+pub mod tokens;
 
 pub use loader::{Batch, Loader};
 pub use sampler::DistributedSampler;
@@ -142,8 +144,40 @@ fn arrays(train: ArrayDataset, test: ArrayDataset) -> Splits {
     }
 }
 
-pub fn load(cfg: &DataConfig) -> Result<Splits, DataError> {
+/// Loads the configured data. `block`: the model's context length (windows of token data).
+pub fn load(cfg: &DataConfig, block: usize) -> Result<Splits, DataError> {
     match cfg.format {
+        DataFormat::Tokens => {
+            let dir = cfg.dir.as_deref().expect("validated: tokens has a dir");
+            if !dir.join("train.bin").exists() && !cfg.prepare_from.is_empty() {
+                let p = prepare::prepare_text(&cfg.prepare_from, dir)?;
+                tracing::info!(
+                    "prepared {} from {} text file(s): {} train, {} val tokens",
+                    dir.display(),
+                    p.files.len(),
+                    p.train_tokens,
+                    p.val_tokens
+                );
+            }
+            let vocab = tokens::vocab_size(dir)?;
+            let file = |name: &str| -> Result<tokens::TokenFile, DataError> {
+                let p = dir.join(name);
+                if !p.exists() {
+                    return Err(DataError::Invalid(format!(
+                        "{}: no {name} (make it with `ringtrain prepare-text --input TEXT --out {}`, or set data.prepare_from)",
+                        dir.display(),
+                        dir.display()
+                    )));
+                }
+                tokens::TokenFile::open(&p)
+            };
+            Ok(Splits {
+                train: Arc::new(tokens::TokenWindows::all(file("train.bin")?, block, vocab)?),
+                test: Arc::new(tokens::TokenWindows::spread(file("val.bin")?, block, vocab, cfg.eval_windows)?),
+                sample_shape: vec![block as i64],
+                classes: vocab,
+            })
+        }
         DataFormat::Idx => {
             let dir = cfg.dir.as_deref().expect("validated: idx has a dir");
             let split = |images: &str, labels: &str| -> Result<ArrayDataset, DataError> {

@@ -261,8 +261,17 @@ impl Reducer {
                 reduce_ready(&mut next, &|_| true)?;
                 Ok(times)
             });
+            // The end marker goes out even if `backward` panics (a drop guard), so the
+            // communication thread never waits forever for it.
+            struct Done(crossbeam_channel::Sender<usize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    let _ = self.0.send(BACKWARD_DONE);
+                }
+            }
+            let guard = Done(done);
             let backward_result = backward();
-            let _ = done.send(BACKWARD_DONE);
+            drop(guard);
             let reduced = match worker {
                 Ok(w) => w.join().unwrap_or_else(|_| Err(DdpError::Unsupported("the communication thread panicked".into()))),
                 Err(e) => Err(DdpError::Unsupported(format!("starting the communication thread: {e}"))),

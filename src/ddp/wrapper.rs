@@ -101,7 +101,9 @@ impl Ddp {
 
     /// As `backward`, with the backward pass given as a closure and a control value every rank
     /// contributes; returns the sum of all ranks' values (0 inside `no_sync`). It rides in the
-    /// last bucket, so a vote (e.g. "stop after this step") costs no extra collective.
+    /// last bucket, so a vote (e.g. "stop after this step") costs no extra collective. The sum
+    /// goes through the gradients' pre-division by the world size: read it as a vote (> 0), not
+    /// an exact count (and coarsely with bf16 reduction).
     pub fn backward_with(
         &mut self,
         comm: &mut dyn Communicator,
@@ -133,7 +135,8 @@ impl Ddp {
     }
 
     /// Zeroes the gradients in place. Prefer it to an optimizer's `zero_grad`, which in tch sets
-    /// them to None (repaired at the next backward, with a warning).
+    /// them to None (repaired at the next backward, with a warning, where gradients live in the
+    /// buckets).
     pub fn zero_grad(&mut self) -> Result<(), DdpError> {
         self.reattach()?;
         self.reducer.zero_grad()

@@ -4,10 +4,12 @@
 //! - `supervise` — `ringrun`'s process group: spawn, prefix output, stop on failure, restart.
 //! - `nodes` — launchers on several nodes acting as one job (join, failure, restart together).
 //! - `bench` — the all-reduce benchmark behind `ringbench`.
+//! - `sample` — `ringtrain sample`: text from a trained GPT.
 //! - `fault` — test-only fault injection (a worker that exits or hangs at a given step).
 
 pub mod bench;
 pub mod fault;
 pub mod nodes;
+pub mod sample;
 pub mod supervise;
 pub mod worker;

@@ -2,9 +2,12 @@
 //! checkpoints load into the equivalent `nn.Module`.
 
 mod cnn;
+pub mod generate;
+pub mod gpt;
 mod mlp;
 
 pub use cnn::Cnn;
+pub use gpt::{Gpt, GptConfig};
 pub use mlp::Mlp;
 
 use crate::config::{ModelConfig, ModelName};
@@ -24,6 +27,32 @@ pub trait Model {
     fn named_buffers(&self) -> &[(String, Tensor)] {
         &[]
     }
+    /// Tied weights as (alias, parameter) name pairs, e.g. GPT's `lm_head.weight` is
+    /// `transformer.wte.weight`: one tensor in training and in files (under the parameter's
+    /// name, as safetensors' `save_model` stores one name of a tied pair); a file holding the
+    /// alias instead loads too.
+    fn tied(&self) -> Vec<(String, String)> {
+        vec![]
+    }
+    /// Training FLOPs per token (forward + backward), for the achieved-FLOP/s estimate.
+    fn flops_per_token(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// `loaded` with each tied pair under the parameter's name only: the alias is dropped, or
+/// renamed when the file holds only the alias (safetensors' `save_model` keeps one name of a
+/// tied pair, not necessarily ours).
+pub fn without_aliases(mut loaded: Vec<(String, Tensor)>, tied: &[(String, String)]) -> Vec<(String, Tensor)> {
+    for (alias, source) in tied {
+        let has_source = loaded.iter().any(|(n, _)| n == source);
+        if has_source {
+            loaded.retain(|(n, _)| n != alias);
+        } else if let Some(entry) = loaded.iter_mut().find(|(n, _)| n == alias) {
+            entry.0 = source.clone();
+        }
+    }
+    loaded
 }
 
 /// Builds the configured model for samples of `sample_shape` and `classes` outputs. Initialised
@@ -32,6 +61,19 @@ pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: De
     Ok(match cfg.name {
         ModelName::Mlp => Box::new(Mlp::new(sample_shape.iter().product(), &cfg.hidden, classes as i64, device)?),
         ModelName::Cnn => Box::new(Cnn::new(classes as i64, device)?),
+        // `classes` is the vocabulary for token data.
+        ModelName::Gpt => Box::new(Gpt::new(
+            &GptConfig {
+                vocab_size: classes,
+                block_size: cfg.block_size,
+                n_layer: cfg.n_layer,
+                n_head: cfg.n_head,
+                n_embd: cfg.n_embd,
+                bias: cfg.bias,
+                dropout: cfg.dropout,
+            },
+            device,
+        )?),
     })
 }
 

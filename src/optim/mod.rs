@@ -65,6 +65,19 @@ impl Optimizer {
         &self.weight_decay
     }
 
+    /// Puts the parameters whose names satisfy `member` in a group of their own with this weight
+    /// decay (e.g. no decay for embeddings); returns how many it matched.
+    pub fn set_weight_decay(&mut self, member: impl Fn(&str) -> bool, weight_decay: f64) -> usize {
+        let mut n = 0;
+        for (name, wd) in self.names.iter().zip(self.weight_decay.iter_mut()) {
+            if member(name) {
+                *wd = weight_decay;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// One update of every parameter that has a gradient.
     pub fn step(&mut self) -> Result<(), TchError> {
         self.step += 1;

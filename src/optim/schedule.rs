@@ -9,13 +9,13 @@ pub fn lr_at(schedule: &ScheduleConfig, lr: f64, step: u64) -> f64 {
     match *schedule {
         ScheduleConfig::Constant => lr,
         // StepLR after `step` scheduler steps: lr · gamma^⌊step / step_size⌋.
-        ScheduleConfig::Step { step_size, gamma } => lr * gamma.powi((step / step_size) as i32),
+        ScheduleConfig::Step { step_size, gamma } => lr * gamma.powi((step / step_size.max(1)) as i32),
         // nanoGPT's get_lr (train.py): warmup to lr, cosine down to min_lr, then min_lr.
         ScheduleConfig::WarmupCosine { warmup_steps, decay_steps, min_lr } => {
             if step < warmup_steps {
                 return lr * (step + 1) as f64 / (warmup_steps + 1) as f64;
             }
-            if step > decay_steps {
+            if step > decay_steps || decay_steps <= warmup_steps {
                 return min_lr;
             }
             let decay_ratio = (step - warmup_steps) as f64 / (decay_steps - warmup_steps) as f64;

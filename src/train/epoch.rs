@@ -61,19 +61,26 @@ impl Trainer<'_> {
             if log_now {
                 let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                 progress.update(step, out.loss, rate);
+                let mut line = json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
+                                      "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate});
+                let tokens = self.throughput(rate, &mut line);
                 if !progress.is_bar() {
                     tracing::info!(
-                        "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {rate:.0} samples/s",
+                        "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {}",
                         out.loss,
                         out.lr,
-                        out.grad_norm.map(|g| format!(" grad_norm {g:.3}")).unwrap_or_default()
+                        out.grad_norm.map(|g| format!(" grad_norm {g:.3}")).unwrap_or_default(),
+                        tokens.unwrap_or_else(|| format!("{rate:.0} samples/s"))
                     );
                 }
-                self.metrics
-                    .write(json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
-                                  "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate}))
-                    .map_err(io_err("metrics.jsonl"))?;
+                self.metrics.write(line).map_err(io_err("metrics.jsonl"))?;
                 window = (Instant::now(), 0);
+            }
+            let eval_every = t.eval_every_steps;
+            // The last step of the epoch or of training is evaluated after the epoch anyway.
+            let ending = step >= batches_in_shard || t.max_steps.is_some_and(|m| self.pos.global_step >= m) || out.stop_votes > 0.0;
+            if t.eval && eval_every > 0 && self.pos.global_step % eval_every == 0 && !ending {
+                self.evaluate_now(epoch)?;
             }
             if out.stop_votes > 0.0 {
                 progress.finish();
@@ -128,8 +135,45 @@ impl Trainer<'_> {
         for (k, v) in test.iter().flat_map(|r| r.metrics.iter()) {
             line[format!("test_{k}")] = json!(v);
         }
+        let tokens = self.throughput(samples_per_s, &mut line);
+        if let Some(t) = tokens {
+            tracing::info!("epoch {epoch} throughput: {t}");
+        }
         self.metrics.write(line).map_err(io_err("metrics.jsonl"))?;
         Ok(EpochSummary { epoch, train_loss, test, samples_per_s })
+    }
+}
+
+impl Trainer<'_> {
+    /// Tokens/s, achieved FLOP/s and MFU into `line` for token tasks; the log text for them.
+    fn throughput(&self, samples_per_s: f64, line: &mut serde_json::Value) -> Option<String> {
+        let per_sample = self.task.tokens_per_sample()?;
+        let tokens_per_s = samples_per_s * per_sample as f64;
+        line["tokens_per_s"] = json!(tokens_per_s);
+        let Some(flops) = self.model.flops_per_token() else { return Some(format!("{tokens_per_s:.0} tokens/s")) };
+        let achieved = flops * tokens_per_s;
+        let peak = self.cfg.train.peak_tflops.unwrap_or(if self.device.is_cuda() { 989.0 } else { 0.19 }) * 1e12;
+        line["flops_per_s"] = json!(achieved);
+        line["mfu"] = json!(achieved / peak);
+        Some(format!(
+            "{tokens_per_s:.0} tokens/s, {:.2} GFLOP/s ({:.1}% of {:.3} TFLOP/s)",
+            achieved / 1e9,
+            100.0 * achieved / peak,
+            peak / 1e12
+        ))
+    }
+
+    /// Evaluation in the middle of an epoch (`train.eval_every_steps`): logged and written as an
+    /// `eval` line of metrics.jsonl.
+    fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
+        let r = evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16)?;
+        let shown: String = r.metrics.iter().map(|(k, v)| format!(" {k} {}", fmt_metric(k, *v))).collect();
+        tracing::info!("eval at step {}:{shown}", self.pos.global_step);
+        let mut line = json!({"kind": "eval", "epoch": epoch, "global_step": self.pos.global_step, "samples": r.samples});
+        for (k, v) in &r.metrics {
+            line[format!("test_{k}")] = json!(v);
+        }
+        self.metrics.write(line).map_err(io_err("metrics.jsonl"))
     }
 }
 

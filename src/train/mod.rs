@@ -98,6 +98,8 @@ pub struct Summary {
     /// Ended early on a stop request (after writing a checkpoint).
     pub stopped: bool,
     pub rank: usize,
+    /// Rank 0 of a language model with a `sample` section: the prompt and the generated text.
+    pub sample: Option<String>,
 }
 
 /// Everything the loop holds between steps.
@@ -185,6 +187,8 @@ impl Trainer<'_> {
             let path = self.run_dir.join("trace").join(format!("rank{rank}.json"));
             self.timing.write_trace(&path).map_err(io_err(path.display().to_string()))?;
         }
+        // Buffers are updated locally after each broadcast; rank 0's are the run's result.
+        self.ddp.sync_buffers(self.comm)?;
         let param_hash = self.ddp.state_hash()?;
         finish_outputs(self.run_dir, rank, &self.ddp.state(), param_hash, self.pos.global_step)?;
         tracing::info!(
@@ -192,10 +196,27 @@ impl Trainer<'_> {
             if self.stopped { "stopped after" } else { "finished" },
             self.pos.global_step
         );
+        let sample = match (&self.cfg.sample, rank == 0 && !self.stopped) {
+            (Some(s), true) if self.task.tokens_per_sample().is_some() => Some(self.sample_text(s)?),
+            _ => None,
+        };
         if self.ddp.reattached_grads() > 0 {
             tracing::warn!("{} gradient(s) were found replaced and re-attached during training", self.ddp.reattached_grads());
         }
-        Ok(Summary { global_steps: self.pos.global_step, epochs, param_hash, stopped: self.stopped, rank })
+        Ok(Summary { global_steps: self.pos.global_step, epochs, param_hash, stopped: self.stopped, rank, sample })
+    }
+
+    /// Text from the trained model (byte-level tokens): the prompt and its continuation.
+    fn sample_text(&self, s: &crate::config::SampleConfig) -> Result<String, TrainError> {
+        let opts = crate::models::generate::SampleOptions {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            seed: s.seed,
+        };
+        let prompt: Vec<i64> = s.prompt.bytes().map(i64::from).collect();
+        let new = crate::models::generate::generate(self.model.as_ref(), &prompt, self.cfg.model.block_size, self.device, &opts)?;
+        Ok(decode_bytes(&prompt, &new))
     }
 }
 
@@ -215,4 +236,10 @@ fn finish_outputs(run_dir: &Path, rank: usize, state: &[(String, Tensor)], hash:
         std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))?;
     }
     Ok(())
+}
+
+/// Byte-level tokens back to text (invalid UTF-8 shown as U+FFFD).
+pub fn decode_bytes(prompt: &[i64], new: &[i64]) -> String {
+    let bytes: Vec<u8> = prompt.iter().chain(new).map(|&t| t.clamp(0, 255) as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }

@@ -44,10 +44,16 @@ fn on_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 /// Loads `model.init_from` into rank 0's parameters (the replica broadcast then spreads them).
-pub fn init_from(comm: &mut dyn Communicator, path: &Path, params: &[(String, Tensor)]) -> Result<(), TrainError> {
+/// `tied`: the model's (alias, parameter) pairs; an alias in the file is the parameter again.
+pub fn init_from(
+    comm: &mut dyn Communicator,
+    path: &Path,
+    params: &[(String, Tensor)],
+    tied: &[(String, String)],
+) -> Result<(), TrainError> {
     on_rank0(comm, || {
         let loaded = Tensor::read_safetensors(path).map_err(|e| format!("model.init_from {}: {e}", path.display()))?;
-        checkpoint::copy_into(params, &loaded, path).map_err(|e| format!("model.init_from: {e}"))
+        checkpoint::copy_into(params, &crate::models::without_aliases(loaded, tied), path).map_err(|e| format!("model.init_from: {e}"))
     })?;
     tracing::info!("initialised parameters from {}", path.display());
     Ok(())
@@ -60,6 +66,7 @@ pub fn restore(
     resume: &Resume,
     checkpoints: &Path,
     params: &[(String, Tensor)],
+    tied: &[(String, String)],
     opt: &mut Optimizer,
 ) -> Result<Option<Meta>, TrainError> {
     if *resume == Resume::No {
@@ -82,7 +89,8 @@ pub fn restore(
             Resume::No => unreachable!(),
         };
         let Some(c) = found else { return Ok(None) };
-        checkpoint::copy_into(params, &c.model, &c.path.join(checkpoint::MODEL_FILE))?;
+        let model: Vec<(String, Tensor)> = c.model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        checkpoint::copy_into(params, &crate::models::without_aliases(model, tied), &c.path.join(checkpoint::MODEL_FILE))?;
         if c.meta.optimizer != opt.name() {
             return Err(format!("{}: written with optimizer {}, config asks for {}", c.path.display(), c.meta.optimizer, opt.name()));
         }
@@ -96,22 +104,24 @@ pub fn restore(
         tracing::info!("no checkpoint to resume from: starting fresh");
         return Ok(None);
     };
-    // Optimizer state travels from rank 0 (parameters follow in the replica broadcast).
-    let mut state: Vec<(String, Tensor)> = match &loaded {
-        Some(c) => state_names.iter().map(|n| (n.clone(), c.optimizer.iter().find(|(m, _)| m == n).unwrap().1.shallow_clone())).collect(),
-        None => state_names
-            .iter()
-            .map(|n| {
+    // Optimizer state travels from rank 0 (parameters follow in the replica broadcast), on the
+    // model's device for a backend that reduces device memory (NCCL), else through the host.
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let wire = if comm.device_native() { device } else { tch::Device::Cpu };
+    let mut state: Vec<(String, Tensor)> = Vec::with_capacity(state_names.len());
+    for n in &state_names {
+        let t = match &loaded {
+            Some(c) => c.optimizer.iter().find(|(m, _)| m == n).map(|(_, t)| t.shallow_clone()),
+            None => {
                 let param = n.rsplit_once('.').map(|(p, _)| p).unwrap_or(n);
                 let shape = params.iter().find(|(m, _)| m == param).map(|(_, t)| t.size()).unwrap_or_default();
-                (n.clone(), Tensor::zeros(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
-            })
-            .collect(),
-    };
-    for (_, t) in state.iter_mut() {
-        let mut c = t.contiguous();
+                Some(Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, wire))?)
+            }
+        };
+        let t = t.ok_or_else(|| TrainError::Startup(format!("optimizer state `{n}` vanished from rank 0's checkpoint")))?;
+        let mut c = t.f_to_device(wire)?.f_contiguous()?;
         comm.broadcast_tensor(&mut c, 0)?;
-        *t = c;
+        state.push((n.clone(), c));
     }
     if comm.rank() != 0 {
         opt.load_state(&state, meta.optimizer_steps).map_err(TrainError::Startup)?;

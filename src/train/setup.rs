@@ -20,7 +20,7 @@ impl<'a> Trainer<'a> {
 
         // Identical config everywhere, or the replicas silently diverge.
         agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
-        let splits = data::load(&cfg.data)?;
+        let splits = data::load(&cfg.data, cfg.model.block_size)?;
         agree(
             comm,
             "data (train samples, test samples, classes)",
@@ -34,10 +34,11 @@ impl<'a> Trainer<'a> {
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let mut opt = Optimizer::new(&cfg.optimizer, &params);
         let checkpoints = run_dir.join("checkpoints");
-        let resumed = resume::restore(comm, &resume, &checkpoints, &state, &mut opt)?;
+        let tied = model.tied();
+        let resumed = resume::restore(comm, &resume, &checkpoints, &state, &tied, &mut opt)?;
         if resumed.is_none() {
             if let Some(path) = &cfg.model.init_from {
-                resume::init_from(comm, path, &state)?;
+                resume::init_from(comm, path, &state, &tied)?;
             }
         }
         let opts = DdpOptions {

@@ -54,6 +54,11 @@ impl Trainer<'_> {
 
             // Buffers from rank 0 before each forward (DDP's broadcast_buffers).
             self.ddp.sync_buffers(self.comm)?;
+            // Dropout draws from libtorch's generator: seeded from (seed, rank, step, micro-batch)
+            // so a resumed run draws the same masks (the generator's state is not checkpointed).
+            if self.cfg.model.dropout > 0.0 {
+                tch::manual_seed(dropout_seed(t.seed, self.comm.rank(), self.pos.global_step, m));
+            }
             let started_fwd = Instant::now();
             let batch = batch.to_device(self.device)?;
             // bf16: forward (and so backward) under autocast; parameters stay fp32.
@@ -103,4 +108,13 @@ impl Trainer<'_> {
         self.pos.steps_in_shard += micro;
         Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr })
     }
+}
+
+/// A seed for (seed, rank, step, micro-batch): FNV-1a of the four, non-negative for libtorch.
+fn dropout_seed(seed: u64, rank: usize, step: u64, micro: u64) -> i64 {
+    let mut bytes = Vec::with_capacity(32);
+    for v in [seed, rank as u64, step, micro] {
+        bytes.extend(v.to_le_bytes());
+    }
+    (crate::ddp::fnv1a(crate::ddp::FNV_OFFSET, &bytes) >> 1) as i64
 }

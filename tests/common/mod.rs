@@ -134,3 +134,22 @@ pub fn load_params(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// A Python with torch and safetensors for the tests that compare with PyTorch: RINGTRAIN_PYTHON,
+/// else the venv `scripts/setup.sh --python` makes in $RINGTRAIN_CACHE (default ~/.cache/ringtrain).
+/// `None` (with a SKIPPED line past libtest's capture) when there is none.
+pub fn python_with_torch(test: &str) -> Option<String> {
+    let cache = std::env::var("RINGTRAIN_CACHE").ok().or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.cache/ringtrain")));
+    let candidates = std::env::var("RINGTRAIN_PYTHON").ok().into_iter().chain(cache.map(|c| format!("{c}/pytorch-venv/bin/python")));
+    for p in candidates {
+        if Command::new(&p).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success()) {
+            return Some(p);
+        }
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: no Python with torch and safetensors (scripts/setup.sh --python, or set RINGTRAIN_PYTHON)"
+    );
+    None
+}

@@ -3,8 +3,10 @@
 //! file here plus a line in `build`.
 
 mod classification;
+mod language_model;
 
 pub use classification::Classification;
+pub use language_model::LanguageModel;
 
 use crate::config::Config;
 use crate::data::Batch;
@@ -19,9 +21,16 @@ pub trait Task {
     fn eval_sums(&self, model: &dyn Model, batch: &Batch) -> Result<Vec<f64>, TchError>;
     /// Named metrics from the sums over the whole evaluation split, `loss` first.
     fn metrics(&self, sums: &[f64]) -> Vec<(&'static str, f64)>;
+    /// Tokens per sample, for tasks measured in tokens/s.
+    fn tokens_per_sample(&self) -> Option<usize> {
+        None
+    }
 }
 
-/// The task the config describes.
-pub fn build(_cfg: &Config) -> Box<dyn Task> {
-    Box::new(Classification)
+/// The task the config describes: language modelling on token data, else classification.
+pub fn build(cfg: &Config) -> Box<dyn Task> {
+    match cfg.data.format {
+        crate::config::DataFormat::Tokens => Box::new(LanguageModel { block_size: cfg.model.block_size }),
+        _ => Box::new(Classification),
+    }
 }

@@ -1,0 +1,243 @@
+//! nanoGPT's GPT (model.py), with its parameter names, so a checkpoint loads into nanoGPT's `GPT`
+//! with `load_state_dict(strict=True)`:
+//!
+//! ```text
+//! transformer.wte (vocab × C), transformer.wpe (block × C)
+//! transformer.h.N: ln_1 → attn.c_attn (C → 3C) → causal attention → attn.c_proj; ln_2 → mlp.c_fc
+//!                  (C → 4C) → exact GELU → mlp.c_proj; both residual
+//! transformer.ln_f → lm_head (tied: the same tensor as transformer.wte.weight)
+//! ```
+//!
+//! LayerNorm eps 1e-5 with optional bias; attention through libtorch's
+//! `scaled_dot_product_attention(is_causal=True)` (FlashAttention / memory-efficient kernels on
+//! GPU). Initialisation as nanoGPT: every Linear and Embedding weight N(0, 0.02), `c_proj` weights
+//! N(0, 0.02/√(2·n_layer)), biases 0, LayerNorm weight 1.
+//!
+//! The tied weight is one parameter (`transformer.wte.weight`): reduced once, stepped once, and
+//! stored once, so files load into nanoGPT's `GPT` with `safetensors.torch.load_model(model,
+//! path)` (strict), as files written by `save_model` do (which keeps `lm_head.weight`; both load
+//! here). `model.load_state_dict(load_file(path), strict=False)` works too and reports only the
+//! tied `lm_head.weight` as missing.
+
+use super::Model;
+use tch::{Device, Kind, TchError, Tensor};
+
+/// What `model: {name: gpt, …}` sets.
+#[derive(Clone, Debug)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub bias: bool,
+    pub dropout: f64,
+}
+
+struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt {
+    cfg: GptConfig,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    params: Vec<(String, Tensor)>,
+}
+
+/// Creates parameters on the CPU from libtorch's default generator (seed it first), so every
+/// device starts from the same values, then moves them to `device`.
+struct Builder<'a> {
+    params: &'a mut Vec<(String, Tensor)>,
+    device: Device,
+}
+
+impl Builder<'_> {
+    fn tensor(&mut self, name: String, shape: &[i64], init: impl FnOnce(Tensor) -> Result<Tensor, TchError>) -> Result<Tensor, TchError> {
+        let t = tch::no_grad(|| init(Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?)?.f_to_device(self.device))?;
+        let t = t.f_set_requires_grad(true)?;
+        self.params.push((name, t.shallow_clone()));
+        Ok(t)
+    }
+
+    fn normal(&mut self, name: String, shape: &[i64], std: f64) -> Result<Tensor, TchError> {
+        self.tensor(name, shape, |mut t| t.f_normal_(0.0, std))
+    }
+
+    fn linear(&mut self, name: &str, inputs: i64, outputs: i64, bias: bool, std: f64) -> Result<Linear, TchError> {
+        let weight = self.normal(format!("{name}.weight"), &[outputs, inputs], std)?;
+        let bias = if bias { Some(self.tensor(format!("{name}.bias"), &[outputs], |mut t| t.f_zero_())?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, name: &str, width: i64, bias: bool) -> Result<Norm, TchError> {
+        let weight = self.tensor(format!("{name}.weight"), &[width], |mut t| t.f_fill_(1.0))?;
+        let bias = if bias { Some(self.tensor(format!("{name}.bias"), &[width], |mut t| t.f_zero_())?) } else { None };
+        Ok(Norm { weight, bias })
+    }
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_layer_norm(self.weight.size(), Some(&self.weight), self.bias.as_ref(), 1e-5, true)
+    }
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+impl Gpt {
+    pub fn new(cfg: &GptConfig, device: Device) -> Result<Gpt, TchError> {
+        let (c, v) = (cfg.n_embd as i64, cfg.vocab_size as i64);
+        let mut params = Vec::new();
+        let mut b = Builder { params: &mut params, device };
+        let wte = b.normal("transformer.wte.weight".into(), &[v, c], 0.02)?;
+        let wpe = b.normal("transformer.wpe.weight".into(), &[cfg.block_size as i64, c], 0.02)?;
+        let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            blocks.push(Block {
+                ln_1: b.norm(&format!("{p}.ln_1"), c, cfg.bias)?,
+                c_attn: b.linear(&format!("{p}.attn.c_attn"), c, 3 * c, cfg.bias, 0.02)?,
+                attn_proj: b.linear(&format!("{p}.attn.c_proj"), c, c, cfg.bias, proj_std)?,
+                ln_2: b.norm(&format!("{p}.ln_2"), c, cfg.bias)?,
+                c_fc: b.linear(&format!("{p}.mlp.c_fc"), c, 4 * c, cfg.bias, 0.02)?,
+                mlp_proj: b.linear(&format!("{p}.mlp.c_proj"), 4 * c, c, cfg.bias, proj_std)?,
+            });
+        }
+        let ln_f = b.norm("transformer.ln_f", c, cfg.bias)?;
+        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    fn attention(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let (b, t, c) = x.size3()?;
+        let nh = self.cfg.n_head as i64;
+        let qkv = blk.c_attn.forward(x)?.f_split(c, 2)?;
+        let heads = |m: &Tensor| m.f_view([b, t, nh, c / nh])?.f_transpose(1, 2);
+        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
+        let p = if train { self.cfg.dropout } else { 0.0 };
+        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, None, false)?;
+        let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
+        blk.attn_proj.forward(&y)?.f_dropout(self.cfg.dropout, train)
+    }
+
+    fn mlp(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let h = blk.c_fc.forward(x)?.f_gelu("none")?;
+        blk.mlp_proj.forward(&h)?.f_dropout(self.cfg.dropout, train)
+    }
+
+    /// Hidden states after `ln_f` for token ids `[batch, t]` (t ≤ block_size).
+    fn hidden(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let t = idx.size().last().copied().unwrap_or(0);
+        if t as usize > self.cfg.block_size {
+            return Err(TchError::Shape(format!("cannot forward a sequence of {t} tokens: block_size is {}", self.cfg.block_size)));
+        }
+        let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?;
+        let tok = Tensor::f_embedding(&self.wte, idx, -1, false, false)?;
+        let mut x = (tok + Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?).f_dropout(self.cfg.dropout, train)?;
+        for blk in &self.blocks {
+            x = &x + self.attention(blk, &blk.ln_1.forward(&x)?, train)?;
+            x = &x + self.mlp(blk, &blk.ln_2.forward(&x)?, train)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// nanoGPT's `get_num_params()`: every parameter once, less the position embedding.
+    pub fn num_params_non_embedding(&self) -> usize {
+        self.params.iter().map(|(_, p)| p.numel()).sum::<usize>() - self.wpe.numel()
+    }
+}
+
+impl Model for Gpt {
+    /// Logits `[batch, t, vocab]` for token ids `[batch, t]`.
+    fn forward_t(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        self.hidden(idx, train)?.f_linear::<Tensor>(&self.wte, None)
+    }
+
+    fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    fn tied(&self) -> Vec<(String, String)> {
+        vec![("lm_head.weight".into(), "transformer.wte.weight".into())]
+    }
+
+    /// nanoGPT's `estimate_mfu`: 6N + 12·L·H·Q·T per token, N without the position embedding.
+    fn flops_per_token(&self) -> Option<f64> {
+        let c = &self.cfg;
+        let (l, h, q, t) = (c.n_layer as f64, c.n_head as f64, (c.n_embd / c.n_head) as f64, c.block_size as f64);
+        Some(6.0 * self.num_params_non_embedding() as f64 + 12.0 * l * h * q * t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(bias: bool) -> GptConfig {
+        GptConfig { vocab_size: 11, block_size: 8, n_layer: 2, n_head: 2, n_embd: 8, bias, dropout: 0.0 }
+    }
+
+    #[test]
+    fn names_shapes_and_init_follow_nanogpt() {
+        tch::manual_seed(0);
+        let m = Gpt::new(&tiny(true), Device::Cpu).unwrap();
+        let names: Vec<&str> = m.named_parameters().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            &names[..4],
+            &["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias"]
+        );
+        assert_eq!(names.last(), Some(&"transformer.ln_f.bias"));
+        assert_eq!(names.len(), 2 + 2 * 12 + 2);
+        assert!(!names.contains(&"lm_head.weight"), "the tied weight is one parameter");
+        let get = |n: &str| m.named_parameters().iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        assert_eq!(get("transformer.h.1.attn.c_attn.weight").size(), vec![24, 8]);
+        assert_eq!(get("transformer.h.1.mlp.c_proj.weight").size(), vec![8, 32]);
+        let std = |t: Tensor| t.std(true).double_value(&[]);
+        assert!((std(get("transformer.wte.weight")) - 0.02).abs() < 0.006);
+        assert!(std(get("transformer.h.0.mlp.c_proj.weight")) < 0.014, "c_proj scaled by 1/sqrt(2·n_layer)");
+        assert_eq!(get("transformer.h.0.ln_1.weight").sum(Kind::Float).double_value(&[]), 8.0);
+        let nobias = Gpt::new(&tiny(false), Device::Cpu).unwrap();
+        assert!(nobias.named_parameters().iter().all(|(n, _)| !n.ends_with(".bias")));
+    }
+
+    #[test]
+    fn attention_is_causal_and_logits_have_the_vocabulary() {
+        tch::manual_seed(1);
+        let m = Gpt::new(&tiny(true), Device::Cpu).unwrap();
+        let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
+        let b = Tensor::from_slice(&[1i64, 2, 3, 9, 9, 9]).view([1, 6]);
+        let (la, lb) = (m.forward_t(&a, false).unwrap(), m.forward_t(&b, false).unwrap());
+        assert_eq!(la.size(), vec![1, 6, 11]);
+        // The first three positions cannot see the tokens after them.
+        let diff = (la.narrow(1, 0, 3) - lb.narrow(1, 0, 3)).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        assert!((la.narrow(1, 3, 1) - lb.narrow(1, 3, 1)).abs().max().double_value(&[]) > 1e-6);
+        assert!(m.forward_t(&Tensor::zeros([1, 9], tch::kind::INT64_CPU), false).is_err(), "longer than block_size");
+    }
+}
