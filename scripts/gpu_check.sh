@@ -6,6 +6,8 @@
 #   (c) (a) with bf16 autocast
 #   (d) ringtrain's single-GPU throughput against PyTorch eager (same CNN, batch 64, data), ratio
 #   (e) NCCL all-reduce 1 MB–256 MB at world size 1 (smoke test, nccl-tests' columns)
+#   (f) the GPT demo model with bf16 autocast on cuda with NCCL, 300 steps of batch 64 × block 128:
+#       tokens/s against PyTorch eager (nanoGPT's GPT, same model, batch, optimizer), ratio
 # Prints a summary table; exits non-zero if any part failed.
 #   RINGTRAIN_PYTHON: the Python with torch (default /opt/torch/.venv/bin/python)
 set -uo pipefail
@@ -62,11 +64,22 @@ if "$here/bin/ringbench" allreduce --backend nccl --device cuda --sizes 1M,4M,16
     result[e]="PASS ($(grep -c ' 0$' "$runs/e.txt") sizes, #wrong 0)"
 else result[e]="FAIL"; fi
 
+echo "== (f) GPT, bf16 on cuda with NCCL, against PyTorch eager"
+gpt=(--config "$here/configs/gpt_fortunes.yaml" --set "data.dir=$here/data/fortunes" --set "data.prepare_from=[]" --set device=cuda
+     --set comm.backend=nccl --set train.precision=bf16 --set train.batch_size=64 --set train.max_steps=300
+     --set train.eval_every_steps=0 --set checkpoint.enabled=false --set sample.max_new_tokens=100)
+if "$here/bin/ringtrain" "${gpt[@]}" --run-dir "$runs/f" 2>&1 | tail -n 12; then
+    rt=$(metric "$runs/f" tokens_per_s)
+    pt=$(cd "$here/reference" && "$py" gpt_train.py --data "$here/data/fortunes" --device cuda --bf16 --batch-size 64 --max-steps 300 2>/dev/null | tail -n 1)
+    ps=$("$py" -c "import json; print(json.loads('$pt')['tokens_per_s'])" 2>/dev/null)
+    result[f]="PASS val loss $(metric "$runs/f" test_loss); ringtrain $rt vs PyTorch ${ps:-?} tokens/s: ratio $("$py" -c "print(round($rt/${ps:-0.0001}, 3))")"
+else result[f]="FAIL"; fi
+
 echo
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e; do
+for k in a b c d e f; do
     echo "| ($k) | ${result[$k]} |"
     case "${result[$k]}" in FAIL*) status=1 ;; esac
 done

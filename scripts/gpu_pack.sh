@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu_check.sh needs on a GPU machine that has Python torch but no Rust
-# toolchain: stripped release binaries, configs, the Fashion-MNIST files, the PyTorch reference.
+# toolchain: stripped release binaries, configs, the Fashion-MNIST files, the fortunes token files,
+# the PyTorch references.
 #   scripts/gpu_pack.sh [OUT]     (default target/gpu-pack; well under 64 MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ for b in ringtrain ringrun ringbench; do
 done
 cp configs/*.yaml "$out/configs/"
 cp /usr/share/datasets/fashion-mnist/*.gz "$out/data/fashion-mnist/"
-cp scripts/reference/ddp_train.py "$out/reference/"
+cp scripts/reference/ddp_train.py scripts/reference/gpt_reference.py scripts/reference/gpt_train.py "$out/reference/"
+target/release/ringtrain prepare-text --input /usr/share/games/fortunes --out "$out/data/fortunes" >/dev/null
 cp scripts/gpu_check.sh "$out/"
 du -sh "$out"
