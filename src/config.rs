@@ -270,6 +270,9 @@ pub struct TrainConfig {
     /// training).
     #[serde(default)]
     pub eval_every_steps: u64,
+    /// Write TensorBoard event files to `<run dir>/tb/` (rank 0).
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
     /// The peak FLOP/s the achieved figure is compared with (MFU), in TFLOP/s; default: 989 on
     /// CUDA (H100 SXM, dense bf16), 0.19 on the CPU (2 cores × 95 GFLOP/s, libtorch fp32 matmul
     /// measured on the 2-core machine this was built on).

@@ -33,6 +33,9 @@ impl Phase {
 pub struct Breakdown {
     totals: [Duration; 5],
     steps: u64,
+    /// Since the last `take_window` (the logging window).
+    window: [Duration; 5],
+    window_steps: u64,
     trace: Option<Vec<serde_json::Value>>,
     origin: Instant,
     rank: usize,
@@ -40,7 +43,15 @@ pub struct Breakdown {
 
 impl Breakdown {
     pub fn new(rank: usize, trace: bool) -> Self {
-        Self { totals: [Duration::ZERO; 5], steps: 0, trace: trace.then(Vec::new), origin: Instant::now(), rank }
+        Self {
+            totals: [Duration::ZERO; 5],
+            steps: 0,
+            window: [Duration::ZERO; 5],
+            window_steps: 0,
+            trace: trace.then(Vec::new),
+            origin: Instant::now(),
+            rank,
+        }
     }
 
     /// Records `phase` as having run from `start` until now.
@@ -50,6 +61,7 @@ impl Breakdown {
 
     pub fn record_span(&mut self, phase: Phase, start: Instant, end: Instant) {
         self.totals[phase as usize] += end.saturating_duration_since(start);
+        self.window[phase as usize] += end.saturating_duration_since(start);
         self.event(phase.name(), "step", start, end);
     }
 
@@ -70,6 +82,16 @@ impl Breakdown {
 
     pub fn step_done(&mut self) {
         self.steps += 1;
+        self.window_steps += 1;
+    }
+
+    /// Mean milliseconds per step for each phase since the last call (the logging window).
+    pub fn take_window(&mut self) -> Vec<(&'static str, f64)> {
+        let steps = self.window_steps.max(1) as f64;
+        let out = Phase::ALL.iter().map(|p| (p.name(), self.window[*p as usize].as_secs_f64() * 1e3 / steps)).collect();
+        self.window = [Duration::ZERO; 5];
+        self.window_steps = 0;
+        out
     }
 
     /// Mean milliseconds per step for each phase since the last `take`, then resets.

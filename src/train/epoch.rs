@@ -64,6 +64,12 @@ impl Trainer<'_> {
                 let mut line = json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
                                       "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate});
                 let tokens = self.throughput(rate, &mut line);
+                let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu"]
+                    .iter()
+                    .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
+                    .collect();
+                scalars.extend(self.timing.take_window().into_iter().map(|(p, ms)| (format!("step_ms/{p}"), ms)));
+                self.tb_scalars(&scalars);
                 if !progress.is_bar() {
                     tracing::info!(
                         "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {}",
@@ -135,6 +141,9 @@ impl Trainer<'_> {
         for (k, v) in test.iter().flat_map(|r| r.metrics.iter()) {
             line[format!("test_{k}")] = json!(v);
         }
+        let mut scalars = vec![("train/epoch_loss".to_string(), train_loss)];
+        scalars.extend(test.iter().flat_map(|r| r.metrics.iter()).map(|(k, v)| (format!("eval/{k}"), *v)));
+        self.tb_scalars(&scalars);
         let tokens = self.throughput(samples_per_s, &mut line);
         if let Some(t) = tokens {
             tracing::info!("epoch {epoch} throughput: {t}");
@@ -173,6 +182,7 @@ impl Trainer<'_> {
         for (k, v) in &r.metrics {
             line[format!("test_{k}")] = json!(v);
         }
+        self.tb_scalars(&r.metrics.iter().map(|(k, v)| (format!("eval/{k}"), *v)).collect::<Vec<_>>());
         self.metrics.write(line).map_err(io_err("metrics.jsonl"))
     }
 }

@@ -120,6 +120,8 @@ pub(crate) struct Trainer<'a> {
     opt: Optimizer,
     pos: Position,
     metrics: Metrics,
+    /// Rank 0's TensorBoard event file.
+    tb: Option<crate::telemetry::tensorboard::EventWriter>,
     samples_file: Option<std::fs::File>,
     sampler: DistributedSampler,
     timing: Breakdown,
@@ -166,6 +168,17 @@ impl Trainer<'_> {
         match self.cfg.train.max_steps {
             Some(m) => self.pos.global_step >= m,
             None => self.pos.epoch >= self.cfg.train.epochs,
+        }
+    }
+
+    /// Scalars to TensorBoard (rank 0; a failed write is reported once and turns it off, since
+    /// losing a plot must not stop training).
+    fn tb_scalars(&mut self, values: &[(String, f64)]) {
+        if let Some(w) = &mut self.tb {
+            if let Err(e) = w.scalars(self.pos.global_step, values) {
+                tracing::warn!("TensorBoard event file {}: {e}; no more events this run", w.path().display());
+                self.tb = None;
+            }
         }
     }
 

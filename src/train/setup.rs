@@ -85,6 +85,13 @@ impl<'a> Trainer<'a> {
             }
             false => None,
         };
+        let tb = match rank == 0 && t.tensorboard {
+            true => Some(
+                crate::telemetry::tensorboard::EventWriter::create(&run_dir.join("tb"), resumed.as_ref().map(|m| m.global_step))
+                    .map_err(io_err(run_dir.join("tb").display().to_string()))?,
+            ),
+            false => None,
+        };
         let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
         Ok(Trainer {
             cfg,
@@ -104,6 +111,7 @@ impl<'a> Trainer<'a> {
             last_saved: resumed.as_ref().map(|m| m.global_step),
             pos,
             metrics,
+            tb,
             samples_file,
             sampler,
             timing: Breakdown::new(rank, t.trace),

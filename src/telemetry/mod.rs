@@ -1,8 +1,11 @@
-//! What people read: log lines carrying the rank, metrics.jsonl, rank 0's progress.
+//! What people read: log lines carrying the rank, metrics.jsonl, rank 0's progress, TensorBoard
+//! event files (`tensorboard`).
 //!
 //! Rank 0 logs at INFO on stderr; the other ranks stay quiet (WARN) unless something is wrong.
 //! Every rank also writes INFO to its own file in the run directory. RUST_LOG overrides the
 //! stderr level.
+
+pub mod tensorboard;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::File;
