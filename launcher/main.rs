@@ -53,6 +53,9 @@ struct Args {
     /// are killed (a second signal kills them at once).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     stop_timeout_secs: u64,
+    /// Plain per-rank log lines even on a terminal (instead of one live status line).
+    #[arg(long)]
+    no_status: bool,
     /// Worker program and its arguments; if it starts with an option, the `ringtrain` beside
     /// this launcher is run with them.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "WORKER ARGS")]
@@ -152,7 +155,13 @@ fn try_main() -> Result<ExitCode> {
         opts.master_addr,
         opts.master_port
     );
-    let job = supervise::run_job(&opts, args.max_restarts, &rx, nodes.as_ref()).map_err(anyhow::Error::msg)?;
+    // On a terminal: one live status line for the job instead of interleaved per-rank logs.
+    if !args.no_status && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ringtrain::internal::status::enable();
+    }
+    let job = supervise::run_job(&opts, args.max_restarts, &rx, nodes.as_ref()).map_err(anyhow::Error::msg);
+    ringtrain::internal::status::finish();
+    let job = job?;
     let restarts = match job.restarts.len() {
         0 => String::new(),
         n => format!(" after {n} restart(s) ({})", job.restarts.join("; ")),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ringtrain needs to build and run on a Debian machine; safe to re-run.
 #
-# - Debian packages: the Fashion-MNIST data set, fortunes' English text (the GPT demo's corpus), the C/C++ toolchain bits the -sys crates use,
+# - Debian packages: the Fashion-MNIST data set, fortunes' English text (the GPT demo's corpus), a
+#   TTF for plots (fonts-dejavu-core), the C/C++ toolchain bits the -sys crates use,
 #   Open MPI (the MPI backend, built by default) and libclang (rsmpi's bindgen).
 # - libtorch 2.11.0 (what tch 0.24 is built for), taken from the PyPI wheels because that is the
 #   registry reachable everywhere we run. Unpacked once into a cache outside the repo
@@ -33,7 +34,7 @@ site="$cache/libtorch-${torch_version}"
 say() { echo "setup: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_packages=(dataset-fashion-mnist fortunes pkg-config g++ unzip libopenmpi-dev openmpi-bin libclang-dev)
+apt_packages=(dataset-fashion-mnist fortunes fonts-dejavu-core pkg-config g++ unzip libopenmpi-dev openmpi-bin libclang-dev)
 ((with_python)) && apt_packages+=(python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -82,3 +82,103 @@ fn tensorboard_reads_the_scalars_of_a_run_and_of_its_resumption_once() {
     // Resumed exactly: the same curve as the uninterrupted run.
     assert_eq!(tb2["train/loss"], tb["train/loss"]);
 }
+
+#[test]
+fn each_run_writes_a_plot_and_runs_compare_in_one_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(10, "").replace("log_every_steps: 10}", "log_every_steps: 10, eval_every_steps: 20}"),
+    );
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run(ringrun(1, &cfg, &one, &[]), Duration::from_secs(120)).assert_success();
+    run(ringrun(2, &cfg, &two, &[]), Duration::from_secs(120)).assert_success();
+    let png = |p: &Path| -> (u32, u32) {
+        let b = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", p.display());
+        (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    };
+    assert_eq!(png(&two.join("plot.png")), (1800, 1000));
+    // Every rank's phases reached rank 0 for the bars.
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(two.join("breakdown.json")).unwrap()).unwrap();
+    assert_eq!(b.as_array().unwrap().len(), 2);
+    assert!(b[1]["step_ms"]["backward"].as_f64().unwrap() > 0.0, "{b}");
+    let out_png = dir.path().join("compare.png");
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("plot").arg(&one).arg(&two).arg("--out").arg(&out_png);
+    let out = run(c, Duration::from_secs(60));
+    out.assert_success();
+    assert_eq!(png(&out_png), (1800, 1000));
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("plot").arg(dir.path().join("missing"));
+    let bad = run(c, Duration::from_secs(60));
+    bad.assert_failure();
+    assert!(bad.stderr.contains("missing") && bad.stderr.contains("metrics.jsonl"), "{}", bad.report());
+}
+
+#[test]
+fn the_merged_timeline_has_every_rank_on_one_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        write_config(dir.path(), "job.yaml", &mlp_config(10, "").replace("log_every_steps: 10}", "log_every_steps: 10, trace: true}"));
+    let run_dir = dir.path().join("run");
+    run(ringrun(2, &cfg, &run_dir, &[]), Duration::from_secs(120)).assert_success();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("trace/merged.json")).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().expect("Trace Event Format: an object with traceEvents");
+    // The format's rules for the events used: every event has ph, pid, name; complete events (X)
+    // have numeric ts and dur >= 0 and a tid; metadata (M) names processes and threads.
+    for e in events {
+        let ph = e["ph"].as_str().unwrap_or_else(|| panic!("no ph: {e}"));
+        assert!(e["pid"].is_u64() && e["name"].is_string(), "{e}");
+        match ph {
+            "X" => assert!(e["ts"].is_number() && e["dur"].as_f64().unwrap() >= 0.0 && e["tid"].is_u64(), "{e}"),
+            "M" => assert!(e["args"].is_object(), "{e}"),
+            other => panic!("unexpected phase {other}: {e}"),
+        }
+    }
+    let names: Vec<&str> = events.iter().filter(|e| e["name"] == "process_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["rank 0", "rank 1"]);
+    // One clock: rank 0's and rank 1's k-th all-reduce of bucket 0 are the same collective, so
+    // they end together (within a few ms), which holds only if the timelines are aligned.
+    let ends = |rank: u64| -> Vec<f64> {
+        events
+            .iter()
+            .filter(|e| e["pid"] == rank && e["name"] == "bucket 0")
+            .map(|e| e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap())
+            .collect()
+    };
+    let (e0, e1) = (ends(0), ends(1));
+    assert!(e0.len() >= 50 && e0.len() == e1.len(), "{} vs {} bucket spans", e0.len(), e1.len());
+    let mut diffs: Vec<f64> = e0.iter().zip(&e1).map(|(a, b)| (a - b).abs()).collect();
+    diffs.sort_by(f64::total_cmp);
+    let median_us = diffs[diffs.len() / 2];
+    assert!(median_us < 5_000.0, "bucket all-reduces end {median_us} µs apart (median): clocks not aligned");
+}
+
+#[test]
+fn on_a_terminal_ringrun_shows_one_live_status_line() {
+    // `script` gives ringrun a pseudo-terminal, as a person's shell (or tmux) would.
+    if Command::new("script").arg("--version").output().map_or(true, |o| !o.status.success()) {
+        eprintln!("SKIPPED on_a_terminal_ringrun_shows_one_live_status_line: no `script` (util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let line =
+        format!("{RINGRUN} --nproc-per-node 2 {RINGTRAIN} --config {} --run-dir {}", cfg.display(), dir.path().join("run").display());
+    let mut c = Command::new("script");
+    c.args(["-qec", &line, "/dev/null"]);
+    let out = run(c, Duration::from_secs(120));
+    out.assert_success();
+    let screen = out.stdout.replace('\r', "\n");
+    assert!(screen.contains("step 60/60 (100%)") && screen.contains("slowest rank") && screen.contains("ETA"), "{}", out.report());
+    assert!(screen.contains("\x1b[2K"), "the line is redrawn in place");
+    // Instead of rank 0's per-step log lines; the final result still prints.
+    assert!(!screen.contains("INFO"), "{}", out.report());
+    assert!(screen.contains("[rank0] final: test_acc"), "{}", out.report());
+    // Piped, nothing changes: the per-step lines, no status records.
+    let piped = run(ringrun(2, &cfg, &dir.path().join("piped"), &[]), Duration::from_secs(120));
+    piped.assert_success();
+    assert!(piped.stderr.contains("epoch 0 step 10/60") && !piped.stdout.contains("@ringtrain-status"), "{}", piped.report());
+}

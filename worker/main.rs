@@ -1,5 +1,6 @@
 //! `ringtrain`: one training worker, started by `ringrun` (or torchrun-style env by hand, mpirun,
-//! srun); and two tools for language models: `prepare-text` and `sample`.
+//! srun); `plot` for pictures of runs; and two tools for language models: `prepare-text` and
+//! `sample`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,6 +42,16 @@ enum Tool {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// A PNG of one or more runs (overlaid): loss, accuracy or perplexity, lr, throughput, and
+    /// every rank's per-step phase breakdown.
+    Plot {
+        /// Run directories (their metrics.jsonl and breakdown.json).
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        /// Output PNG (default: plot.png in the run directory for one run, else ./plot.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Text from a trained GPT: the prompt and its continuation.
     Sample {
@@ -105,6 +116,11 @@ fn tool(t: Tool) -> anyhow::Result<()> {
                 p.train_tokens,
                 p.val_tokens
             );
+        }
+        Tool::Plot { runs, out } => {
+            let out = out.unwrap_or_else(|| if runs.len() == 1 { runs[0].join("plot.png") } else { PathBuf::from("plot.png") });
+            ringtrain::telemetry::plot::plot_dirs(&runs, &out)?;
+            println!("wrote {}", out.display());
         }
         Tool::Sample { run_dir, checkpoint, prompt, max_new_tokens, temperature, top_k, seed } => {
             anyhow::ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be a positive number, got {temperature}");

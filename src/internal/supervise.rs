@@ -111,14 +111,12 @@ fn pump(src: impl Read + Send + 'static, rank: usize, to_stderr: bool, log: Opti
             if !line.ends_with(b"\n") {
                 line.push(b'\n');
             }
-            let prefix = format!("[rank{rank}] ");
-            if to_stderr {
-                let mut e = std::io::stderr().lock();
-                let _ = e.write_all(prefix.as_bytes()).and_then(|_| e.write_all(&line));
-            } else {
-                let mut o = std::io::stdout().lock();
-                let _ = o.write_all(prefix.as_bytes()).and_then(|_| o.write_all(&line)).and_then(|_| o.flush());
+            // Status records feed the live status line (only asked for on a terminal).
+            if !to_stderr && super::status::absorb(&line) {
+                continue;
             }
+            let prefix = format!("[rank{rank}] ");
+            super::status::print(to_stderr, prefix.as_bytes(), &line);
             if let Some(f) = &log {
                 let _ = f.lock().unwrap().write_all(&line);
             }
@@ -146,6 +144,7 @@ fn spawn_worker(opts: &GroupOptions, local_rank: usize) -> std::io::Result<Worke
         .env("OMP_NUM_THREADS", opts.threads_per_worker.to_string())
         .env("TORCHELASTIC_RESTART_COUNT", opts.restart_count.to_string())
         .env("RINGTRAIN_JOB_TOKEN", &opts.job_token)
+        .env("RINGTRAIN_STATUS", if super::status::enabled() { "1" } else { "" })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -5,6 +5,7 @@
 //! Every rank also writes INFO to its own file in the run directory. RUST_LOG overrides the
 //! stderr level.
 
+pub mod plot;
 pub mod tensorboard;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,7 +18,9 @@ use tracing_subscriber::prelude::*;
 
 /// Installs the global subscriber. Call once, before any logging.
 pub fn init_tracing(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
-    let default = if rank == 0 { "info" } else { "warn" };
+    // Under ringrun's status line (RINGTRAIN_STATUS) rank 0's progress goes there, not to stderr.
+    let status_line = std::env::var("RINGTRAIN_STATUS").is_ok_and(|v| !v.is_empty());
+    let default = if rank == 0 && !status_line { "info" } else { "warn" };
     let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

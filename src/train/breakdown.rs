@@ -36,6 +36,9 @@ pub struct Breakdown {
     /// Since the last `take_window` (the logging window).
     window: [Duration; 5],
     window_steps: u64,
+    /// Since the start (for every rank's bars in the plot).
+    run: [Duration; 5],
+    run_steps: u64,
     trace: Option<Vec<serde_json::Value>>,
     origin: Instant,
     rank: usize,
@@ -48,6 +51,8 @@ impl Breakdown {
             steps: 0,
             window: [Duration::ZERO; 5],
             window_steps: 0,
+            run: [Duration::ZERO; 5],
+            run_steps: 0,
             trace: trace.then(Vec::new),
             origin: Instant::now(),
             rank,
@@ -62,6 +67,7 @@ impl Breakdown {
     pub fn record_span(&mut self, phase: Phase, start: Instant, end: Instant) {
         self.totals[phase as usize] += end.saturating_duration_since(start);
         self.window[phase as usize] += end.saturating_duration_since(start);
+        self.run[phase as usize] += end.saturating_duration_since(start);
         self.event(phase.name(), "step", start, end);
     }
 
@@ -83,6 +89,18 @@ impl Breakdown {
     pub fn step_done(&mut self) {
         self.steps += 1;
         self.window_steps += 1;
+        self.run_steps += 1;
+    }
+
+    /// Mean milliseconds per step for each phase over the whole run so far.
+    pub fn run_means(&self) -> serde_json::Map<String, serde_json::Value> {
+        let steps = self.run_steps.max(1) as f64;
+        Phase::ALL.iter().map(|p| (p.name().to_string(), json!(self.run[*p as usize].as_secs_f64() * 1e3 / steps))).collect()
+    }
+
+    /// This rank's timeline events (empty unless tracing), for merging.
+    pub fn trace_events(&self) -> &[serde_json::Value] {
+        self.trace.as_deref().unwrap_or(&[])
     }
 
     /// Mean milliseconds per step for each phase since the last call (the logging window).

@@ -51,15 +51,22 @@ impl Trainer<'_> {
             }
             let micro = position::micro_batches_in_step(batches_left, t.grad_accum_steps);
             let epoch_ends = micro == batches_left;
-            let log_now = rank == 0 && ((self.pos.global_step + 1) % t.log_every_steps == 0 || epoch_ends);
+            let log_step = (self.pos.global_step + 1) % t.log_every_steps == 0 || epoch_ends;
+            let log_now = rank == 0 && log_step;
             let out = self.step(&mut loader, micro, &todo, &mut taken, log_now)?;
             loss_sum += out.loss * out.samples as f64;
             samples += out.samples;
             window.1 += out.samples;
             steps += 1;
             let step = self.pos.steps_in_shard;
+            // Every rank's phase means over the logging window: TensorBoard (rank 0) and
+            // ringrun's status line (the slowest rank).
+            let phases = if log_step { self.timing.take_window() } else { Vec::new() };
+            let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+            if log_step && self.status_line {
+                self.emit_status(&out, rate, &phases, batches_in_shard);
+            }
             if log_now {
-                let rate = (window.1 * world) as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                 progress.update(step, out.loss, rate);
                 let mut line = json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
                                       "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate});
@@ -68,7 +75,7 @@ impl Trainer<'_> {
                     .iter()
                     .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
                     .collect();
-                scalars.extend(self.timing.take_window().into_iter().map(|(p, ms)| (format!("step_ms/{p}"), ms)));
+                scalars.extend(phases.iter().map(|(p, ms)| (format!("step_ms/{p}"), *ms)));
                 self.tb_scalars(&scalars);
                 if !progress.is_bar() {
                     tracing::info!(
@@ -80,6 +87,8 @@ impl Trainer<'_> {
                     );
                 }
                 self.metrics.write(line).map_err(io_err("metrics.jsonl"))?;
+            }
+            if log_step {
                 window = (Instant::now(), 0);
             }
             let eval_every = t.eval_every_steps;
@@ -154,6 +163,21 @@ impl Trainer<'_> {
 }
 
 impl Trainer<'_> {
+    /// One status record for ringrun's status line (stdout, one line).
+    fn emit_status(&self, out: &super::step::StepOutcome, rate: f64, phases: &[(&'static str, f64)], batches_in_shard: u64) {
+        let t = &self.cfg.train;
+        let per_epoch =
+            (batches_in_shard + self.pos.epoch_base / (t.batch_size * self.comm.world_size()).max(1) as u64).div_ceil(t.grad_accum_steps);
+        let total = t.max_steps.unwrap_or(per_epoch * t.epochs as u64);
+        let (unit, rate) = match self.task.tokens_per_sample() {
+            Some(n) => ("tokens/s", rate * n as f64),
+            None => ("samples/s", rate),
+        };
+        let record = json!({"rank": self.rank(), "step": self.pos.global_step, "total": total, "epoch": self.pos.epoch,
+                            "loss": out.loss, "rate": rate, "unit": unit, "step_ms": phases.iter().map(|(_, ms)| ms).sum::<f64>()});
+        println!("{}{record}", crate::internal::status::MARKER);
+    }
+
     /// Tokens/s, achieved FLOP/s and MFU into `line` for token tasks; the log text for them.
     fn throughput(&self, samples_per_s: f64, line: &mut serde_json::Value) -> Option<String> {
         let per_sample = self.task.tokens_per_sample()?;

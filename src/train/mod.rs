@@ -125,6 +125,8 @@ pub(crate) struct Trainer<'a> {
     samples_file: Option<std::fs::File>,
     sampler: DistributedSampler,
     timing: Breakdown,
+    /// ringrun shows a live status line: every rank emits status records.
+    status_line: bool,
     last_saved: Option<u64>,
     stopped: bool,
 }
@@ -182,6 +184,48 @@ impl Trainer<'_> {
         }
     }
 
+    /// Rank 0 collects what every rank saw: each rank's phase breakdown (`breakdown.json`, the
+    /// plot's bars) and, with `train.trace`, each rank's timeline merged into one file
+    /// (`trace/merged.json`: one process row per rank). Through the communicator, so ranks on
+    /// other nodes need no shared disk.
+    fn gather_views(&mut self) -> Result<(), TrainError> {
+        let rank = self.rank();
+        let mine = serde_json::to_vec(&self.timing.run_means()).expect("json");
+        let all = self.comm.all_gather(&mine)?;
+        if rank == 0 {
+            let ranks: Vec<serde_json::Value> = all
+                .iter()
+                .enumerate()
+                .map(|(r, b)| json!({"rank": r, "step_ms": serde_json::from_slice::<serde_json::Value>(b).unwrap_or_default()}))
+                .collect();
+            let path = self.run_dir.join("breakdown.json");
+            std::fs::write(&path, format!("{}\n", serde_json::Value::Array(ranks))).map_err(io_err(path.display().to_string()))?;
+        }
+        if !self.cfg.train.trace {
+            return Ok(());
+        }
+        let mut merged = Vec::new();
+        for r in 0..self.comm.world_size() {
+            let blob = (r == rank).then(|| serde_json::to_vec(self.timing.trace_events()).expect("json"));
+            let got = crate::comm::broadcast_blob(self.comm, r, blob.as_deref())?;
+            if rank == 0 {
+                merged.push(json!({"name": "process_name", "ph": "M", "pid": r, "args": {"name": format!("rank {r}")}}));
+                merged.push(json!({"name": "process_sort_index", "ph": "M", "pid": r, "args": {"sort_index": r}}));
+                merged.push(json!({"name": "thread_name", "ph": "M", "pid": r, "tid": 0, "args": {"name": "step phases"}}));
+                merged.push(json!({"name": "thread_name", "ph": "M", "pid": r, "tid": 1, "args": {"name": "all_reduce buckets"}}));
+                let events: Vec<serde_json::Value> = serde_json::from_slice(&got).unwrap_or_default();
+                merged.extend(events);
+            }
+        }
+        if rank == 0 {
+            let path = self.run_dir.join("trace").join("merged.json");
+            let body = serde_json::to_vec(&json!({"traceEvents": merged, "displayTimeUnit": "ms"})).expect("json");
+            std::fs::write(&path, body).map_err(io_err(path.display().to_string()))?;
+            tracing::info!("timeline of every rank: {} (open in Perfetto or chrome://tracing)", path.display());
+        }
+        Ok(())
+    }
+
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         let state = self.ddp.state();
         checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, &self.pos, reason)?;
@@ -200,6 +244,7 @@ impl Trainer<'_> {
             let path = self.run_dir.join("trace").join(format!("rank{rank}.json"));
             self.timing.write_trace(&path).map_err(io_err(path.display().to_string()))?;
         }
+        self.gather_views()?;
         // Buffers are updated locally after each broadcast; rank 0's are the run's result.
         self.ddp.sync_buffers(self.comm)?;
         let param_hash = self.ddp.state_hash()?;
@@ -213,6 +258,13 @@ impl Trainer<'_> {
             (Some(s), true) if self.task.tokens_per_sample().is_some() => Some(self.sample_text(s)?),
             _ => None,
         };
+        if rank == 0 && self.cfg.train.plot {
+            let out = self.run_dir.join("plot.png");
+            match crate::telemetry::plot::plot_dirs(&[self.run_dir.to_path_buf()], &out) {
+                Ok(()) => tracing::info!("plot: {}", out.display()),
+                Err(e) => tracing::warn!("no plot.png: {e}"),
+            }
+        }
         if self.ddp.reattached_grads() > 0 {
             tracing::warn!("{} gradient(s) were found replaced and re-attached during training", self.ddp.reattached_grads());
         }

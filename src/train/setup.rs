@@ -93,6 +93,9 @@ impl<'a> Trainer<'a> {
             false => None,
         };
         let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
+        // Every rank's timeline starts as the same barrier ends, so the merged timeline lines
+        // the ranks up without trusting their wall clocks (skew: the barrier's exit, microseconds).
+        comm.barrier()?;
         Ok(Trainer {
             cfg,
             comm,
@@ -115,6 +118,7 @@ impl<'a> Trainer<'a> {
             samples_file,
             sampler,
             timing: Breakdown::new(rank, t.trace),
+            status_line: std::env::var("RINGTRAIN_STATUS").is_ok_and(|v| !v.is_empty()),
             stopped: false,
         })
     }
