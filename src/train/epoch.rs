@@ -33,6 +33,8 @@ impl Trainer<'_> {
             Loader::spawn(self.splits.train.clone(), todo.clone(), t.batch_size, self.cfg.data.prefetch_batches, epoch as u64)?;
         let progress = Progress::new(rank == 0, epoch, batches_in_shard);
         let started = Instant::now();
+        // Time spent in mid-epoch evaluation, kept out of the training throughput.
+        let mut eval_time = std::time::Duration::ZERO;
         let (mut loss_sum, mut samples, mut steps) = (0.0f64, 0usize, 0u64);
         let mut window = (Instant::now(), 0usize);
         let mut epoch_complete = true;
@@ -95,7 +97,10 @@ impl Trainer<'_> {
             // The last step of the epoch or of training is evaluated after the epoch anyway.
             let ending = step >= batches_in_shard || t.max_steps.is_some_and(|m| self.pos.global_step >= m) || out.stop_votes > 0.0;
             if t.eval && eval_every > 0 && self.pos.global_step % eval_every == 0 && !ending {
+                let t0 = Instant::now();
                 self.evaluate_now(epoch)?;
+                eval_time += t0.elapsed();
+                window.0 += t0.elapsed();
             }
             if out.stop_votes > 0.0 {
                 progress.finish();
@@ -120,7 +125,7 @@ impl Trainer<'_> {
             self.pos.steps_in_shard = 0;
             self.checkpoint("epoch_end")?;
         }
-        let train_secs = started.elapsed().as_secs_f64();
+        let train_secs = started.elapsed().saturating_sub(eval_time).as_secs_f64();
         let samples_per_s = (samples * world) as f64 / train_secs.max(1e-9);
         let step_ms = self.timing.take();
         if rank == 0 {
