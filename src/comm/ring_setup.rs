@@ -22,8 +22,7 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     let node = opts.node_id.clone().unwrap_or_else(|| format!("tcp-only-{rank}"));
     // Abstract socket names are per network namespace, as nodes are; pid and token keep
     // concurrent jobs and restarts apart.
-    let unix_name =
-        opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", &opts.token[..opts.token.len().min(16)], std::process::id()));
+    let unix_name = opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", token_tag(&opts.token), std::process::id()));
     let listener = Listener::bind(opts.bind_ip, &node, unix_name).map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
     store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
     let next_raw = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
@@ -58,7 +57,7 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     }
     let (to_next, from_prev) = if opts.shm {
         // Hand over our sending segment first, then take the one from prev: neither blocks.
-        let name = format!("ringtrain-{}-{rank}to{next}", &opts.token[..opts.token.len().min(16)]);
+        let name = format!("ringtrain-{}-{rank}to{next}", token_tag(&opts.token));
         let to_next = to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
         let from_prev =
             from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;
@@ -110,5 +109,25 @@ fn accept_prev(
         write_u8(&mut conn, 1).map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
         conn.configure(timeout).map_err(|e| setup(e.to_string()))?;
         return Ok(conn);
+    }
+}
+
+/// A short tag for names others can see (Unix socket and memfd names): a hash of the job token,
+/// so any token works (a byte slice of a non-ASCII token would split a character) and the token
+/// itself is not shown in /proc.
+fn token_tag(token: &str) -> String {
+    format!("{:016x}", crate::ddp::fnv1a(crate::ddp::FNV_OFFSET, token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn any_token_gives_a_tag() {
+        for t in ["", "abc", "abcdefghiééééééééééé", "ジョブ"] {
+            let tag = super::token_tag(t);
+            assert_eq!(tag.len(), 16);
+            assert!(tag.chars().all(|c| c.is_ascii_hexdigit()));
+        }
+        assert_ne!(super::token_tag("a"), super::token_tag("b"));
     }
 }

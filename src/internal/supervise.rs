@@ -162,7 +162,10 @@ fn spawn_worker(opts: &GroupOptions, local_rank: usize) -> std::io::Result<Worke
     let log = match &opts.log_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            Some(Arc::new(Mutex::new(std::fs::File::create(d.join(format!("rank{rank}.log")))?)))
+            // Appended with a header per start: a restart keeps the log of the start that failed.
+            let path = d.join(format!("rank{rank}.log"));
+            crate::telemetry::append_log_header(&path, &format!("ringrun: rank {rank}, restart {}", opts.restart_count))?;
+            Some(Arc::new(Mutex::new(std::fs::OpenOptions::new().append(true).open(&path)?)))
         }
         None => None,
     };

@@ -43,7 +43,15 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     let rank = launch.rank;
 
     std::fs::create_dir_all(run_dir.join("logs")).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    telemetry::init_tracing(rank, Some(&run_dir.join("logs").join(format!("rank{rank}.log")))).context("opening the log file")?;
+    let log = run_dir.join("logs").join(format!("rank{rank}.log"));
+    let resume = match &args.resume {
+        None | Some(train::Resume::No) => "no".to_string(),
+        Some(train::Resume::Auto) => "auto".to_string(),
+        Some(train::Resume::Path(p)) => p.display().to_string(),
+    };
+    let what = format!("rank {rank} start (restart {}, resume {resume})", launch.restart_count);
+    telemetry::append_log_header(&log, &what).with_context(|| format!("opening the log file {}", log.display()))?;
+    telemetry::init_tracing(rank, Some(&log)).with_context(|| format!("opening the log file {}", log.display()))?;
     let _span = tracing::info_span!("rank", rank).entered();
     tracing::info!(
         "rank {rank} of {} (local {} of {}), launched by {}",

@@ -32,7 +32,8 @@ pub fn init_tracing(rank: usize, log_file: Option<&Path>) -> std::io::Result<()>
             if let Some(dir) = p.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let f = Arc::new(File::create(p)?);
+            // Appended, never truncated: the log of a start that failed is what says why.
+            let f = Arc::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?);
             Some(tracing_subscriber::fmt::layer().with_writer(f).with_target(false).with_ansi(false).with_filter(LevelFilter::INFO))
         }
         None => None,
@@ -40,6 +41,33 @@ pub fn init_tracing(rank: usize, log_file: Option<&Path>) -> std::io::Result<()>
     // Ignore "already set" so tests that run several workers in-process can call this.
     let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
     Ok(())
+}
+
+/// Appends a header line to a log file, so each start of a run (resume, restart) is findable in
+/// one appended log: `==== <what> at <UTC time> (pid P) ====`.
+pub fn append_log_header(path: &Path, what: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "==== {what} at {} (pid {}) ====", utc_now(), std::process::id())
+}
+
+/// The current time as `YYYY-MM-DDTHH:MM:SSZ` (no date crate for one line).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// Appends one JSON object per line to metrics.jsonl (rank 0 only; others hold `None`).

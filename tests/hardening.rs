@@ -1,0 +1,45 @@
+//! Inputs and faults a hostile user tried (issue "Hardening"), each with a test that failed
+//! before its fix.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn a_non_ascii_job_token_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let run_dir = dir.path().join("run");
+    let mut c = ringrun(2, &cfg, &run_dir, &["--set", "train.max_steps=5"]);
+    c.env("RINGTRAIN_JOB_TOKEN", "abcdefghiééééééééééé");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_success();
+    assert!(!out.stderr.contains("panicked"), "{}", out.report());
+    assert_eq!(rank_hash(&run_dir, 0), rank_hash(&run_dir, 1));
+}
+
+#[test]
+fn logs_are_appended_with_a_header_per_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let run_dir = dir.path().join("run");
+    let logs = dir.path().join("ringrun-logs");
+    let first = ringrun(2, &cfg, &run_dir, &["--set", "train.max_steps=5"]);
+    let mut c = Command::new(RINGRUN);
+    c.arg("--log-dir").arg(&logs).args(first.get_args());
+    run(c, Duration::from_secs(60)).assert_success();
+    let second = ringrun(2, &cfg, &run_dir, &["--resume", "auto"]);
+    let mut c = Command::new(RINGRUN);
+    c.arg("--log-dir").arg(&logs).args(second.get_args());
+    run(c, Duration::from_secs(60)).assert_success();
+    for log in [run_dir.join("logs/rank1.log"), logs.join("rank0.log")] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("==== ")).collect();
+        assert_eq!(headers.len(), 2, "{}:\n{text}", log.display());
+        // The first start's lines are still there.
+        assert!(text.contains("finished 5 steps"), "{}:\n{text}", log.display());
+    }
+    let worker_log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
+    assert!(worker_log.contains("resume no)") && worker_log.contains("resume auto)"), "{worker_log}");
+}
