@@ -54,3 +54,43 @@ fn overlapping_communication_with_backward_changes_no_bits() {
     }
     assert_eq!(hashes[0], hashes[1]);
 }
+
+/// (start, end) of every event called `name` in a rank's timeline.
+fn spans(run_dir: &std::path::Path, name: &str) -> Vec<(f64, f64)> {
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("trace/rank0.json")).unwrap()).unwrap();
+    trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == name)
+        .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn with_overlap_the_first_bucket_is_reduced_while_backward_still_runs() {
+    // The reference CNN (backward takes milliseconds) with small buckets: the last layers'
+    // gradients (bucket 0) are ready long before backward ends.
+    let dir = tempfile::tempdir().unwrap();
+    let job = "model: {name: cnn}
+data: {format: synthetic, synthetic: {train_samples: 640, test_samples: 64, shape: [1, 28, 28], classes: 10, seed: 1}}
+train: {max_steps: 30, batch_size: 16, eval: false, trace: true}
+optimizer: {name: sgd, lr: 0.01}
+ddp: {bucket_cap_mb: 0.5, first_bucket_cap_mb: 0.1}
+comm: {timeout_secs: 30}
+";
+    let cfg = write_config(dir.path(), "job.yaml", job);
+    for overlap in [true, false] {
+        let run_dir = dir.path().join(format!("overlap-{overlap}"));
+        let out = run(ringrun(2, &cfg, &run_dir, &["--set", &format!("ddp.overlap={overlap}")]), Duration::from_secs(120));
+        out.assert_success();
+        let (backward, bucket0) = (spans(&run_dir, "backward"), spans(&run_dir, "bucket 0"));
+        assert_eq!(bucket0.len(), 30, "{}", out.report());
+        let during = bucket0.iter().filter(|(start, _)| backward.iter().any(|(b0, b1)| start > b0 && start < b1)).count();
+        if overlap {
+            assert!(during >= 24, "overlap did not engage: {during} of 30 bucket-0 all-reduces began during backward");
+        } else {
+            assert_eq!(during, 0, "without overlap no all-reduce may begin during backward");
+        }
+    }
+}
