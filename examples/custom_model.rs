@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dir = &args.data;
     let find = |name: &str| [dir.join(format!("{name}.gz")), dir.join(name)].into_iter().find(|p| p.exists()).unwrap_or(dir.join(name));
-    let mut train = idx::load_pair(&find("train-images-idx3-ubyte"), &find("train-labels-idx1-ubyte"))?;
+    let mut train = idx::load_pair(&find("train-images-idx3-ubyte"), &find("train-labels-idx1-ubyte"), 10)?;
     train.normalize = Some([0.2860, 0.3530]);
     let mut sampler = DistributedSampler::new(train.len(), world, rank, true, 0, false);
 

@@ -156,7 +156,8 @@ fn try_main() -> Result<ExitCode> {
         opts.master_port
     );
     // On a terminal: one live status line for the job instead of interleaved per-rank logs.
-    if !args.no_status && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    // Both streams: with stdout piped (`| tee`, `> file`) the plain lines are what is wanted.
+    if !args.no_status && std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         ringtrain::internal::status::enable();
     }
     let job = supervise::run_job(&opts, args.max_restarts, &rx, nodes.as_ref()).map_err(anyhow::Error::msg);

@@ -214,6 +214,9 @@ pub struct DataConfig {
     /// Tokens: evaluation windows, evenly spaced over `val.bin` (the same every run and world size).
     #[serde(default = "default_eval_windows")]
     pub eval_windows: usize,
+    /// IDX: the number of classes (default 10, the MNIST family); a label outside it is an error.
+    #[serde(default)]
+    pub classes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -522,6 +525,11 @@ impl Config {
                 return Err(format!("train.clip_grad_norm must be a positive number, got {c}"));
             }
         }
+        if let Some(p) = t.peak_tflops {
+            if !(p > 0.0 && p.is_finite()) {
+                return Err(format!("train.peak_tflops must be a positive number, got {p}"));
+            }
+        }
         if t.threads == Some(0) {
             return Err("train.threads must be at least 1".into());
         }
@@ -619,6 +627,9 @@ impl Config {
                 }
             }
             DataFormat::Idx => {
+                if self.data.classes.is_some_and(|c| !(2..=65536).contains(&c)) {
+                    return Err("data.classes must be in 2..=65536".into());
+                }
                 if self.data.dir.is_none() {
                     return Err("data.dir is required when data.format is idx".into());
                 }

@@ -58,8 +58,10 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     Ok(IdxArray { dims, data: bytes[header..].to_vec() })
 }
 
-/// Loads an images file (n × rows × cols) and its labels file (n) into a dataset of 1×rows×cols.
-pub fn load_pair(images: &Path, labels: &Path) -> Result<ArrayDataset, DataError> {
+/// Loads an images file (n × rows × cols) and its labels file (n) into a dataset of 1×rows×cols
+/// with `classes` classes (10 for the MNIST family). A label outside `0..classes` is an error
+/// naming the file and the sample: one bad byte must not silently widen the model.
+pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<ArrayDataset, DataError> {
     let img = read(images)?;
     let lab = read(labels)?;
     let fail = |p: &Path, what: String| DataError::Idx { path: p.display().to_string(), what };
@@ -72,7 +74,9 @@ pub fn load_pair(images: &Path, labels: &Path) -> Result<ArrayDataset, DataError
     if img.dims[0] != lab.dims[0] {
         return Err(fail(labels, format!("{} labels for {} images in {}", lab.dims[0], img.dims[0], images.display())));
     }
-    let classes = lab.data.iter().copied().max().map_or(0, |m| m as usize + 1);
+    if let Some((i, &l)) = lab.data.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
+        return Err(fail(labels, format!("sample {i} has label {l}, outside 0..{classes} (data.classes: {classes})")));
+    }
     Ok(ArrayDataset {
         pixels: Pixels::U8(img.data),
         labels: lab.data.iter().map(|&l| l as i64).collect(),
@@ -143,7 +147,16 @@ mod tests {
 
         let labels = dir.path().join("l");
         std::fs::write(&labels, idx(&[2], &[1, 2])).unwrap();
-        let e = load_pair(&p, &labels).err().expect("mismatched counts must fail").to_string();
+        let e = load_pair(&p, &labels, 10).err().expect("mismatched counts must fail").to_string();
         assert!(e.contains("2 labels for 1 images"), "{e}");
+
+        // One label out of range: an error naming the file and the sample, not a wider model.
+        let bad = dir.path().join("bad-labels");
+        std::fs::write(&bad, idx(&[1], &[200])).unwrap();
+        let e = load_pair(&p, &bad, 10).err().expect("label 200 of 10 classes must fail").to_string();
+        assert!(e.contains("bad-labels") && e.contains("sample 0 has label 200") && e.contains("0..10"), "{e}");
+        let ok = dir.path().join("ok-labels");
+        std::fs::write(&ok, idx(&[1], &[9])).unwrap();
+        assert_eq!(load_pair(&p, &ok, 10).unwrap().classes, 10, "the class count is the configured one, not max label + 1");
     }
 }

@@ -181,7 +181,7 @@ pub fn load(cfg: &DataConfig, block: usize) -> Result<Splits, DataError> {
         DataFormat::Idx => {
             let dir = cfg.dir.as_deref().expect("validated: idx has a dir");
             let split = |images: &str, labels: &str| -> Result<ArrayDataset, DataError> {
-                let mut d = idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?)?;
+                let mut d = idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?, cfg.classes.unwrap_or(10))?;
                 d.normalize = cfg.normalize;
                 Ok(d)
             };

@@ -132,6 +132,20 @@ pub fn print(to_stderr: bool, prefix: &[u8], line: &[u8]) {
     }
 }
 
+/// Forgets the ranks' records (a restarted group starts its own line and ETA).
+pub fn reset() {
+    let mut guard = BOARD.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = guard.as_mut() {
+        let shown = b.shown;
+        *b = Board { shown, ..Board::default() };
+    }
+}
+
+/// One of ringrun's own messages, printed above the status line.
+pub fn message(text: &str) {
+    print(true, b"", format!("{text}\n").as_bytes());
+}
+
 /// Leaves the last status on its own line when the group ends.
 pub fn finish() {
     let mut guard = BOARD.lock().unwrap_or_else(|p| p.into_inner());

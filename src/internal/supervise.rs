@@ -234,7 +234,7 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn()
     let mut interrupted_at = Instant::now();
     let outcome = loop {
         if interrupted.is_some() && interrupted_at.elapsed() > opts.graceful_stop {
-            eprintln!("ringrun: workers did not stop within {:?} of the signal; killing them", opts.graceful_stop);
+            super::status::message(&format!("ringrun: workers did not stop within {:?} of the signal; killing them", opts.graceful_stop));
             for w in &workers {
                 send_signal(w, libc::SIGKILL);
             }
@@ -349,7 +349,11 @@ pub fn run_job(
         };
         match cause {
             Some(cause) if (restarts.len() as u32) < max_restarts => {
-                eprintln!("ringrun: {cause}; restarting the group ({} of {max_restarts}) from the latest checkpoint", restarts.len() + 1);
+                super::status::message(&format!(
+                    "ringrun: {cause}; restarting the group ({} of {max_restarts}) from the latest checkpoint",
+                    restarts.len() + 1
+                ));
+                super::status::reset();
                 restarts.push(cause);
                 opts.restart_count += 1;
                 if !opts.store_hosted {

@@ -18,9 +18,7 @@ use tracing_subscriber::prelude::*;
 
 /// Installs the global subscriber. Call once, before any logging.
 pub fn init_tracing(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
-    // Under ringrun's status line (RINGTRAIN_STATUS) rank 0's progress goes there, not to stderr.
-    let status_line = std::env::var("RINGTRAIN_STATUS").is_ok_and(|v| !v.is_empty());
-    let default = if rank == 0 && !status_line { "info" } else { "warn" };
+    let default = if rank == 0 { "info" } else { "warn" };
     let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

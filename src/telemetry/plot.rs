@@ -53,8 +53,13 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
     let mut steps = std::collections::BTreeMap::new();
     let mut evals = std::collections::BTreeMap::new();
     let mut last_epoch_ms = None;
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| read_err(&path, format!("line {}: {e}", i + 1)))?;
+    let mut torn = 0;
+    for line in text.lines() {
+        // A line cut short by a kill mid-write is skipped, not fatal: the rest still plots.
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            torn += 1;
+            continue;
+        };
         let step = v["global_step"].as_u64().unwrap_or(0);
         match v["kind"].as_str() {
             Some("step") => {
@@ -85,6 +90,9 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
             }
             _ => {}
         }
+    }
+    if torn > 0 {
+        tracing::warn!("{}: skipped {torn} unreadable line(s)", path.display());
     }
     run.steps = steps.into_values().collect();
     run.evals = evals.into_values().collect();

@@ -4,10 +4,10 @@
 //! generator and image stack for what is three message types and a CRC; the framing and the CRCs
 //! are checked by TensorBoard's own reader in the tests.
 //!
-//! One file per start of a run (`<run dir>/tb/events.out.tfevents.<secs>.<host>.<pid>`). A
-//! resumed run first writes a `SessionLog.START` at the step it resumes from: TensorBoard then
-//! drops what an earlier start logged from that step on (work lost to a crash), so no step
-//! appears twice.
+//! One file per start of a run (`<run dir>/tb/events.out.tfevents.<secs>.<host>.<pid>`). Each
+//! file begins with a `SessionLog.START` at the first step it will log (the resumed step + 1, or 1
+//! for a fresh start): TensorBoard then drops what earlier starts logged from that step on (work
+//! lost to a crash, or an older run in the same directory), so no step appears twice.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -71,8 +71,10 @@ fn now() -> f64 {
 }
 
 impl EventWriter {
-    /// A new event file under `dir`; `resumed_at`: the global step a resumed run continues from.
+    /// A new event file under `dir`; `resumed_at`: the global step a resumed run continues from
+    /// (a fresh start is 0: it replaces the curves of an earlier run in the same directory).
     pub fn create(dir: &Path, resumed_at: Option<u64>) -> std::io::Result<EventWriter> {
+        let resumed_at = Some(resumed_at.unwrap_or(0));
         std::fs::create_dir_all(dir)?;
         let mut host = [0u8; 256];
         // SAFETY: gethostname writes at most host.len() bytes.

@@ -6,6 +6,7 @@ use super::{agree, evaluate, io_err, EpochSummary, TrainError, Trainer};
 use crate::data::Loader;
 use crate::telemetry::Progress;
 use serde_json::json;
+use std::io::Write;
 use std::time::Instant;
 
 impl Trainer<'_> {
@@ -79,7 +80,8 @@ impl Trainer<'_> {
                     .collect();
                 scalars.extend(phases.iter().map(|(p, ms)| (format!("step_ms/{p}"), *ms)));
                 self.tb_scalars(&scalars);
-                if !progress.is_bar() {
+                // Under ringrun's status line the per-step lines would only scroll it away.
+                if !progress.is_bar() && !self.status_line {
                     tracing::info!(
                         "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {}",
                         out.loss,
@@ -178,9 +180,14 @@ impl Trainer<'_> {
             Some(n) => ("tokens/s", rate * n as f64),
             None => ("samples/s", rate),
         };
+        // Compute time only: waiting in the all-reduce is longest on the fastest rank, so a sum
+        // including it would make every rank look alike.
+        let compute_ms: f64 = phases.iter().filter(|(p, _)| *p != "communication").map(|(_, ms)| ms).sum();
         let record = json!({"rank": self.rank(), "step": self.pos.global_step, "total": total, "epoch": self.pos.epoch,
-                            "loss": out.loss, "rate": rate, "unit": unit, "step_ms": phases.iter().map(|(_, ms)| ms).sum::<f64>()});
-        println!("{}{record}", crate::internal::status::MARKER);
+                            "loss": out.loss, "rate": rate, "unit": unit, "step_ms": compute_ms});
+        // A launcher gone away (EPIPE) must not fail training: the record is only for its screen.
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{}{record}", crate::internal::status::MARKER).and_then(|_| o.flush());
     }
 
     /// Tokens/s, achieved FLOP/s and MFU into `line` for token tasks; the log text for them.

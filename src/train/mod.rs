@@ -187,9 +187,16 @@ impl Trainer<'_> {
     /// Rank 0 collects what every rank saw: each rank's phase breakdown (`breakdown.json`, the
     /// plot's bars) and, with `train.trace`, each rank's timeline merged into one file
     /// (`trace/merged.json`: one process row per rank). Through the communicator, so ranks on
-    /// other nodes need no shared disk.
+    /// other nodes need no shared disk. Every rank takes part in the same collectives; the files
+    /// are best effort (a warning, never a failed run: the weights are already written).
     fn gather_views(&mut self) -> Result<(), TrainError> {
         let rank = self.rank();
+        if self.cfg.train.trace {
+            let path = self.run_dir.join("trace").join(format!("rank{rank}.json"));
+            if let Err(e) = self.timing.write_trace(&path) {
+                tracing::warn!("no timeline: {}: {e}", path.display());
+            }
+        }
         let mine = serde_json::to_vec(&self.timing.run_means()).expect("json");
         let all = self.comm.all_gather(&mine)?;
         if rank == 0 {
@@ -199,7 +206,9 @@ impl Trainer<'_> {
                 .map(|(r, b)| json!({"rank": r, "step_ms": serde_json::from_slice::<serde_json::Value>(b).unwrap_or_default()}))
                 .collect();
             let path = self.run_dir.join("breakdown.json");
-            std::fs::write(&path, format!("{}\n", serde_json::Value::Array(ranks))).map_err(io_err(path.display().to_string()))?;
+            if let Err(e) = std::fs::write(&path, format!("{}\n", serde_json::Value::Array(ranks))) {
+                tracing::warn!("{}: {e}", path.display());
+            }
         }
         if !self.cfg.train.trace {
             return Ok(());
@@ -220,8 +229,10 @@ impl Trainer<'_> {
         if rank == 0 {
             let path = self.run_dir.join("trace").join("merged.json");
             let body = serde_json::to_vec(&json!({"traceEvents": merged, "displayTimeUnit": "ms"})).expect("json");
-            std::fs::write(&path, body).map_err(io_err(path.display().to_string()))?;
-            tracing::info!("timeline of every rank: {} (open in Perfetto or chrome://tracing)", path.display());
+            match std::fs::create_dir_all(self.run_dir.join("trace")).and_then(|_| std::fs::write(&path, body)) {
+                Ok(()) => tracing::info!("timeline of every rank: {} (open in Perfetto or chrome://tracing)", path.display()),
+                Err(e) => tracing::warn!("no merged timeline: {}: {e}", path.display()),
+            }
         }
         Ok(())
     }
@@ -240,15 +251,11 @@ impl Trainer<'_> {
         }
         self.comm.barrier()?;
         let rank = self.rank();
-        if self.cfg.train.trace {
-            let path = self.run_dir.join("trace").join(format!("rank{rank}.json"));
-            self.timing.write_trace(&path).map_err(io_err(path.display().to_string()))?;
-        }
-        self.gather_views()?;
         // Buffers are updated locally after each broadcast; rank 0's are the run's result.
         self.ddp.sync_buffers(self.comm)?;
         let param_hash = self.ddp.state_hash()?;
         finish_outputs(self.run_dir, rank, &self.ddp.state(), param_hash, self.pos.global_step)?;
+        self.gather_views()?;
         tracing::info!(
             "{} {} steps; parameter hash {param_hash:016x}",
             if self.stopped { "stopped after" } else { "finished" },

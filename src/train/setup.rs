@@ -85,11 +85,17 @@ impl<'a> Trainer<'a> {
             }
             false => None,
         };
+        // Best effort: a plot that cannot be written must not stop training.
         let tb = match rank == 0 && t.tensorboard {
-            true => Some(
-                crate::telemetry::tensorboard::EventWriter::create(&run_dir.join("tb"), resumed.as_ref().map(|m| m.global_step))
-                    .map_err(io_err(run_dir.join("tb").display().to_string()))?,
-            ),
+            true => {
+                match crate::telemetry::tensorboard::EventWriter::create(&run_dir.join("tb"), resumed.as_ref().map(|m| m.global_step)) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!("no TensorBoard events: {}: {e}", run_dir.join("tb").display());
+                        None
+                    }
+                }
+            }
             false => None,
         };
         let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
