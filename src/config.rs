@@ -489,13 +489,27 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let cfg: Result<Config, String> = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            invalid(if path == "." { inner } else { format!("{path}: {inner}") })
-        })?;
-        cfg.validate().map_err(invalid)?;
-        Ok(cfg)
+            if path == "." {
+                inner
+            } else {
+                format!("{path}: {inner}")
+            }
+        });
+        let cfg = cfg.and_then(|c| c.validate().map(|_| c));
+        match cfg {
+            Ok(c) => Ok(c),
+            // The file alone is fine: the override is what is wrong, and the error says so.
+            Err(msg) if !overrides.is_empty() && Self::parse(text, name, &[]).is_ok() => {
+                let blamed: Vec<&String> = overrides.iter().filter(|o| msg.contains(o.split('=').next().unwrap_or(o))).collect();
+                let arg =
+                    if blamed.is_empty() { overrides.join(" ") } else { blamed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ") };
+                Err(ConfigError::Override { arg, msg })
+            }
+            Err(msg) => Err(invalid(msg)),
+        }
     }
 
     pub fn to_yaml(&self) -> String {
@@ -741,6 +755,16 @@ optimizer: {name: sgd, lr: 0.1}
         }
         let e = parse(BASE, &["train.batch_size=many"]).unwrap_err().to_string();
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_override_is_blamed_not_the_file() {
+        let e = parse(BASE, &["train.epochz=3"]).unwrap_err().to_string();
+        assert!(e.starts_with("override `train.epochz=3`") && e.contains("epochz") && !e.contains("x.yaml"), "{e}");
+        let e = parse(BASE, &["optimizer.lr=-1", "train.epochs=2"]).unwrap_err().to_string();
+        assert!(e.starts_with("override `optimizer.lr=-1`"), "{e}");
+        let e = parse(&BASE.replace("batch_size: 2", "batch_size: 0"), &["train.epochs=2"]).unwrap_err().to_string();
+        assert!(e.contains("x.yaml"), "the file's own error still names the file: {e}");
     }
 
     #[test]

@@ -43,3 +43,29 @@ fn logs_are_appended_with_a_header_per_start() {
     let worker_log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
     assert!(worker_log.contains("resume no)") && worker_log.contains("resume auto)"), "{worker_log}");
 }
+
+#[test]
+fn messages_name_what_was_wrong_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let worker = |sets: &[&str]| {
+        let mut c = Command::new(RINGTRAIN);
+        c.arg("--config").arg(&cfg).arg("--run-dir").arg(dir.path().join("run"));
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = run(c, Duration::from_secs(60));
+        out.assert_failure();
+        out.stderr.lines().last().unwrap_or_default().to_string()
+    };
+    // A bad --set key is the override's fault, not the file's.
+    let e = worker(&["train.epochz=3"]);
+    assert!(e.contains("override `train.epochz=3`") && !e.contains("job.yaml"), "{e}");
+    // init_from: prose, not Rust debug names.
+    let truncated = dir.path().join("w.safetensors");
+    std::fs::write(&truncated, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    let e = worker(&[&format!("model.init_from={}", truncated.display())]);
+    assert!(e.contains("not a readable safetensors file") && !e.contains("Metadata") && !e.contains("Os {"), "{e}");
+    let e = worker(&[&format!("model.init_from={}", dir.path().join("nope.safetensors").display())]);
+    assert!(e.contains("nope.safetensors: no such file") && !e.contains("Os {"), "{e}");
+}

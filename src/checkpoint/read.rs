@@ -56,14 +56,17 @@ pub fn find_resumable(dir: &Path) -> Result<(Option<LoadedCheckpoint>, Vec<Strin
         .collect();
     candidates.sort_by(|a, b| b.0.cmp(&a.0));
     // `latest` goes first when it names an existing folder (it is written after the folder).
+    let mut skipped = Vec::new();
     if let Ok(name) = std::fs::read_to_string(dir.join(LATEST_FILE)) {
         let name = name.trim();
-        if let Some(pos) = candidates.iter().position(|(_, p)| p.file_name().is_some_and(|n| n == name)) {
-            let first = candidates.remove(pos);
-            candidates.insert(0, first);
+        match candidates.iter().position(|(_, p)| p.file_name().is_some_and(|n| n == name)) {
+            Some(pos) => {
+                let first = candidates.remove(pos);
+                candidates.insert(0, first);
+            }
+            None => skipped.push(format!("{}: `latest` names {name:?}, which does not exist", dir.display())),
         }
     }
-    let mut skipped = Vec::new();
     for (_, path) in &candidates {
         match load(path) {
             Ok(c) => return Ok((Some(c), skipped)),
@@ -157,6 +160,16 @@ mod tests {
         assert!(skipped.is_empty());
         assert_eq!(c.meta, meta(40));
         assert_eq!(c.model[0].1.double_value(&[0]), 40.0);
+    }
+
+    #[test]
+    fn a_latest_naming_a_missing_folder_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        save(d.path(), 10, 5);
+        std::fs::write(d.path().join(LATEST_FILE), "step-000000099\n").unwrap();
+        let (found, skipped) = find_resumable(d.path()).unwrap();
+        assert_eq!(found.unwrap().meta.global_step, 10);
+        assert!(skipped.iter().any(|s| s.contains("step-000000099") && s.contains("does not exist")), "{skipped:?}");
     }
 
     #[test]

@@ -52,7 +52,12 @@ pub fn init_from(
     tied: &[(String, String)],
 ) -> Result<(), TrainError> {
     on_rank0(comm, || {
-        let loaded = Tensor::read_safetensors(path).map_err(|e| format!("model.init_from {}: {e}", path.display()))?;
+        if !path.is_file() {
+            return Err(format!("model.init_from {}: no such file", path.display()));
+        }
+        // libtorch's errors name Rust enum variants (MetadataIncompleteBuffer, …): say it in words.
+        let loaded = Tensor::read_safetensors(path)
+            .map_err(|_| format!("model.init_from {}: not a readable safetensors file (truncated, or another format)", path.display()))?;
         checkpoint::copy_into(params, &crate::models::without_aliases(loaded, tied), path).map_err(|e| format!("model.init_from: {e}"))
     })?;
     tracing::info!("initialised parameters from {}", path.display());
