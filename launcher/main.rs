@@ -124,6 +124,10 @@ fn try_main() -> Result<ExitCode> {
     } else {
         None
     };
+    // The log folder is ours to make: a failure here names --log-dir, not the worker program.
+    if let Some(d) = &args.log_dir {
+        std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--log-dir {}: {e}", d.display()))?;
+    }
     let opts = GroupOptions {
         program,
         args: worker_args,

@@ -69,3 +69,17 @@ fn messages_name_what_was_wrong_in_words() {
     let e = worker(&[&format!("model.init_from={}", dir.path().join("nope.safetensors").display())]);
     assert!(e.contains("nope.safetensors: no such file") && !e.contains("Os {"), "{e}");
 }
+
+#[test]
+fn a_log_dir_that_cannot_be_made_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let mut c = Command::new(RINGRUN);
+    c.arg("--log-dir").arg(file.join("logs")).args(ringrun(1, &cfg, &dir.path().join("run"), &[]).get_args());
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("--log-dir") && last.contains("a-file/logs") && !last.contains("starting"), "{}", out.report());
+}
