@@ -23,9 +23,13 @@ use std::time::Duration;
 
 /// The backend `auto` resolves to: NCCL on CUDA devices, MPI under an MPI launcher (when built
 /// in), else the ring.
-pub fn resolve_backend(wanted: Backend, source: LaunchSource, cuda: bool) -> Backend {
+pub fn resolve_backend(wanted: Backend, source: LaunchSource, cuda: bool, under_srun: bool) -> Backend {
     match wanted {
         Backend::Auto if cuda => Backend::Nccl,
+        // srun's pmi2 plugin sets PMI_RANK too, but Debian's Open MPI cannot start under it: there
+        // the ring (found through Slurm's variables) is the safe choice; ask for mpi explicitly
+        // with `srun --mpi=pmix`.
+        Backend::Auto if mpi::BUILT && source == LaunchSource::Pmi && under_srun => Backend::Ring,
         Backend::Auto if mpi::BUILT && matches!(source, LaunchSource::OpenMpi | LaunchSource::Pmi) => Backend::Mpi,
         Backend::Auto => Backend::Ring,
         b => b,
@@ -54,13 +58,14 @@ impl Group {
 
 pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, String>, device: tch::Device) -> Result<Group> {
     let timeout = Duration::from_secs(cfg.timeout_secs);
-    let backend = resolve_backend(cfg.backend, launch.source, device.is_cuda());
+    let backend = resolve_backend(cfg.backend, launch.source, device.is_cuda(), launch.under_srun);
     if backend == Backend::Nccl && !device.is_cuda() {
         bail!("comm.backend nccl needs a CUDA device (device: cuda), this rank computes on {device:?}");
     }
     let under_mpi = matches!(launch.source, LaunchSource::OpenMpi | LaunchSource::Pmi);
-    // MPI is initialised when it is the backend, or when it carries the ring's rendezvous.
-    let runtime = if backend == Backend::Mpi || (under_mpi && launch.master_addr.is_none() && launch.world_size > 1) {
+    // MPI is initialised when it is the backend, or when it carries the ring's rendezvous (not
+    // under srun, whose variables find rank 0 without it).
+    let runtime = if backend == Backend::Mpi || (under_mpi && !launch.under_srun && launch.master_addr.is_none() && launch.world_size > 1) {
         let rt = MpiRuntime::init()?;
         if rt.size() != launch.world_size || rt.rank() != launch.rank {
             bail!(
@@ -85,7 +90,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
         Backend::Ring | Backend::Nccl => {
             if let Some(rt) = &runtime {
                 share_store_address_over_mpi(rt, launch)?;
-            } else if launch.source == LaunchSource::Slurm {
+            } else if launch.source == LaunchSource::Slurm || launch.under_srun {
                 derive_from_slurm(launch, env)?;
             }
             let joined =
@@ -138,13 +143,17 @@ fn derive_from_slurm(launch: &mut LaunchInfo, env: &HashMap<String, String>) -> 
             .context("under srun the ring backend needs MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host")?;
         launch.master_addr = Some(first_host(list).with_context(|| format!("SLURM_JOB_NODELIST={list:?}"))?);
     }
+    // Two job steps of one allocation run side by side: both the port and the token come from
+    // the job *and* the step, so neither collides with nor joins the other.
+    let step = env.get("SLURM_STEP_ID").or_else(|| env.get("SLURM_STEPID")).map(String::as_str).unwrap_or("0");
     if launch.master_port.is_none() {
         let id: u64 = job.context("under srun the ring backend needs MASTER_PORT or SLURM_JOB_ID")?.parse().context("SLURM_JOB_ID")?;
-        launch.master_port = Some(20000 + (id % 20000) as u16);
+        let step: u64 = step.parse().context("SLURM_STEP_ID")?;
+        launch.master_port = Some(crate::launch::slurm_port(id, step));
     }
     if launch.job_token.is_empty() {
-        // Keeps out strays from other jobs; set RINGTRAIN_JOB_TOKEN for a secret one.
-        launch.job_token = format!("slurm-job-{}", job.map(String::as_str).unwrap_or("0"));
+        // Keeps out strays from other jobs and steps; set RINGTRAIN_JOB_TOKEN for a secret one.
+        launch.job_token = format!("slurm-job-{}.{step}", job.map(String::as_str).unwrap_or("0"));
     }
     tracing::info!(
         "store at {}:{} derived from Slurm's node list and job id",
@@ -295,14 +304,25 @@ mod tests {
     }
 
     #[test]
+    fn slurm_steps_get_their_own_port() {
+        let ports: std::collections::HashSet<u16> = (0..50).map(|step| crate::launch::slurm_port(123456, step)).collect();
+        assert_eq!(ports.len(), 50, "steps of one job collide");
+        assert!(ports.iter().all(|p| (20000..40000).contains(p)));
+        assert_ne!(crate::launch::slurm_port(7, 0), crate::launch::slurm_port(8, 0));
+        // srun --mpi=pmi2: PMI_RANK and SLURM_* both set; auto is the ring, found through Slurm.
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Pmi, false, true), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Pmi, false, false), if mpi::BUILT { Backend::Mpi } else { Backend::Ring });
+    }
+
+    #[test]
     fn auto_backend() {
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, false), Backend::Ring);
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Slurm, false), Backend::Ring);
-        let under_mpirun = resolve_backend(Backend::Auto, LaunchSource::OpenMpi, false);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, false, false), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Slurm, false, true), Backend::Ring);
+        let under_mpirun = resolve_backend(Backend::Auto, LaunchSource::OpenMpi, false, false);
         assert_eq!(under_mpirun, if mpi::BUILT { Backend::Mpi } else { Backend::Ring });
-        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::OpenMpi, false), Backend::Ring);
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, true), Backend::Nccl);
-        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::OpenMpi, true), Backend::Nccl);
-        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::Torchrun, true), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::OpenMpi, false, false), Backend::Ring);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::Torchrun, true, false), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Auto, LaunchSource::OpenMpi, true, false), Backend::Nccl);
+        assert_eq!(resolve_backend(Backend::Ring, LaunchSource::Torchrun, true, false), Backend::Ring);
     }
 }

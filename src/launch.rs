@@ -44,6 +44,9 @@ pub struct LaunchInfo {
     /// The store is already served: by the multi-node launcher, or by rank 0 itself after it
     /// shared its address over MPI.
     pub store_served: bool,
+    /// Started by srun as a job step (SLURM_STEP_ID): Slurm's variables find rank 0, so the ring
+    /// needs no MPI even where srun's PMI plugin also set PMI_RANK.
+    pub under_srun: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,12 @@ fn get_num(env: &HashMap<String, String>, key: &str) -> Result<Option<usize>, La
         None => Ok(None),
         Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| LaunchError(format!("{key}={v:?} is not a non-negative integer"))),
     }
+}
+
+/// The store port of Slurm job `job`, step `step` under srun: in 20000..40000, different for
+/// the steps of one job (up to 20,000 of them), so two steps of one allocation never collide.
+pub fn slurm_port(job: u64, step: u64) -> u16 {
+    (20000 + job.wrapping_mul(7919).wrapping_add(step) % 20000) as u16
 }
 
 impl LaunchInfo {
@@ -79,6 +88,16 @@ impl LaunchInfo {
         };
         if world == 0 {
             return Err(LaunchError("world size is 0".into()));
+        }
+        let step_id = env.get("SLURM_STEP_ID").or_else(|| env.get("SLURM_STEPID"));
+        let under_srun = env.contains_key("SLURM_PROCID") && step_id.is_some();
+        // In an sbatch script without srun, the batch step is one process that Slurm's variables
+        // describe as rank 0 of N: it would wait for ranks that never start.
+        if source == LaunchSource::Slurm && world > 1 && step_id.is_none() {
+            return Err(LaunchError(format!(
+                "SLURM_NTASKS={world} but this is the batch step of an sbatch script (no SLURM_STEP_ID): \
+                 start the workers with srun (e.g. `srun ringtrain --config …`), one task per slot"
+            )));
         }
         if rank >= world {
             return Err(LaunchError(format!("rank {rank} is not below world size {world}")));
@@ -106,6 +125,7 @@ impl LaunchInfo {
             restart_count,
             // A multi-node ringrun serves the store itself (on node 0's launcher).
             store_served: env.get("RINGTRAIN_STORE_HOSTED").is_some_and(|v| v == "1"),
+            under_srun,
         })
     }
 
@@ -159,7 +179,13 @@ mod tests {
             ),
             (&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")], LaunchSource::Pmi, 1, 2, 1, 2),
             (
-                &[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1"), ("SLURM_TASKS_PER_NODE", "2(x2)")],
+                &[
+                    ("SLURM_PROCID", "3"),
+                    ("SLURM_NTASKS", "4"),
+                    ("SLURM_LOCALID", "1"),
+                    ("SLURM_TASKS_PER_NODE", "2(x2)"),
+                    ("SLURM_STEP_ID", "0"),
+                ],
                 LaunchSource::Slurm,
                 3,
                 4,
@@ -189,5 +215,13 @@ mod tests {
         }
         let li = LaunchInfo::from_env(&env(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap();
         assert!(li.store_addr().unwrap_err().to_string().contains("MASTER_ADDR"));
+        // An sbatch script's batch step (no SLURM_STEP_ID) is not rank 0 of N: it says so.
+        let e = LaunchInfo::from_env(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "5")])).unwrap_err().to_string();
+        assert!(e.contains("sbatch") && e.contains("srun"), "{e}");
+        let one = LaunchInfo::from_env(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")])).unwrap();
+        assert!(!one.under_srun, "a one-task batch step is fine on its own");
+        let pmi2 =
+            LaunchInfo::from_env(&env(&[("PMI_RANK", "0"), ("PMI_SIZE", "2"), ("SLURM_PROCID", "0"), ("SLURM_STEP_ID", "3")])).unwrap();
+        assert!(pmi2.under_srun && pmi2.source == LaunchSource::Pmi);
     }
 }

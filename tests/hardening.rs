@@ -83,3 +83,107 @@ fn a_log_dir_that_cannot_be_made_is_named() {
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(last.contains("--log-dir") && last.contains("a-file/logs") && !last.contains("starting"), "{}", out.report());
 }
+
+/// One simulated srun job step of `world` tasks (Slurm's variables, no launcher): the workers'
+/// outputs.
+fn srun_step(
+    cfg: &std::path::Path,
+    run_dir: &std::path::Path,
+    job: u32,
+    step: Option<u32>,
+    world: usize,
+) -> Vec<std::thread::JoinHandle<Output>> {
+    srun_step_with(cfg, run_dir, job, step, world, false)
+}
+
+/// As `srun_step`; `pmi2`: also the variables srun's pmi2 plugin sets (PMI_RANK, PMI_SIZE).
+fn srun_step_with(
+    cfg: &std::path::Path,
+    run_dir: &std::path::Path,
+    job: u32,
+    step: Option<u32>,
+    world: usize,
+    pmi2: bool,
+) -> Vec<std::thread::JoinHandle<Output>> {
+    (0..world)
+        .map(|rank| {
+            let mut c = Command::new(RINGTRAIN);
+            c.arg("--config").arg(cfg).arg("--run-dir").arg(run_dir);
+            for v in [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "RINGTRAIN_JOB_TOKEN",
+                "RINGTRAIN_FAULT",
+            ] {
+                c.env_remove(v);
+            }
+            c.envs([
+                ("SLURM_PROCID", rank.to_string()),
+                ("SLURM_LOCALID", rank.to_string()),
+                ("SLURM_NTASKS", world.to_string()),
+                ("SLURM_NTASKS_PER_NODE", world.to_string()),
+                ("SLURM_JOB_NODELIST", "localhost".to_string()),
+                ("SLURM_JOB_ID", job.to_string()),
+                ("OMP_NUM_THREADS", "1".to_string()),
+            ]);
+            if let Some(s) = step {
+                c.env("SLURM_STEP_ID", s.to_string());
+            }
+            if pmi2 {
+                c.env("PMI_RANK", rank.to_string()).env("PMI_SIZE", world.to_string());
+            }
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect()
+}
+
+#[test]
+fn two_srun_steps_of_one_job_train_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(10, "comm: {timeout_secs: 20, backend: ring}\n").replace("comm: {timeout_secs: 20}\n", ""),
+    );
+    let job = 200_000 + std::process::id() % 20_000;
+    let (a, b) = (dir.path().join("step0"), dir.path().join("step1"));
+    let mut handles = srun_step(&cfg, &a, job, Some(0), 2);
+    handles.extend(srun_step(&cfg, &b, job, Some(1), 2));
+    for h in handles {
+        h.join().unwrap().assert_success();
+    }
+    // Each step trained with its own two ranks (the same job, so the same bits).
+    assert_eq!(rank_hashes(&a, 2), rank_hashes(&b, 2));
+    let log = std::fs::read_to_string(b.join("logs/rank0.log")).unwrap();
+    assert!(log.contains(&format!("localhost:{}", ringtrain::launch::slurm_port(job as u64, 1))), "{log}");
+}
+
+#[test]
+fn an_sbatch_script_without_srun_says_so_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let out = srun_step(&cfg, &dir.path().join("run"), 42, None, 2).remove(0).join().unwrap();
+    out.assert_failure();
+    assert!(out.elapsed < Duration::from_secs(10), "{}", out.report());
+    assert!(out.stderr.contains("sbatch") && out.stderr.contains("srun"), "{}", out.report());
+}
+
+#[test]
+fn under_srun_with_pmi2_the_ring_needs_no_mpi() {
+    // srun --mpi=pmi2 sets PMI_RANK: the worker used to call MPI_Init just to find rank 0, which
+    // Debian's Open MPI cannot do there (here, without a PMI server, it fails the same way).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let run_dir = dir.path().join("run");
+    let job = 300_000 + std::process::id() % 20_000;
+    for h in srun_step_with(&cfg, &run_dir, job, Some(0), 2, true) {
+        h.join().unwrap().assert_success();
+    }
+    assert_eq!(rank_hash(&run_dir, 0), rank_hash(&run_dir, 1));
+    let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
+    assert!(log.contains("backend ring") && log.contains("derived from Slurm"), "{log}");
+}

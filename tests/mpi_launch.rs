@@ -113,6 +113,7 @@ fn simulated_srun_trains_to_the_same_result() {
                 ("SLURM_NTASKS_PER_NODE", "2".to_string()),
                 ("SLURM_JOB_NODELIST", "localhost".to_string()),
                 ("SLURM_JOB_ID", job_id.to_string()),
+                ("SLURM_STEP_ID", "0".to_string()),
                 ("OMP_NUM_THREADS", "1".to_string()),
             ]);
             std::thread::spawn(move || run(c, Duration::from_secs(120)))
@@ -124,7 +125,10 @@ fn simulated_srun_trains_to_the_same_result() {
     }
     assert_eq!(rank_hashes(&run_dir, 2), rank_hashes(&ring_dir, 2));
     let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
-    assert!(log.contains("Slurm environment") && log.contains(&format!("localhost:{}", 20000 + job_id % 20000)), "{log}");
+    assert!(
+        log.contains("Slurm environment") && log.contains(&format!("localhost:{}", ringtrain::launch::slurm_port(job_id as u64, 0))),
+        "{log}"
+    );
 }
 
 #[test]
