@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringbench: error: {e:#}");
+            eprintln!("ringbench: error: {}", ringtrain::internal::error_text(&e));
             ExitCode::FAILURE
         }
     }

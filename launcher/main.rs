@@ -198,7 +198,7 @@ fn main() -> ExitCode {
     match try_main() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ringrun: error: {e:#}");
+            eprintln!("ringrun: error: {}", ringtrain::internal::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -56,11 +56,13 @@
 //! - [`internal`] — what only the binaries use (worker job, launcher supervision, benchmark,
 //!   fault injection); not a stable API.
 //! - `group` — joining: backend choice and rendezvous under ringrun, mpirun, srun.
-//! - `wire` — little-endian framing shared by the store and the ring.
+//! - `wire` — little-endian framing shared by the store and the ring; `auth` — their
+//!   challenge-response on the job token (HMAC-SHA256; the token never crosses the wire).
 //!
 //! The binaries are thin: `worker/main.rs` (`ringtrain`), `launcher/main.rs` (`ringrun`),
 //! `bench/main.rs` (`ringbench`).
 
+mod auth;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;

@@ -179,7 +179,7 @@ fn under_srun_with_pmi2_the_ring_needs_no_mpi() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
     let run_dir = dir.path().join("run");
-    let job = 300_000 + std::process::id() % 20_000;
+    let job = 300_007 + std::process::id() % 20_000; // a port apart from the other srun test's
     for h in srun_step_with(&cfg, &run_dir, job, Some(0), 2, true) {
         h.join().unwrap().assert_success();
     }

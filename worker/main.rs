@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringtrain: error: {e:#}");
+            eprintln!("ringtrain: error: {}", ringtrain::internal::error_text(&e));
             ExitCode::FAILURE
         }
     }

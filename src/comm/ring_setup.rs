@@ -1,5 +1,6 @@
 //! Forming the ring: each rank publishes where it listens, connects to the next rank, accepts
-//! the previous one, and both sides check the job token. Same-node links then move to shared
+//! the previous one, and both sides prove they hold the job token without sending it (HMAC over
+//! nonces, `auth`). Same-node links then move to shared
 //! memory when asked.
 
 use super::link::{connect_until, Endpoint, Link, Listener};
@@ -9,7 +10,7 @@ use crate::wire::*;
 use std::io;
 use std::time::{Duration, Instant};
 
-const HELLO_MAGIC: u64 = 0x5254_5249_4e47_3031; // "RTRING01"
+const HELLO_MAGIC: u64 = 0x5254_5249_4e47_3032; // "RTRING02"
 
 /// Joins the ring of `world` > 1 ranks; returns the links to the next rank and from the previous.
 pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOptions) -> Result<(Link, Link), CommError> {
@@ -34,18 +35,31 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     let mut to_next = connect_until(&next_ep, &node, deadline)
         .map_err(|e| setup(format!("cannot connect to rank {next} at {}: {e}", next_ep.encode())))?;
     to_next.configure(opts.timeout).map_err(|e| setup(e.to_string()))?;
+    // The hello proves we hold the job token without sending it: HMAC over our nonce, rank and
+    // world size (auth). The accepting side answers with a proof over both nonces.
+    let c = crate::auth::nonce().map_err(|e| setup(format!("nonce: {e}")))?;
     (|| {
         write_u64(&mut to_next, HELLO_MAGIC)?;
-        write_blob(&mut to_next, opts.token.as_bytes())?;
+        write_blob(&mut to_next, &c)?;
         write_u64(&mut to_next, rank as u64)?;
-        write_u64(&mut to_next, world as u64)
+        write_u64(&mut to_next, world as u64)?;
+        write_blob(
+            &mut to_next,
+            &crate::auth::proof(&opts.token, b"ring-connect", &[&c, &(rank as u64).to_le_bytes(), &(world as u64).to_le_bytes()]),
+        )
     })()
     .map_err(|e| setup(format!("hello to rank {next}: {e}")))?;
 
     let from_prev = accept_prev(&listener, rank, prev, world, &opts.token, deadline, opts.timeout)?;
 
     match read_u8(&mut to_next) {
-        Ok(1) => {}
+        Ok(1) => {
+            let answer = (|| -> io::Result<(Vec<u8>, Vec<u8>)> { Ok((read_blob(&mut to_next)?, read_blob(&mut to_next)?)) })();
+            let (s, p) = answer.map_err(|e| setup(format!("ack from rank {next}: {e}")))?;
+            if !crate::auth::verify(&opts.token, b"ring-accept", &[&c, &s], &p) {
+                return Err(setup(format!("rank {next} at {} could not prove it holds the job token", next_ep.encode())));
+            }
+        }
         Ok(_) => return Err(setup(format!("rank {next} refused our connection"))),
         Err(e) if is_closed(&e) => {
             return Err(setup(format!("rank {next} at {} closed our connection (job token mismatch?)", next_ep.encode())))
@@ -86,18 +100,23 @@ fn accept_prev(
             return Err(setup(format!("timed out waiting for rank {prev} to connect")));
         };
         conn.configure(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))).map_err(|e| setup(e.to_string()))?;
-        let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64)> {
-            Ok((read_u64(&mut conn)?, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?))
+        let hello = (|| -> io::Result<(u64, Vec<u8>, u64, u64, Vec<u8>)> {
+            let magic = read_u64(&mut conn)?;
+            if magic != HELLO_MAGIC {
+                return Ok((magic, vec![], 0, 0, vec![]));
+            }
+            Ok((magic, read_blob(&mut conn)?, read_u64(&mut conn)?, read_u64(&mut conn)?, read_blob(&mut conn)?))
         })();
-        let (magic, presented, their_rank, their_world) = match hello {
+        let (magic, c, their_rank, their_world, presented) = match hello {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!("ring: dropped a connection from {from} that sent no valid hello: {e}");
                 continue;
             }
         };
-        if magic != HELLO_MAGIC || presented != token.as_bytes() {
-            tracing::warn!("ring: refused a connection from {from}: wrong job token");
+        let expected = [c.as_slice(), &their_rank.to_le_bytes(), &their_world.to_le_bytes()];
+        if magic != HELLO_MAGIC || !crate::auth::verify(token, b"ring-connect", &expected, &presented) {
+            tracing::warn!("ring: refused a connection from {from}: no proof of the job token");
             continue;
         }
         if their_world as usize != world {
@@ -106,7 +125,13 @@ fn accept_prev(
         if their_rank as usize != prev {
             return Err(setup(format!("expected rank {prev} to connect, rank {their_rank} did (from {from})")));
         }
-        write_u8(&mut conn, 1).map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
+        let s = crate::auth::nonce().map_err(|e| setup(format!("nonce: {e}")))?;
+        (|| {
+            write_u8(&mut conn, 1)?;
+            write_blob(&mut conn, &s)?;
+            write_blob(&mut conn, &crate::auth::proof(token, b"ring-accept", &[&c, &s]))
+        })()
+        .map_err(|e| setup(format!("ack to rank {prev}: {e}")))?;
         conn.configure(timeout).map_err(|e| setup(e.to_string()))?;
         return Ok(conn);
     }

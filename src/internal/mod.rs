@@ -15,3 +15,34 @@ pub mod sample;
 pub mod status;
 pub mod supervise;
 pub mod worker;
+
+/// An error and its causes on one line, as anyhow's `{:#}`, but a cause whose text the previous
+/// message already ends with is not repeated (typed errors often print their source too:
+/// "cannot serve on …: Address already in use" would otherwise say it twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(crate::rendezvous::StoreError::Bind { addr: "0.0.0.0:1".into(), source: io })
+            .context("rank 0 serving the store");
+        let text = super::error_text(&e);
+        assert_eq!(text.matches("Address already in use").count(), 1, "{text}");
+        assert!(text.starts_with("rank 0 serving the store: store: cannot serve on 0.0.0.0:1"), "{text}");
+    }
+}

@@ -21,6 +21,11 @@ pub enum StoreError {
     Connect { addr: String, secs: f64, source: std::io::Error },
     #[error("store at {addr}: connection refused by the server: job token mismatch (RINGTRAIN_JOB_TOKEN differs from rank 0's)")]
     Rejected { addr: String },
+    #[error(
+        "store at {addr}: the server there does not hold this job's token (a different RINGTRAIN_JOB_TOKEN, another job, or another \
+         program on the port); nothing secret was sent to it"
+    )]
+    NotOurs { addr: String },
     #[error("store at {addr}: {op} failed: {source}")]
     Io { addr: String, op: &'static str, source: std::io::Error },
     #[error("store: cannot serve on {addr}: {source}")]

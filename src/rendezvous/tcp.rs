@@ -1,19 +1,23 @@
 //! The TCP store: rank 0 serves a `MemoryStore` on MASTER_ADDR:MASTER_PORT; every rank (rank 0
 //! too) talks to it through a `TcpStore` client.
 //!
-//! Protocol (little-endian, see `wire`): the client opens with `HELLO_MAGIC` and the job token;
-//! the server answers 1 (accepted) or 0 (refused, then closes). Then request/response pairs:
+//! Protocol (little-endian, see `wire`). Handshake, a challenge-response on the job token that
+//! never sends it (`auth`): the client opens with `HELLO_MAGIC` and a nonce c; the server answers
+//! its nonce s and HMAC(token, "store-server" ‖ c ‖ s); the client checks it — a server without
+//! the token (a stranger on the port) learns nothing — and answers HMAC(token, "store-client" ‖
+//! s ‖ c); the server answers 1 (accepted) or 0 (refused, then closes). Then request/response pairs:
 //! SET key value -> 0; GET key timeout_ms -> 0 value | 1; ADD key delta -> value;
 //! WAIT n keys.. timeout_ms -> 0 | 1 n missing-keys...
 
 use super::{MemoryStore, Store, StoreError};
+use crate::auth;
 use crate::wire::*;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HELLO_MAGIC: u64 = 0x5254_5354_4f52_4531; // "RTSTORE1"
+const HELLO_MAGIC: u64 = 0x5254_5354_4f52_4532; // "RTSTORE2"
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
 const OP_ADD: u8 = 3;
@@ -60,9 +64,16 @@ fn serve_connection(conn: TcpStream, table: &MemoryStore, token: &str) {
     let mut r = BufReader::new(conn.try_clone().expect("cloning a socket"));
     let mut w = BufWriter::new(conn);
     let hello = (|| -> std::io::Result<bool> {
-        let magic = read_u64(&mut r)?;
+        if read_u64(&mut r)? != HELLO_MAGIC {
+            return Ok(false);
+        }
+        let c = read_blob(&mut r)?;
+        let s = auth::nonce()?;
+        write_blob(&mut w, &s)?;
+        write_blob(&mut w, &auth::proof(token, b"store-server", &[&c, &s]))?;
+        w.flush()?;
         let presented = read_blob(&mut r)?;
-        Ok(magic == HELLO_MAGIC && presented == token.as_bytes())
+        Ok(auth::verify(token, b"store-client", &[&s, &c], &presented))
     })();
     match hello {
         Ok(true) => {}
@@ -159,8 +170,20 @@ impl TcpStore {
         stream.set_read_timeout(Some(REPLY_SLACK)).map_err(|e| io_err("connect", e))?;
         let mut r = BufReader::new(stream.try_clone().map_err(|e| io_err("connect", e))?);
         let mut w = BufWriter::new(stream);
+        let c = auth::nonce().map_err(|e| io_err("hello", e))?;
         write_u64(&mut w, HELLO_MAGIC).map_err(|e| io_err("hello", e))?;
-        write_blob(&mut w, token.as_bytes()).map_err(|e| io_err("hello", e))?;
+        write_blob(&mut w, &c).map_err(|e| io_err("hello", e))?;
+        w.flush().map_err(|e| io_err("hello", e))?;
+        // The server proves it holds the token before we prove anything to it.
+        let (s, server_proof) = match read_blob(&mut r).and_then(|s| Ok((s, read_blob(&mut r)?))) {
+            Ok(x) => x,
+            Err(e) if is_closed(&e) => return Err(StoreError::Rejected { addr: addr.to_string() }),
+            Err(e) => return Err(io_err("hello", e)),
+        };
+        if !auth::verify(token, b"store-server", &[&c, &s], &server_proof) {
+            return Err(StoreError::NotOurs { addr: addr.to_string() });
+        }
+        write_blob(&mut w, &auth::proof(token, b"store-client", &[&s, &c])).map_err(|e| io_err("hello", e))?;
         w.flush().map_err(|e| io_err("hello", e))?;
         match read_u8(&mut r) {
             Ok(1) => {}
@@ -288,10 +311,44 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_server_on_the_port_never_sees_the_token() {
+        // Whatever holds the master port (here: a program that records what it is sent and
+        // answers with junk) learns nothing: the client proves nothing until the server has.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let spy = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut seen = vec![0u8; 4096];
+            let n = std::io::Read::read(&mut conn, &mut seen).unwrap_or(0);
+            let junk = [32u8, 0, 0, 0, 0, 0, 0, 0]
+                .iter()
+                .chain(&[7u8; 32])
+                .chain(&[32u8, 0, 0, 0, 0, 0, 0, 0])
+                .chain(&[9u8; 32])
+                .copied()
+                .collect::<Vec<u8>>();
+            let _ = std::io::Write::write_all(&mut conn, &junk);
+            let mut more = vec![0u8; 4096];
+            let m = std::io::Read::read(&mut conn, &mut more).unwrap_or(0);
+            seen.truncate(n);
+            seen.extend_from_slice(&more[..m]);
+            seen
+        });
+        let token = "a-secret-job-token-0123456789";
+        let err = TcpStore::connect(&addr, token, Duration::from_secs(5)).err().expect("a foreign server is not our store");
+        assert!(matches!(err, StoreError::NotOurs { .. }), "{err}");
+        assert!(err.to_string().contains("nothing"), "{err}");
+        let seen = spy.join().unwrap();
+        assert!(!seen.is_empty());
+        assert!(!seen.windows(token.len()).any(|w| w == token.as_bytes()), "the token crossed the wire");
+    }
+
+    #[test]
     fn wrong_token_is_refused_and_server_survives() {
         let addr = server("right");
         let err = TcpStore::connect(&addr, "wrong", Duration::from_secs(5)).err().expect("must be refused");
-        assert!(matches!(err, StoreError::Rejected { .. }), "{err}");
+        assert!(matches!(err, StoreError::NotOurs { .. } | StoreError::Rejected { .. }), "{err}");
         let ok = TcpStore::connect(&addr, "right", Duration::from_secs(5)).unwrap();
         ok.set("k", b"v").unwrap();
     }
