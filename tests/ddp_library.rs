@@ -1,30 +1,13 @@
 //! The library face in-process: two ranks on threads joined by a real ring over a real TCP store,
 //! each holding a `Ddp` over its own tensors.
 
+mod common;
+use common::*;
 use ringtrain::checkpoint::{self, CheckpointData, Meta};
-use ringtrain::comm::{Communicator, RingComm, RingOptions};
-use ringtrain::rendezvous::{Store, TcpStore, TcpStoreServer};
+use ringtrain::comm::Communicator;
 use ringtrain::{Ddp, DdpOptions};
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tch::{Kind, Tensor};
-
-fn with_ring<T: Send + 'static>(world: usize, f: impl Fn(usize, &mut RingComm) -> T + Send + Sync + Clone + 'static) -> Vec<T> {
-    let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
-    let addr = server.local_addr().to_string();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (addr, f) = (addr.clone(), f.clone());
-            std::thread::spawn(move || {
-                let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
-                let opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), Duration::from_secs(20));
-                let mut comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
-                f(rank, &mut comm)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
 
 /// Per-rank parameters and buffers that differ until Ddp broadcasts rank 0's.
 fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
@@ -42,7 +25,7 @@ fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
 
 #[test]
 fn replicas_buffers_unused_parameters_and_replaced_gradients() {
-    let results = with_ring(2, |rank, comm| {
+    let results = with_ring(2, Duration::from_secs(20), |rank, comm| {
         let (params, buffers) = state(rank);
         let mut ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
         // Rank 0's values everywhere, the i64 buffer kept in its dtype.
@@ -83,7 +66,7 @@ fn replicas_buffers_unused_parameters_and_replaced_gradients() {
 #[test]
 fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
     use tch::nn::OptimizerConfig;
-    let results = with_ring(2, |rank, comm| {
+    let results = with_ring(2, Duration::from_secs(20), |rank, comm| {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let w = vs.root().var_copy("w", &(Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]) + rank as f64));
         let mut opt = tch::nn::Sgd::default().build(&vs, 0.0).unwrap();
@@ -108,7 +91,7 @@ fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
 fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let results = with_ring(2, move |rank, comm| {
+    let results = with_ring(2, Duration::from_secs(20), move |rank, comm| {
         let (params, buffers) = state(rank);
         let ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
         let meta = Meta::for_program(5, comm.world_size(), "sgd", 5, serde_json::json!({"epoch": 3, "note": "mine"}));

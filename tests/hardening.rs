@@ -84,63 +84,6 @@ fn a_log_dir_that_cannot_be_made_is_named() {
     assert!(last.contains("--log-dir") && last.contains("a-file/logs") && !last.contains("starting"), "{}", out.report());
 }
 
-/// One simulated srun job step of `world` tasks (Slurm's variables, no launcher): the workers'
-/// outputs.
-fn srun_step(
-    cfg: &std::path::Path,
-    run_dir: &std::path::Path,
-    job: u32,
-    step: Option<u32>,
-    world: usize,
-) -> Vec<std::thread::JoinHandle<Output>> {
-    srun_step_with(cfg, run_dir, job, step, world, false)
-}
-
-/// As `srun_step`; `pmi2`: also the variables srun's pmi2 plugin sets (PMI_RANK, PMI_SIZE).
-fn srun_step_with(
-    cfg: &std::path::Path,
-    run_dir: &std::path::Path,
-    job: u32,
-    step: Option<u32>,
-    world: usize,
-    pmi2: bool,
-) -> Vec<std::thread::JoinHandle<Output>> {
-    (0..world)
-        .map(|rank| {
-            let mut c = Command::new(RINGTRAIN);
-            c.arg("--config").arg(cfg).arg("--run-dir").arg(run_dir);
-            for v in [
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_RANK",
-                "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-                "RINGTRAIN_JOB_TOKEN",
-                "RINGTRAIN_FAULT",
-            ] {
-                c.env_remove(v);
-            }
-            c.envs([
-                ("SLURM_PROCID", rank.to_string()),
-                ("SLURM_LOCALID", rank.to_string()),
-                ("SLURM_NTASKS", world.to_string()),
-                ("SLURM_NTASKS_PER_NODE", world.to_string()),
-                ("SLURM_JOB_NODELIST", "localhost".to_string()),
-                ("SLURM_JOB_ID", job.to_string()),
-                ("OMP_NUM_THREADS", "1".to_string()),
-            ]);
-            if let Some(s) = step {
-                c.env("SLURM_STEP_ID", s.to_string());
-            }
-            if pmi2 {
-                c.env("PMI_RANK", rank.to_string()).env("PMI_SIZE", world.to_string());
-            }
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect()
-}
-
 #[test]
 fn two_srun_steps_of_one_job_train_side_by_side() {
     let dir = tempfile::tempdir().unwrap();

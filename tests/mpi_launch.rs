@@ -90,35 +90,7 @@ fn simulated_srun_trains_to_the_same_result() {
     let run_dir = dir.path().join("srun");
     // As srun would start them: one process per task, Slurm's variables, no MASTER_*.
     let job_id = 100_000 + std::process::id() % 20_000;
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            let mut c = Command::new(RINGTRAIN);
-            c.arg("--config").arg(&config).arg("--run-dir").arg(&run_dir);
-            for v in [
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_RANK",
-                "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-                "RINGTRAIN_JOB_TOKEN",
-                "RINGTRAIN_FAULT",
-            ] {
-                c.env_remove(v);
-            }
-            c.envs([
-                ("SLURM_PROCID", rank.to_string()),
-                ("SLURM_LOCALID", rank.to_string()),
-                ("SLURM_NTASKS", "2".to_string()),
-                ("SLURM_NTASKS_PER_NODE", "2".to_string()),
-                ("SLURM_JOB_NODELIST", "localhost".to_string()),
-                ("SLURM_JOB_ID", job_id.to_string()),
-                ("SLURM_STEP_ID", "0".to_string()),
-                ("OMP_NUM_THREADS", "1".to_string()),
-            ]);
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect();
+    let children = srun_step(&config, &run_dir, job_id, Some(0), 2);
     for child in children {
         let out = child.join().unwrap();
         out.assert_success();

@@ -1,33 +1,10 @@
 //! The ring backend over real TCP sockets, one thread per rank, rendezvous through a real
 //! TcpStore: results against serial computation, and failures that name the peer.
 
-use ringtrain::comm::{CommError, Communicator, RingComm, RingOptions};
-use ringtrain::rendezvous::{Store, TcpStore, TcpStoreServer};
-use std::net::{IpAddr, Ipv4Addr};
+mod common;
+use common::with_ring;
+use ringtrain::comm::{CommError, Communicator};
 use std::time::Duration;
-
-/// Runs `f(rank, comm)` on `world` threads joined in one ring; returns each rank's result.
-fn with_ring<T: Send + 'static>(
-    world: usize,
-    timeout: Duration,
-    f: impl Fn(usize, &mut RingComm) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
-    let addr = server.local_addr().to_string();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (addr, f) = (addr.clone(), f.clone());
-            std::thread::spawn(move || {
-                let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
-                let mut opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
-                opts.segment_bytes = 4096; // many segments even for modest lengths
-                let mut comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
-                f(rank, &mut comm)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
 
 fn input(rank: usize, len: usize) -> Vec<f32> {
     // Small integers: every summation order gives the exact serial sum.

@@ -3,7 +3,10 @@
 //! TestCommand).
 #![allow(dead_code)]
 
+use ringtrain::comm::{RingComm, RingOptions};
+use ringtrain::rendezvous::{Store, TcpStore, TcpStoreServer};
 use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -152,4 +155,78 @@ pub fn python_with_torch(test: &str) -> Option<String> {
         "SKIPPED {test}: no Python with torch and safetensors (scripts/setup.sh --python, or set RINGTRAIN_PYTHON)"
     );
     None
+}
+
+/// One simulated srun job step of `world` tasks (Slurm's variables, no launcher): the workers'
+/// outputs.
+pub fn srun_step(cfg: &Path, run_dir: &Path, job: u32, step: Option<u32>, world: usize) -> Vec<std::thread::JoinHandle<Output>> {
+    srun_step_with(cfg, run_dir, job, step, world, false)
+}
+
+/// As `srun_step`; `pmi2`: also the variables srun's pmi2 plugin sets (PMI_RANK, PMI_SIZE).
+pub fn srun_step_with(
+    cfg: &Path,
+    run_dir: &Path,
+    job: u32,
+    step: Option<u32>,
+    world: usize,
+    pmi2: bool,
+) -> Vec<std::thread::JoinHandle<Output>> {
+    (0..world)
+        .map(|rank| {
+            let mut c = Command::new(RINGTRAIN);
+            c.arg("--config").arg(cfg).arg("--run-dir").arg(run_dir);
+            for v in [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "RINGTRAIN_JOB_TOKEN",
+                "RINGTRAIN_FAULT",
+            ] {
+                c.env_remove(v);
+            }
+            c.envs([
+                ("SLURM_PROCID", rank.to_string()),
+                ("SLURM_LOCALID", rank.to_string()),
+                ("SLURM_NTASKS", world.to_string()),
+                ("SLURM_NTASKS_PER_NODE", world.to_string()),
+                ("SLURM_JOB_NODELIST", "localhost".to_string()),
+                ("SLURM_JOB_ID", job.to_string()),
+                ("OMP_NUM_THREADS", "1".to_string()),
+            ]);
+            if let Some(s) = step {
+                c.env("SLURM_STEP_ID", s.to_string());
+            }
+            if pmi2 {
+                c.env("PMI_RANK", rank.to_string()).env("PMI_SIZE", world.to_string());
+            }
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect()
+}
+
+/// Runs `f(rank, comm)` on `world` threads joined in one ring; returns each rank's result.
+pub fn with_ring<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, &mut RingComm) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
+    let addr = server.local_addr().to_string();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addr, f) = (addr.clone(), f.clone());
+            std::thread::spawn(move || {
+                let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
+                let mut opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+                opts.segment_bytes = 4096; // many segments even for modest lengths
+                let mut comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
+                f(rank, &mut comm)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
