@@ -10,9 +10,10 @@ fn main() {
     mpi_shim();
 }
 
-/// Compiles the gradient-ready hook shim against the libtorch headers torch-sys uses.
+/// Compiles the C++ shims (the gradient-ready hook, TorchScript modules) against the libtorch headers torch-sys uses.
 fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
+    println!("cargo:rerun-if-changed=src/models/torchscript/module.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // LIBTORCH (this repo's .cargo/config.toml sets it), else the libtorch torch-sys found (a
     // crate depending on ringtrain: torch-sys exports its lib folder; the headers sit beside it).
@@ -27,6 +28,7 @@ fn ready_hook_shim() {
     cc::Build::new()
         .cpp(true)
         .file("src/ddp/hooks/ready_hook.cpp")
+        .file("src/models/torchscript/module.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

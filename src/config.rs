@@ -148,6 +148,9 @@ pub enum ModelName {
     /// nanoGPT's GPT: `n_layer` blocks of causal self-attention and MLP, tied input/output
     /// embedding (data.format: tokens).
     Gpt,
+    /// A module scripted in PyTorch (`torch.jit.script` + `torch.jit.save`, e.g. by
+    /// scripts/export_torchscript.py) at `model.path`: trained with its own weights as the start.
+    Torchscript,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -178,6 +181,13 @@ pub struct ModelConfig {
     /// GPT: dropout probability in training.
     #[serde(default)]
     pub dropout: f64,
+    /// TorchScript: the saved module (`torch.jit.save`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// TorchScript: where forward returns a tuple (nanoGPT's `(logits, loss)`), the index of the
+    /// logits in it.
+    #[serde(default)]
+    pub output: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -607,6 +617,12 @@ impl Config {
             ModelName::Cnn if !self.model.hidden.is_empty() => {
                 return Err("model.hidden applies to the mlp only; the cnn's layers are fixed".into())
             }
+            ModelName::Torchscript if self.model.path.is_none() => {
+                return Err("model torchscript needs model.path: the module saved by torch.jit.save".into())
+            }
+            ModelName::Mlp | ModelName::Cnn | ModelName::Gpt if self.model.path.is_some() => {
+                return Err("model.path applies to model torchscript only (built-in models start from model.init_from)".into())
+            }
             _ => {}
         }
         if self.model.name == ModelName::Gpt {
@@ -623,8 +639,8 @@ impl Config {
             if self.data.format != DataFormat::Tokens {
                 return Err("model gpt needs data.format: tokens".into());
             }
-        } else if self.data.format == DataFormat::Tokens {
-            return Err("data.format tokens needs model.name: gpt".into());
+        } else if self.data.format == DataFormat::Tokens && self.model.name != ModelName::Torchscript {
+            return Err("data.format tokens needs model.name gpt or torchscript".into());
         }
         if let Some(s) = &self.sample {
             if !(s.temperature > 0.0 && s.temperature.is_finite()) {

@@ -5,10 +5,12 @@ mod cnn;
 pub mod generate;
 pub mod gpt;
 mod mlp;
+pub mod torchscript;
 
 pub use cnn::Cnn;
 pub use gpt::{Gpt, GptConfig};
 pub use mlp::Mlp;
+pub use torchscript::TorchScript;
 
 use crate::config::{ModelConfig, ModelName};
 use tch::{Device, Kind, TchError, Tensor};
@@ -56,7 +58,8 @@ pub fn without_aliases(mut loaded: Vec<(String, Tensor)>, tied: &[(String, Strin
 }
 
 /// Builds the configured model for samples of `sample_shape` and `classes` outputs. Initialised
-/// as PyTorch initialises Linear/Conv2d, from libtorch's default generator (seed it first).
+/// as PyTorch initialises Linear/Conv2d, from libtorch's default generator (seed it first); a
+/// TorchScript module keeps the weights saved with it.
 pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: Device) -> Result<Box<dyn Model>, TchError> {
     Ok(match cfg.name {
         ModelName::Mlp => Box::new(Mlp::new(sample_shape.iter().product(), &cfg.hidden, classes as i64, device)?),
@@ -74,6 +77,10 @@ pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: De
             },
             device,
         )?),
+        ModelName::Torchscript => {
+            let path = cfg.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
+            Box::new(TorchScript::load(path, cfg.output, device)?)
+        }
     })
 }
 

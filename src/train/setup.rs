@@ -28,7 +28,13 @@ impl<'a> Trainer<'a> {
         )?;
 
         tch::manual_seed(t.seed as i64);
-        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device)?;
+        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device).map_err(|e| match e {
+            // The model's own errors (a TorchScript file, …) are already in words.
+            tch::TchError::Torch(msg) => TrainError::Startup(msg),
+            other => TrainError::Torch(other),
+        })?;
+        let task = tasks::build(cfg);
+        check_output(&*model, &*task, &splits, device)?;
         let params: Vec<(String, Tensor)> = model.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let buffers: Vec<(String, Tensor)> = model.named_buffers().iter().map(|(n, b)| (n.clone(), b.shallow_clone())).collect();
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
@@ -111,7 +117,7 @@ impl<'a> Trainer<'a> {
             stop,
             device,
             bf16: t.precision == crate::config::Precision::Bf16,
-            task: tasks::build(cfg),
+            task,
             params: ddp.parameters(),
             model,
             ddp,
@@ -128,4 +134,19 @@ impl<'a> Trainer<'a> {
             stopped: false,
         })
     }
+}
+
+/// The model's evaluation-mode output on two training samples has the shape the task needs: a
+/// wrong TorchScript output (or `model.output`) is named before training, not met as a
+/// cross-entropy error mid-step. Evaluation mode under no_grad changes no state and draws no
+/// random numbers.
+fn check_output(model: &dyn models::Model, task: &dyn tasks::Task, splits: &data::Splits, device: tch::Device) -> Result<(), TrainError> {
+    let n = splits.train.len().min(2);
+    let indices: Vec<usize> = (0..n).collect();
+    let batch = splits.train.batch(&indices, 0)?.to_device(device)?;
+    let logits = tch::no_grad(|| model.forward_t(&batch.input, false)).map_err(|e| match e {
+        tch::TchError::Torch(msg) => TrainError::Startup(msg),
+        other => TrainError::Torch(other),
+    })?;
+    task.check_output(&logits, &batch, splits.classes).map_err(TrainError::Startup)
 }

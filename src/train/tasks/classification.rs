@@ -21,6 +21,20 @@ impl Task for Classification {
         Ok(vec![loss.f_double_value(&[])?, correct.f_int64_value(&[])? as f64, batch.len as f64])
     }
 
+    fn check_output(&self, logits: &Tensor, batch: &Batch, classes: usize) -> Result<(), String> {
+        let want = [batch.len as i64, classes as i64];
+        match logits.size() == want && logits.is_floating_point() {
+            true => Ok(()),
+            false => Err(format!(
+                "the model's output for a batch of {} is {:?} {:?}; classification into {classes} classes needs \
+                 floating-point logits of shape {want:?} (batch, classes)",
+                batch.len,
+                logits.kind(),
+                logits.size()
+            )),
+        }
+    }
+
     fn metrics(&self, sums: &[f64]) -> Vec<(&'static str, f64)> {
         let n = sums[2].max(1.0);
         vec![("loss", sums[0] / n), ("acc", sums[1] / n)]

@@ -33,6 +33,21 @@ impl Task for LanguageModel {
         Ok(vec![loss.f_double_value(&[])?, batch.target.numel() as f64])
     }
 
+    fn check_output(&self, logits: &Tensor, batch: &Batch, classes: usize) -> Result<(), String> {
+        let mut want = batch.target.size();
+        want.push(classes as i64);
+        match logits.size() == want && logits.is_floating_point() {
+            true => Ok(()),
+            false => Err(format!(
+                "the model's output for a batch of {} windows is {:?} {:?}; language modelling over a \
+                 vocabulary of {classes} needs floating-point logits of shape {want:?} (batch, tokens, vocabulary)",
+                batch.len,
+                logits.kind(),
+                logits.size()
+            )),
+        }
+    }
+
     fn metrics(&self, sums: &[f64]) -> Vec<(&'static str, f64)> {
         let loss = sums[0] / sums[1].max(1.0);
         vec![("loss", loss), ("perplexity", loss.exp())]

@@ -21,6 +21,9 @@ pub trait Task {
     fn eval_sums(&self, model: &dyn Model, batch: &Batch) -> Result<Vec<f64>, TchError>;
     /// Named metrics from the sums over the whole evaluation split, `loss` first.
     fn metrics(&self, sums: &[f64]) -> Vec<(&'static str, f64)>;
+    /// Whether `logits`, the model's evaluation-mode output for `batch`, has the shape this task
+    /// needs for `classes` classes (the vocabulary for language modelling); the reason if not.
+    fn check_output(&self, logits: &Tensor, batch: &Batch, classes: usize) -> Result<(), String>;
     /// Tokens per sample, for tasks measured in tokens/s.
     fn tokens_per_sample(&self) -> Option<usize> {
         None

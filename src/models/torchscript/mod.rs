@@ -1,0 +1,262 @@
+//! `model.name: torchscript`: a module scripted in PyTorch (`torch.jit.script`, saved with
+//! `torch.jit.save`; `scripts/export_torchscript.py` does both and checks the result), trained like
+//! a built-in model. The C++ shim beside this file owns the `torch::jit::Module`; here its
+//! parameters and buffers become the model seam's named tensors (sharing the module's storage, so
+//! the optimizer's in-place steps are the module's), a tied weight listed once.
+
+use super::Model;
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use tch::{Device, TchError, Tensor};
+
+extern "C" {
+    fn ringtrain_ts_libtorch_version(out: *mut c_char, len: usize);
+    fn ringtrain_ts_load(path: *const c_char, cuda_index: c_int, extra: *mut c_char, extra_len: usize, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn ringtrain_ts_free(h: *mut c_void);
+    fn ringtrain_ts_named(
+        h: *mut c_void,
+        buffers: c_int,
+        f: extern "C" fn(*mut c_void, *const c_char, *mut c_void),
+        ctx: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn ringtrain_ts_train(h: *mut c_void, on: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn ringtrain_ts_forward(h: *mut c_void, input: *mut c_void, output: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn ringtrain_ts_baked_mode_ops(h: *mut c_void, out: *mut c_char, len: usize) -> c_int;
+}
+
+/// A buffer for a message from the shim.
+struct Text(Vec<u8>);
+
+impl Text {
+    fn new(len: usize) -> Text {
+        Text(vec![0; len])
+    }
+    fn ptr(&mut self) -> *mut c_char {
+        self.0.as_mut_ptr() as *mut c_char
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self) -> String {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end]).trim().to_string()
+    }
+}
+
+/// The libtorch this program runs on, e.g. "2.11.0".
+pub fn libtorch_version() -> String {
+    let mut v = Text::new(64);
+    // SAFETY: the shim writes at most len bytes, NUL-terminated.
+    unsafe { ringtrain_ts_libtorch_version(v.ptr(), v.len()) };
+    v.get()
+}
+
+/// What `scripts/export_torchscript.py` records in the archive (`extra/ringtrain.json`).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ExportInfo {
+    /// The torch version that scripted and saved the module, e.g. "2.11.0+cpu".
+    #[serde(default)]
+    pub torch: String,
+}
+
+/// A loaded TorchScript module. Not shared between threads: the loop drives it from one thread.
+pub struct TorchScript {
+    handle: *mut c_void,
+    path: PathBuf,
+    output: usize,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    tied: Vec<(String, String)>,
+    /// The mode last set, so forward switches only when it changes.
+    train: Cell<Option<bool>>,
+}
+
+fn err(path: &Path, what: impl std::fmt::Display) -> TchError {
+    TchError::Torch(format!("model.path {}: {what}", path.display()))
+}
+
+extern "C" fn collect(ctx: *mut c_void, name: *const c_char, tensor: *mut c_void) {
+    // SAFETY: ctx is the Vec passed to ringtrain_ts_named for this call; name is a NUL-terminated
+    // string and tensor a new heap torch::Tensor whose ownership passes to the tch Tensor.
+    let out = unsafe { &mut *(ctx as *mut Vec<(String, Tensor)>) };
+    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    out.push((name, unsafe { Tensor::from_ptr(tensor.cast()) }));
+}
+
+/// Two names of one tensor (same storage, offset, shape and strides): tied.
+fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.stride() == b.stride()
+}
+
+impl TorchScript {
+    /// Loads `path` onto `device`. `output`: which element of a tuple output is the logits.
+    /// Errors name the file and say what is wrong: not TorchScript, saved by another torch,
+    /// traced (train/eval behaviour baked in).
+    pub fn load(path: &Path, output: usize, device: Device) -> Result<TorchScript, TchError> {
+        let meta = std::fs::metadata(path).map_err(|e| err(path, format!("cannot be read: {e}")))?;
+        if !meta.is_file() {
+            return Err(err(path, "is not a file"));
+        }
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| err(path, "the path holds a NUL byte"))?;
+        let cuda_index = match device {
+            Device::Cpu => -1,
+            Device::Cuda(i) => i as c_int,
+            other => return Err(err(path, format!("TorchScript modules train on cpu or cuda, not {other:?}"))),
+        };
+        let (mut extra, mut msg) = (Text::new(4096), Text::new(4096));
+        // SAFETY: a NUL-terminated path and two buffers with their lengths.
+        let handle = unsafe { ringtrain_ts_load(c_path.as_ptr(), cuda_index, extra.ptr(), extra.len(), msg.ptr(), msg.len()) };
+        if handle.is_null() {
+            return Err(err(path, load_failure(&msg.get())));
+        }
+        let mut m = TorchScript { handle, path: path.to_path_buf(), output, params: vec![], buffers: vec![], tied: vec![], train: Cell::new(None) };
+        m.check_version(&extra.get())?;
+        m.check_not_traced()?;
+        let params = m.named(false)?;
+        let buffers = m.named(true)?;
+        let (mut trainable, mut frozen) = (vec![], vec![]);
+        for (name, t) in params {
+            if let Some((source, _)) = trainable.iter().chain(&frozen).find(|(_, s): &&(String, Tensor)| same_tensor(s, &t)) {
+                m.tied.push((name, source.clone()));
+            } else if t.requires_grad() {
+                trainable.push((name, t));
+            } else {
+                // requires_grad=False parameters are not trained (DDP skips them too) but are
+                // state: broadcast and checkpointed with the buffers.
+                frozen.push((name, t));
+            }
+        }
+        m.params = trainable;
+        m.buffers = frozen;
+        for (name, t) in buffers {
+            if !m.buffers.iter().any(|(_, s)| same_tensor(s, &t)) {
+                m.buffers.push((name, t));
+            }
+        }
+        if m.params.is_empty() {
+            return Err(err(path, "the module has no trainable parameters"));
+        }
+        Ok(m)
+    }
+
+    fn check_version(&self, extra: &str) -> Result<(), TchError> {
+        let ours = libtorch_version();
+        if extra.is_empty() {
+            tracing::warn!(
+                "model.path {}: no torch version recorded (not saved by scripts/export_torchscript.py); \
+                 loading it with libtorch {ours}",
+                self.path.display()
+            );
+            return Ok(());
+        }
+        let info: ExportInfo =
+            serde_json::from_str(extra).map_err(|e| err(&self.path, format!("extra/ringtrain.json is not valid JSON: {e}")))?;
+        let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+        if major_minor(&info.torch) != major_minor(&ours) {
+            return Err(err(
+                &self.path,
+                format!(
+                    "saved by torch {}, but ringtrain runs libtorch {ours}: export it again with torch {} \
+                     (scripts/export_torchscript.py)",
+                    info.torch,
+                    major_minor(&ours)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_not_traced(&self) -> Result<(), TchError> {
+        let mut names = Text::new(4096);
+        // SAFETY: a live module handle and a buffer with its length.
+        let n = unsafe { ringtrain_ts_baked_mode_ops(self.handle, names.ptr(), names.len()) };
+        match n {
+            -1 => Err(err(&self.path, format!("its forward graph cannot be read: {}", names.get()))),
+            0 => Ok(()),
+            n => Err(err(
+                &self.path,
+                format!(
+                    "{n} op(s) with train/eval behaviour fixed at export ({}): the module was traced \
+                     (torch.jit.trace), so BatchNorm/Dropout would ignore evaluation mode; script it with \
+                     torch.jit.script (scripts/export_torchscript.py)",
+                    names.get()
+                ),
+            )),
+        }
+    }
+
+    fn named(&self, buffers: bool) -> Result<Vec<(String, Tensor)>, TchError> {
+        let mut out: Vec<(String, Tensor)> = vec![];
+        let mut msg = Text::new(4096);
+        let ctx = &mut out as *mut Vec<(String, Tensor)> as *mut c_void;
+        // SAFETY: `collect` receives `ctx`, the Vec above, alive for the call.
+        let rc = unsafe { ringtrain_ts_named(self.handle, buffers as c_int, collect, ctx, msg.ptr(), msg.len()) };
+        if rc != 0 {
+            return Err(err(&self.path, format!("listing its tensors failed: {}", msg.get())));
+        }
+        Ok(out)
+    }
+
+    fn set_mode(&self, train: bool) -> Result<(), TchError> {
+        if self.train.get() == Some(train) {
+            return Ok(());
+        }
+        let mut msg = Text::new(1024);
+        // SAFETY: a live module handle and a buffer with its length.
+        if unsafe { ringtrain_ts_train(self.handle, train as c_int, msg.ptr(), msg.len()) } != 0 {
+            return Err(err(&self.path, format!("setting train({train}) failed: {}", msg.get())));
+        }
+        self.train.set(Some(train));
+        Ok(())
+    }
+}
+
+/// libtorch's load error in words, with a hint for the common cases.
+fn load_failure(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or("").trim();
+    if msg.contains("constants.pkl") || msg.contains("code/") {
+        format!("is not a TorchScript module (a torch.save file? it holds no TorchScript code): {first}")
+    } else if msg.contains("zip archive") || msg.contains("central directory") {
+        format!("is not a TorchScript file (not a torch.jit.save archive): {first}")
+    } else {
+        format!("cannot be loaded as TorchScript: {first}")
+    }
+}
+
+impl Drop for TorchScript {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ringtrain_ts_load and is freed once; the tensors handed
+        // out are separate refcounted handles that keep their storage alive.
+        unsafe { ringtrain_ts_free(self.handle) }
+    }
+}
+
+impl Model for TorchScript {
+    fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        self.set_mode(train)?;
+        let mut input = input.shallow_clone();
+        let mut msg = Text::new(4096);
+        // SAFETY: a live module handle and tch tensor handle; the result is a new heap tensor
+        // whose ownership passes to the returned Tensor.
+        let out = unsafe { ringtrain_ts_forward(self.handle, input.as_mut_ptr() as *mut c_void, self.output as c_int, msg.ptr(), msg.len()) };
+        if out.is_null() {
+            return Err(err(&self.path, format!("forward failed: {}", msg.get())));
+        }
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+
+    fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    fn named_buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+
+    fn tied(&self) -> Vec<(String, String)> {
+        self.tied.clone()
+    }
+}
