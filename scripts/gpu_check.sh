@@ -8,6 +8,10 @@
 #   (e) NCCL all-reduce 1 MB–256 MB at world size 1 (smoke test, nccl-tests' columns)
 #   (f) the GPT demo model with bf16 autocast on cuda with NCCL, 300 steps of batch 64 × block 128:
 #       tokens/s against PyTorch eager (nanoGPT's GPT, same model, batch, optimizer), ratio
+#   (g) resume under NCCL with checkpoints on: the CNN with Adam, 60 steps straight against 30 +
+#       resume to 60 (optimizer state restored onto the GPU): equal parameter hashes
+#   (h) a TorchScript module (BatchNorm, tied weight; exported here with torch.jit.script) on cuda
+#       with NCCL: loss falls; stopped at 20 and resumed to 40, equal to 40 straight
 # Prints a summary table; exits non-zero if any part failed.
 #   RINGTRAIN_PYTHON: the Python with torch (default /opt/torch/.venv/bin/python)
 set -uo pipefail
@@ -75,11 +79,39 @@ if "$here/bin/ringtrain" "${gpt[@]}" --run-dir "$runs/f" 2>&1 | tail -n 12; then
     result[f]="PASS val loss $(metric "$runs/f" test_loss); ringtrain $rt vs PyTorch ${ps:-?} tokens/s: ratio $("$py" -c "print(round($rt/${ps:-0.0001}, 3))")"
 else result[f]="FAIL"; fi
 
+hash_of() { "$py" -c "import json; print(json.load(open('$1/ranks/rank0.json'))['param_hash'])"; }
+
+echo "== (g) resume under NCCL, Adam, checkpoints on"
+resume=(--config "$here/configs/fashion_mnist_cnn.yaml" --set "data.dir=$here/data/fashion-mnist" --set device=cuda
+        --set comm.backend=nccl --set optimizer.name=adam --set optimizer.lr=0.001 --set train.eval=false
+        --set checkpoint.every_steps=10)
+if "$here/bin/ringtrain" "${resume[@]}" --set train.max_steps=60 --run-dir "$runs/g-whole" 2>&1 | tail -n 2 &&
+   "$here/bin/ringtrain" "${resume[@]}" --set train.max_steps=30 --run-dir "$runs/g-resumed" 2>&1 | tail -n 2 &&
+   "$here/bin/ringtrain" "${resume[@]}" --set train.max_steps=60 --run-dir "$runs/g-resumed" --resume auto 2>&1 | tail -n 3; then
+    a=$(hash_of "$runs/g-whole"); b=$(hash_of "$runs/g-resumed")
+    if [ "$a" = "$b" ]; then result[g]="PASS resumed = straight ($a)"; else result[g]="FAIL resumed $b vs straight $a"; fi
+else result[g]="FAIL"; fi
+
+echo "== (h) TorchScript module on cuda with NCCL, resume"
+ts=(--config "$here/configs/fashion_mnist_cnn.yaml" --set "data.dir=$here/data/fashion-mnist" --set device=cuda
+    --set comm.backend=nccl --set model.name=torchscript --set "model.path=$runs/bn.pt" --set train.eval=false
+    --set train.log_every_steps=10
+    --set checkpoint.every_steps=10)
+if "$py" "$here/reference/export_torchscript.py" "$here/reference/torchscript_ddp.py:BnTiedNet" --input-shape 2,1,28,28 \
+        --out "$runs/bn.pt" | tail -n 3 &&
+   "$here/bin/ringtrain" "${ts[@]}" --set train.max_steps=40 --run-dir "$runs/h-whole" 2>&1 | tail -n 3 &&
+   "$here/bin/ringtrain" "${ts[@]}" --set train.max_steps=20 --run-dir "$runs/h-resumed" 2>&1 | tail -n 2 &&
+   "$here/bin/ringtrain" "${ts[@]}" --set train.max_steps=40 --run-dir "$runs/h-resumed" --resume auto 2>&1 | tail -n 2; then
+    a=$(hash_of "$runs/h-whole"); b=$(hash_of "$runs/h-resumed")
+    if [ "$a" = "$b" ]; then result[h]="PASS loss $(first_loss "$runs/h-whole") -> $(metric "$runs/h-whole" train_loss); resumed = straight ($a)"
+    else result[h]="FAIL resumed $b vs straight $a"; fi
+else result[h]="FAIL"; fi
+
 echo
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e f; do
+for k in a b c d e f g h; do
     echo "| ($k) | ${result[$k]} |"
     case "${result[$k]}" in FAIL*) status=1 ;; esac
 done

@@ -14,7 +14,8 @@ for b in ringtrain ringrun ringbench; do
 done
 cp configs/*.yaml "$out/configs/"
 cp /usr/share/datasets/fashion-mnist/*.gz "$out/data/fashion-mnist/"
-cp scripts/reference/ddp_train.py scripts/reference/gpt_reference.py scripts/reference/gpt_train.py "$out/reference/"
+cp scripts/reference/ddp_train.py scripts/reference/gpt_reference.py scripts/reference/gpt_train.py \
+    scripts/reference/torchscript_ddp.py scripts/export_torchscript.py "$out/reference/"
 target/release/ringtrain prepare-text --input /usr/share/games/fortunes --out "$out/data/fortunes" >/dev/null
 cp scripts/gpu_check.sh "$out/"
 du -sh "$out"

@@ -7,38 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// About 60 KB of simple, learnable English-like text.
-fn write_text(dir: &Path) -> PathBuf {
-    let src = dir.join("text");
-    std::fs::create_dir_all(&src).unwrap();
-    let (subjects, verbs, objects) = (
-        ["the cat", "a dog", "my friend", "the old man"],
-        ["sees", "likes", "finds", "eats"],
-        ["the fish.", "a red ball.", "the moon.", "some bread."],
-    );
-    let mut x: u64 = 7;
-    for f in 0..3 {
-        let mut text = String::new();
-        for _ in 0..1000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let r = (x >> 33) as usize;
-            text.push_str(&format!("{} {} {}\n", subjects[r % 4], verbs[(r / 4) % 4], objects[(r / 16) % 4]));
-        }
-        std::fs::write(src.join(format!("part{f}")), text).unwrap();
-    }
-    src
-}
-
-fn prepare(dir: &Path) -> PathBuf {
-    let out = dir.join("tokens");
-    let mut c = Command::new(RINGTRAIN);
-    c.args(["prepare-text", "--input"]).arg(write_text(dir)).arg("--out").arg(&out);
-    let o = run(c, Duration::from_secs(60));
-    o.assert_success();
-    assert!(o.stdout.contains("3 file(s)"), "{}", o.report());
-    out
-}
-
 fn gpt_job(tokens: &Path, extra: &str) -> String {
     format!(
         "model: {{name: gpt, n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, dropout: 0.0}}
@@ -64,7 +32,7 @@ fn lines(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
 #[test]
 fn two_workers_train_evaluate_and_sample_a_gpt() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = prepare(dir.path());
+    let tokens = prepare_tokens(dir.path());
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokens.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["vocab_size"], 256);
     let total = meta["train_tokens"].as_u64().unwrap() + meta["val_tokens"].as_u64().unwrap();
@@ -106,7 +74,7 @@ fn two_workers_train_evaluate_and_sample_a_gpt() {
 #[test]
 fn gpt_resume_with_dropout_is_bitwise_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = prepare(dir.path());
+    let tokens = prepare_tokens(dir.path());
     let job = gpt_job(&tokens, "checkpoint: {every_steps: 10}\n")
         .replace("dropout: 0.0", "dropout: 0.1")
         .replace("max_steps: 60", "max_steps: 40");

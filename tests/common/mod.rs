@@ -126,7 +126,9 @@ pub fn max_relative_difference(a: &[(String, tch::Tensor)], b: &[(String, tch::T
         .zip(b)
         .map(|((na, ta), (nb, tb))| {
             assert_eq!(na, nb);
-            (ta - tb).norm().double_value(&[]) / tb.norm().double_value(&[]).max(1e-12)
+            // In f64, so integer buffers (BatchNorm's num_batches_tracked) compare too.
+            let (ta, tb) = (ta.to_kind(tch::Kind::Double), tb.to_kind(tch::Kind::Double));
+            (&ta - &tb).norm().double_value(&[]) / tb.norm().double_value(&[]).max(1e-12)
         })
         .fold(0.0, f64::max)
 }
@@ -229,4 +231,37 @@ pub fn with_ring<T: Send + 'static>(
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// About 60 KB of simple, learnable English-like text.
+pub fn write_text(dir: &Path) -> PathBuf {
+    let src = dir.join("text");
+    std::fs::create_dir_all(&src).unwrap();
+    let (subjects, verbs, objects) = (
+        ["the cat", "a dog", "my friend", "the old man"],
+        ["sees", "likes", "finds", "eats"],
+        ["the fish.", "a red ball.", "the moon.", "some bread."],
+    );
+    let mut x: u64 = 7;
+    for f in 0..3 {
+        let mut text = String::new();
+        for _ in 0..1000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (x >> 33) as usize;
+            text.push_str(&format!("{} {} {}\n", subjects[r % 4], verbs[(r / 4) % 4], objects[(r / 16) % 4]));
+        }
+        std::fs::write(src.join(format!("part{f}")), text).unwrap();
+    }
+    src
+}
+
+/// Token files (`ringtrain prepare-text`) of `write_text`'s text in `dir/tokens`.
+pub fn prepare_tokens(dir: &Path) -> PathBuf {
+    let out = dir.join("tokens");
+    let mut c = Command::new(RINGTRAIN);
+    c.args(["prepare-text", "--input"]).arg(write_text(dir)).arg("--out").arg(&out);
+    let o = run(c, Duration::from_secs(60));
+    o.assert_success();
+    assert!(o.stdout.contains("3 file(s)"), "{}", o.report());
+    out
 }

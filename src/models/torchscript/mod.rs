@@ -217,10 +217,15 @@ impl TorchScript {
 /// libtorch's load error in words, with a hint for the common cases.
 fn load_failure(msg: &str) -> String {
     let first = msg.lines().next().unwrap_or("").trim();
+    // libtorch appends a paragraph about corrupted checkpoints to every archive error.
+    let first = first.split(" This is an internal miniz error").next().unwrap_or(first);
     if msg.contains("constants.pkl") || msg.contains("code/") {
-        format!("is not a TorchScript module (a torch.save file? it holds no TorchScript code): {first}")
+        format!(
+            "is not a TorchScript module: it holds no TorchScript code (a torch.save file? export the module with \
+             scripts/export_torchscript.py; weights alone go in model.init_from as safetensors) ({first})"
+        )
     } else if msg.contains("zip archive") || msg.contains("central directory") {
-        format!("is not a TorchScript file (not a torch.jit.save archive): {first}")
+        format!("is not a TorchScript file, not a torch.jit.save archive ({first})")
     } else {
         format!("cannot be loaded as TorchScript: {first}")
     }

@@ -112,13 +112,18 @@ int ringtrain_ts_train(void *h, int on, char *err, size_t err_len) {
     return 1;
 }
 
-// forward(input). A tensor output is returned as is; from a tuple or list, element `output`.
+// forward(input). A tensor output is returned as is (`output` must be 0); from a tuple or list,
+// element `output`.
 // Anything else is an error naming the output's type. Null on failure.
 void *ringtrain_ts_forward(void *h, void *input, int output, char *err, size_t err_len) {
     try {
         auto &m = static_cast<TsModule *>(h)->m;
         c10::IValue out = m.forward({*static_cast<at::Tensor *>(input)});
-        if (out.isTensor()) return new at::Tensor(out.toTensor());
+        if (out.isTensor()) {
+            if (output == 0) return new at::Tensor(out.toTensor());
+            put(err, err_len, "forward returns a Tensor, not a tuple: model.output " + std::to_string(output) + " must be 0");
+            return nullptr;
+        }
         std::vector<c10::IValue> elems;
         if (out.isTuple()) {
             for (const auto &e : out.toTupleRef().elements()) elems.push_back(e);
