@@ -113,8 +113,9 @@ fn share_store_address_over_mpi(rt: &MpiRuntime, launch: &mut LaunchInfo) -> Res
     let mut msg = [0u8; 256];
     if launch.rank == 0 {
         launch.job_token = crate::internal::supervise::new_job_token()?;
-        let server = TcpStoreServer::start("0.0.0.0:0", &launch.job_token)?;
         let ip = reachable_ip(launch);
+        // Served on the address the others are told, not on every interface.
+        let server = TcpStoreServer::start(&std::net::SocketAddr::new(ip, 0).to_string(), &launch.job_token)?;
         let text = format!("{ip}\n{}\n{}", server.local_addr().port(), launch.job_token);
         msg[..text.len()].copy_from_slice(text.as_bytes());
         std::mem::forget(server); // serves for the life of the process
@@ -247,7 +248,7 @@ fn connect_store(launch: &LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Stor
     let addr = launch.store_addr()?;
     if launch.rank == 0 && !launch.store_served {
         let port = launch.master_port.expect("store_addr checked the port");
-        let server = TcpStoreServer::start(&format!("0.0.0.0:{port}"), &launch.job_token)
+        let server = TcpStoreServer::start(&crate::rendezvous::bind_address(launch.master_addr.as_deref().unwrap_or("127.0.0.1"), port), &launch.job_token)
             .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
         std::mem::forget(server);
     }

@@ -47,7 +47,7 @@ pub enum InitError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    #[error("rank {rank}: joining the group ({backend:?}): {detail}")]
+    #[error("rank {rank}: joining the group (backend {}): {detail}", format!("{backend:?}").to_lowercase())]
     Join { rank: usize, backend: Backend, detail: String },
     #[error("logging: {0}")]
     Logging(std::io::Error),
@@ -83,7 +83,7 @@ pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result
     let group = crate::group::join(&comm_cfg, &mut launch, env, device).map_err(|e| InitError::Join {
         rank,
         backend: opts.backend,
-        detail: format!("{e:#}"),
+        detail: crate::internal::error_text(&e),
     })?;
     Ok(ProcessGroup { launch, device, group: Some(group) })
 }

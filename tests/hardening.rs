@@ -130,3 +130,23 @@ fn under_srun_with_pmi2_the_ring_needs_no_mpi() {
     let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
     assert!(log.contains("backend ring") && log.contains("derived from Slurm"), "{log}");
 }
+
+#[test]
+fn a_rank_that_never_starts_is_named_by_the_one_that_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    // Rank 0 of 2 alone, as torchrun's environment would start it; rank 1 never comes.
+    let port = (30500 + std::process::id() % 400).to_string();
+    let mut c = Command::new(RINGTRAIN);
+    c.args(["--config"]).arg(&cfg).arg("--run-dir").arg(dir.path().join("run")).args(["--set", "comm.timeout_secs=2"]);
+    for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")] {
+        c.env(k, v);
+    }
+    c.env("MASTER_PORT", &port).env_remove("RINGTRAIN_FAULT");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    let line = out.stderr.lines().find(|l| l.contains("error:")).unwrap_or_else(|| panic!("{}", out.report()));
+    assert!(line.contains("rank(s) [1] of 2 did not join within 2s"), "{line}");
+    assert!(!line.contains("ring/addr"), "a store key instead of the rank: {line}");
+    assert_eq!(line.matches("did not join").count(), 1, "{line}");
+}

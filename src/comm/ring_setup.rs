@@ -26,6 +26,20 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     let unix_name = opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", token_tag(&opts.token), std::process::id()));
     let listener = Listener::bind(opts.bind_ip, &node, unix_name).map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
     store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
+    // Every rank waits for every address, so a rank that never started is named by all the
+    // others (not only by its neighbour, while the rest time out on a connection).
+    let keys: Vec<String> = (0..world).map(|r| format!("ring/addr/{r}")).collect();
+    match store.wait(&keys, opts.timeout) {
+        Ok(()) => {}
+        Err(crate::rendezvous::StoreError::Timeout { keys: missing, secs }) => {
+            let ranks: Vec<usize> = missing.iter().filter_map(|k| k.rsplit('/').next()?.parse().ok()).collect();
+            return Err(setup(format!(
+                "rank(s) {ranks:?} of {world} did not join within {secs:.0}s (are they started, with the same \
+                 MASTER_ADDR/MASTER_PORT and job?)"
+            )));
+        }
+        Err(e) => return Err(store_err(e)),
+    }
     let next_raw = store.get(&format!("ring/addr/{next}"), opts.timeout).map_err(store_err)?;
     let next_ep = Endpoint::decode(&String::from_utf8_lossy(&next_raw))
         .ok_or_else(|| setup(format!("rank {next} published a bad address: {:?}", String::from_utf8_lossy(&next_raw))))?;

@@ -23,7 +23,8 @@ pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        // A cause already quoted by its context (thiserror's "{source}") is not repeated.
+        if out.contains(&text) {
             continue;
         }
         if !out.is_empty() {

@@ -53,7 +53,7 @@ impl NodeCoordinator {
         join_timeout: Duration,
     ) -> Result<Self, String> {
         let server =
-            if node_rank == 0 { Some(TcpStoreServer::start(&format!("0.0.0.0:{port}"), token).map_err(|e| e.to_string())?) } else { None };
+            if node_rank == 0 { Some(TcpStoreServer::start(&crate::rendezvous::bind_address(master_addr, port), token).map_err(|e| e.to_string())?) } else { None };
         let addr = format!("{master_addr}:{port}");
         let store = TcpStore::connect(&addr, token, join_timeout).map_err(|e| format!("node {node_rank}: {e}"))?;
         Ok(Self { store, addr, token: token.to_string(), nnodes, node_rank, join_timeout, _server: server })

@@ -42,3 +42,44 @@ pub trait Store: Send + Sync {
     /// Waits up to `timeout` until every key is set.
     fn wait(&self, keys: &[String], timeout: Duration) -> Result<(), StoreError>;
 }
+
+/// Where rank 0 (or node 0) serves the store for peers that reach it at `master_addr`: that
+/// address's own interface, so the store is not offered on every network the host is on (c10d
+/// binds all of them). `RINGTRAIN_STORE_BIND` overrides it (e.g. `0.0.0.0` behind NAT, where
+/// MASTER_ADDR is not an address of this host). A name or address that is not local — an alias the
+/// host cannot bind — falls back to all interfaces, with a warning.
+pub fn bind_address(master_addr: &str, port: u16) -> String {
+    if let Ok(bind) = std::env::var("RINGTRAIN_STORE_BIND") {
+        return format!("{bind}:{port}");
+    }
+    use std::net::ToSocketAddrs;
+    let ip = (master_addr, port).to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip());
+    match ip {
+        // A host name that resolves to loopback here (Debian maps its own name to 127.0.1.1) may
+        // resolve to the LAN address on the other nodes: loopback only when asked for literally.
+        Some(ip) if ip.is_loopback() && !(master_addr == "localhost" || master_addr.parse::<std::net::IpAddr>().is_ok()) => {
+            format!("0.0.0.0:{port}")
+        }
+        // Binding a UDP socket to ip:0 succeeds exactly when ip is an address of this host.
+        Some(ip) if std::net::UdpSocket::bind((ip, 0)).is_ok() => std::net::SocketAddr::new(ip, port).to_string(),
+        _ => {
+            tracing::warn!(
+                "MASTER_ADDR {master_addr} is not an address of this host; serving the store on all interfaces \
+                 (set RINGTRAIN_STORE_BIND to choose one)"
+            );
+            format!("0.0.0.0:{port}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    #[test]
+    fn the_store_binds_the_master_address_interface() {
+        assert_eq!(super::bind_address("127.0.0.1", 5), "127.0.0.1:5");
+        assert_eq!(super::bind_address("localhost", 6).rsplit_once(':').unwrap().1, "6");
+        assert!(super::bind_address("localhost", 6).starts_with("127.") || super::bind_address("localhost", 6).starts_with("[::1]"));
+        // 192.0.2.0/24 is TEST-NET-1: never an address of this host.
+        assert_eq!(super::bind_address("192.0.2.7", 7), "0.0.0.0:7");
+    }
+}

@@ -88,7 +88,8 @@ extern "C" fn collect(ctx: *mut c_void, name: *const c_char, tensor: *mut c_void
 
 /// Two names of one tensor (same storage, offset, shape and strides): tied.
 fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
-    a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.stride() == b.stride()
+    // Empty tensors may all have a null data pointer; they share nothing.
+    a.numel() > 0 && a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.stride() == b.stride()
 }
 
 impl TorchScript {
@@ -132,7 +133,7 @@ impl TorchScript {
         m.params = trainable;
         m.buffers = frozen;
         for (name, t) in buffers {
-            if !m.buffers.iter().any(|(_, s)| same_tensor(s, &t)) {
+            if !m.params.iter().chain(&m.buffers).any(|(_, s)| same_tensor(s, &t)) {
                 m.buffers.push((name, t));
             }
         }
