@@ -151,6 +151,12 @@ pub enum ModelName {
     /// A module scripted in PyTorch (`torch.jit.script` + `torch.jit.save`, e.g. by
     /// scripts/export_torchscript.py) at `model.path`: trained with its own weights as the start.
     Torchscript,
+    /// torchvision's ResNet-18 (basic blocks), with BatchNorm; `small_stem` for 28–32 px images.
+    Resnet18,
+    /// torchvision's ResNet-34.
+    Resnet34,
+    /// torchvision's ResNet-50 (bottleneck blocks).
+    Resnet50,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -181,6 +187,10 @@ pub struct ModelConfig {
     /// GPT: dropout probability in training.
     #[serde(default)]
     pub dropout: f64,
+    /// ResNet: the small-image stem used for CIFAR (3×3 stride-1 `conv1`, no max-pool) instead of
+    /// ImageNet's (7×7 stride-2 `conv1`, 3×3 max-pool).
+    #[serde(default)]
+    pub small_stem: bool,
     /// TorchScript: the saved module (`torch.jit.save`).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -200,6 +210,31 @@ pub enum DataFormat {
     /// nanoGPT's token files in `dir`: `train.bin` / `val.bin`, little-endian uint16 ids, no
     /// header (plus `meta.json` with the vocabulary size), memory-mapped.
     Tokens,
+    /// The CIFAR-10 / CIFAR-100 binary files in `dir`.
+    Cifar,
+    /// torchvision's ImageFolder: `dir/train/CLASS/*.jpg|png` and `dir/val/…` (or `dir/test/…`).
+    ImageFolder,
+}
+
+/// What an image that cannot be decoded does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CorruptImages {
+    /// Stop with an error naming the file.
+    #[default]
+    Error,
+    /// Leave it (and its label) out of its batch, count it, and report the count.
+    Skip,
+}
+
+/// Transform pipelines, per split (torchvision's `transforms.Compose` lists).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransformsConfig {
+    #[serde(default)]
+    pub train: Vec<crate::data::images::transforms::Transform>,
+    #[serde(default)]
+    pub test: Vec<crate::data::images::transforms::Transform>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -227,6 +262,19 @@ pub struct DataConfig {
     /// IDX: the number of classes (default 10, the MNIST family); a label outside it is an error.
     #[serde(default)]
     pub classes: Option<usize>,
+    /// Loader threads decoding and transforming batches (DataLoader's `num_workers`); batches
+    /// still arrive in sampler order.
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// Image transforms (cifar, image_folder, idx).
+    #[serde(default)]
+    pub transforms: Option<TransformsConfig>,
+    /// Images that cannot be decoded: `error` (default) or `skip` (counted and reported).
+    #[serde(default)]
+    pub corrupt_images: CorruptImages,
+    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
+    #[serde(default)]
+    pub cifar_coarse: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -620,7 +668,12 @@ impl Config {
             ModelName::Torchscript if self.model.path.is_none() => {
                 return Err("model torchscript needs model.path: the module saved by torch.jit.save".into())
             }
-            ModelName::Mlp | ModelName::Cnn | ModelName::Gpt if self.model.path.is_some() => {
+            _ if self.model.small_stem && !matches!(self.model.name, ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50) => {
+                return Err("model.small_stem applies to the resnets only".into())
+            }
+            ModelName::Mlp | ModelName::Cnn | ModelName::Gpt | ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50
+                if self.model.path.is_some() =>
+            {
                 return Err("model.path applies to model torchscript only (built-in models start from model.init_from)".into())
             }
             _ => {}
@@ -664,6 +717,11 @@ impl Config {
                     return Err("data.dir is required when data.format is idx".into());
                 }
             }
+            DataFormat::Cifar | DataFormat::ImageFolder => {
+                if self.data.dir.is_none() {
+                    return Err(format!("data.dir is required when data.format is {:?}", self.data.format).to_lowercase());
+                }
+            }
             DataFormat::Synthetic => {
                 let Some(s) = &self.data.synthetic else {
                     return Err("data.synthetic is required when data.format is synthetic".into());
@@ -681,12 +739,12 @@ impl Config {
         }
         if self.model.name == ModelName::Cnn {
             let shape_ok = match self.data.format {
-                DataFormat::Idx => true,
-                DataFormat::Tokens => false,
+                DataFormat::Idx => self.data.transforms.is_none(),
+                DataFormat::Tokens | DataFormat::Cifar | DataFormat::ImageFolder => false,
                 DataFormat::Synthetic => self.data.synthetic.as_ref().is_some_and(|s| s.shape == [1, 28, 28]),
             };
             if !shape_ok {
-                return Err("model cnn needs 1x28x28 samples (data.synthetic.shape: [1, 28, 28])".into());
+                return Err("model cnn needs 1x28x28 samples (IDX without transforms, or data.synthetic.shape: [1, 28, 28])".into());
             }
         }
         if let Some([_, std]) = self.data.normalize {
@@ -696,6 +754,27 @@ impl Config {
         }
         if self.data.prefetch_batches == 0 {
             return Err("data.prefetch_batches must be at least 1".into());
+        }
+        if self.data.workers == 0 {
+            return Err("data.workers must be at least 1 (loader threads)".into());
+        }
+        if let Some(t) = &self.data.transforms {
+            if !matches!(self.data.format, DataFormat::Idx | DataFormat::Cifar | DataFormat::ImageFolder) {
+                return Err("data.transforms apply to image data (idx, cifar, image_folder)".into());
+            }
+            if self.data.normalize.is_some() {
+                return Err("data.normalize and data.transforms both given: put normalize in the transforms".into());
+            }
+            let channels = match self.data.format {
+                DataFormat::Idx => Some(1),
+                _ => Some(3),
+            };
+            for (split, p) in [("train", &t.train), ("test", &t.test)] {
+                crate::data::images::transforms::validate(p, channels).map_err(|e| format!("data.transforms.{split}: {e}"))?;
+            }
+        }
+        if self.data.format == DataFormat::ImageFolder && self.data.normalize.is_some() {
+            return Err("data.normalize is for idx and synthetic data: use a normalize transform".into());
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! prefetching loader. A new format is one file here implementing `Dataset`.
 
 pub mod idx;
+pub mod images;
 pub mod loader;
 pub mod prepare;
 pub mod sampler;
@@ -13,6 +14,8 @@ pub use loader::{Batch, Loader};
 pub use sampler::DistributedSampler;
 
 use crate::config::{DataConfig, DataFormat};
+use images::transforms::Transform;
+use images::{ImageSet, Source};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -45,6 +48,11 @@ pub trait Dataset: Send + Sync {
     /// transforms, which must draw from (seed, epoch, sample index) so a resumed run sees the
     /// same samples.
     fn batch(&self, indices: &[usize], epoch: u64) -> Result<Batch, DataError>;
+    /// Samples left out because they could not be read (`data.corrupt_images: skip`) so far, and
+    /// the first one's description.
+    fn skipped(&self) -> (u64, Option<String>) {
+        (0, None)
+    }
 }
 
 /// A labelled dataset held in memory: IDX and synthetic data.
@@ -144,8 +152,35 @@ fn arrays(train: ArrayDataset, test: ArrayDataset) -> Splits {
     }
 }
 
-/// Loads the configured data. `block`: the model's context length (windows of token data).
-pub fn load(cfg: &DataConfig, block: usize) -> Result<Splits, DataError> {
+/// The transform pipelines for (train, test): the configured ones, else only `data.normalize`.
+fn pipelines(cfg: &DataConfig) -> (Vec<Transform>, Vec<Transform>) {
+    match &cfg.transforms {
+        Some(t) => (t.train.clone(), t.test.clone()),
+        None => {
+            let p: Vec<Transform> =
+                cfg.normalize.iter().map(|[m, s]| Transform::Normalize { mean: vec![*m], std: vec![*s] }).collect();
+            (p.clone(), p)
+        }
+    }
+}
+
+/// Image splits with their pipelines; the sample shape from the test pipeline (deterministic).
+fn image_splits(cfg: &DataConfig, seed: u64, train: (Source, Vec<i64>), test: (Source, Vec<i64>), classes: usize) -> Result<Splits, DataError> {
+    let (train_p, test_p) = pipelines(cfg);
+    let train = ImageSet::new(train.0, train.1, classes, train_p, seed, cfg.corrupt_images);
+    let test = ImageSet::new(test.0, test.1, classes, test_p, seed, cfg.corrupt_images);
+    let (a, b) = (train.sample_shape()?, test.sample_shape()?);
+    if a != b {
+        return Err(DataError::Invalid(format!(
+            "data.transforms: train samples come out {a:?} but test samples {b:?}; the model needs one shape (crop both to one size)"
+        )));
+    }
+    Ok(Splits { train: Arc::new(train), test: Arc::new(test), sample_shape: a, classes })
+}
+
+/// Loads the configured data. `block`: the model's context length (windows of token data);
+/// `seed`: random transforms draw from (seed, epoch, sample index).
+pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataError> {
     match cfg.format {
         DataFormat::Tokens => {
             let dir = cfg.dir.as_deref().expect("validated: tokens has a dir");
@@ -187,7 +222,49 @@ pub fn load(cfg: &DataConfig, block: usize) -> Result<Splits, DataError> {
             };
             let train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
             let test = split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
-            Ok(arrays(train, test))
+            if cfg.transforms.is_none() {
+                return Ok(arrays(train, test));
+            }
+            // With transforms: the same bytes through the image pipeline.
+            let source = |d: ArrayDataset| -> Result<(Source, Vec<i64>), DataError> {
+                let [c, h, w] = d.sample_shape[..] else {
+                    return Err(DataError::Invalid(format!("data.transforms need images; the IDX samples are {:?}", d.sample_shape)));
+                };
+                let Pixels::U8(pixels) = d.pixels else { unreachable!("IDX images are bytes") };
+                Ok((Source::Arrays { pixels, c: c as usize, h: h as usize, w: w as usize }, d.labels))
+            };
+            let classes = train.classes.max(test.classes);
+            image_splits(cfg, seed, source(train)?, source(test)?, classes)
+        }
+        DataFormat::Cifar => {
+            let dir = cfg.dir.as_deref().expect("validated: cifar has a dir");
+            let (train, test) = images::cifar::load(dir, cfg.cifar_coarse)?;
+            let classes = train.classes;
+            let arrays = |s: images::cifar::CifarSplit| (Source::Arrays { pixels: s.pixels, c: 3, h: 32, w: 32 }, s.labels);
+            image_splits(cfg, seed, arrays(train), arrays(test), classes)
+        }
+        DataFormat::ImageFolder => {
+            let dir = cfg.dir.as_deref().expect("validated: image_folder has a dir");
+            let (train_classes, train) = images::folder::scan(&dir.join("train"))?;
+            let test_dir = ["val", "test"].iter().map(|s| dir.join(s)).find(|p| p.is_dir()).ok_or_else(|| {
+                DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display()))
+            })?;
+            let (test_classes, test) = images::folder::scan(&test_dir)?;
+            // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
+            if test_classes != train_classes {
+                return Err(DataError::Invalid(format!(
+                    "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
+                    test_dir.display(),
+                    test_classes.len(),
+                    train_classes.len()
+                )));
+            }
+            tracing::info!("image folder {}: {} classes, {} train and {} test images", dir.display(), train_classes.len(), train.len(), test.len());
+            let files = |v: Vec<(PathBuf, i64)>| {
+                let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
+                (Source::Files(paths), labels)
+            };
+            image_splits(cfg, seed, files(train), files(test), train_classes.len())
         }
         DataFormat::Synthetic => {
             let s = cfg.synthetic.as_ref().expect("validated: synthetic has its section");

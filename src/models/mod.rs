@@ -5,11 +5,13 @@ mod cnn;
 pub mod generate;
 pub mod gpt;
 mod mlp;
+pub mod resnet;
 pub mod torchscript;
 
 pub use cnn::Cnn;
 pub use gpt::{Gpt, GptConfig};
 pub use mlp::Mlp;
+pub use resnet::ResNet;
 pub use torchscript::TorchScript;
 
 use crate::config::{ModelConfig, ModelName};
@@ -77,6 +79,20 @@ pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: De
             },
             device,
         )?),
+        ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => {
+            let depth = match cfg.name {
+                ModelName::Resnet18 => resnet::Depth::R18,
+                ModelName::Resnet34 => resnet::Depth::R34,
+                _ => resnet::Depth::R50,
+            };
+            let [channels, _, _] = sample_shape else {
+                return Err(TchError::Torch(format!(
+                    "model {:?} needs images (channels, height, width); the data's samples have shape {sample_shape:?}",
+                    cfg.name
+                )));
+            };
+            Box::new(ResNet::new(depth, *channels, classes as i64, cfg.small_stem, device)?)
+        }
         ModelName::Torchscript => {
             let path = cfg.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
             Box::new(TorchScript::load(path, cfg.output, device)?)

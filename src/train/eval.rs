@@ -34,13 +34,14 @@ pub fn evaluate(
     comm: &mut dyn Communicator,
     device: tch::Device,
     bf16: bool,
+    workers: usize,
 ) -> Result<EvalResult, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let indices: Vec<usize> = (rank..test.len()).step_by(world).collect();
     let mut sums: Vec<f64> = Vec::new();
     let mut samples = 0usize;
     let _guard = tch::no_grad_guard();
-    for batch in Loader::spawn(test.clone(), indices, EVAL_BATCH, 2, 0)? {
+    for batch in Loader::spawn_workers(test.clone(), indices, EVAL_BATCH, 2 * workers, 0, workers)? {
         let batch = batch?.to_device(device)?;
         let part = tch::autocast(bf16, || task.eval_sums(model, &batch))?;
         if sums.is_empty() {

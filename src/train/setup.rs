@@ -20,7 +20,7 @@ impl<'a> Trainer<'a> {
 
         // Identical config everywhere, or the replicas silently diverge.
         agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
-        let splits = data::load(&cfg.data, cfg.model.block_size)?;
+        let splits = data::load(&cfg.data, cfg.model.block_size, t.seed)?;
         agree(
             comm,
             "data (train samples, test samples, classes)",

@@ -1,0 +1,264 @@
+//! ResNet-18/34/50 as torchvision's `resnet.py` builds them: the same module names (`conv1`,
+//! `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0/1`, `fc`, BatchNorm's `running_mean`,
+//! `running_var`, `num_batches_tracked`), so a checkpoint loads into
+//! `torchvision.models.resnet18(num_classes=…)` strictly, and its initialisation: convolutions
+//! kaiming-normal (fan_out, ReLU gain), BatchNorm weight 1 and bias 0, `fc` as PyTorch's Linear.
+//! `small_stem`: the CIFAR variant (3×3 stride-1 `conv1`, no max-pool), for 28–32 px images.
+
+use super::Model;
+use tch::{Device, Kind, TchError, Tensor};
+
+/// BatchNorm's defaults in PyTorch.
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    R18,
+    R34,
+    R50,
+}
+
+impl Depth {
+    /// Blocks per stage and whether they are bottlenecks (expansion 4).
+    fn layout(self) -> ([usize; 4], bool) {
+        match self {
+            Depth::R18 => ([2, 2, 2, 2], false),
+            Depth::R34 => ([3, 4, 6, 3], false),
+            Depth::R50 => ([3, 4, 6, 3], true),
+        }
+    }
+}
+
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+}
+
+impl BatchNorm {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        if train {
+            // PyTorch's BatchNorm counts batches in training mode (momentum is fixed, so the count
+            // only travels in checkpoints).
+            let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().f_add_scalar_(1))?;
+        }
+        // In training mode libtorch updates the running statistics in place (momentum 0.1,
+        // unbiased batch variance), as PyTorch does.
+        x.f_batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            BN_MOMENTUM,
+            BN_EPS,
+            true,
+        )
+    }
+}
+
+struct Conv {
+    weight: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_conv2d(&self.weight, None::<&Tensor>, [self.stride; 2], [self.padding; 2], [1, 1], 1)
+    }
+}
+
+struct Block {
+    /// (conv, bn) pairs: two in a basic block, three in a bottleneck.
+    layers: Vec<(Conv, BatchNorm)>,
+    downsample: Option<(Conv, BatchNorm)>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let mut out = x.shallow_clone();
+        let last = self.layers.len() - 1;
+        for (i, (conv, bn)) in self.layers.iter().enumerate() {
+            out = bn.forward(&conv.forward(&out)?, train)?;
+            if i < last {
+                out = out.f_relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
+            None => x.shallow_clone(),
+        };
+        (out + identity).f_relu()
+    }
+}
+
+pub struct ResNet {
+    conv1: Conv,
+    bn1: BatchNorm,
+    max_pool: bool,
+    stages: Vec<Vec<Block>>,
+    fc: (Tensor, Tensor),
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+/// Registers parameters and buffers in torchvision's `state_dict` order while building.
+struct Builder {
+    device: Device,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+impl Builder {
+    fn param(&mut self, name: String, t: Tensor) -> Result<Tensor, TchError> {
+        let t = t.f_to_device(self.device)?.f_set_requires_grad(true)?;
+        self.params.push((name, t.shallow_clone()));
+        Ok(t)
+    }
+
+    /// kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / (out·k·k)), drawn on the
+    /// CPU so every device starts from the same values.
+    fn conv(&mut self, name: &str, cin: i64, cout: i64, k: i64, stride: i64) -> Result<Conv, TchError> {
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        let w = Tensor::f_randn([cout, cin, k, k], (Kind::Float, Device::Cpu))?.f_mul_scalar(std)?;
+        Ok(Conv { weight: self.param(format!("{name}.weight"), w)?, stride, padding: k / 2 })
+    }
+
+    fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
+        let weight = self.param(format!("{name}.weight"), Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?;
+        let bias = self.param(format!("{name}.bias"), Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?;
+        let mut buffer = |n: &str, t: Tensor| -> Result<Tensor, TchError> {
+            let t = t.f_to_device(self.device)?;
+            self.buffers.push((format!("{name}.{n}"), t.shallow_clone()));
+            Ok(t)
+        };
+        Ok(BatchNorm {
+            weight,
+            bias,
+            running_mean: buffer("running_mean", Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?,
+            running_var: buffer("running_var", Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?,
+            num_batches_tracked: buffer("num_batches_tracked", Tensor::f_zeros([], (Kind::Int64, Device::Cpu))?)?,
+        })
+    }
+}
+
+impl ResNet {
+    pub fn new(depth: Depth, in_channels: i64, classes: i64, small_stem: bool, device: Device) -> Result<ResNet, TchError> {
+        let (blocks, bottleneck) = depth.layout();
+        let expansion = if bottleneck { 4 } else { 1 };
+        let mut b = Builder { device, params: vec![], buffers: vec![] };
+        let conv1 = if small_stem { b.conv("conv1", in_channels, 64, 3, 1)? } else { b.conv("conv1", in_channels, 64, 7, 2)? };
+        let bn1 = b.bn("bn1", 64)?;
+        let mut inplanes = 64;
+        let mut stages = vec![];
+        for (s, &n) in blocks.iter().enumerate() {
+            let planes = 64 << s;
+            let mut stage = vec![];
+            for i in 0..n {
+                let stride = if s > 0 && i == 0 { 2 } else { 1 };
+                let name = format!("layer{}.{i}", s + 1);
+                // torchvision registers conv1, bn1, conv2, bn2(, conv3, bn3), then downsample.
+                let mut layers = vec![];
+                if bottleneck {
+                    layers.push((b.conv(&format!("{name}.conv1"), inplanes, planes, 1, 1)?, b.bn(&format!("{name}.bn1"), planes)?));
+                    layers.push((b.conv(&format!("{name}.conv2"), planes, planes, 3, stride)?, b.bn(&format!("{name}.bn2"), planes)?));
+                    layers.push((
+                        b.conv(&format!("{name}.conv3"), planes, planes * 4, 1, 1)?,
+                        b.bn(&format!("{name}.bn3"), planes * 4)?,
+                    ));
+                } else {
+                    layers.push((b.conv(&format!("{name}.conv1"), inplanes, planes, 3, stride)?, b.bn(&format!("{name}.bn1"), planes)?));
+                    layers.push((b.conv(&format!("{name}.conv2"), planes, planes, 3, 1)?, b.bn(&format!("{name}.bn2"), planes)?));
+                }
+                let downsample = if stride != 1 || inplanes != planes * expansion {
+                    Some((
+                        b.conv(&format!("{name}.downsample.0"), inplanes, planes * expansion, 1, stride)?,
+                        b.bn(&format!("{name}.downsample.1"), planes * expansion)?,
+                    ))
+                } else {
+                    None
+                };
+                stage.push(Block { layers, downsample });
+                inplanes = planes * expansion;
+            }
+            stages.push(stage);
+        }
+        // nn.Linear's default: weight and bias U(±1/√fan_in).
+        let fan_in = 512 * expansion;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let w = Tensor::f_empty([classes, fan_in], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
+        let bias = Tensor::f_empty([classes], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
+        let fc = (b.param("fc.weight".into(), w)?, b.param("fc.bias".into(), bias)?);
+        Ok(ResNet { conv1, bn1, max_pool: !small_stem, stages, fc, params: b.params, buffers: b.buffers })
+    }
+}
+
+impl Model for ResNet {
+    fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let mut x = self.bn1.forward(&self.conv1.forward(input)?, train)?.f_relu()?;
+        if self.max_pool {
+            x = x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
+        }
+        for stage in &self.stages {
+            for block in stage {
+                x = block.forward(&x, train)?;
+            }
+        }
+        let x = x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
+        x.f_linear(&self.fc.0, Some(&self.fc.1))
+    }
+
+    fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    fn named_buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+
+    /// Forward + backward FLOPs per image are about 3× the forward multiply-adds × 2; left to
+    /// the image throughput figures instead (no token count).
+    fn flops_per_token(&self) -> Option<f64> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchvision_names_and_sizes() {
+        let m = ResNet::new(Depth::R18, 3, 10, false, Device::Cpu).unwrap();
+        let n: usize = m.params.iter().map(|(_, p)| p.numel()).sum();
+        assert_eq!(n, 11_181_642, "torchvision's resnet18(num_classes=10)");
+        assert_eq!(m.params.len(), 62);
+        assert_eq!(m.buffers.len(), 60);
+        let names: Vec<&str> = m.params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(&names[..4], &["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.conv1.weight"]);
+        assert!(names.contains(&"layer2.0.downsample.0.weight") && names.contains(&"layer2.0.downsample.1.bias"));
+        assert!(!names.contains(&"layer1.0.downsample.0.weight"));
+        let m50 = ResNet::new(Depth::R50, 3, 1000, false, Device::Cpu).unwrap();
+        assert_eq!(m50.params.iter().map(|(_, p)| p.numel()).sum::<usize>(), 25_557_032, "torchvision's resnet50");
+        let m34 = ResNet::new(Depth::R34, 3, 1000, false, Device::Cpu).unwrap();
+        assert_eq!(m34.params.iter().map(|(_, p)| p.numel()).sum::<usize>(), 21_797_672, "torchvision's resnet34");
+    }
+
+    #[test]
+    fn batchnorm_updates_its_statistics_in_training_only() {
+        let m = ResNet::new(Depth::R18, 1, 10, true, Device::Cpu).unwrap();
+        let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let before = m.buffers[0].1.copy();
+        let y = m.forward_t(&x, false).unwrap();
+        assert_eq!(y.size(), [4, 10]);
+        assert!(m.buffers[0].1.equal(&before), "eval mode changed running_mean");
+        m.forward_t(&x, true).unwrap();
+        assert!(!m.buffers[0].1.equal(&before), "train mode left running_mean");
+        assert_eq!(m.buffers[2].0, "bn1.num_batches_tracked");
+        assert_eq!(m.buffers[2].1.int64_value(&[]), 1);
+    }
+}
