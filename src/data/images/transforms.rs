@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// `- random_crop: {size: 32, padding: 4}`, `- random_horizontal_flip: 0.5`,
 /// `- normalize: {mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "Spec", into = "Spec")]
 pub enum Transform {
     /// The shorter side to this many pixels, keeping the aspect ratio (torchvision's
     /// `Resize(int)`); bilinear with antialiasing when shrinking.
@@ -18,15 +18,84 @@ pub enum Transform {
     /// The central size × size pixels (zero-padded where the image is smaller).
     CenterCrop(u32),
     /// Zero-pad every side by `padding`, then a random size × size window.
-    RandomCrop {
-        size: u32,
-        #[serde(default)]
-        padding: u32,
-    },
+    RandomCrop { size: u32, padding: u32 },
     /// Mirror left–right with this probability.
     RandomHorizontalFlip(f64),
     /// After scaling to [0, 1]: (x − mean[c]) / std[c]; one value applies to every channel.
     Normalize { mean: Vec<f32>, std: Vec<f32> },
+}
+
+/// A transform as written in YAML: a map with exactly one of these keys. (serde_yaml reads an
+/// enum from a parsed tree only as a `!tag`, so the one-key map goes through this struct.)
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resize: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    center_crop: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    random_crop: Option<CropSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    random_horizontal_flip: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    normalize: Option<NormalizeSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct CropSpec {
+    size: u32,
+    #[serde(default)]
+    padding: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct NormalizeSpec {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl TryFrom<Spec> for Transform {
+    type Error = String;
+    fn try_from(s: Spec) -> Result<Transform, String> {
+        let mut found = vec![];
+        if let Some(n) = s.resize {
+            found.push(Transform::Resize(n));
+        }
+        if let Some(n) = s.center_crop {
+            found.push(Transform::CenterCrop(n));
+        }
+        if let Some(c) = s.random_crop {
+            found.push(Transform::RandomCrop { size: c.size, padding: c.padding });
+        }
+        if let Some(p) = s.random_horizontal_flip {
+            found.push(Transform::RandomHorizontalFlip(p));
+        }
+        if let Some(n) = s.normalize {
+            found.push(Transform::Normalize { mean: n.mean, std: n.std });
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err("a transform needs one of resize, center_crop, random_crop, random_horizontal_flip, normalize".into()),
+            _ => Err("one transform per list item: {resize: 36}, then {center_crop: 32}, …".into()),
+        }
+    }
+}
+
+impl From<Transform> for Spec {
+    fn from(t: Transform) -> Spec {
+        let mut s = Spec::default();
+        match t {
+            Transform::Resize(n) => s.resize = Some(n),
+            Transform::CenterCrop(n) => s.center_crop = Some(n),
+            Transform::RandomCrop { size, padding } => s.random_crop = Some(CropSpec { size, padding }),
+            Transform::RandomHorizontalFlip(p) => s.random_horizontal_flip = Some(p),
+            Transform::Normalize { mean, std } => s.normalize = Some(NormalizeSpec { mean, std }),
+        }
+        s
+    }
 }
 
 /// An 8-bit image, channels × height × width.

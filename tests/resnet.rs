@@ -1,0 +1,229 @@
+//! ResNet with BatchNorm on image data, with real worker processes: CIFAR binaries made here,
+//! augmentation, identical replicas (buffers included), exact resume, loader workers that change
+//! no bits, torchvision loading the checkpoint and agreeing on the logits, and ImageFolder trees
+//! of generated JPEG and PNG files with a corrupt one.
+
+mod common;
+use common::*;
+use ringtrain::models::resnet::{Depth, ResNet};
+use ringtrain::models::Model;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tch::Tensor;
+
+/// CIFAR-10 files with `per_file` records each: the label is which colour plane is brightest
+/// (0–2, of 10 classes), so a model can learn something in a few steps.
+fn write_cifar(dir: &Path, per_file: usize) -> PathBuf {
+    let d = dir.join("cifar");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut x: u64 = 11;
+    let mut file = |name: &str| {
+        let mut bytes = vec![];
+        for _ in 0..per_file {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let label = ((x >> 33) % 3) as u8;
+            bytes.push(label);
+            for plane in 0..3u8 {
+                for i in 0..1024u64 {
+                    let noise = ((x >> 20).wrapping_add(i * 2654435761) % 64) as u8;
+                    bytes.push(if plane == label { 150 + noise } else { 40 + noise });
+                }
+            }
+        }
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    for i in 1..=5 {
+        file(&format!("data_batch_{i}.bin"));
+    }
+    file("test_batch.bin");
+    d
+}
+
+const AUGMENT: &str = "transforms:
+    train: [{random_crop: {size: 32, padding: 4}}, {random_horizontal_flip: 0.5}, {normalize: {mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}}]
+    test: [{normalize: {mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}}]";
+
+fn cifar_job(data: &Path, extra: &str) -> String {
+    format!(
+        "model: {{name: resnet18, small_stem: true}}
+data:
+  format: cifar
+  dir: {}
+  {AUGMENT}
+train: {{max_steps: 8, batch_size: 8, seed: 5, log_every_steps: 2, eval: false}}
+optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}
+checkpoint: {{every_steps: 3}}
+comm: {{timeout_secs: 60}}
+{extra}",
+        data.display()
+    )
+}
+
+fn go(cfg: &Path, run_dir: &Path, args: &[&str]) -> Output {
+    let mut c = ringrun(2, cfg, run_dir, args);
+    c.env("OMP_NUM_THREADS", "1");
+    let out = run(c, Duration::from_secs(300));
+    out.assert_success();
+    out
+}
+
+#[test]
+fn replicas_and_buffers_agree_resume_with_augmentation_is_exact_and_workers_change_no_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_cifar(dir.path(), 16);
+    let cfg = write_config(dir.path(), "job.yaml", &cifar_job(&data, ""));
+    let whole = dir.path().join("whole");
+    let out = go(&cfg, &whole, &["--set", "data.workers=2"]);
+    assert!(out.stderr.contains("62 tensors, 11173962 parameters, 60 buffer(s)"), "{}", out.report());
+    let hashes = rank_hashes(&whole, 2);
+    assert_eq!(hashes[0], hashes[1], "replicas or BatchNorm buffers differ");
+    let names: Vec<String> = load_params(&whole).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"layer4.1.bn2.running_var".to_string()) && names.contains(&"bn1.num_batches_tracked".to_string()));
+
+    // One loader thread: the same batches, the same bits.
+    let one = dir.path().join("one");
+    go(&cfg, &one, &["--set", "data.workers=1"]);
+    assert_eq!(rank_hashes(&one, 2), hashes);
+
+    // Stopped at step 3 and resumed: the augmented samples are the same, so are the bits.
+    let stopped = dir.path().join("stopped");
+    go(&cfg, &stopped, &["--set", "train.max_steps=3", "--set", "data.workers=2"]);
+    let out = go(&cfg, &stopped, &["--resume", "auto", "--set", "data.workers=2"]);
+    assert!(out.stderr.contains("global step 3"), "{}", out.report());
+    assert_eq!(rank_hashes(&stopped, 2), hashes);
+
+    // Without augmentation the run differs: the transforms were applied.
+    let plain = write_config(dir.path(), "plain.yaml", &cifar_job(&data, "").replace("random_crop: {size: 32, padding: 4}", "center_crop: 32"));
+    let p = dir.path().join("plain");
+    go(&plain, &p, &[]);
+    assert_ne!(rank_hash(&p, 0), hashes[0]);
+}
+
+#[test]
+fn the_checkpoint_loads_into_torchvision_with_the_same_logits() {
+    let Some(py) = python_with_torch("resnet") else { return };
+    if !Command::new(&py).args(["-c", "import torchvision"]).output().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED the_checkpoint_loads_into_torchvision_with_the_same_logits: no torchvision (scripts/setup.sh --python)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_cifar(dir.path(), 8);
+    let cfg = write_config(dir.path(), "job.yaml", &cifar_job(&data, "").replace("max_steps: 8", "max_steps: 3"));
+    let run_dir = dir.path().join("run");
+    go(&cfg, &run_dir, &[]);
+    let weights = run_dir.join("model.safetensors");
+    let out = dir.path().join("reference.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference/resnet_reference.py");
+    let mut c = Command::new(&py);
+    c.arg(&script).args(["check"]).arg(&weights).arg(&out).args(["--small-stem", "--classes", "10", "--channels", "3"]);
+    let o = run(c, Duration::from_secs(120));
+    o.assert_success();
+    assert!(o.stdout.contains("ok 122"), "strict load: {}", o.report());
+
+    // The same weights in ringtrain's ResNet: the same eval logits, and after one training-mode
+    // forward the same logits and BatchNorm statistics.
+    let reference = Tensor::read_safetensors(&out).unwrap();
+    let get = |n: &str| reference.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let m = ResNet::new(Depth::R18, 3, 10, true, tch::Device::Cpu).unwrap();
+    let state: Vec<(String, Tensor)> = m.named_parameters().iter().chain(m.named_buffers()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let loaded = Tensor::read_safetensors(&weights).unwrap();
+    tch::no_grad(|| ringtrain::checkpoint::copy_into(&state, &loaded, &weights)).unwrap();
+    let rel = |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-12);
+    let x = get("x");
+    let eval = tch::no_grad(|| m.forward_t(&x, false)).unwrap();
+    assert!(rel(&eval, &get("eval")) < 1e-5, "eval logits differ: {}", rel(&eval, &get("eval")));
+    let train = tch::no_grad(|| m.forward_t(&x, true)).unwrap();
+    assert!(rel(&train, &get("train")) < 1e-5, "train logits differ: {}", rel(&train, &get("train")));
+    let buffer = |n: &str| m.named_buffers().iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    assert!(rel(&buffer("bn1.running_mean"), &get("bn1.running_mean")) < 1e-5);
+    assert!(rel(&buffer("bn1.running_var"), &get("bn1.running_var")) < 1e-5);
+    assert_eq!(buffer("bn1.num_batches_tracked").int64_value(&[]), get("bn1.num_batches_tracked").int64_value(&[]));
+    assert_eq!(buffer("bn1.num_batches_tracked").int64_value(&[]), 3 + 1, "3 training steps, then one forward here");
+}
+
+/// train/ and val/ with three classes of JPEG and PNG images of two sizes.
+fn write_folder(dir: &Path) -> PathBuf {
+    let root = dir.join("images");
+    for (split, n) in [("train", 12), ("val", 4)] {
+        for (k, class) in ["cat", "dog", "frog"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let (w, h) = if i % 2 == 0 { (40, 36) } else { (48, 48) };
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let mut px = [30u8, 30, 30];
+                    px[k] = 160 + ((x * 7 + y * 3 + i) % 60) as u8;
+                    image::Rgb(px)
+                });
+                let ext = if i % 3 == 0 { "png" } else { "jpg" };
+                img.save(d.join(format!("{i:03}.{ext}"))).unwrap();
+            }
+        }
+    }
+    root
+}
+
+fn folder_job(root: &Path) -> String {
+    format!(
+        "model: {{name: mlp, hidden: [32]}}
+data:
+  format: image_folder
+  dir: {}
+  workers: 2
+  transforms:
+    train: [{{resize: 36}}, {{random_crop: {{size: 32}}}}, {{random_horizontal_flip: 0.5}}, {{normalize: {{mean: [0.5], std: [0.25]}}}}]
+    test: [{{resize: 36}}, {{center_crop: 32}}, {{normalize: {{mean: [0.5], std: [0.25]}}}}]
+train: {{epochs: 2, batch_size: 4, seed: 1, log_every_steps: 2}}
+optimizer: {{name: sgd, lr: 0.05, momentum: 0.9}}
+comm: {{timeout_secs: 60}}",
+        root.display()
+    )
+}
+
+fn epoch_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "epoch")
+        .collect()
+}
+
+#[test]
+fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = write_folder(dir.path());
+    let cfg = write_config(dir.path(), "job.yaml", &folder_job(&root));
+    let out = go(&cfg, &dir.path().join("ok"), &[]);
+    assert!(out.stderr.contains("3 classes, 36 train and 12 test images"), "{}", out.report());
+    let epochs = epoch_lines(&dir.path().join("ok"));
+    assert!(epochs.last().unwrap()["test_acc"].as_f64().unwrap() > 0.5, "{epochs:?}");
+
+    // A corrupt JPEG: an error naming it, by default…
+    std::fs::write(root.join("train/dog/007.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let mut c = ringrun(2, &cfg, &dir.path().join("bad"), &[]);
+    c.env("OMP_NUM_THREADS", "1");
+    let bad = run(c, Duration::from_secs(120));
+    bad.assert_failure();
+    let line = bad.stderr.lines().find(|l| l.contains("007.jpg")).unwrap_or_else(|| panic!("{}", bad.report()));
+    assert!(line.contains("unreadable image") && line.contains("corrupt_images: skip"), "{line}");
+    assert!(!dir.path().join("bad/model.safetensors").exists());
+
+    // …or left out with its label, counted and reported.
+    let skip = dir.path().join("skip");
+    let out = go(&cfg, &skip, &["--set", "data.corrupt_images=skip"]);
+    assert!(out.stderr.contains("unreadable image(s) skipped so far") && out.stderr.contains("007.jpg"), "{}", out.report());
+    let epochs = epoch_lines(&skip);
+    assert_eq!(epochs[0]["skipped_images"], 1, "one bad file, read once in epoch 0: {epochs:?}");
+    assert_eq!(epochs[1]["skipped_images"], 2, "and again in epoch 1: {epochs:?}");
+
+    // Different class folders in val/: the class numbers would not match.
+    std::fs::create_dir_all(root.join("val/zebra")).unwrap();
+    image::RgbImage::new(40, 36).save(root.join("val/zebra/0.png")).unwrap();
+    let mut c = ringrun(1, &cfg, &dir.path().join("mismatch"), &[]);
+    c.env("OMP_NUM_THREADS", "1");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("class folders differ from train/'s (4 vs 3)"), "{}", out.report());
+}
