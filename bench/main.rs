@@ -1,6 +1,8 @@
 //! `ringbench`: collective benchmarks, run under ringrun or mpirun like the worker:
 //!   ringrun --nproc-per-node 2 ringbench allreduce --backend ring
 //!   mpirun -np 2 ringbench allreduce --backend mpi
+//! and the data loader alone (one process): decode + transform throughput of a config's train split
+//!   ringbench loader --config configs/fashion_mnist_resnet18.yaml --workers 1,2
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,10 +38,56 @@ enum Bench {
         #[arg(long, default_value = "shm")]
         local_transport: String,
     },
+    /// Images/s of the loader alone (decode and transforms, no model) over a config's train split.
+    Loader {
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Loader thread counts to measure, comma-separated.
+        #[arg(long, default_value = "1,2")]
+        workers: String,
+        /// Stop after this many batches (0: the whole split).
+        #[arg(long, default_value_t = 0)]
+        batches: usize,
+        /// Config overrides, as ringtrain's --set.
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+    },
 }
 
 fn try_main() -> Result<()> {
-    let Args { bench: Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport } } = Args::parse();
+    match Args::parse().bench {
+        Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport } => {
+            allreduce(sizes, backend, iters, timeout_secs, device, local_transport)
+        }
+        Bench::Loader { config, workers, batches, overrides } => loader(&config, &workers, batches, &overrides),
+    }
+}
+
+/// One line per thread count: images/s through `Loader` (batches in sampler order, epoch 0).
+fn loader(config: &std::path::Path, workers: &str, batches: usize, overrides: &[String]) -> Result<()> {
+    let cfg = ringtrain::config::Config::load(config, overrides)?;
+    let splits = ringtrain::data::load(&cfg.data, cfg.model.block_size, cfg.train.seed)?;
+    let n = splits.train.len();
+    let indices = ringtrain::data::DistributedSampler::new(n, 1, 0, true, cfg.train.seed, false).indices();
+    println!("# loader: {n} train samples of {:?}, batch {}, prefetch {}", splits.sample_shape, cfg.train.batch_size, cfg.data.prefetch_batches);
+    for w in workers.split(',') {
+        let w: usize = w.trim().parse().map_err(|_| anyhow::anyhow!("--workers {workers}: expected numbers like 1,2"))?;
+        let start = std::time::Instant::now();
+        let mut images = 0usize;
+        let loader = ringtrain::data::Loader::spawn_workers(splits.train.clone(), indices.clone(), cfg.train.batch_size, cfg.data.prefetch_batches, 0, w)?;
+        for (k, b) in loader.enumerate() {
+            images += b?.len;
+            if batches > 0 && k + 1 == batches {
+                break;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!("ringtrain loader workers={w} images={images} seconds={secs:.2} images_per_s={:.0}", images as f64 / secs);
+    }
+    Ok(())
+}
+
+fn allreduce(sizes: String, backend: String, iters: usize, timeout_secs: u64, device: String, local_transport: String) -> Result<()> {
     let device = match device.as_str() {
         "cpu" => ringtrain::config::DeviceChoice::Cpu,
         "cuda" => ringtrain::config::DeviceChoice::Cuda,

@@ -47,9 +47,19 @@ class WideMlp(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+def resnet18_small():
+    """torchvision's resnet18 with the small-image stem and 1 input channel (ringtrain's
+    `model: {name: resnet18, small_stem: true}` on Fashion-MNIST)."""
+    import torchvision
+    m = torchvision.models.resnet18(num_classes=10)
+    m.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=["cnn", "wide_mlp"], default="cnn")
+    p.add_argument("--model", choices=["cnn", "wide_mlp", "resnet18"], default="cnn")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=0)
@@ -73,7 +83,7 @@ def main():
     train = TensorDataset(x, y)
     sampler = DistributedSampler(train, seed=a.seed)
     loader = DataLoader(train, batch_size=a.batch_size, sampler=sampler)
-    model = (Cnn() if a.model == "cnn" else WideMlp()).to(dev)
+    model = (Cnn() if a.model == "cnn" else WideMlp() if a.model == "wide_mlp" else resnet18_small()).to(dev)
     model = DDP(model, device_ids=[dev.index] if a.device == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
     steps, samples, t0 = 0, 0, time.perf_counter()

@@ -4,6 +4,7 @@
 //! sample index), so a sample looks the same in a resumed or restarted run, on any rank, whichever
 //! loader thread makes it.
 
+use fast_image_resize as fr;
 use serde::{Deserialize, Serialize};
 
 /// One step of a pipeline, as YAML: `- resize: 36`, `- center_crop: 32`,
@@ -241,24 +242,27 @@ fn flip(img: &mut Img) {
 }
 
 /// Shorter side to `size`, as torchvision's Resize(int): the longer side scaled by the same
-/// factor, truncated. Triangle (bilinear) filtering, with its support widened when shrinking
-/// (antialiasing, as PIL's and torchvision's default).
+/// factor, truncated. Bilinear convolution, its support widened when shrinking (antialiasing, as
+/// PIL's and torchvision's default). A size of 0 on either side (a sliver image) stays 1 pixel.
 fn resize(img: &Img, size: usize) -> Img {
     let (h, w) = if img.h <= img.w {
-        (size, (size as f64 * img.w as f64 / img.h as f64) as usize)
+        (size, ((size as f64 * img.w as f64 / img.h as f64) as usize).max(1))
     } else {
-        ((size as f64 * img.h as f64 / img.w as f64) as usize, size)
+        (((size as f64 * img.h as f64 / img.w as f64) as usize).max(1), size)
     };
     if (h, w) == (img.h, img.w) {
         return img.clone();
     }
     let plane = img.h * img.w;
     let mut data = Vec::with_capacity(img.c * h * w);
+    let mut resizer = fr::Resizer::new();
+    let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
     for c in 0..img.c {
-        let buf: image::GrayImage = image::ImageBuffer::from_raw(img.w as u32, img.h as u32, img.data[c * plane..(c + 1) * plane].to_vec())
-            .expect("the plane holds h × w bytes");
-        let r = image::imageops::resize(&buf, w as u32, h as u32, image::imageops::FilterType::Triangle);
-        data.extend_from_slice(r.as_raw());
+        let src = fr::images::ImageRef::new(img.w as u32, img.h as u32, &img.data[c * plane..(c + 1) * plane], fr::PixelType::U8)
+            .expect("a plane holds h × w bytes");
+        let mut dst = fr::images::Image::new(w as u32, h as u32, fr::PixelType::U8);
+        resizer.resize(&src, &mut dst, &options).expect("same pixel type, non-empty sizes");
+        data.extend_from_slice(dst.buffer());
     }
     Img { c: img.c, h, w, data }
 }
