@@ -124,6 +124,7 @@ fn allreduce(sizes: String, backend: String, iters: usize, timeout_secs: u64, de
 }
 
 fn main() -> ExitCode {
+    ringtrain::internal::one_line_panics("ringbench");
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -195,6 +195,7 @@ fn try_main() -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    ringtrain::internal::one_line_panics("ringrun");
     match try_main() {
         Ok(code) => code,
         Err(e) => {

@@ -150,3 +150,17 @@ fn a_rank_that_never_starts_is_named_by_the_one_that_did() {
     assert!(!line.contains("ring/addr"), "a store key instead of the rank: {line}");
     assert_eq!(line.matches("did not join").count(), 1, "{line}");
 }
+
+#[test]
+fn a_libtorch_error_inside_a_panicking_call_is_one_line_naming_the_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
+    let mut c = ringrun(2, &cfg, &dir.path().join("run"), &["--set", "train.max_steps=5"]);
+    c.env("RINGTRAIN_FAULT", "rank=1,step=2,action=panic").env_remove("RUST_BACKTRACE");
+    let out = run(c, Duration::from_secs(60));
+    out.assert_failure();
+    let line = out.stderr.lines().find(|l| l.contains("internal error")).unwrap_or_else(|| panic!("{}", out.report()));
+    assert!(line.contains("ringtrain: error: rank 1: internal error at src/internal/fault.rs"), "{line}");
+    assert!(line.contains("CUDA out of memory. Tried to allocate 2.00 GiB") && !line.contains("Exception raised"), "{line}");
+    assert!(!out.stderr.contains("frame #0") && !out.stderr.contains("note: run with `RUST_BACKTRACE=1`"), "{}", out.report());
+}

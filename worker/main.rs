@@ -134,6 +134,7 @@ fn tool(t: Tool) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    ringtrain::internal::one_line_panics("ringtrain");
     let mut args = Args::parse();
     let result = match args.tool.take() {
         Some(t) => tool(t),

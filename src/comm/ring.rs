@@ -303,7 +303,8 @@ impl Communicator for RingComm {
             if received.is_err() {
                 self.poison();
             }
-            let sent = sender.join().expect("ring sender thread panicked");
+            // A panic in the sender thread becomes an error naming the rank and the operation.
+            let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("the ring's sender thread panicked")));
             match (received, sent) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Err(io)) => Err(self.io_error(Op::AllReduce, seq, next, io)),
@@ -406,7 +407,7 @@ impl RingComm {
             if received.is_err() {
                 self.poison();
             }
-            let sent = sender.join().expect("ring sender thread panicked");
+            let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("the ring's sender thread panicked")));
             match (received, sent) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),

@@ -1,5 +1,6 @@
 //! Test-only fault injection, so tests can make a real worker fail at a chosen point:
-//! `RINGTRAIN_FAULT="rank=1,step=5,action=exit:3"` (or `action=hang`, `action=abort`, `action=kill`).
+//! `RINGTRAIN_FAULT="rank=1,step=5,action=exit:3"` (or `action=hang`, `action=abort`, `action=kill`,
+//! `action=panic`: a libtorch error inside a panicking tch call, as CUDA running out of memory is).
 //! The step is the global step about to run (0-based).
 
 use std::time::Duration;
@@ -11,6 +12,8 @@ pub enum FaultAction {
     Abort,
     /// SIGKILL to itself: as `kill -9` from outside, no cleanup at all.
     Kill,
+    /// A panic worded as tch's for a libtorch error.
+    Panic,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -29,7 +32,7 @@ impl Fault {
     }
 
     pub fn parse(s: &str) -> Result<Fault, String> {
-        let err = |m: &str| format!("RINGTRAIN_FAULT={s:?}: {m} (expected rank=R,step=S,action=exit:C|hang|abort|kill)");
+        let err = |m: &str| format!("RINGTRAIN_FAULT={s:?}: {m} (expected rank=R,step=S,action=exit:C|hang|abort|kill|panic)");
         let (mut rank, mut step, mut action) = (None, None, None);
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| err("missing '='"))?;
@@ -41,6 +44,7 @@ impl Fault {
                         "hang" => FaultAction::Hang,
                         "abort" => FaultAction::Abort,
                         "kill" => FaultAction::Kill,
+                        "panic" => FaultAction::Panic,
                         _ => match v.strip_prefix("exit:") {
                             Some(c) => FaultAction::Exit(c.parse().map_err(|_| err("bad exit code"))?),
                             None => return Err(err("unknown action")),
@@ -66,6 +70,10 @@ impl Fault {
         match self.action {
             FaultAction::Exit(code) => std::process::exit(code),
             FaultAction::Abort => std::process::abort(),
+            // The shape of a tch panic: its Torch error's text, C++ backtrace lines after the first.
+            FaultAction::Panic => panic!(
+                "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB\\nException raised from malloc at CUDACachingAllocator.cpp (most recent call first):\")\nframe #0: c10::Error::Error"
+            ),
             FaultAction::Kill => {
                 // SAFETY: signalling our own pid.
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

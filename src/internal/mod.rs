@@ -35,6 +35,33 @@ pub fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
+/// A panic (a bug, or a libtorch error inside a tch call that panics, such as CUDA running out
+/// of memory) prints one line naming the program, the rank and where, instead of Rust's
+/// multi-line report; `RUST_BACKTRACE=1` adds the usual report with the backtrace.
+pub fn one_line_panics(program: &'static str) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
+        // libtorch's messages carry a C++ backtrace after the first line; tch's panics quote them
+        // with Debug, so that line break is a literal \n.
+        let first = msg.as_deref().and_then(|m| m.lines().find(|l| !l.trim().is_empty())).unwrap_or("(no message)");
+        let first = first.split("\\n").next().unwrap_or(first);
+        let first = first.strip_prefix("called `Result::unwrap()` on an `Err` value: ").unwrap_or(first);
+        let rank = std::env::var("RANK").or_else(|_| std::env::var("OMPI_COMM_WORLD_RANK")).or_else(|_| std::env::var("SLURM_PROCID"));
+        let thread = std::thread::current().name().map(|n| format!(" (thread {n})")).unwrap_or_default();
+        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!(
+            "{program}: error: rank {}: internal error{place}{thread}: {first} (a bug or an unhandled libtorch error; \
+             RUST_BACKTRACE=1 for the backtrace)",
+            rank.as_deref().unwrap_or("?")
+        );
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            default(info);
+        }
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -29,7 +29,7 @@ pub struct RemoteFailure {
 
 impl RemoteFailure {
     pub fn get(&self) -> Option<String> {
-        self.reason.lock().unwrap().clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     /// Ends the watcher thread.
     pub fn stop_watching(&self) {
@@ -91,20 +91,20 @@ impl NodeCoordinator {
             let store = match TcpStore::connect(&addr, &token, Duration::from_secs(10)) {
                 Ok(s) => s,
                 Err(e) => {
-                    *flag.reason.lock().unwrap() = Some(format!("lost contact with the job's store on node 0: {e}"));
+                    *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("lost contact with the job's store on node 0: {e}"));
                     return;
                 }
             };
             while !flag.stop.load(Ordering::Relaxed) {
                 match store.get(&key(gen, "failed"), Duration::from_millis(500)) {
                     Ok(v) => {
-                        *flag.reason.lock().unwrap() = Some(String::from_utf8_lossy(&v).into_owned());
+                        *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(String::from_utf8_lossy(&v).into_owned());
                         return;
                     }
                     Err(StoreError::Timeout { .. }) => {}
                     Err(e) => {
                         if !flag.stop.load(Ordering::Relaxed) {
-                            *flag.reason.lock().unwrap() = Some(format!("lost contact with the job's store on node 0: {e}"));
+                            *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("lost contact with the job's store on node 0: {e}"));
                         }
                         return;
                     }

@@ -118,7 +118,7 @@ fn pump(src: impl Read + Send + 'static, rank: usize, to_stderr: bool, log: Opti
             let prefix = format!("[rank{rank}] ");
             super::status::print(to_stderr, prefix.as_bytes(), &line);
             if let Some(f) = &log {
-                let _ = f.lock().unwrap().write_all(&line);
+                let _ = f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line);
             }
         }
     })

@@ -19,7 +19,7 @@ impl MemoryStore {
     /// Waits until all keys exist; on timeout returns the ones still missing.
     fn wait_for(&self, keys: &[String], timeout: Duration) -> Result<(), StoreError> {
         let deadline = Instant::now() + timeout;
-        let mut map = self.map.lock().unwrap();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let missing: Vec<String> = keys.iter().filter(|k| !map.contains_key(*k)).cloned().collect();
             if missing.is_empty() {
@@ -29,25 +29,25 @@ impl MemoryStore {
             if now >= deadline {
                 return Err(StoreError::Timeout { keys: missing, secs: timeout.as_secs_f64() });
             }
-            map = self.changed.wait_timeout(map, deadline - now).unwrap().0;
+            map = self.changed.wait_timeout(map, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
 
 impl Store for MemoryStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.map.lock().unwrap().insert(key.to_string(), value.to_vec());
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), value.to_vec());
         self.changed.notify_all();
         Ok(())
     }
 
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>, StoreError> {
         self.wait_for(&[key.to_string()], timeout)?;
-        Ok(self.map.lock().unwrap()[key].clone())
+        Ok(self.map.lock().unwrap_or_else(|p| p.into_inner())[key].clone())
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
-        let mut map = self.map.lock().unwrap();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let current = map.get(key).and_then(|v| std::str::from_utf8(v).ok()).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
         let next = current + delta;
         map.insert(key.to_string(), next.to_string().into_bytes());

@@ -47,7 +47,7 @@ impl TcpStoreServer {
                     let _ = std::thread::Builder::new().name("store-conn".into()).spawn(move || serve_connection(conn, &table, &token));
                 }
             })
-            .expect("spawning a thread");
+            .map_err(|source| StoreError::Bind { addr: format!("{addr} (starting its accept thread)"), source })?;
         Ok(Self { addr: local })
     }
 
@@ -61,7 +61,11 @@ fn serve_connection(conn: TcpStream, table: &MemoryStore, token: &str) {
     let _ = conn.set_nodelay(true);
     // A client that connects and says nothing must not pin a thread forever.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut r = BufReader::new(conn.try_clone().expect("cloning a socket"));
+    let Ok(reader) = conn.try_clone() else {
+        tracing::warn!("store: dropped a connection from {peer}: its socket could not be cloned");
+        return;
+    };
+    let mut r = BufReader::new(reader);
     let mut w = BufWriter::new(conn);
     let hello = (|| -> std::io::Result<bool> {
         if read_u64(&mut r)? != HELLO_MAGIC {
@@ -206,7 +210,7 @@ impl TcpStore {
         wait: Duration,
         f: impl FnOnce(&mut BufReader<TcpStream>, &mut BufWriter<TcpStream>) -> std::io::Result<T>,
     ) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().unwrap();
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let (r, w) = &mut *guard;
         r.get_ref().set_read_timeout(Some(wait + REPLY_SLACK)).map_err(|source| StoreError::Io { addr: self.addr.clone(), op, source })?;
         f(r, w).map_err(|source| StoreError::Io { addr: self.addr.clone(), op, source })

@@ -97,7 +97,7 @@ impl MpiComm {
             .name("mpi-watchdog".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(100));
-                if let Some((op, seq, since)) = *watched.lock().unwrap() {
+                if let Some((op, seq, since)) = *watched.lock().unwrap_or_else(|p| p.into_inner()) {
                     if since.elapsed() > timeout {
                         eprintln!(
                             "ringtrain: error: rank {rank}: MPI {op} #{seq} did not complete within {:.0}s: another rank did not \
@@ -116,9 +116,9 @@ impl MpiComm {
     /// Runs one MPI call under the watchdog.
     fn watched(&mut self, op: Op, f: impl FnOnce() -> c_int) -> Result<(), CommError> {
         self.seq += 1;
-        *self.in_flight.lock().unwrap() = Some((op, self.seq, Instant::now()));
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = Some((op, self.seq, Instant::now()));
         let code = f();
-        *self.in_flight.lock().unwrap() = None;
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = None;
         check(code, self.rt.rank, op)
     }
 }
