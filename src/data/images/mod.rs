@@ -54,6 +54,8 @@ impl ImageSet {
         let img = match self.image(i) {
             Ok(img) => img,
             Err((path, why)) => {
+                // One line: decoders' messages may span several.
+                let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
                 let what = format!("{}: unreadable image (sample {i}): {why}", path.display());
                 return match self.corrupt {
                     CorruptImages::Error => Err(DataError::Invalid(format!("{what} (data.corrupt_images: skip would skip it)"))),
