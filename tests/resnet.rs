@@ -227,3 +227,52 @@ fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
     out.assert_failure();
     assert!(out.stderr.contains("class folders differ from train/'s (4 vs 3)"), "{}", out.report());
 }
+
+/// The deterministic part of a pipeline against torchvision's on the same files: PNG decoding is
+/// exact, so only the resize differs (both are antialiased bilinear convolutions); JPEG decoders
+/// may differ by a level or so per pixel.
+#[test]
+fn transforms_match_torchvision_on_the_same_images() {
+    let Some(py) = python_with_torch("resnet") else { return };
+    if !Command::new(&py).args(["-c", "import torchvision"]).output().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED transforms_match_torchvision_on_the_same_images: no torchvision");
+        return;
+    }
+    use ringtrain::data::images::transforms::Transform;
+    use ringtrain::data::images::{ImageSet, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let root = write_folder(dir.path());
+    let files: Vec<PathBuf> = ["train/cat/000.png", "train/dog/001.jpg", "train/frog/003.png", "train/cat/005.jpg"].iter().map(|f| root.join(f)).collect();
+    let pipeline = vec![
+        Transform::Resize(20),
+        Transform::CenterCrop(18),
+        Transform::Normalize { mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225] },
+    ];
+    let set = ImageSet::new(Source::Files(files.clone()), vec![0; files.len()], 1, pipeline, 0, ringtrain::config::CorruptImages::Error);
+    let out = dir.path().join("tv.safetensors");
+    let script = format!(
+        "import torch\nfrom PIL import Image\nfrom torchvision import transforms as T\nfrom safetensors.torch import save_file\n\
+         t = T.Compose([T.Resize(20), T.CenterCrop(18), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])\n\
+         files = {:?}\n\
+         save_file({{f'x{{i}}': t(Image.open(f).convert('RGB')).contiguous() for i, f in enumerate(files)}}, '{}')",
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        out.display()
+    );
+    let mut c = Command::new(&py);
+    c.args(["-c", &script]);
+    run(c, Duration::from_secs(120)).assert_success();
+    let reference = Tensor::read_safetensors(&out).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let (values, [c, h, w]) = set.sample(i, 0).unwrap().unwrap();
+        assert_eq!([c, h, w], [3, 18, 18]);
+        let ours = Tensor::from_slice(&values).view([3, 18, 18]);
+        let theirs = &reference.iter().find(|(k, _)| k == &format!("x{i}")).unwrap().1;
+        assert_eq!(theirs.size(), [3, 18, 18]);
+        // In 8-bit levels: |Δ| × std × 255.
+        let diff = (&ours - theirs).abs() * Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]) * 255.0;
+        let (max, mean) = (diff.max().double_value(&[]), diff.mean(tch::Kind::Float).double_value(&[]));
+        eprintln!("{}: max {max:.2}, mean {mean:.3} levels from torchvision", f.display());
+        let png = f.extension().unwrap() == "png";
+        assert!(mean < if png { 0.2 } else { 0.5 } && max < if png { 1.01 } else { 3.0 }, "{}: max {max}, mean {mean}", f.display());
+    }
+}
