@@ -27,7 +27,15 @@ struct Header {
     head_seq: AtomicU32,
     tail_seq: AtomicU32,
     closed: AtomicU32,
+    /// Sleepers on head_seq / tail_seq: a publish makes the futex_wake syscall only when the
+    /// other side is asleep, not on every write and read.
+    head_sleepers: AtomicU32,
+    tail_sleepers: AtomicU32,
 }
+
+/// How long a waiter spins before sleeping: the peer usually answers within microseconds when it
+/// has a core, and a futex sleep and wake-up cost ~10 µs of latency.
+const SPIN: Duration = Duration::from_micros(30);
 
 struct Segment {
     base: *mut u8,
@@ -139,10 +147,10 @@ impl ShmLink {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Waits until `ready()` holds, sleeping on `word` between checks.
-    fn wait(&self, word: &AtomicU32, ready: impl Fn() -> bool, started: Instant) -> io::Result<()> {
+    /// Waits until `ready()` holds: spinning for up to `SPIN`, then sleeping on `word` (counted
+    /// in `sleepers`) between checks.
+    fn wait(&self, word: &AtomicU32, sleepers: &AtomicU32, ready: impl Fn() -> bool, started: Instant) -> io::Result<()> {
         let h = self.seg.header();
-        let mut spins = 0u32;
         loop {
             let seq = word.load(Ordering::Acquire);
             if ready() {
@@ -151,8 +159,7 @@ impl ShmLink {
             if h.closed.load(Ordering::Acquire) != 0 {
                 return Err(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed"));
             }
-            if spins < 200 {
-                spins += 1;
+            if started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -162,7 +169,14 @@ impl ShmLink {
             if started.elapsed() > self.timeout {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "shared-memory link timed out"));
             }
-            futex_wait(word, seq, Duration::from_millis(50));
+            // Announce the sleep before the last look: a publisher that bumps `word` after our
+            // look sees the count (SeqCst on both sides) and wakes us; one that bumped it before
+            // changed `seq`, so FUTEX_WAIT returns at once.
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            if !ready() {
+                futex_wait(word, seq, Duration::from_millis(50));
+            }
+            sleepers.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -173,7 +187,7 @@ impl Write for ShmLink {
         let h = self.seg.header();
         let started = Instant::now();
         let head = h.head.load(Ordering::Relaxed);
-        self.wait(&h.tail_seq, || head - h.tail.load(Ordering::Acquire) < CAPACITY as u64, started)?;
+        self.wait(&h.tail_seq, &h.tail_sleepers, || head - h.tail.load(Ordering::Acquire) < CAPACITY as u64, started)?;
         let free = CAPACITY - (head - h.tail.load(Ordering::Acquire)) as usize;
         let n = buf.len().min(free);
         let at = head as usize % CAPACITY;
@@ -184,8 +198,10 @@ impl Write for ShmLink {
             std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), self.seg.data(), n - first);
         }
         h.head.store(head + n as u64, Ordering::Release);
-        h.head_seq.fetch_add(1, Ordering::Release);
-        futex_wake(&h.head_seq);
+        h.head_seq.fetch_add(1, Ordering::SeqCst);
+        if h.head_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.head_seq);
+        }
         Ok(n)
     }
 
@@ -203,7 +219,7 @@ impl Read for ShmLink {
         let h = self.seg.header();
         let started = Instant::now();
         let tail = h.tail.load(Ordering::Relaxed);
-        self.wait(&h.head_seq, || h.head.load(Ordering::Acquire) > tail, started)?;
+        self.wait(&h.head_seq, &h.head_sleepers, || h.head.load(Ordering::Acquire) > tail, started)?;
         let avail = (h.head.load(Ordering::Acquire) - tail) as usize;
         let n = buf.len().min(avail);
         let at = tail as usize % CAPACITY;
@@ -214,8 +230,10 @@ impl Read for ShmLink {
             std::ptr::copy_nonoverlapping(self.seg.data(), buf.as_mut_ptr().add(first), n - first);
         }
         h.tail.store(tail + n as u64, Ordering::Release);
-        h.tail_seq.fetch_add(1, Ordering::Release);
-        futex_wake(&h.tail_seq);
+        h.tail_seq.fetch_add(1, Ordering::SeqCst);
+        if h.tail_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.tail_seq);
+        }
         Ok(n)
     }
 }
