@@ -377,6 +377,22 @@ impl RingComm {
     /// 64 KiB, and TCP's 16 KiB send buffer plus the peer's receive buffer up to 16 KiB. A
     /// thread spawn and descriptor clone cost ~170 µs, far more than such messages; and one
     /// thread per rank spinning on shared memory leaves the cores to the ranks.
+    /// Sends on the calling thread. When the next rank has gone, the cause may be behind us (it
+    /// stopped because its own next rank died, or our previous one did): as the threaded path
+    /// reports the receiving side's failure first, a closed or failing previous rank is blamed
+    /// before the next one.
+    fn send_or_blame(&mut self, bytes: &[u8]) -> Result<(), PeerError> {
+        let (next, prev) = (self.next(), self.prev());
+        let links = self.links.as_mut().expect("world > 1 has links");
+        let Err(sent) = links.to_next.write_all(bytes) else { return Ok(()) };
+        let mut probe = [0u8; 1];
+        match links.from_prev.read(&mut probe) {
+            Ok(0) => Err((prev, io::Error::from(io::ErrorKind::UnexpectedEof)).into()),
+            Err(e) => Err((prev, e).into()),
+            Ok(_) => Err((next, sent).into()),
+        }
+    }
+
     fn sequential_limit(&self) -> usize {
         match self.links.as_ref().map(|l| &l.to_next) {
             Some(Link::Shm(_)) => 2 << 20,
@@ -398,17 +414,16 @@ impl RingComm {
         bounds: &dyn Fn(usize) -> (usize, usize),
     ) -> Result<(), CommError> {
         let (w, n) = (self.world, buf.len());
-        let (next, prev) = (self.next(), self.prev());
+        let prev = self.prev();
         let steps = 2 * (w - 1);
         if self.scratch.len() < n {
             self.scratch = vec![0.0; n];
         }
         let result = (|| -> Result<(), PeerError> {
-            let links = self.links.as_mut().expect("world > 1 has links");
-            links.to_next.write_all(&header(Op::AllReduce, seq, n as u64)).map_err(|e| (next, e))?;
+            self.send_or_blame(&header(Op::AllReduce, seq, n as u64))?;
             for t in 0..steps {
                 let (a, b) = bounds(send_chunk(t));
-                self.links.as_mut().expect("world > 1 has links").to_next.write_all(as_bytes(&buf[a..b])).map_err(|e| (next, e))?;
+                self.send_or_blame(as_bytes(&buf[a..b]))?;
                 if t == 0 {
                     self.expect_header(Op::AllReduce, seq, Some(n as u64))?;
                 }
@@ -447,10 +462,9 @@ impl RingComm {
         if op == Op::Barrier {
             // Every blob is empty: nothing can fill a link, so no sender thread is needed.
             let result = (|| -> Result<(), PeerError> {
-                let links = self.links.as_mut().expect("world > 1 has links");
-                links.to_next.write_all(&header(op, seq, 0)).map_err(|e| (next, e))?;
+                self.send_or_blame(&header(op, seq, 0))?;
                 for t in 0..w - 1 {
-                    write_blob(&mut self.links.as_mut().expect("world > 1 has links").to_next, &[]).map_err(|e| (next, e))?;
+                    self.send_or_blame(&0u64.to_le_bytes())?;
                     if t == 0 {
                         self.expect_header(op, seq, Some(0))?;
                     }

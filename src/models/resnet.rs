@@ -256,7 +256,7 @@ mod tests {
         let y = m.forward_t(&x, false).unwrap();
         assert_eq!(y.size(), [4, 10]);
         assert!(m.buffers[0].1.equal(&before), "eval mode changed running_mean");
-        m.forward_t(&x, true).unwrap();
+        let _ = m.forward_t(&x, true).unwrap();
         assert!(!m.buffers[0].1.equal(&before), "train mode left running_mean");
         assert_eq!(m.buffers[2].0, "bn1.num_batches_tracked");
         assert_eq!(m.buffers[2].1.int64_value(&[]), 1);

@@ -53,7 +53,11 @@ pub fn bind_address(master_addr: &str, port: u16) -> String {
         return format!("{bind}:{port}");
     }
     use std::net::ToSocketAddrs;
-    let ip = (master_addr, port).to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip());
+    // IPv4 first, as clients try it first (`TcpStore::connect`).
+    let ip = (master_addr, port).to_socket_addrs().ok().and_then(|a| {
+        let all: Vec<_> = a.collect();
+        all.iter().find(|a| a.is_ipv4()).or(all.first()).map(|a| a.ip())
+    });
     match ip {
         // A host name that resolves to loopback here (Debian maps its own name to 127.0.1.1) may
         // resolve to the LAN address on the other nodes: loopback only when asked for literally.

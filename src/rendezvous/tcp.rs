@@ -156,10 +156,19 @@ impl TcpStore {
     pub fn connect(addr: &str, token: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
         let deadline = Instant::now() + connect_timeout;
         let stream = loop {
-            let attempt = addr
-                .to_socket_addrs()
-                .and_then(|mut it| it.next().ok_or_else(|| std::io::Error::other("address resolves to nothing")))
-                .and_then(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(2)));
+            // Every address the name resolves to, IPv4 first (the server binds one of them).
+            let attempt = addr.to_socket_addrs().and_then(|it| {
+                let mut all: Vec<_> = it.collect();
+                all.sort_by_key(|a| !a.is_ipv4());
+                let mut last = std::io::Error::other("address resolves to nothing");
+                for sa in all {
+                    match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            });
             match attempt {
                 Ok(s) => break s,
                 Err(source) if Instant::now() >= deadline => {
