@@ -51,10 +51,11 @@ pub fn one_line_panics(program: &'static str) {
         let rank = std::env::var("RANK").or_else(|_| std::env::var("OMPI_COMM_WORLD_RANK")).or_else(|_| std::env::var("SLURM_PROCID"));
         let thread = std::thread::current().name().map(|n| format!(" (thread {n})")).unwrap_or_default();
         let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        // The launcher has no rank of its own.
+        let who = rank.map(|r| format!("rank {r}: ")).unwrap_or_default();
         eprintln!(
-            "{program}: error: rank {}: internal error{place}{thread}: {first} (a bug or an unhandled libtorch error; \
-             RUST_BACKTRACE=1 for the backtrace)",
-            rank.as_deref().unwrap_or("?")
+            "{program}: error: {who}internal error{place}{thread}: {first} (a bug or an unhandled libtorch error; \
+             RUST_BACKTRACE=1 for the backtrace)"
         );
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
             default(info);
