@@ -69,12 +69,22 @@ fn loader(config: &std::path::Path, workers: &str, batches: usize, overrides: &[
     let splits = ringtrain::data::load(&cfg.data, cfg.model.block_size, cfg.train.seed)?;
     let n = splits.train.len();
     let indices = ringtrain::data::DistributedSampler::new(n, 1, 0, true, cfg.train.seed, false).indices();
-    println!("# loader: {n} train samples of {:?}, batch {}, prefetch {}", splits.sample_shape, cfg.train.batch_size, cfg.data.prefetch_batches);
+    println!(
+        "# loader: {n} train samples of {:?}, batch {}, prefetch {}",
+        splits.sample_shape, cfg.train.batch_size, cfg.data.prefetch_batches
+    );
     for w in workers.split(',') {
         let w: usize = w.trim().parse().map_err(|_| anyhow::anyhow!("--workers {workers}: expected numbers like 1,2"))?;
         let start = std::time::Instant::now();
         let mut images = 0usize;
-        let loader = ringtrain::data::Loader::spawn_workers(splits.train.clone(), indices.clone(), cfg.train.batch_size, cfg.data.prefetch_batches, 0, w)?;
+        let loader = ringtrain::data::Loader::spawn_workers(
+            splits.train.clone(),
+            indices.clone(),
+            cfg.train.batch_size,
+            cfg.data.prefetch_batches,
+            0,
+            w,
+        )?;
         for (k, b) in loader.enumerate() {
             images += b?.len;
             if batches > 0 && k + 1 == batches {

@@ -248,8 +248,11 @@ fn connect_store(launch: &LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Stor
     let addr = launch.store_addr()?;
     if launch.rank == 0 && !launch.store_served {
         let port = launch.master_port.expect("store_addr checked the port");
-        let server = TcpStoreServer::start(&crate::rendezvous::bind_address(launch.master_addr.as_deref().unwrap_or("127.0.0.1"), port), &launch.job_token)
-            .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
+        let server = TcpStoreServer::start(
+            &crate::rendezvous::bind_address(launch.master_addr.as_deref().unwrap_or("127.0.0.1"), port),
+            &launch.job_token,
+        )
+        .with_context(|| format!("rank 0 serving the store on port {port} (MASTER_PORT)"))?;
         std::mem::forget(server);
     }
     let client = TcpStore::connect(&addr, &launch.job_token, timeout)?;

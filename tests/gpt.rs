@@ -20,15 +20,6 @@ sample: {{prompt: 'the ', max_new_tokens: 40, top_k: 5, seed: 1}}
     )
 }
 
-fn lines(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == kind)
-        .collect()
-}
-
 #[test]
 fn two_workers_train_evaluate_and_sample_a_gpt() {
     let dir = tempfile::tempdir().unwrap();
@@ -44,15 +35,15 @@ fn two_workers_train_evaluate_and_sample_a_gpt() {
     let out = run(ringrun(2, &cfg, &run_dir, &[]), Duration::from_secs(300));
     out.assert_success();
     assert_eq!(rank_hash(&run_dir, 0), rank_hash(&run_dir, 1), "replicas differ");
-    let steps = lines(&run_dir, "step");
+    let steps = metrics_lines(&run_dir, "step");
     let first = steps.first().unwrap()["loss"].as_f64().unwrap();
     let last = steps.last().unwrap()["loss"].as_f64().unwrap();
     assert!(last < first * 0.6, "loss {first} -> {last}\n{}", out.report());
     assert!(steps.iter().all(|s| s["tokens_per_s"].as_f64().unwrap() > 0.0 && s["flops_per_s"].as_f64().unwrap() > 0.0));
     // Mid-training evaluation at step 30, and the final one, with perplexity = exp(loss).
-    let evals = lines(&run_dir, "eval");
+    let evals = metrics_lines(&run_dir, "eval");
     assert_eq!(evals.iter().map(|e| e["global_step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![30]);
-    let end = lines(&run_dir, "epoch").pop().unwrap();
+    let end = metrics_lines(&run_dir, "epoch").pop().unwrap();
     let (loss, ppl) = (end["test_loss"].as_f64().unwrap(), end["test_perplexity"].as_f64().unwrap());
     assert!((ppl - loss.exp()).abs() < 1e-9 * ppl && loss < evals[0]["test_loss"].as_f64().unwrap() + 0.5, "{end}");
     assert!(out.stdout.contains("final: test_loss") && out.stdout.contains("sample:\n[rank0] the "), "{}", out.report());

@@ -60,10 +60,16 @@ comm: {{timeout_secs: 60}}
     )
 }
 
-fn go(cfg: &Path, run_dir: &Path, args: &[&str]) -> Output {
-    let mut c = ringrun(2, cfg, run_dir, args);
+/// `n` workers under ringrun, one compute thread each.
+fn launch(n: usize, cfg: &Path, run_dir: &Path, args: &[&str]) -> Output {
+    let mut c = ringrun(n, cfg, run_dir, args);
     c.env("OMP_NUM_THREADS", "1");
-    let out = run(c, Duration::from_secs(300));
+    run(c, Duration::from_secs(300))
+}
+
+/// Two workers, which must succeed.
+fn go(cfg: &Path, run_dir: &Path, args: &[&str]) -> Output {
+    let out = launch(2, cfg, run_dir, args);
     out.assert_success();
     out
 }
@@ -94,7 +100,8 @@ fn replicas_and_buffers_agree_resume_with_augmentation_is_exact_and_workers_chan
     assert_eq!(rank_hashes(&stopped, 2), hashes);
 
     // Without augmentation the run differs: the transforms were applied.
-    let plain = write_config(dir.path(), "plain.yaml", &cifar_job(&data, "").replace("random_crop: {size: 32, padding: 4}", "center_crop: 32"));
+    let plain =
+        write_config(dir.path(), "plain.yaml", &cifar_job(&data, "").replace("random_crop: {size: 32, padding: 4}", "center_crop: 32"));
     let p = dir.path().join("plain");
     go(&plain, &p, &[]);
     assert_ne!(rank_hash(&p, 0), hashes[0]);
@@ -102,11 +109,7 @@ fn replicas_and_buffers_agree_resume_with_augmentation_is_exact_and_workers_chan
 
 #[test]
 fn the_checkpoint_loads_into_torchvision_with_the_same_logits() {
-    let Some(py) = python_with_torch("resnet") else { return };
-    if !Command::new(&py).args(["-c", "import torchvision"]).output().is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED the_checkpoint_loads_into_torchvision_with_the_same_logits: no torchvision (scripts/setup.sh --python)");
-        return;
-    }
+    let Some(py) = python_with_torch_and("the_checkpoint_loads_into_torchvision_with_the_same_logits", "torchvision") else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = write_cifar(dir.path(), 8);
     let cfg = write_config(dir.path(), "job.yaml", &cifar_job(&data, "").replace("max_steps: 8", "max_steps: 3"));
@@ -126,7 +129,8 @@ fn the_checkpoint_loads_into_torchvision_with_the_same_logits() {
     let reference = Tensor::read_safetensors(&out).unwrap();
     let get = |n: &str| reference.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
     let m = ResNet::new(Depth::R18, 3, 10, true, tch::Device::Cpu).unwrap();
-    let state: Vec<(String, Tensor)> = m.named_parameters().iter().chain(m.named_buffers()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let state: Vec<(String, Tensor)> =
+        m.named_parameters().iter().chain(m.named_buffers()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let loaded = Tensor::read_safetensors(&weights).unwrap();
     tch::no_grad(|| ringtrain::checkpoint::copy_into(&state, &loaded, &weights)).unwrap();
     let rel = |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-12);
@@ -181,15 +185,6 @@ comm: {{timeout_secs: 60}}",
     )
 }
 
-fn epoch_lines(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "epoch")
-        .collect()
-}
-
 #[test]
 fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,14 +192,12 @@ fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
     let cfg = write_config(dir.path(), "job.yaml", &folder_job(&root));
     let out = go(&cfg, &dir.path().join("ok"), &[]);
     assert!(out.stderr.contains("3 classes, 36 train and 12 test images"), "{}", out.report());
-    let epochs = epoch_lines(&dir.path().join("ok"));
+    let epochs = metrics_lines(&dir.path().join("ok"), "epoch");
     assert!(epochs.last().unwrap()["test_acc"].as_f64().unwrap() > 0.5, "{epochs:?}");
 
     // A corrupt JPEG: an error naming it, by default…
     std::fs::write(root.join("train/dog/007.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
-    let mut c = ringrun(2, &cfg, &dir.path().join("bad"), &[]);
-    c.env("OMP_NUM_THREADS", "1");
-    let bad = run(c, Duration::from_secs(120));
+    let bad = launch(2, &cfg, &dir.path().join("bad"), &[]);
     bad.assert_failure();
     let line = bad.stderr.lines().find(|l| l.contains("007.jpg")).unwrap_or_else(|| panic!("{}", bad.report()));
     assert!(line.contains("unreadable image") && line.contains("corrupt_images: skip"), "{line}");
@@ -214,16 +207,14 @@ fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
     let skip = dir.path().join("skip");
     let out = go(&cfg, &skip, &["--set", "data.corrupt_images=skip"]);
     assert!(out.stderr.contains("unreadable image(s) skipped so far") && out.stderr.contains("007.jpg"), "{}", out.report());
-    let epochs = epoch_lines(&skip);
+    let epochs = metrics_lines(&skip, "epoch");
     assert_eq!(epochs[0]["skipped_images"], 1, "one bad file, read once in epoch 0: {epochs:?}");
     assert_eq!(epochs[1]["skipped_images"], 2, "and again in epoch 1: {epochs:?}");
 
     // Different class folders in val/: the class numbers would not match.
     std::fs::create_dir_all(root.join("val/zebra")).unwrap();
     image::RgbImage::new(40, 36).save(root.join("val/zebra/0.png")).unwrap();
-    let mut c = ringrun(1, &cfg, &dir.path().join("mismatch"), &[]);
-    c.env("OMP_NUM_THREADS", "1");
-    let out = run(c, Duration::from_secs(60));
+    let out = launch(1, &cfg, &dir.path().join("mismatch"), &[]);
     out.assert_failure();
     assert!(out.stderr.contains("class folders differ from train/'s (4 vs 3)"), "{}", out.report());
 }
@@ -233,16 +224,13 @@ fn image_folders_decode_jpeg_and_png_and_corrupt_files_are_named_or_counted() {
 /// may differ by a level or so per pixel.
 #[test]
 fn transforms_match_torchvision_on_the_same_images() {
-    let Some(py) = python_with_torch("resnet") else { return };
-    if !Command::new(&py).args(["-c", "import torchvision"]).output().is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED transforms_match_torchvision_on_the_same_images: no torchvision");
-        return;
-    }
+    let Some(py) = python_with_torch_and("transforms_match_torchvision_on_the_same_images", "torchvision") else { return };
     use ringtrain::data::images::transforms::Transform;
     use ringtrain::data::images::{ImageSet, Source};
     let dir = tempfile::tempdir().unwrap();
     let root = write_folder(dir.path());
-    let files: Vec<PathBuf> = ["train/cat/000.png", "train/dog/001.jpg", "train/frog/003.png", "train/cat/005.jpg"].iter().map(|f| root.join(f)).collect();
+    let files: Vec<PathBuf> =
+        ["train/cat/000.png", "train/dog/001.jpg", "train/frog/003.png", "train/cat/005.jpg"].iter().map(|f| root.join(f)).collect();
     let pipeline = vec![
         Transform::Resize(20),
         Transform::CenterCrop(18),

@@ -26,11 +26,7 @@ fn read_tensorboard(python: &str, run_dir: &Path) -> serde_json::Value {
 
 #[test]
 fn tensorboard_reads_the_scalars_of_a_run_and_of_its_resumption_once() {
-    let Some(python) = python_with_torch("tensorboard_reads_the_scalars") else { return };
-    if !Command::new(&python).args(["-c", "import tensorboard"]).output().is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED tensorboard_reads_the_scalars: no tensorboard in {python} (scripts/setup.sh --python installs it)");
-        return;
-    }
+    let Some(python) = python_with_torch_and("tensorboard_reads_the_scalars", "tensorboard") else { return };
     let dir = tempfile::tempdir().unwrap();
     // 1,200 samples, batch 10, 2 ranks: 60 steps per epoch; logs every 10; 2 epochs.
     let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, "checkpoint: {every_steps: 10}\n").replace("epochs: 1", "epochs: 2"));

@@ -158,8 +158,11 @@ fn a_scripted_nanogpt_trains_on_tokens_and_loads_back() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = prepare_tokens(dir.path());
     let gpt_json = dir.path().join("gpt.json");
-    std::fs::write(&gpt_json, r#"{"vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "bias": true, "dropout": 0.0}"#)
-        .unwrap();
+    std::fs::write(
+        &gpt_json,
+        r#"{"vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "bias": true, "dropout": 0.0}"#,
+    )
+    .unwrap();
     let module = dir.path().join("gpt.pt");
     let spec = format!("{}:gpt_from_json", script("reference/gpt_reference.py").display());
     let args = format!("[\"{}\"]", gpt_json.display());
@@ -181,13 +184,7 @@ comm: {{timeout_secs: 60}}",
     let run_dir = dir.path().join("run");
     let out = run(ringrun(2, &cfg, &run_dir, &[]), Duration::from_secs(300));
     out.assert_success();
-    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "step")
-        .filter_map(|v| v["loss"].as_f64())
-        .collect();
+    let losses: Vec<f64> = metrics_lines(&run_dir, "step").iter().filter_map(|v| v["loss"].as_f64()).collect();
     assert!(losses.len() >= 2 && losses.last().unwrap() < &(losses[0] - 1.0), "loss did not fall: {losses:?}");
     let names: Vec<String> = load_params(&run_dir).into_iter().map(|(n, _)| n).collect();
     let tied = names.iter().filter(|n| *n == "lm_head.weight" || *n == "transformer.wte.weight").count();
@@ -218,7 +215,8 @@ fn fails_with(dir: &Path, name: &str, module: &Path, args: &[&str], words: &[&st
     let run_dir = dir.join(name);
     let out = run(ringrun(1, &cfg, &run_dir, args), Duration::from_secs(120));
     out.assert_failure();
-    let line = out.stderr.lines().find(|l| words.iter().all(|w| l.contains(w))).unwrap_or_else(|| panic!("{name}: {words:?}\n{}", out.report()));
+    let line =
+        out.stderr.lines().find(|l| words.iter().all(|w| l.contains(w))).unwrap_or_else(|| panic!("{name}: {words:?}\n{}", out.report()));
     assert!(!line.contains("panicked"), "{line}");
     assert!(!run_dir.join("model.safetensors").exists(), "{name}: weights written");
 }

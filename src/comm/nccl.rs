@@ -374,7 +374,8 @@ impl Communicator for NcclComm {
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         // Lengths first, then every blob padded to the longest.
         let lens = self.gather_fixed(&(mine.len() as u64).to_le_bytes())?;
-        let lens: Vec<usize> = lens.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize).collect();
+        let lens: Vec<usize> =
+            lens.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let mut padded = mine.to_vec();
         padded.resize(longest, 0);

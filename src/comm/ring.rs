@@ -282,15 +282,7 @@ impl Communicator for RingComm {
                     for (a, b) in segments(start, end, seg) {
                         // SAFETY: the sender thread is not reading [a, b) now (see above).
                         let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(a), b - a) };
-                        if t < w - 1 {
-                            let tmp = &mut self.scratch[..b - a];
-                            from_prev.read_exact(as_bytes_mut(tmp)).map_err(|e| (prev, e))?;
-                            for (d, x) in dst.iter_mut().zip(tmp.iter()) {
-                                *d += *x;
-                            }
-                        } else {
-                            from_prev.read_exact(as_bytes_mut(dst)).map_err(|e| (prev, e))?;
-                        }
+                        receive(from_prev, dst, &mut self.scratch, t < w - 1).map_err(|e| (prev, e))?;
                         if t + 1 < steps {
                             let _ = ready_tx.send((a, b));
                         }
@@ -429,15 +421,7 @@ impl RingComm {
                 }
                 let (a, b) = bounds(recv_chunk(t));
                 let from_prev = &mut self.links.as_mut().expect("world > 1 has links").from_prev;
-                if t < w - 1 {
-                    let tmp = &mut self.scratch[..b - a];
-                    from_prev.read_exact(as_bytes_mut(tmp)).map_err(|e| (prev, e))?;
-                    for (d, x) in buf[a..b].iter_mut().zip(tmp.iter()) {
-                        *d += *x;
-                    }
-                } else {
-                    from_prev.read_exact(as_bytes_mut(&mut buf[a..b])).map_err(|e| (prev, e))?;
-                }
+                receive(from_prev, &mut buf[a..b], &mut self.scratch, t < w - 1).map_err(|e| (prev, e))?;
             }
             Ok(())
         })()
@@ -521,6 +505,20 @@ impl RingComm {
         }
         result.map(|()| out).map_err(|e| self.stall_report(e))
     }
+}
+
+/// Reads `dst.len()` floats from the previous rank: added into `dst` (through `scratch`, at
+/// least as long) during the reduce-scatter, stored into it during the all-gather.
+fn receive(from_prev: &mut Link, dst: &mut [f32], scratch: &mut [f32], add: bool) -> io::Result<()> {
+    if !add {
+        return from_prev.read_exact(as_bytes_mut(dst));
+    }
+    let tmp = &mut scratch[..dst.len()];
+    from_prev.read_exact(as_bytes_mut(tmp))?;
+    for (d, x) in dst.iter_mut().zip(tmp.iter()) {
+        *d += *x;
+    }
+    Ok(())
 }
 
 /// Failure talking to a specific peer.

@@ -157,15 +157,20 @@ fn pipelines(cfg: &DataConfig) -> (Vec<Transform>, Vec<Transform>) {
     match &cfg.transforms {
         Some(t) => (t.train.clone(), t.test.clone()),
         None => {
-            let p: Vec<Transform> =
-                cfg.normalize.iter().map(|[m, s]| Transform::Normalize { mean: vec![*m], std: vec![*s] }).collect();
+            let p: Vec<Transform> = cfg.normalize.iter().map(|[m, s]| Transform::Normalize { mean: vec![*m], std: vec![*s] }).collect();
             (p.clone(), p)
         }
     }
 }
 
 /// Image splits with their pipelines; the sample shape from the test pipeline (deterministic).
-fn image_splits(cfg: &DataConfig, seed: u64, train: (Source, Vec<i64>), test: (Source, Vec<i64>), classes: usize) -> Result<Splits, DataError> {
+fn image_splits(
+    cfg: &DataConfig,
+    seed: u64,
+    train: (Source, Vec<i64>),
+    test: (Source, Vec<i64>),
+    classes: usize,
+) -> Result<Splits, DataError> {
     let (train_p, test_p) = pipelines(cfg);
     let train = ImageSet::new(train.0, train.1, classes, train_p, seed, cfg.corrupt_images);
     let test = ImageSet::new(test.0, test.1, classes, test_p, seed, cfg.corrupt_images);
@@ -243,29 +248,7 @@ pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataErr
             let arrays = |s: images::cifar::CifarSplit| (Source::Arrays { pixels: s.pixels, c: 3, h: 32, w: 32 }, s.labels);
             image_splits(cfg, seed, arrays(train), arrays(test), classes)
         }
-        DataFormat::ImageFolder => {
-            let dir = cfg.dir.as_deref().expect("validated: image_folder has a dir");
-            let (train_classes, train) = images::folder::scan(&dir.join("train"))?;
-            let test_dir = ["val", "test"].iter().map(|s| dir.join(s)).find(|p| p.is_dir()).ok_or_else(|| {
-                DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display()))
-            })?;
-            let (test_classes, test) = images::folder::scan(&test_dir)?;
-            // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
-            if test_classes != train_classes {
-                return Err(DataError::Invalid(format!(
-                    "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
-                    test_dir.display(),
-                    test_classes.len(),
-                    train_classes.len()
-                )));
-            }
-            tracing::info!("image folder {}: {} classes, {} train and {} test images", dir.display(), train_classes.len(), train.len(), test.len());
-            let files = |v: Vec<(PathBuf, i64)>| {
-                let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
-                (Source::Files(paths), labels)
-            };
-            image_splits(cfg, seed, files(train), files(test), train_classes.len())
-        }
+        DataFormat::ImageFolder => image_folder(cfg, seed),
         DataFormat::Synthetic => {
             let s = cfg.synthetic.as_ref().expect("validated: synthetic has its section");
             let split = |which| {
@@ -276,4 +259,31 @@ pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataErr
             Ok(arrays(split(0), split(1)))
         }
     }
+}
+
+/// ImageFolder's `train/` and `val/` (or `test/`) trees, with the same class folders.
+fn image_folder(cfg: &DataConfig, seed: u64) -> Result<Splits, DataError> {
+    let dir = cfg.dir.as_deref().expect("validated: image_folder has a dir");
+    let (train_classes, train) = images::folder::scan(&dir.join("train"))?;
+    let test_dir = ["val", "test"]
+        .iter()
+        .map(|s| dir.join(s))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display())))?;
+    let (test_classes, test) = images::folder::scan(&test_dir)?;
+    // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
+    if test_classes != train_classes {
+        return Err(DataError::Invalid(format!(
+            "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
+            test_dir.display(),
+            test_classes.len(),
+            train_classes.len()
+        )));
+    }
+    tracing::info!("image folder {}: {} classes, {} train and {} test images", dir.display(), train_classes.len(), train.len(), test.len());
+    let files = |v: Vec<(PathBuf, i64)>| {
+        let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
+        (Source::Files(paths), labels)
+    };
+    image_splits(cfg, seed, files(train), files(test), train_classes.len())
 }

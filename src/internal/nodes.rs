@@ -52,8 +52,11 @@ impl NodeCoordinator {
         node_rank: usize,
         join_timeout: Duration,
     ) -> Result<Self, String> {
-        let server =
-            if node_rank == 0 { Some(TcpStoreServer::start(&crate::rendezvous::bind_address(master_addr, port), token).map_err(|e| e.to_string())?) } else { None };
+        let server = if node_rank == 0 {
+            Some(TcpStoreServer::start(&crate::rendezvous::bind_address(master_addr, port), token).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
         let addr = format!("{master_addr}:{port}");
         let store = TcpStore::connect(&addr, token, join_timeout).map_err(|e| format!("node {node_rank}: {e}"))?;
         Ok(Self { store, addr, token: token.to_string(), nnodes, node_rank, join_timeout, _server: server })
@@ -91,7 +94,8 @@ impl NodeCoordinator {
             let store = match TcpStore::connect(&addr, &token, Duration::from_secs(10)) {
                 Ok(s) => s,
                 Err(e) => {
-                    *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("lost contact with the job's store on node 0: {e}"));
+                    *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("lost contact with the job's store on node 0: {e}"));
                     return;
                 }
             };
@@ -104,7 +108,8 @@ impl NodeCoordinator {
                     Err(StoreError::Timeout { .. }) => {}
                     Err(e) => {
                         if !flag.stop.load(Ordering::Relaxed) {
-                            *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("lost contact with the job's store on node 0: {e}"));
+                            *flag.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("lost contact with the job's store on node 0: {e}"));
                         }
                         return;
                     }

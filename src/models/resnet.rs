@@ -166,10 +166,7 @@ impl ResNet {
                 if bottleneck {
                     layers.push((b.conv(&format!("{name}.conv1"), inplanes, planes, 1, 1)?, b.bn(&format!("{name}.bn1"), planes)?));
                     layers.push((b.conv(&format!("{name}.conv2"), planes, planes, 3, stride)?, b.bn(&format!("{name}.bn2"), planes)?));
-                    layers.push((
-                        b.conv(&format!("{name}.conv3"), planes, planes * 4, 1, 1)?,
-                        b.bn(&format!("{name}.bn3"), planes * 4)?,
-                    ));
+                    layers.push((b.conv(&format!("{name}.conv3"), planes, planes * 4, 1, 1)?, b.bn(&format!("{name}.bn3"), planes * 4)?));
                 } else {
                     layers.push((b.conv(&format!("{name}.conv1"), inplanes, planes, 3, stride)?, b.bn(&format!("{name}.bn1"), planes)?));
                     layers.push((b.conv(&format!("{name}.conv2"), planes, planes, 3, 1)?, b.bn(&format!("{name}.bn2"), planes)?));

@@ -30,15 +30,14 @@ impl Trainer<'_> {
         }
         let skip = (self.pos.steps_in_shard as usize * t.batch_size).min(indices.len());
         let todo: Vec<usize> = indices[skip..].to_vec();
-        let mut loader =
-            Loader::spawn_workers(
-                self.splits.train.clone(),
-                todo.clone(),
-                t.batch_size,
-                self.cfg.data.prefetch_batches,
-                epoch as u64,
-                self.cfg.data.workers,
-            )?;
+        let mut loader = Loader::spawn_workers(
+            self.splits.train.clone(),
+            todo.clone(),
+            t.batch_size,
+            self.cfg.data.prefetch_batches,
+            epoch as u64,
+            self.cfg.data.workers,
+        )?;
         let progress = Progress::new(rank == 0, epoch, batches_in_shard);
         let started = Instant::now();
         // Time spent in mid-epoch evaluation, kept out of the training throughput.
@@ -148,7 +147,15 @@ impl Trainer<'_> {
         self.comm.all_reduce_sum(&mut acc)?;
         let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
         let test = match t.eval && !self.stopped {
-            true => Some(evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16, self.cfg.data.workers)?),
+            true => Some(evaluate(
+                self.model.as_ref(),
+                self.task.as_ref(),
+                &self.splits.test,
+                self.comm,
+                self.device,
+                self.bf16,
+                self.cfg.data.workers,
+            )?),
             false => None,
         };
         let shown: String = test.iter().flat_map(|r| r.metrics.iter()).map(|(k, v)| format!(" test_{k} {}", fmt_metric(k, *v))).collect();
@@ -236,7 +243,8 @@ impl Trainer<'_> {
     /// Evaluation in the middle of an epoch (`train.eval_every_steps`): logged and written as an
     /// `eval` line of metrics.jsonl.
     fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
-        let r = evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16, self.cfg.data.workers)?;
+        let r =
+            evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16, self.cfg.data.workers)?;
         let shown: String = r.metrics.iter().map(|(k, v)| format!(" {k} {}", fmt_metric(k, *v))).collect();
         tracing::info!("eval at step {}:{shown}", self.pos.global_step);
         let mut line = json!({"kind": "eval", "epoch": epoch, "global_step": self.pos.global_step, "samples": r.samples});

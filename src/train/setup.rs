@@ -28,11 +28,7 @@ impl<'a> Trainer<'a> {
         )?;
 
         tch::manual_seed(t.seed as i64);
-        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device).map_err(|e| match e {
-            // The model's own errors (a TorchScript file, …) are already in words.
-            tch::TchError::Torch(msg) => TrainError::Startup(msg),
-            other => TrainError::Torch(other),
-        })?;
+        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device).map_err(model_error)?;
         let task = tasks::build(cfg);
         check_output(&*model, &*task, &splits, device)?;
         let params: Vec<(String, Tensor)> = model.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
@@ -147,9 +143,15 @@ fn check_output(model: &dyn models::Model, task: &dyn tasks::Task, splits: &data
     }
     let indices: Vec<usize> = (0..n).collect();
     let batch = splits.train.batch(&indices, 0)?.to_device(device)?;
-    let logits = tch::no_grad(|| model.forward_t(&batch.input, false)).map_err(|e| match e {
+    let logits = tch::no_grad(|| model.forward_t(&batch.input, false)).map_err(model_error)?;
+    task.check_output(&logits, &batch, splits.classes).map_err(TrainError::Startup)
+}
+
+/// A model's own errors (a TorchScript file, a shape that does not fit) are already in words:
+/// shown as they are, not as a libtorch failure.
+fn model_error(e: tch::TchError) -> TrainError {
+    match e {
         tch::TchError::Torch(msg) => TrainError::Startup(msg),
         other => TrainError::Torch(other),
-    })?;
-    task.check_output(&logits, &batch, splits.classes).map_err(TrainError::Startup)
+    }
 }

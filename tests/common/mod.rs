@@ -159,6 +159,28 @@ pub fn python_with_torch(test: &str) -> Option<String> {
     None
 }
 
+/// A Python with torch (as `python_with_torch`) that also imports `module` (torchvision,
+/// tensorboard); `None` with a SKIPPED line otherwise.
+pub fn python_with_torch_and(test: &str, module: &str) -> Option<String> {
+    let python = python_with_torch(test)?;
+    if Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no {module} in {python} (scripts/setup.sh --python installs it)");
+    None
+}
+
+/// The `kind` records ("step", "eval", "epoch") of a run's metrics.jsonl, in order.
+pub fn metrics_lines(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
 /// One simulated srun job step of `world` tasks (Slurm's variables, no launcher): the workers'
 /// outputs.
 pub fn srun_step(cfg: &Path, run_dir: &Path, job: u32, step: Option<u32>, world: usize) -> Vec<std::thread::JoinHandle<Output>> {

@@ -10,9 +10,7 @@ pub const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// Class names (sorted) and (path, class) for every image under `root`.
 pub fn scan(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, i64)>), DataError> {
-    let read_dir = |d: &Path| {
-        std::fs::read_dir(d).map_err(|e| DataError::Invalid(format!("{}: cannot be listed: {e}", d.display())))
-    };
+    let read_dir = |d: &Path| std::fs::read_dir(d).map_err(|e| DataError::Invalid(format!("{}: cannot be listed: {e}", d.display())));
     let mut classes: Vec<String> = vec![];
     for e in read_dir(root)? {
         let e = e.map_err(|e| DataError::Invalid(format!("{}: {e}", root.display())))?;
@@ -22,7 +20,11 @@ pub fn scan(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, i64)>), DataError
     }
     classes.sort();
     if classes.is_empty() {
-        return Err(DataError::Invalid(format!("{}: no class folders (ImageFolder layout: {}/CLASS/IMAGE.jpg)", root.display(), root.display())));
+        return Err(DataError::Invalid(format!(
+            "{}: no class folders (ImageFolder layout: {}/CLASS/IMAGE.jpg)",
+            root.display(),
+            root.display()
+        )));
     }
     let mut samples = vec![];
     for (k, class) in classes.iter().enumerate() {

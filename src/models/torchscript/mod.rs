@@ -12,7 +12,14 @@ use tch::{Device, TchError, Tensor};
 
 extern "C" {
     fn ringtrain_ts_libtorch_version(out: *mut c_char, len: usize);
-    fn ringtrain_ts_load(path: *const c_char, cuda_index: c_int, extra: *mut c_char, extra_len: usize, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn ringtrain_ts_load(
+        path: *const c_char,
+        cuda_index: c_int,
+        extra: *mut c_char,
+        extra_len: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
     fn ringtrain_ts_free(h: *mut c_void);
     fn ringtrain_ts_named(
         h: *mut c_void,
@@ -113,7 +120,8 @@ impl TorchScript {
         if handle.is_null() {
             return Err(err(path, load_failure(&msg.get())));
         }
-        let mut m = TorchScript { handle, path: path.to_path_buf(), output, params: vec![], buffers: vec![], tied: vec![], train: Cell::new(None) };
+        let mut m =
+            TorchScript { handle, path: path.to_path_buf(), output, params: vec![], buffers: vec![], tied: vec![], train: Cell::new(None) };
         m.check_version(&extra.get())?;
         m.check_not_traced()?;
         let params = m.named(false)?;
@@ -247,7 +255,8 @@ impl Model for TorchScript {
         let mut msg = Text::new(4096);
         // SAFETY: a live module handle and tch tensor handle; the result is a new heap tensor
         // whose ownership passes to the returned Tensor.
-        let out = unsafe { ringtrain_ts_forward(self.handle, input.as_mut_ptr() as *mut c_void, self.output as c_int, msg.ptr(), msg.len()) };
+        let out =
+            unsafe { ringtrain_ts_forward(self.handle, input.as_mut_ptr() as *mut c_void, self.output as c_int, msg.ptr(), msg.len()) };
         if out.is_null() {
             return Err(err(&self.path, format!("forward failed: {}", msg.get())));
         }
