@@ -25,6 +25,8 @@ pub enum Op {
     AllGather,
     Barrier,
     Setup,
+    ReduceScatter,
+    AllGatherShards,
 }
 
 impl Op {
@@ -35,6 +37,8 @@ impl Op {
             Op::AllGather => "all_gather",
             Op::Barrier => "barrier",
             Op::Setup => "ring setup",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::AllGatherShards => "all_gather_into_tensor",
         }
     }
 
@@ -43,7 +47,9 @@ impl Op {
     }
 
     pub(crate) fn from_code(c: u8) -> Option<Op> {
-        [Op::AllReduce, Op::Broadcast, Op::AllGather, Op::Barrier, Op::Setup].into_iter().find(|o| o.code() == c)
+        [Op::AllReduce, Op::Broadcast, Op::AllGather, Op::Barrier, Op::Setup, Op::ReduceScatter, Op::AllGatherShards]
+            .into_iter()
+            .find(|o| o.code() == c)
     }
 }
 
@@ -114,6 +120,39 @@ pub trait Communicator: Send {
     fn device_native(&self) -> bool {
         false
     }
+    /// Sums bf16 values across ranks, in place, each addition rounded to bf16 as libtorch rounds
+    /// it (DDP's `bf16_compress_hook` on a CPU backend).
+    fn all_reduce_sum_bf16(&mut self, buf: &mut [half::bf16]) -> Result<(), CommError> {
+        let _ = buf;
+        Err(CommError::BadArgument { op: Op::AllReduce, detail: format!("the {} backend does not reduce bf16", self.backend_name()) })
+    }
+    /// Which shard (`shard_bounds(len, world, i)`) of a reduce-scatter this rank holds. The ring
+    /// keeps its all-reduce's schedule, which leaves rank r with shard r + 1, so a reduce-scatter
+    /// adds in the same order as an all-reduce and ZeRO-1 stays bitwise equal to plain DDP.
+    fn shard_index(&self) -> usize {
+        self.rank()
+    }
+    /// Sums `buf` across ranks; afterwards this rank's shard (`shard_index`) holds the sum and
+    /// the rest of `buf` is undefined. This fallback all-reduces everything.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.all_reduce_sum(buf)
+    }
+    /// Gives every rank every rank's shard of `buf`, in place. This fallback zeroes the other
+    /// shards and all-reduces (exact: x + 0 = x, but -0.0 becomes +0.0).
+    fn all_gather_shards(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (a, b) = shard_bounds(buf.len(), self.world_size(), self.shard_index());
+        buf[..a].fill(0.0);
+        buf[b..].fill(0.0);
+        self.all_reduce_sum(buf)
+    }
+    /// `reduce_scatter_sum` on a tensor (host backends stage non-CPU tensors through host memory).
+    fn reduce_scatter_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        tensor::reduce_scatter_staged(self, t)
+    }
+    /// `all_gather_shards` on a tensor.
+    fn all_gather_shards_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        tensor::all_gather_shards_staged(self, t)
+    }
     /// Sums a tensor across ranks in place (host backends stage non-CPU tensors through host memory).
     fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         tensor::all_reduce_staged(self, t)
@@ -122,6 +161,13 @@ pub trait Communicator: Send {
     fn broadcast_tensor(&mut self, t: &mut tch::Tensor, root: usize) -> Result<(), CommError> {
         tensor::broadcast_staged(self, t, root)
     }
+}
+
+/// Shard `i` of `n` elements split among `world` ranks: `[start, end)`, balanced (equal when
+/// `world` divides `n`).
+pub fn shard_bounds(n: usize, world: usize, i: usize) -> (usize, usize) {
+    let at = |c: usize| (n as u128 * c as u128 / world.max(1) as u128) as usize;
+    (at(i), at(i + 1))
 }
 
 /// Broadcasts a byte string of any length from `root` (others pass `None`).

@@ -1,7 +1,7 @@
 //! The NCCL backend: collectives on CUDA tensors in GPU memory, on libtorch's default stream (so
 //! they are ordered with the kernels that produced the gradients and those that consume them).
 //!
-//! NCCL is bound by hand through `libloading` (eleven functions), not through cudarc: cudarc looks
+//! NCCL is bound by hand through `libloading` (twelve functions), not through cudarc: cudarc looks
 //! for `libnccl.so` but the PyPI wheel ships only `libnccl.so.2`, and it panics when the library is
 //! absent. Here the search order is explicit and a miss is an error listing what was tried:
 //! `RINGTRAIN_NCCL_LIB`, `libnccl.so.2`/`libnccl.so` on the library path, then the
@@ -47,6 +47,7 @@ struct Api {
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, NcclCommT, Stream) -> c_int,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, NcclCommT, Stream) -> c_int,
     all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, NcclCommT, Stream) -> c_int,
+    reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, NcclCommT, Stream) -> c_int,
     get_async_error: unsafe extern "C" fn(NcclCommT, *mut c_int) -> c_int,
     comm_abort: unsafe extern "C" fn(NcclCommT) -> c_int,
     comm_destroy: unsafe extern "C" fn(NcclCommT) -> c_int,
@@ -112,6 +113,7 @@ fn api() -> Result<&'static Api, CommError> {
             all_reduce: sym!(nccl, "ncclAllReduce"),
             broadcast: sym!(nccl, "ncclBroadcast"),
             all_gather: sym!(nccl, "ncclAllGather"),
+            reduce_scatter: sym!(nccl, "ncclReduceScatter"),
             get_async_error: sym!(nccl, "ncclCommGetAsyncError"),
             comm_abort: sym!(nccl, "ncclCommAbort"),
             comm_destroy: sym!(nccl, "ncclCommDestroy"),
@@ -355,6 +357,47 @@ impl Communicator for NcclComm {
         // SAFETY: in-place broadcast of the tensor's bytes.
         let code = unsafe { (self.api.broadcast)(ptr, ptr, bytes, NCCL_UINT8, root as c_int, self.comm, std::ptr::null_mut()) };
         self.wait(Op::Broadcast, code)
+    }
+
+    /// In place: rank r's block of `numel / world` elements is at offset r × that (NCCL's
+    /// in-place convention). A length the world size does not divide takes the all-reduce.
+    fn reduce_scatter_tensor(&mut self, t: &mut Tensor) -> Result<(), CommError> {
+        self.check_tensor(t, Op::ReduceScatter)?;
+        if t.numel() % self.world != 0 {
+            return self.all_reduce_tensor(t);
+        }
+        let dtype = self.nccl_type(t, Op::ReduceScatter)?;
+        let block = t.numel() / self.world;
+        self.seq += 1;
+        let base = t.data_ptr();
+        // SAFETY: in-place reduce-scatter: the receive block lies inside the send buffer at this
+        // rank's offset, as NCCL requires.
+        let code = unsafe {
+            let mine = (base as *mut u8).add(self.rank * block * t.kind().elt_size_in_bytes()) as *mut c_void;
+            (self.api.reduce_scatter)(base, mine, block, dtype, NCCL_SUM, self.comm, std::ptr::null_mut())
+        };
+        self.wait(Op::ReduceScatter, code)
+    }
+
+    fn all_gather_shards_tensor(&mut self, t: &mut Tensor) -> Result<(), CommError> {
+        self.check_tensor(t, Op::AllGatherShards)?;
+        if t.numel() % self.world != 0 {
+            let (a, b) = super::shard_bounds(t.numel(), self.world, self.rank);
+            let flat = t.view([-1]);
+            let _ = flat.narrow(0, 0, a as i64).zero_();
+            let _ = flat.narrow(0, b as i64, (t.numel() - b) as i64).zero_();
+            return self.all_reduce_tensor(t);
+        }
+        let dtype = self.nccl_type(t, Op::AllGatherShards)?;
+        let block = t.numel() / self.world;
+        self.seq += 1;
+        let base = t.data_ptr();
+        // SAFETY: in-place all-gather: this rank's block is the send buffer, at its offset.
+        let code = unsafe {
+            let mine = (base as *mut u8).add(self.rank * block * t.kind().elt_size_in_bytes()) as *const c_void;
+            (self.api.all_gather)(mine, base, block, dtype, self.comm, std::ptr::null_mut())
+        };
+        self.wait(Op::AllGatherShards, code)
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {

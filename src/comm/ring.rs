@@ -18,6 +18,7 @@ use crate::wire::*;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
+use std::ops::Range;
 use std::time::Duration;
 
 const HEADER_BYTES: usize = 24;
@@ -67,9 +68,14 @@ struct Links {
 
 /// Raw view of the caller's buffer shared between the receiving and the sending thread. The ring
 /// schedule guarantees they never touch the same segment at the same time (see `all_reduce_sum`).
-#[derive(Clone, Copy)]
-struct SharedBuf(*mut f32);
-unsafe impl Send for SharedBuf {}
+struct SharedBuf<T>(*mut T);
+impl<T> Clone for SharedBuf<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedBuf<T> {}
+unsafe impl<T> Send for SharedBuf<T> {}
 
 impl RingComm {
     /// Joins the ring: publishes this rank's listening address in `store`, connects to the next
@@ -136,21 +142,24 @@ impl RingComm {
     }
 
     /// Reads the previous rank's header and checks it describes the same collective.
-    fn expect_header(&mut self, op: Op, seq: u64, len: Option<u64>) -> Result<(), CommError> {
+    fn expect_header(&mut self, op: Op, seq: u64, len: Option<u64>, tag: u8) -> Result<(), CommError> {
         let prev = self.prev();
         let links = self.links.as_mut().expect("world > 1 has links");
         let mut h = [0u8; HEADER_BYTES];
         links.from_prev.read_exact(&mut h).map_err(|e| self.io_error(op, seq, prev, e))?;
-        let (their_op, their_seq, their_len) = parse_header(&h);
+        let (their_op, their_tag, their_seq, their_len) = parse_header(&h);
         let theirs = Op::from_code(their_op).map(|o| o.name()).unwrap_or("an unknown op");
-        if their_op != op.code() || their_seq != seq || len.is_some_and(|l| l != their_len) {
+        let dtype = |t: u8| ["f32", "bf16"].get(t as usize).copied().unwrap_or("an unknown dtype");
+        if their_op != op.code() || their_seq != seq || len.is_some_and(|l| l != their_len) || their_tag != tag {
             return Err(CommError::Mismatch {
                 rank: self.rank,
                 peer: prev,
                 detail: format!(
-                    "rank {prev} is in {theirs} #{their_seq} of {their_len} elements, rank {} in {op} #{seq} of {} elements",
+                    "rank {prev} is in {theirs} #{their_seq} of {their_len} {} elements, rank {} in {op} #{seq} of {} {} elements",
+                    dtype(their_tag),
                     self.rank,
-                    len.map(|l| l.to_string()).unwrap_or_else(|| "?".into())
+                    len.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                    dtype(tag)
                 ),
             });
         }
@@ -179,16 +188,17 @@ impl RingComm {
     }
 }
 
-fn header(op: Op, seq: u64, len: u64) -> [u8; HEADER_BYTES] {
+fn header(op: Op, seq: u64, len: u64, tag: u8) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0] = op.code();
+    h[1] = tag;
     h[8..16].copy_from_slice(&seq.to_le_bytes());
     h[16..24].copy_from_slice(&len.to_le_bytes());
     h
 }
 
-fn parse_header(h: &[u8; HEADER_BYTES]) -> (u8, u64, u64) {
-    (h[0], u64::from_le_bytes(h[8..16].try_into().unwrap()), u64::from_le_bytes(h[16..24].try_into().unwrap()))
+fn parse_header(h: &[u8; HEADER_BYTES]) -> (u8, u8, u64, u64) {
+    (h[0], h[1], u64::from_le_bytes(h[8..16].try_into().unwrap()), u64::from_le_bytes(h[16..24].try_into().unwrap()))
 }
 
 /// Balanced split of n elements into w chunks: chunk c is [start(c), start(c+1)).
@@ -200,13 +210,13 @@ fn segments(start: usize, end: usize, seg: usize) -> impl Iterator<Item = (usize
     (start..end).step_by(seg).map(move |s| (s, (s + seg).min(end)))
 }
 
-fn as_bytes(s: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any bytes are a valid u8.
+fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
+    // SAFETY: the element types (f32, bf16) have no padding and any bytes are a valid u8.
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
 
-fn as_bytes_mut(s: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as above; every bit pattern is a valid f32.
+fn as_bytes_mut<T: Copy>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid f32 or bf16.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, std::mem::size_of_val(s)) }
 }
 
@@ -228,88 +238,29 @@ impl Communicator for RingComm {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let seq = self.next_seq();
-        if self.world == 1 {
-            return Ok(());
-        }
-        let (w, r, n, seg) = (self.world, self.rank, buf.len(), self.segment_elems);
-        let (next, prev) = (self.next(), self.prev());
-        let steps = 2 * (w - 1);
-        // Step t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1
-        // steps add what they receive (reduce-scatter), the rest store it (all-gather).
-        let send_chunk = |t: usize| (r + steps * w - t) % w;
-        let recv_chunk = |t: usize| (r + steps * w - t - 1) % w;
-        let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
-        if n * 4 <= self.sequential_limit() {
-            return self.all_reduce_small(buf, seq, &send_chunk, &recv_chunk, &bounds);
-        }
+        let w = self.world;
+        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+    }
 
-        let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(Op::AllReduce, seq, next, e))?;
-        if self.scratch.len() < seg {
-            self.scratch = vec![0.0; seg];
-        }
-        let shared = SharedBuf(buf.as_mut_ptr());
-        // The receiver tells the sender which segment it has finished; the chunk received at
-        // step t is exactly the chunk sent at step t+1, segment for segment.
-        let (ready_tx, ready_rx) = unbounded::<(usize, usize)>();
-        let first = bounds(send_chunk(0));
+    fn all_reduce_sum_bf16(&mut self, buf: &mut [half::bf16]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+    }
 
-        let result = std::thread::scope(|s| {
-            let sender = s.spawn(move || -> io::Result<()> {
-                let shared = shared;
-                to_next.write_all(&header(Op::AllReduce, seq, n as u64))?;
-                let send = |to_next: &mut Link, (a, b): (usize, usize)| {
-                    // SAFETY: segment [a, b) was completed before it was handed to us and is not
-                    // written again until the ring has carried our copy of it onwards (a later
-                    // value for it can only arrive after this write has returned).
-                    let data = unsafe { std::slice::from_raw_parts(shared.0.add(a), b - a) };
-                    to_next.write_all(as_bytes(data))
-                };
-                for range in segments(first.0, first.1, seg) {
-                    send(&mut to_next, range)?;
-                }
-                for range in ready_rx.iter() {
-                    send(&mut to_next, range)?;
-                }
-                Ok(())
-            });
+    fn shard_index(&self) -> usize {
+        self.next()
+    }
 
-            let received = (|| -> Result<(), PeerError> {
-                self.expect_header(Op::AllReduce, seq, Some(n as u64))?;
-                let from_prev = &mut self.links.as_mut().unwrap().from_prev;
-                for t in 0..steps {
-                    let (start, end) = bounds(recv_chunk(t));
-                    for (a, b) in segments(start, end, seg) {
-                        // SAFETY: the sender thread is not reading [a, b) now (see above).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(a), b - a) };
-                        receive(from_prev, dst, &mut self.scratch, t < w - 1).map_err(|e| (prev, e))?;
-                        if t + 1 < steps {
-                            let _ = ready_tx.send((a, b));
-                        }
-                    }
-                }
-                Ok(())
-            })()
-            .map_err(|e| self.peer_error(Op::AllReduce, seq, e))
-            // Before breaking the ring: our open sockets keep the ranks behind us from reporting
-            // a closed connection instead of the stall.
-            .map_err(|e| self.stall_report(e));
-            drop(ready_tx);
-            if received.is_err() {
-                self.poison();
-            }
-            // A panic in the sender thread becomes an error naming the rank and the operation.
-            let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("the ring's sender thread panicked")));
-            match (received, sent) {
-                (Err(e), _) => Err(e),
-                (Ok(()), Err(io)) => Err(self.io_error(Op::AllReduce, seq, next, io)),
-                (Ok(()), Ok(())) => Ok(()),
-            }
-        });
-        if result.is_err() {
-            self.poison();
-        }
-        result.map_err(|e| self.stall_report(e))
+    /// The all-reduce's first w-1 steps: each rank ends holding the sum of chunk r + 1.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::ReduceScatter, buf, 0..w.saturating_sub(1))
+    }
+
+    /// The all-reduce's last w-1 steps, which start by sending chunk r + 1.
+    fn all_gather_shards(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::AllGatherShards, buf, w.saturating_sub(1)..2 * w.saturating_sub(1))
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
@@ -326,12 +277,12 @@ impl Communicator for RingComm {
         let pos = (self.rank + w - root) % w;
         let result = (|| -> Result<(), PeerError> {
             if pos != 0 {
-                self.expect_header(Op::Broadcast, seq, Some(n as u64))?;
+                self.expect_header(Op::Broadcast, seq, Some(n as u64), 0)?;
             }
             let forward = pos + 1 < w;
             let links = self.links.as_mut().unwrap();
             if forward {
-                links.to_next.write_all(&header(Op::Broadcast, seq, n as u64)).map_err(|e| (next, e))?;
+                links.to_next.write_all(&header(Op::Broadcast, seq, n as u64, 0)).map_err(|e| (next, e))?;
             }
             for (a, b) in segments(0, n, seg) {
                 if pos != 0 {
@@ -358,6 +309,99 @@ impl Communicator for RingComm {
     fn barrier(&mut self) -> Result<(), CommError> {
         // After a ring all-gather every rank has heard (transitively) from every other.
         self.gather(Op::Barrier, &[]).map(|_| ())
+    }
+}
+
+impl RingComm {
+    /// Runs steps `steps` of the ring all-reduce's schedule on `buf`. Of its 2(w-1) steps, step
+    /// t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1 add what
+    /// they receive (reduce-scatter, after which rank r holds the sum of chunk r + 1), the rest
+    /// store it (all-gather). The all-reduce runs them all; reduce-scatter and all-gather run one
+    /// half each, in the same order, so they give the same bits.
+    fn ring_steps<T: Elem>(&mut self, op: Op, buf: &mut [T], steps: Range<usize>) -> Result<(), CommError> {
+        let seq = self.next_seq();
+        if self.world == 1 {
+            return Ok(());
+        }
+        let (w, r, n) = (self.world, self.rank, buf.len());
+        let seg = (self.segment_elems * 4 / T::BYTES).max(1);
+        let (next, prev) = (self.next(), self.prev());
+        let send_chunk = |t: usize| (r + 2 * w * w - t) % w;
+        let recv_chunk = |t: usize| (r + 2 * w * w - t - 1) % w;
+        let adds = |t: usize| t < w - 1;
+        let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
+        if n * T::BYTES <= self.sequential_limit() {
+            return self.ring_steps_small(op, buf, seq, steps, &send_chunk, &recv_chunk, &bounds);
+        }
+
+        let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(op, seq, next, e))?;
+        let scratch_len = seg * T::BYTES / 4 + 1;
+        if self.scratch.len() < scratch_len {
+            self.scratch = vec![0.0; scratch_len];
+        }
+        let shared = SharedBuf(buf.as_mut_ptr());
+        // The receiver tells the sender which segment it has finished; the chunk received at
+        // step t is exactly the chunk sent at step t+1, segment for segment.
+        let (ready_tx, ready_rx) = unbounded::<(usize, usize)>();
+        let first = bounds(send_chunk(steps.start));
+        let tag = T::TAG;
+
+        let result = std::thread::scope(|s| {
+            let sender = s.spawn(move || -> io::Result<()> {
+                let shared = shared;
+                to_next.write_all(&header(op, seq, n as u64, tag))?;
+                let send = |to_next: &mut Link, (a, b): (usize, usize)| {
+                    // SAFETY: segment [a, b) was completed before it was handed to us and is not
+                    // written again until the ring has carried our copy of it onwards (a later
+                    // value for it can only arrive after this write has returned).
+                    let data = unsafe { std::slice::from_raw_parts(shared.0.add(a), b - a) };
+                    to_next.write_all(as_bytes(data))
+                };
+                for range in segments(first.0, first.1, seg) {
+                    send(&mut to_next, range)?;
+                }
+                for range in ready_rx.iter() {
+                    send(&mut to_next, range)?;
+                }
+                Ok(())
+            });
+
+            let received = (|| -> Result<(), PeerError> {
+                self.expect_header(op, seq, Some(n as u64), tag)?;
+                let from_prev = &mut self.links.as_mut().unwrap().from_prev;
+                for t in steps.clone() {
+                    let (start, end) = bounds(recv_chunk(t));
+                    for (a, b) in segments(start, end, seg) {
+                        // SAFETY: the sender thread is not reading [a, b) now (see above).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(a), b - a) };
+                        receive(from_prev, dst, &mut self.scratch, adds(t)).map_err(|e| (prev, e))?;
+                        if t + 1 < steps.end {
+                            let _ = ready_tx.send((a, b));
+                        }
+                    }
+                }
+                Ok(())
+            })()
+            .map_err(|e| self.peer_error(op, seq, e))
+            // Before breaking the ring: our open sockets keep the ranks behind us from reporting
+            // a closed connection instead of the stall.
+            .map_err(|e| self.stall_report(e));
+            drop(ready_tx);
+            if received.is_err() {
+                self.poison();
+            }
+            // A panic in the sender thread becomes an error naming the rank and the operation.
+            let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("the ring's sender thread panicked")));
+            match (received, sent) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),
+                (Ok(()), Ok(())) => Ok(()),
+            }
+        });
+        if result.is_err() {
+            self.poison();
+        }
+        result.map_err(|e| self.stall_report(e))
     }
 }
 
@@ -395,29 +439,32 @@ impl RingComm {
 }
 
 impl RingComm {
-    /// The same ring steps as the threaded all-reduce, in the same order (so the same bits), each
-    /// step sending its chunk and then receiving the next.
-    fn all_reduce_small(
+    /// The same ring steps as the threaded path, in the same order (so the same bits), each step
+    /// sending its chunk and then receiving the next.
+    #[allow(clippy::too_many_arguments)]
+    fn ring_steps_small<T: Elem>(
         &mut self,
-        buf: &mut [f32],
+        op: Op,
+        buf: &mut [T],
         seq: u64,
+        steps: Range<usize>,
         send_chunk: &dyn Fn(usize) -> usize,
         recv_chunk: &dyn Fn(usize) -> usize,
         bounds: &dyn Fn(usize) -> (usize, usize),
     ) -> Result<(), CommError> {
         let (w, n) = (self.world, buf.len());
         let prev = self.prev();
-        let steps = 2 * (w - 1);
-        if self.scratch.len() < n {
-            self.scratch = vec![0.0; n];
+        let scratch_len = n * T::BYTES / 4 + 1;
+        if self.scratch.len() < scratch_len {
+            self.scratch = vec![0.0; scratch_len];
         }
         let result = (|| -> Result<(), PeerError> {
-            self.send_or_blame(&header(Op::AllReduce, seq, n as u64))?;
-            for t in 0..steps {
+            self.send_or_blame(&header(op, seq, n as u64, T::TAG))?;
+            for t in steps.clone() {
                 let (a, b) = bounds(send_chunk(t));
                 self.send_or_blame(as_bytes(&buf[a..b]))?;
-                if t == 0 {
-                    self.expect_header(Op::AllReduce, seq, Some(n as u64))?;
+                if t == steps.start {
+                    self.expect_header(op, seq, Some(n as u64), T::TAG)?;
                 }
                 let (a, b) = bounds(recv_chunk(t));
                 let from_prev = &mut self.links.as_mut().expect("world > 1 has links").from_prev;
@@ -425,7 +472,7 @@ impl RingComm {
             }
             Ok(())
         })()
-        .map_err(|e| self.peer_error(Op::AllReduce, seq, e))
+        .map_err(|e| self.peer_error(op, seq, e))
         .map_err(|e| self.stall_report(e));
         if result.is_err() {
             self.poison();
@@ -446,11 +493,11 @@ impl RingComm {
         if op == Op::Barrier {
             // Every blob is empty: nothing can fill a link, so no sender thread is needed.
             let result = (|| -> Result<(), PeerError> {
-                self.send_or_blame(&header(op, seq, 0))?;
+                self.send_or_blame(&header(op, seq, 0, 0))?;
                 for t in 0..w - 1 {
                     self.send_or_blame(&0u64.to_le_bytes())?;
                     if t == 0 {
-                        self.expect_header(op, seq, Some(0))?;
+                        self.expect_header(op, seq, Some(0), 0)?;
                     }
                     read_blob(&mut self.links.as_mut().expect("world > 1 has links").from_prev).map_err(|e| (prev, e))?;
                 }
@@ -468,7 +515,7 @@ impl RingComm {
         let first = mine.to_vec();
         let result = std::thread::scope(|s| {
             let sender = s.spawn(move || -> io::Result<()> {
-                to_next.write_all(&header(op, seq, 0))?;
+                to_next.write_all(&header(op, seq, 0, 0))?;
                 write_blob(&mut to_next, &first)?;
                 for blob in rx.iter() {
                     write_blob(&mut to_next, &blob)?;
@@ -476,7 +523,7 @@ impl RingComm {
                 Ok(())
             });
             let received = (|| -> Result<(), PeerError> {
-                self.expect_header(op, seq, Some(0))?;
+                self.expect_header(op, seq, Some(0), 0)?;
                 let from_prev = &mut self.links.as_mut().unwrap().from_prev;
                 for t in 0..w - 1 {
                     let blob = read_blob(from_prev).map_err(|e| (prev, e))?;
@@ -507,18 +554,44 @@ impl RingComm {
     }
 }
 
-/// Reads `dst.len()` floats from the previous rank: added into `dst` (through `scratch`, at
-/// least as long) during the reduce-scatter, stored into it during the all-gather.
-fn receive(from_prev: &mut Link, dst: &mut [f32], scratch: &mut [f32], add: bool) -> io::Result<()> {
+/// Reads `dst.len()` elements from the previous rank: added into `dst` (through `scratch`, at
+/// least as many bytes) during the reduce-scatter, stored into it during the all-gather.
+fn receive<T: Elem>(from_prev: &mut Link, dst: &mut [T], scratch: &mut [f32], add: bool) -> io::Result<()> {
     if !add {
         return from_prev.read_exact(as_bytes_mut(dst));
     }
-    let tmp = &mut scratch[..dst.len()];
+    // SAFETY: scratch holds at least dst.len() * T::BYTES bytes, f32's alignment covers T's, and
+    // every bit pattern is a valid T.
+    let tmp = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut T, dst.len()) };
     from_prev.read_exact(as_bytes_mut(tmp))?;
     for (d, x) in dst.iter_mut().zip(tmp.iter()) {
-        *d += *x;
+        *d = T::add(*d, *x);
     }
     Ok(())
+}
+
+/// What the ring can sum: f32, and bf16 (each addition rounded to bf16, as libtorch adds bf16).
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    const BYTES: usize;
+    /// Travels in the header, so ranks that disagree on the dtype fail with a `Mismatch`.
+    const TAG: u8;
+    fn add(a: Self, b: Self) -> Self;
+}
+
+impl Elem for f32 {
+    const BYTES: usize = 4;
+    const TAG: u8 = 0;
+    fn add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+}
+
+impl Elem for half::bf16 {
+    const BYTES: usize = 2;
+    const TAG: u8 = 1;
+    fn add(a: half::bf16, b: half::bf16) -> half::bf16 {
+        half::bf16::from_f32(a.to_f32() + b.to_f32())
+    }
 }
 
 /// Failure talking to a specific peer.
@@ -566,7 +639,7 @@ mod tests {
 
     #[test]
     fn header_roundtrip() {
-        let h = header(Op::Broadcast, 42, 7);
-        assert_eq!(parse_header(&h), (Op::Broadcast.code(), 42, 7));
+        let h = header(Op::Broadcast, 42, 7, 1);
+        assert_eq!(parse_header(&h), (Op::Broadcast.code(), 1, 42, 7));
     }
 }

@@ -13,20 +13,50 @@ fn host_view(t: &Tensor) -> (Tensor, bool) {
 }
 
 pub fn all_reduce_staged<C: Communicator + ?Sized>(comm: &mut C, t: &mut Tensor) -> Result<(), CommError> {
-    if t.kind() != Kind::Float {
-        return Err(CommError::BadArgument { op: Op::AllReduce, detail: format!("dtype {:?}: host backends reduce f32", t.kind()) });
+    match t.kind() {
+        Kind::Float => staged(comm, t, Op::AllReduce, |c, buf: &mut [f32]| c.all_reduce_sum(buf)),
+        Kind::BFloat16 => staged(comm, t, Op::AllReduce, |c, buf: &mut [half::bf16]| c.all_reduce_sum_bf16(buf)),
+        k => Err(CommError::BadArgument { op: Op::AllReduce, detail: format!("dtype {k:?}: host backends reduce f32 and bf16") }),
     }
+}
+
+pub fn reduce_scatter_staged<C: Communicator + ?Sized>(comm: &mut C, t: &mut Tensor) -> Result<(), CommError> {
+    expect_f32(t, Op::ReduceScatter)?;
+    staged(comm, t, Op::ReduceScatter, |c, buf: &mut [f32]| c.reduce_scatter_sum(buf))
+}
+
+pub fn all_gather_shards_staged<C: Communicator + ?Sized>(comm: &mut C, t: &mut Tensor) -> Result<(), CommError> {
+    expect_f32(t, Op::AllGatherShards)?;
+    staged(comm, t, Op::AllGatherShards, |c, buf: &mut [f32]| c.all_gather_shards(buf))
+}
+
+fn expect_f32(t: &Tensor, op: Op) -> Result<(), CommError> {
+    match t.kind() {
+        Kind::Float => Ok(()),
+        k => Err(CommError::BadArgument { op, detail: format!("dtype {k:?}: only f32 is sharded") }),
+    }
+}
+
+/// Runs `f` on the tensor's elements as a host slice of `T` (the tensor's dtype), staging it
+/// through host memory when it is elsewhere, and copies the result back.
+fn staged<C: Communicator + ?Sized, T>(
+    comm: &mut C,
+    t: &mut Tensor,
+    op: Op,
+    f: impl FnOnce(&mut C, &mut [T]) -> Result<(), CommError>,
+) -> Result<(), CommError> {
     let (host, staged) = host_view(t);
     let n = host.numel();
     if n == 0 {
-        comm.all_reduce_sum(&mut [])?;
+        f(comm, &mut [])?;
     } else {
-        // SAFETY: contiguous CPU f32 tensor with n elements; we hold the only handle during the call.
-        let buf = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut f32, n) };
-        comm.all_reduce_sum(buf)?;
+        // SAFETY: a contiguous CPU tensor of n elements of T (the caller matched T to its dtype);
+        // we hold the only handle during the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut T, n) };
+        f(comm, buf)?;
     }
     if staged {
-        t.f_copy_(&host).map_err(|e| CommError::BadArgument { op: Op::AllReduce, detail: e.to_string() })?;
+        tch::no_grad(|| t.f_copy_(&host)).map_err(|e| CommError::BadArgument { op, detail: e.to_string() })?;
     }
     Ok(())
 }

@@ -78,6 +78,17 @@ fn check(code: c_int, rank: usize, op: Op) -> Result<(), CommError> {
     }
 }
 
+/// MPI_User_function for bf16 sums: `inout[i] = in[i] + inout[i]`, rounded to bf16 as libtorch
+/// rounds (round to nearest even, through f32).
+unsafe extern "C" fn bf16_sum(invec: *mut c_void, inoutvec: *mut c_void, len: *mut c_int, _datatype: *mut ffi::MPI_Datatype) {
+    let n = *len as usize;
+    let a = std::slice::from_raw_parts(invec as *const half::bf16, n);
+    let b = std::slice::from_raw_parts_mut(inoutvec as *mut half::bf16, n);
+    for (y, x) in b.iter_mut().zip(a) {
+        *y = half::bf16::from_f32(x.to_f32() + y.to_f32());
+    }
+}
+
 /// The collective in flight, watched by the watchdog thread.
 type InFlight = Arc<Mutex<Option<(Op, u64, Instant)>>>;
 
@@ -86,7 +97,13 @@ pub struct MpiComm {
     timeout: Duration,
     seq: u64,
     in_flight: InFlight,
+    bf16_op: Option<Bf16Op>,
 }
+
+/// The bf16 sum's handle: created once, used only by the thread that holds the communicator.
+struct Bf16Op(ffi::MPI_Op);
+// SAFETY: an MPI_Op is a process-wide handle; the communicator is used by one thread at a time.
+unsafe impl Send for Bf16Op {}
 
 impl MpiComm {
     pub fn new(rt: MpiRuntime, timeout: Duration) -> Result<MpiComm, CommError> {
@@ -110,7 +127,30 @@ impl MpiComm {
                 }
             })
             .map_err(|e| CommError::Mpi { rank, op: Op::Setup, detail: format!("watchdog thread: {e}") })?;
-        Ok(MpiComm { rt, timeout, seq: 0, in_flight })
+        Ok(MpiComm { rt, timeout, seq: 0, in_flight, bf16_op: None })
+    }
+
+    /// Element counts and offsets of every rank's block of `n` (`shard_bounds`), as MPI's ints.
+    fn blocks(&self, n: usize, op: Op) -> Result<(Vec<c_int>, Vec<c_int>), CommError> {
+        if n > c_int::MAX as usize {
+            return Err(CommError::BadArgument { op, detail: format!("{n} elements: MPI counts are 32-bit") });
+        }
+        let bounds: Vec<(usize, usize)> = (0..self.rt.size).map(|i| crate::comm::shard_bounds(n, self.rt.size, i)).collect();
+        Ok((bounds.iter().map(|&(a, b)| (b - a) as c_int).collect(), bounds.iter().map(|&(a, _)| a as c_int).collect()))
+    }
+
+    /// The bf16 sum as an MPI operation, made once.
+    fn bf16_sum(&mut self) -> Result<ffi::MPI_Op, CommError> {
+        if let Some(op) = &self.bf16_op {
+            return Ok(op.0);
+        }
+        // SAFETY: MPI_Op is a plain handle that MPI_Op_create fills.
+        let mut op: ffi::MPI_Op = unsafe { std::mem::zeroed() };
+        // SAFETY: `bf16_sum` has MPI_User_function's signature; commutative.
+        let code = unsafe { ffi::MPI_Op_create(Some(bf16_sum), 1, &mut op) };
+        check(code, self.rt.rank, Op::AllReduce)?;
+        self.bf16_op = Some(Bf16Op(op));
+        Ok(op)
     }
 
     /// Runs one MPI call under the watchdog.
@@ -155,6 +195,67 @@ impl Communicator for MpiComm {
             })?;
         }
         Ok(())
+    }
+
+    fn all_reduce_sum_bf16(&mut self, buf: &mut [half::bf16]) -> Result<(), CommError> {
+        let op = self.bf16_sum()?;
+        if buf.is_empty() {
+            return self.watched(Op::AllReduce, || 0);
+        }
+        for chunk in buf.chunks_mut(1 << 28) {
+            // SAFETY: in-place all-reduce over a valid buffer of chunk.len() 16-bit values, with
+            // our bf16 sum (MPI has no bf16 type; its bytes travel as uint16).
+            self.watched(Op::AllReduce, || unsafe {
+                ffi::MPI_Allreduce(
+                    ringtrain_mpi_in_place(),
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len() as c_int,
+                    ffi::RSMPI_UINT16_T,
+                    op,
+                    ffi::RSMPI_COMM_WORLD,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// MPI_Reduce_scatter into this rank's block (rank r holds block r).
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (counts, _) = self.blocks(buf.len(), Op::ReduceScatter)?;
+        let (a, b) = crate::comm::shard_bounds(buf.len(), self.rt.size, self.rt.rank);
+        let mut mine = vec![0f32; b - a];
+        // SAFETY: `buf` holds sum(counts) floats, `mine` this rank's count; they do not overlap.
+        self.watched(Op::ReduceScatter, || unsafe {
+            ffi::MPI_Reduce_scatter(
+                buf.as_ptr() as *const c_void,
+                mine.as_mut_ptr() as *mut c_void,
+                counts.as_ptr(),
+                ffi::RSMPI_FLOAT,
+                ffi::RSMPI_SUM,
+                ffi::RSMPI_COMM_WORLD,
+            )
+        })?;
+        buf[a..b].copy_from_slice(&mine);
+        Ok(())
+    }
+
+    /// MPI_Allgatherv in place: each rank's block is already where every rank wants it.
+    fn all_gather_shards(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (counts, displs) = self.blocks(buf.len(), Op::AllGatherShards)?;
+        // SAFETY: counts and displacements describe `buf` exactly; MPI_IN_PLACE takes this
+        // rank's contribution from its own block.
+        self.watched(Op::AllGatherShards, || unsafe {
+            ffi::MPI_Allgatherv(
+                ringtrain_mpi_in_place(),
+                0,
+                ffi::RSMPI_FLOAT,
+                buf.as_mut_ptr() as *mut c_void,
+                counts.as_ptr(),
+                displs.as_ptr(),
+                ffi::RSMPI_FLOAT,
+                ffi::RSMPI_COMM_WORLD,
+            )
+        })
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
