@@ -64,7 +64,7 @@ fn default_precision() -> Precision {
 #[serde(rename_all = "snake_case")]
 pub enum ReduceDtype {
     Fp32,
-    /// Gradients travel as bf16 (NCCL only): half the bytes, less precision.
+    /// Gradients travel as bf16: half the bytes, less precision (DDP's `bf16_compress_hook`).
     Bf16,
 }
 
@@ -397,6 +397,11 @@ pub struct OptimizerConfig {
     pub weight_decay_1d: bool,
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`): gradients are reduce-scattered, each
+    /// rank steps and keeps optimizer state for 1/N of the parameters, then the parameters are
+    /// all-gathered. Checkpoints hold the whole state, as without sharding.
+    #[serde(default)]
+    pub shard: bool,
 }
 
 impl OptimizerConfig {
@@ -414,6 +419,7 @@ impl OptimizerConfig {
             eps: default_eps(),
             weight_decay_1d: true,
             schedule: ScheduleConfig::Constant,
+            shard: false,
         }
     }
 }
@@ -427,7 +433,7 @@ pub struct DdpConfig {
     /// Cap of the first bucket (the last layers' gradients, ready first), as PyTorch does.
     #[serde(default = "default_first_bucket_cap")]
     pub first_bucket_cap_mb: f64,
-    /// Dtype gradients are all-reduced in: fp32, or bf16 (NCCL only).
+    /// Dtype gradients are all-reduced in: fp32, or bf16 (every backend; each addition rounds to bf16).
     #[serde(default = "default_reduce_dtype")]
     pub reduce_dtype: ReduceDtype,
     /// All-reduce each bucket during backward, as soon as its gradients are ready (ring backend).
@@ -651,8 +657,8 @@ impl Config {
         if self.comm.backend == Backend::Nccl && self.device == DeviceChoice::Cpu {
             return Err("comm.backend nccl needs device cuda (or auto)".into());
         }
-        if self.ddp.reduce_dtype == ReduceDtype::Bf16 && !matches!(self.comm.backend, Backend::Nccl | Backend::Auto) {
-            return Err("ddp.reduce_dtype bf16 needs comm.backend nccl".into());
+        if self.ddp.reduce_dtype == ReduceDtype::Bf16 && self.optimizer.shard {
+            return Err("optimizer.shard reduce-scatters f32 gradients: use ddp.reduce_dtype fp32 with it".into());
         }
         if self.checkpoint.keep == 0 {
             return Err("checkpoint.keep must be at least 1".into());

@@ -48,14 +48,14 @@ fn auto_device_falls_back_to_the_cpu_and_trains() {
 }
 
 #[test]
-fn nccl_and_bf16_need_a_cuda_device() {
+fn nccl_and_bf16_need_a_cuda_device_and_sharding_needs_fp32_gradients() {
     let dir = tempfile::tempdir().unwrap();
     for (set, needle) in [
         ("comm.backend=nccl", "comm.backend nccl needs device cuda"),
         ("train.precision=bf16", "train.precision bf16 needs device cuda"),
-        ("ddp.reduce_dtype=bf16", "ddp.reduce_dtype bf16 needs comm.backend nccl"),
+        ("ddp.reduce_dtype=bf16", "use ddp.reduce_dtype fp32 with it"),
     ] {
-        let sets: Vec<&str> = if set.starts_with("ddp") { vec![set, "comm.backend=ring"] } else { vec![set] };
+        let sets: Vec<&str> = if set.starts_with("ddp") { vec![set, "optimizer.shard=true"] } else { vec![set] };
         let out = solo(dir.path(), &sets);
         out.assert_failure();
         assert!(out.stderr.contains(needle), "{set}\n{}", out.report());

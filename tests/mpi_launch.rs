@@ -124,3 +124,46 @@ fn a_rank_killed_under_mpirun_ends_the_job() {
         assert!(out.elapsed < Duration::from_secs(10 + 5), "backend {backend}: took {:?}\n{}", out.elapsed, out.report());
     }
 }
+
+#[test]
+fn sharded_optimizer_and_bf16_gradients_under_mpi() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let adam = |backend: &str, extra: &str| {
+        write_config(
+            dir.path(),
+            &format!("{backend}_{}.yaml", extra.len()),
+            &mlp_config(10, extra)
+                .replace("timeout_secs: 20", &format!("timeout_secs: 20, backend: {backend}"))
+                .replace("{name: sgd, lr: 0.1, momentum: 0.9}", "{name: adam, lr: 0.01}"),
+        )
+    };
+    // ZeRO-1 over MPI_Reduce_scatter / MPI_Allgatherv: at 2 ranks one addition per element, so
+    // the same bits as the unsharded MPI run.
+    let plain = dir.path().join("plain");
+    run(mpirun(2, &adam("mpi", ""), &plain, &[]), Duration::from_secs(120)).assert_success();
+    let sharded = dir.path().join("sharded");
+    let out = run(
+        mpirun(2, &adam("mpi", "ddp: {bucket_cap_mb: 0.001, first_bucket_cap_mb: 0.001}"), &sharded, &["--set", "optimizer.shard=true"]),
+        Duration::from_secs(120),
+    );
+    out.assert_success();
+    assert!(out.stderr.contains("ZeRO-1"), "{}", out.report());
+    assert_eq!(rank_hashes(&sharded, 2), rank_hashes(&plain, 2), "sharded under MPI");
+
+    // bf16 gradients: MPI's user-defined bf16 sum and the ring's give the same bits at 2 ranks
+    // (one rounded addition per element), and differ from fp32 (the compression is real).
+    let bf16 = "ddp: {reduce_dtype: bf16}";
+    let mpi_bf16 = dir.path().join("mpi_bf16");
+    run(mpirun(2, &adam("mpi", bf16), &mpi_bf16, &[]), Duration::from_secs(120)).assert_success();
+    let ring_bf16 = dir.path().join("ring_bf16");
+    run(ringrun(2, &adam("ring", bf16), &ring_bf16, &[]), Duration::from_secs(120)).assert_success();
+    let h = rank_hashes(&mpi_bf16, 2);
+    assert!(h[0] == h[1], "bf16 replicas differ: {h:?}");
+    assert_eq!(h, rank_hashes(&ring_bf16, 2), "MPI and ring bf16 sums");
+    assert_ne!(h, rank_hashes(&plain, 2), "bf16 gradients changed nothing");
+    let acc = |d: &Path| metrics_lines(d, "epoch").last().unwrap()["test_acc"].as_f64().unwrap();
+    assert!((acc(&mpi_bf16) - acc(&plain)).abs() <= 0.03, "accuracy bf16 {} vs fp32 {}", acc(&mpi_bf16), acc(&plain));
+}

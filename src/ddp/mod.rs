@@ -6,13 +6,16 @@
 //!   `compute_bucket_assignment_by_size`).
 //! - `reducer`: gradients living in the buckets, averaged across ranks, overlapped with backward.
 //! - `replica`: at start, checks every rank built the same model, then broadcasts rank 0's state.
+//! - `zero`: ZeRO-1, each rank stepping its shard of the parameters and gathering the rest.
 
 pub mod buckets;
 mod hooks;
 mod reducer;
 mod replica;
 mod wrapper;
+pub mod zero;
 
 pub use buckets::compute_bucket_assignment_by_size;
 pub use replica::{fnv1a, parameter_hash, sync_replicas, DdpError, FNV_OFFSET};
 pub use wrapper::{Ddp, DdpOptions};
+pub use zero::Zero;

@@ -36,6 +36,9 @@ pub struct ReducerOptions {
     pub reduce_bf16: bool,
     /// Start each bucket's all-reduce during backward, as soon as its gradients are ready.
     pub overlap: bool,
+    /// ZeRO-1 over this many ranks: buckets are padded to a multiple of it and reduce-scattered
+    /// (each rank gets the average of its shard only).
+    pub shard_world: Option<usize>,
 }
 
 pub struct Reducer {
@@ -52,6 +55,8 @@ pub struct Reducer {
     bucket_of: Vec<usize>,
     /// Gradients found replaced (and re-attached) since the reducer was built.
     reattached: u64,
+    /// ZeRO-1: reduce-scatter instead of all-reduce; the control value travels on its own.
+    shard: bool,
 }
 
 /// Marks the end of backward on the ready channel.
@@ -74,18 +79,30 @@ impl Bucket {
     }
 }
 
-/// Divides a bucket by the world size and sums it across ranks (as bf16 on the wire when asked);
-/// returns when it started and ended, for the timeline.
-fn all_reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, bf16: bool) -> Result<(Instant, Instant), DdpError> {
+/// How a bucket is summed across ranks.
+#[derive(Clone, Copy)]
+enum Reduction {
+    AllReduce,
+    /// As bf16 on the wire.
+    AllReduceBf16,
+    /// ZeRO-1: only this rank's shard is summed here.
+    ReduceScatter,
+}
+
+/// Divides a bucket by the world size and sums it across ranks; returns when it started and
+/// ended, for the timeline.
+fn reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, how: Reduction) -> Result<(Instant, Instant), DdpError> {
     let started = Instant::now();
     let mut flat = flat.shallow_clone();
     let _ = flat.f_div_scalar_(world)?;
-    if bf16 {
-        let mut low = flat.f_to_kind(Kind::BFloat16)?;
-        comm.all_reduce_tensor(&mut low)?;
-        flat.f_copy_(&low)?;
-    } else {
-        comm.all_reduce_tensor(&mut flat)?;
+    match how {
+        Reduction::AllReduce => comm.all_reduce_tensor(&mut flat)?,
+        Reduction::AllReduceBf16 => {
+            let mut low = flat.f_to_kind(Kind::BFloat16)?;
+            comm.all_reduce_tensor(&mut low)?;
+            flat.f_copy_(&low)?;
+        }
+        Reduction::ReduceScatter => comm.reduce_scatter_tensor(&mut flat)?,
     }
     Ok((started, Instant::now()))
 }
@@ -120,7 +137,14 @@ impl Reducer {
                     (off - n, n)
                 })
                 .collect();
-            let extra = i64::from(bi == last);
+            // The control slot rides in the last bucket, except under ZeRO-1 (the sum of a
+            // reduce-scatter reaches one rank only). Sharded buckets are padded with zeros to a
+            // multiple of the world size, so every rank's shard has the same length.
+            let extra = i64::from(bi == last && opts.shard_world.is_none());
+            let off = match opts.shard_world {
+                Some(w) => (off + extra + w as i64 - 1) / w as i64 * w as i64 - extra,
+                None => off,
+            };
             buckets.push(Bucket { params: idx, spans, flat: Tensor::f_zeros([off + extra], (Kind::Float, opts.buffer_device))? });
         }
         if buckets.is_empty() {
@@ -137,6 +161,7 @@ impl Reducer {
             hooks: None,
             bucket_of,
             reattached: 0,
+            shard: opts.shard_world.is_some(),
         };
         if !opts.reduce_bf16 && params.iter().all(|p| p.device() == opts.buffer_device) {
             reducer.attach()?;
@@ -232,11 +257,16 @@ impl Reducer {
         while rx.try_recv().is_ok() {} // nothing stale from an aborted or no_sync step
         let world = comm.world_size() as f64;
         let last = self.buckets.len() - 1;
-        self.buckets[last].set_control(control)?;
+        if !self.shard {
+            self.buckets[last].set_control(control)?;
+        }
+        let how = if self.shard { Reduction::ReduceScatter } else { Reduction::AllReduce };
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
+        // Lent to the communication thread for the scope, back here for the control sum.
+        let comm_lent: &mut dyn Communicator = &mut *comm;
         let (backward_result, reduced) = std::thread::scope(|s| {
             let worker = std::thread::Builder::new().name("ddp-comm".into()).spawn_scoped(s, move || {
                 let mut ready = vec![0usize; sizes.len()];
@@ -244,7 +274,7 @@ impl Reducer {
                 let mut times = Vec::with_capacity(sizes.len());
                 let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
                     while *next < sizes.len() && upto(*next) {
-                        times.push(all_reduce_bucket(comm, &flats[*next], world, false)?);
+                        times.push(reduce_bucket(comm_lent, &flats[*next], world, how)?);
                         *next += 1;
                     }
                     Ok(())
@@ -280,7 +310,7 @@ impl Reducer {
         });
         backward_result?;
         self.bucket_times = reduced?;
-        Ok(self.buckets[last].control_sum(world)?)
+        self.control_sum(comm, control)
     }
 
     /// Start and end of each bucket's all-reduce in the last `reduce`.
@@ -303,9 +333,16 @@ impl Reducer {
             return Ok(control);
         }
         let last = self.buckets.len() - 1;
-        self.buckets[last].set_control(control)?;
+        if !self.shard {
+            self.buckets[last].set_control(control)?;
+        }
         self.bucket_times.clear();
         let attached = self.views.is_some();
+        let how = match (self.shard, self.reduce_bf16) {
+            (true, _) => Reduction::ReduceScatter,
+            (false, true) => Reduction::AllReduceBf16,
+            (false, false) => Reduction::AllReduce,
+        };
         for b in &self.buckets {
             if !attached {
                 for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
@@ -318,7 +355,7 @@ impl Reducer {
                     }
                 }
             }
-            self.bucket_times.push(all_reduce_bucket(comm, &b.flat, world, self.reduce_bf16)?);
+            self.bucket_times.push(reduce_bucket(comm, &b.flat, world, how)?);
             if !attached {
                 for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                     let p = &self.params[i];
@@ -335,6 +372,26 @@ impl Reducer {
                 }
             }
         }
-        Ok(self.buckets[last].control_sum(world)?)
+        self.control_sum(comm, control)
+    }
+
+    /// The sum of every rank's control value: read from the last bucket, or (ZeRO-1) summed on
+    /// its own, exactly.
+    fn control_sum(&self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
+        if self.shard {
+            let mut v = [control];
+            comm.all_reduce_sum(&mut v)?;
+            return Ok(v[0]);
+        }
+        Ok(self.buckets[self.buckets.len() - 1].control_sum(comm.world_size() as f64)?)
+    }
+
+    /// Each bucket's flat tensor and its parameters' (index, offset, length) inside it, for
+    /// ZeRO-1's slices and gathers.
+    pub fn buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
+        self.buckets
+            .iter()
+            .map(|b| (b.flat.shallow_clone(), b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect()))
+            .collect()
     }
 }

@@ -29,11 +29,21 @@ pub struct DdpOptions {
     pub reduce_bf16: bool,
     /// `sync_buffers` broadcasts rank 0's buffers (DDP's `broadcast_buffers=True`).
     pub broadcast_buffers: bool,
+    /// ZeRO-1: gradients are reduce-scattered instead of all-reduced, so each rank holds the
+    /// average of its shard only; pair with `Zero` (see `ddp::zero`), which steps the shards.
+    pub shard: bool,
 }
 
 impl Default for DdpOptions {
     fn default() -> Self {
-        Self { bucket_cap_bytes: 25 << 20, first_bucket_cap_bytes: 1 << 20, overlap: true, reduce_bf16: false, broadcast_buffers: true }
+        Self {
+            bucket_cap_bytes: 25 << 20,
+            first_bucket_cap_bytes: 1 << 20,
+            overlap: true,
+            reduce_bf16: false,
+            broadcast_buffers: true,
+            shard: false,
+        }
     }
 }
 
@@ -62,15 +72,21 @@ impl Ddp {
         }
         let all: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         sync_replicas(comm, &all)?;
+        if opts.shard && opts.reduce_bf16 {
+            return Err(DdpError::Unsupported("sharding reduce-scatters f32 gradients: reduce_bf16 cannot be combined with it".into()));
+        }
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         let reducer = Reducer::new(
             &params.iter().map(|(_, p)| p.shallow_clone()).collect::<Vec<_>>(),
             &ReducerOptions {
                 first_cap_bytes: opts.first_bucket_cap_bytes,
                 cap_bytes: opts.bucket_cap_bytes,
-                buffer_device: if comm.device_native() { device } else { tch::Device::Cpu },
+                // Sharded, the optimizer steps slices of the buckets beside the parameters: they
+                // share a device (a host backend stages them).
+                buffer_device: if comm.device_native() || opts.shard { device } else { tch::Device::Cpu },
                 reduce_bf16: opts.reduce_bf16,
                 overlap: opts.overlap,
+                shard_world: opts.shard.then_some(comm.world_size()),
             },
         )?;
         Ok(Ddp { params, buffers, reducer, opts, sync: true, warned_reattach: false })
@@ -210,5 +226,10 @@ impl Ddp {
     /// Parameter indices of each bucket, in reduction order.
     pub fn bucket_layout(&self) -> Vec<Vec<usize>> {
         self.reducer.bucket_layout()
+    }
+
+    /// Each bucket's flat tensor and its parameters' (index, offset, length), for `Zero`.
+    pub(crate) fn reducer_buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
+        self.reducer.buckets()
     }
 }

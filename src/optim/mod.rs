@@ -10,9 +10,11 @@ mod clip;
 #[cfg(test)]
 mod fixture;
 mod schedule;
+mod shard;
 
 pub use clip::{clip_grad_norm, grad_norm};
 pub use schedule::lr_at;
+pub use shard::ShardSlice;
 
 use crate::config::{OptimizerConfig, OptimizerName};
 use tch::{TchError, Tensor};
@@ -32,6 +34,9 @@ pub struct Optimizer {
     /// Per-parameter workspace for the update.
     scratch: Vec<Option<Tensor>>,
     step: u64,
+    /// ZeRO-1: each entry is a slice of a parameter, stepped with an explicit gradient (its
+    /// slice of the reduced bucket); see `shard`.
+    shard: Option<shard::Sharding>,
 }
 
 impl Optimizer {
@@ -48,6 +53,7 @@ impl Optimizer {
             state_b: params.iter().map(|_| None).collect(),
             scratch: params.iter().map(|_| None).collect(),
             step: 0,
+            shard: None,
         }
     }
 
@@ -83,7 +89,10 @@ impl Optimizer {
         self.step += 1;
         let _guard = tch::no_grad_guard();
         for i in 0..self.params.len() {
-            let g = self.params[i].grad();
+            let g = match &self.shard {
+                Some(sh) => sh.grads[i].shallow_clone(),
+                None => self.params[i].grad(),
+            };
             if !g.defined() {
                 continue;
             }
@@ -194,7 +203,7 @@ impl Optimizer {
     }
 
     /// State tensors named `<param>.<state>` as in PyTorch's optimizer state (momentum_buffer;
-    /// exp_avg, exp_avg_sq).
+    /// exp_avg, exp_avg_sq). Sharded (ZeRO-1), each is this rank's slice of the flattened state.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let (a, b) = self.suffixes();
         let mut out = Vec::new();
@@ -212,6 +221,9 @@ impl Optimizer {
     /// Restores what `state` returned (copies, so the source may be dropped) and the step count.
     /// Names that match no parameter or the wrong shape are errors.
     pub fn load_state(&mut self, state: &[(String, Tensor)], steps: u64) -> Result<(), String> {
+        if self.shard.is_some() {
+            return self.load_sharded_state(state, steps);
+        }
         let (a, b) = self.suffixes();
         for (key, t) in state {
             let (param, suffix) = key.rsplit_once('.').ok_or_else(|| format!("optimizer state `{key}` has no state suffix"))?;

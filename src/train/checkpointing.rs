@@ -11,12 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::Tensor;
 
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     comm: &mut dyn Communicator,
     cfg: &Config,
     dir: &Path,
     state: &[(String, Tensor)],
     opt: &Optimizer,
+    zero: Option<&crate::ddp::Zero>,
     pos: &Position,
     reason: &str,
 ) -> Result<Option<PathBuf>, TrainError> {
@@ -44,8 +46,20 @@ pub fn save(
         config: cfg.to_yaml(),
         user: serde_json::Value::Null,
     };
-    // Only rank 0 writes; the others skip gathering the optimizer state.
-    let optimizer = if comm.rank() == 0 { opt.state() } else { Vec::new() };
+    // Only rank 0 writes; the others skip gathering the optimizer state, except under ZeRO-1,
+    // where every rank sends its shards.
+    let optimizer = match zero {
+        Some(z) => {
+            let full = z.gather_state(comm, opt)?;
+            if comm.rank() == 0 {
+                full
+            } else {
+                Vec::new()
+            }
+        }
+        None if comm.rank() == 0 => opt.state(),
+        None => Vec::new(),
+    };
     let path = checkpoint::save_shared(comm, dir, cfg.checkpoint.keep, CheckpointData { meta, model: state, optimizer })?;
     if comm.rank() == 0 {
         tracing::info!("checkpoint {} written ({reason}) in {:.0} ms", path.display(), started.elapsed().as_secs_f64() * 1e3);

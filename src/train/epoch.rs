@@ -62,7 +62,9 @@ impl Trainer<'_> {
             let epoch_ends = micro == batches_left;
             let log_step = (self.pos.global_step + 1) % t.log_every_steps == 0 || epoch_ends;
             let log_now = rank == 0 && log_step;
-            let out = self.step(&mut loader, micro, &todo, &mut taken, log_now)?;
+            // Sharded (ZeRO-1), the norm is a collective: every rank computes it when rank 0 logs.
+            let want_norm = if self.zero.is_some() { log_step } else { log_now };
+            let out = self.step(&mut loader, micro, &todo, &mut taken, want_norm)?;
             loss_sum += out.loss * out.samples as f64;
             samples += out.samples;
             window.1 += out.samples;

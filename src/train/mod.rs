@@ -118,6 +118,8 @@ pub(crate) struct Trainer<'a> {
     ddp: Ddp,
     params: Vec<Tensor>,
     opt: Optimizer,
+    /// ZeRO-1 (`optimizer.shard`): the shards this rank steps; `opt` holds only their state.
+    zero: Option<crate::ddp::Zero>,
     pos: Position,
     metrics: Metrics,
     /// Rank 0's TensorBoard event file.
@@ -239,7 +241,7 @@ impl Trainer<'_> {
 
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         let state = self.ddp.state();
-        checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, &self.pos, reason)?;
+        checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, self.zero.as_ref(), &self.pos, reason)?;
         self.last_saved = Some(self.pos.global_step);
         Ok(())
     }

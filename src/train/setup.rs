@@ -6,7 +6,7 @@ use super::breakdown::Breakdown;
 use super::position::{self, Position};
 use super::{agree, io_err, resume, tasks, TrainContext, TrainError, Trainer};
 use crate::data::{self, DistributedSampler};
-use crate::ddp::{self, Ddp, DdpOptions};
+use crate::ddp::{self, Ddp, DdpOptions, Zero};
 use crate::models;
 use crate::optim::Optimizer;
 use crate::telemetry::Metrics;
@@ -49,8 +49,25 @@ impl<'a> Trainer<'a> {
             overlap: cfg.ddp.overlap,
             reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
             broadcast_buffers: cfg.ddp.broadcast_buffers,
+            shard: cfg.optimizer.shard,
         };
         let ddp = Ddp::new(comm, params, buffers, opts)?;
+        // ZeRO-1: from here on the optimizer holds this rank's slices (and their state) only.
+        let (opt, zero) = match cfg.optimizer.shard {
+            true => {
+                let zero = Zero::new(&ddp, &*comm)?;
+                let slices = zero.slices()?;
+                let mine: i64 = slices.iter().map(|s| s.len).sum();
+                let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
+                tracing::info!(
+                    "optimizer sharded (ZeRO-1): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only",
+                    opt.name()
+                );
+                let opt = opt.shard(slices).map_err(TrainError::Startup)?;
+                (opt, Some(zero))
+            }
+            false => (opt, None),
+        };
         let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
         tracing::info!(
             "model {:?}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}; {world} rank(s) × batch {}{} on {} samples",
@@ -118,6 +135,7 @@ impl<'a> Trainer<'a> {
             model,
             ddp,
             opt,
+            zero,
             splits,
             last_saved: resumed.as_ref().map(|m| m.global_step),
             pos,

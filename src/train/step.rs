@@ -96,13 +96,21 @@ impl Trainer<'_> {
         }
 
         let started_opt = Instant::now();
-        let grad_norm = match t.clip_grad_norm {
-            Some(max) => Some(optim::clip_grad_norm(&self.params, max)?),
-            None if want_norm => Some(optim::grad_norm(&self.params)?),
-            None => None,
+        let grad_norm = match (&self.zero, t.clip_grad_norm) {
+            (Some(z), max) if max.is_some() || want_norm => Some(z.clip_grad_norm(self.comm, &self.opt, max)?),
+            (Some(_), _) => None,
+            (None, Some(max)) => Some(optim::clip_grad_norm(&self.params, max)?),
+            (None, None) if want_norm => Some(optim::grad_norm(&self.params)?),
+            (None, None) => None,
         };
         self.opt.step()?;
         self.timing.record(Phase::Optimizer, started_opt);
+        if let Some(z) = &self.zero {
+            // ZeRO-1: every rank's updated shards to every rank.
+            let started = Instant::now();
+            z.gather_parameters(self.comm)?;
+            self.timing.record(Phase::Communication, started);
+        }
         self.timing.step_done();
         self.pos.global_step += 1;
         self.pos.steps_in_shard += micro;

@@ -1,0 +1,172 @@
+//! ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`, DeepSpeed's stage 1) on the reducer's side.
+//!
+//! ```text
+//! backward   each bucket is reduce-scattered: rank r ends with the average of its shard only
+//! step       the optimizer updates this rank's slices of the parameters (optim::ShardSlice),
+//!            keeping state for those slices only: 1/N of the optimizer memory
+//! gather     each bucket is refilled with the updated shards and all-gathered, then copied back
+//!            into the parameters: every replica is identical again
+//! checkpoint the state is all-gathered the same way, so a checkpoint is the unsharded one
+//! ```
+//!
+//! A shard is a contiguous range of a bucket, so a parameter may be split between ranks; the
+//! update rules are elementwise (SGD, Adam, AdamW), so stepping slices gives the same numbers.
+//! The bucket doubles as the gather buffer: its gradients are spent once the step is taken, and
+//! `zero_grad` clears it before the next backward. On the ring the shards are reduced in the
+//! all-reduce's order, so SGD and Adam are bitwise equal to unsharded training.
+
+use super::{Ddp, DdpError};
+use crate::comm::{shard_bounds, Communicator};
+use crate::optim::{Optimizer, ShardSlice};
+use std::collections::HashMap;
+use tch::Tensor;
+
+struct Bucket {
+    flat: Tensor,
+    /// This rank's shard of the bucket, [start, end).
+    own: (i64, i64),
+    /// (parameter index, offset, length) of each parameter in the bucket.
+    members: Vec<(usize, i64, i64)>,
+}
+
+pub struct Zero {
+    buckets: Vec<Bucket>,
+    params: Vec<(String, Tensor)>,
+    /// Parameter index → (bucket, offset in it).
+    place: HashMap<usize, (usize, i64)>,
+}
+
+fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
+    Ok(p.f_detach()?.f_view([-1])?)
+}
+
+impl Zero {
+    /// The shards of `ddp`'s buckets this rank owns (`ddp` made with `DdpOptions::shard`).
+    pub fn new(ddp: &Ddp, comm: &dyn Communicator) -> Result<Zero, DdpError> {
+        let params: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()) {
+            return Err(DdpError::Unsupported(format!("parameter `{n}` is not contiguous: its shards cannot be flat views")));
+        }
+        let mut place = HashMap::new();
+        let buckets = ddp
+            .reducer_buckets()
+            .into_iter()
+            .enumerate()
+            .map(|(bi, (flat, members))| {
+                let n = flat.numel();
+                let (a, b) = shard_bounds(n, comm.world_size(), comm.shard_index());
+                for &(i, off, _) in &members {
+                    place.insert(i, (bi, off));
+                }
+                Bucket { flat, own: (a as i64, b as i64), members }
+            })
+            .collect();
+        Ok(Zero { buckets, params, place })
+    }
+
+    /// This rank's slice of every parameter its shards touch, in parameter order, for
+    /// `Optimizer::shard`.
+    pub fn slices(&self) -> Result<Vec<ShardSlice>, DdpError> {
+        let mut out = Vec::new();
+        for b in &self.buckets {
+            for &(i, off, n) in &b.members {
+                let (lo, hi) = (b.own.0.max(off) - off, b.own.1.min(off + n) - off);
+                if hi <= lo {
+                    continue;
+                }
+                out.push(ShardSlice {
+                    index: i,
+                    lo,
+                    len: hi - lo,
+                    param: flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?,
+                    grad: b.flat.f_narrow(0, off + lo, hi - lo)?,
+                });
+            }
+        }
+        out.sort_by_key(|s| s.index);
+        Ok(out)
+    }
+
+    /// After the optimizer stepped this rank's slices: every rank's updated slices to every
+    /// rank, so the replicas are identical again.
+    pub fn gather_parameters(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        let _guard = tch::no_grad_guard();
+        for b in &self.buckets {
+            let mut flat = b.flat.shallow_clone();
+            for &(i, off, n) in &b.members {
+                let (lo, hi) = (b.own.0.max(off) - off, b.own.1.min(off + n) - off);
+                if hi > lo {
+                    flat.f_narrow(0, off + lo, hi - lo)?.f_copy_(&flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?)?;
+                }
+            }
+            comm.all_gather_shards_tensor(&mut flat)?;
+            for &(i, off, n) in &b.members {
+                flat_view(&self.params[i].1)?.f_copy_(&flat.f_narrow(0, off, n)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole optimizer state, as an unsharded optimizer's `state()` names and orders it, on
+    /// every rank (a collective: every rank calls it). Checkpoints stay independent of the
+    /// world size and of sharding.
+    pub fn gather_state(&self, comm: &mut dyn Communicator, opt: &Optimizer) -> Result<Vec<(String, Tensor)>, DdpError> {
+        let spans = opt.shard_spans().ok_or_else(|| DdpError::Unsupported("gather_state needs a sharded optimizer".into()))?;
+        let index: HashMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+        let kinds = opt.state_kinds();
+        let mut full: HashMap<(usize, &str), Tensor> = HashMap::new();
+        for &kind in &kinds {
+            for (bi, b) in self.buckets.iter().enumerate() {
+                let mut tmp = b.flat.f_zeros_like()?;
+                for (e, &(name, lo, len)) in spans.iter().enumerate() {
+                    let i = index[name];
+                    let (at, off) = self.place[&i];
+                    if at != bi {
+                        continue;
+                    }
+                    let state = opt.shard_state(e, kind).ok_or_else(|| {
+                        DdpError::Unsupported(format!("optimizer state `{name}.{kind}` is missing on rank {}", comm.rank()))
+                    })?;
+                    tmp.f_narrow(0, off + lo, len)?.f_copy_(&state)?;
+                }
+                comm.all_gather_shards_tensor(&mut tmp)?;
+                for &(i, off, n) in &b.members {
+                    let shape = self.params[i].1.size();
+                    full.insert((i, kind), tmp.f_narrow(0, off, n)?.f_view(shape.as_slice())?);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(full.len());
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            for &kind in &kinds {
+                if let Some(t) = full.remove(&(i, kind)) {
+                    out.push((format!("{name}.{kind}"), t));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The global L2 norm of the averaged gradients (each rank holds only its shards: their
+    /// squared norms are summed across ranks); with `max_norm`, scales them as
+    /// `clip_grad_norm_` would. Returns the norm before clipping.
+    pub fn clip_grad_norm(&self, comm: &mut dyn Communicator, opt: &Optimizer, max_norm: Option<f64>) -> Result<f64, DdpError> {
+        let _guard = tch::no_grad_guard();
+        let grads = opt.grads();
+        let mut local = 0f64;
+        for g in &grads {
+            let n = g.f_norm()?.f_double_value(&[])?;
+            local += n * n;
+        }
+        let mut sum = [local as f32];
+        comm.all_reduce_sum(&mut sum)?;
+        let total = (sum[0].max(0.0) as f64).sqrt();
+        if let Some(max) = max_norm {
+            let coef = (max / (total + 1e-6)).min(1.0);
+            for g in &grads {
+                let _ = g.shallow_clone().f_mul_scalar_(coef)?;
+            }
+        }
+        Ok(total)
+    }
+}

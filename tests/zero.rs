@@ -1,0 +1,121 @@
+//! ZeRO stage 1 (`optimizer.shard: true`) against unsharded training, with real ringrun
+//! processes: the same bits (the ring reduce-scatters in its all-reduce's order), the same
+//! checkpoints, and resumes across sharding and world sizes.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Tiny buckets (about 250 floats), so shards cut through parameters and through buckets.
+fn job(dir: &Path, name: &str, optimizer: &str) -> PathBuf {
+    let yaml = mlp_config(10, "ddp: {bucket_cap_mb: 0.001, first_bucket_cap_mb: 0.001}\n")
+        .replace("optimizer: {name: sgd, lr: 0.1, momentum: 0.9}", &format!("optimizer: {optimizer}"));
+    write_config(dir, name, &yaml)
+}
+
+fn train(world: usize, cfg: &Path, run_dir: &Path, sets: &[&str]) -> Output {
+    let mut args = Vec::new();
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = run(ringrun(world, cfg, run_dir, &args), Duration::from_secs(120));
+    out.assert_success();
+    out
+}
+
+fn final_optimizer_state(run_dir: &Path) -> Vec<u8> {
+    let newest = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .max()
+        .unwrap();
+    std::fs::read(newest.join("optimizer.safetensors")).unwrap()
+}
+
+#[test]
+fn sharded_sgd_and_adam_are_bitwise_equal_to_unsharded_with_the_same_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    for (world, optimizer) in [(2usize, "{name: sgd, lr: 0.1, momentum: 0.9}"), (3, "{name: adam, lr: 0.01}")] {
+        let cfg = job(dir.path(), "job.yaml", optimizer);
+        let plain = dir.path().join(format!("plain{world}"));
+        let sharded = dir.path().join(format!("sharded{world}"));
+        train(world, &cfg, &plain, &[]);
+        let out = train(world, &cfg, &sharded, &["optimizer.shard=true"]);
+        // Rank 0 steps (and keeps state for) about 1/world of the elements.
+        let line = out.stderr.lines().find(|l| l.contains("ZeRO-1")).unwrap_or_else(|| panic!("no ZeRO-1 line\n{}", out.report()));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "steps").unwrap();
+        let (mine, total): (usize, usize) = (words[at + 1].parse().unwrap(), words[at + 3].parse().unwrap());
+        assert!(mine * world <= total + 16 * world && mine * world + 16 * world >= total, "{line}");
+        let (a, b) = (rank_hashes(&plain, world), rank_hashes(&sharded, world));
+        assert!(b.iter().all(|h| h == &b[0]), "{optimizer}: sharded replicas differ: {b:?}");
+        assert_eq!(a, b, "{optimizer} at {world} ranks: sharded training must give the same bits");
+        // Gathered for the checkpoint, the state is the unsharded optimizer's, byte for byte.
+        assert!(final_optimizer_state(&plain) == final_optimizer_state(&sharded), "{optimizer}: optimizer.safetensors differs");
+    }
+}
+
+#[test]
+fn sharded_clipping_matches_unsharded_within_1e6() {
+    // The global norm is summed from every rank's shards in another order: not bitwise, close.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "job.yaml", "{name: adamw, lr: 0.01, weight_decay: 0.1}");
+    let clip = "train.clip_grad_norm=0.05";
+    train(2, &cfg, &dir.path().join("plain"), &[clip]);
+    train(2, &cfg, &dir.path().join("sharded"), &[clip, "optimizer.shard=true"]);
+    let rel = max_relative_difference(&load_params(&dir.path().join("sharded")), &load_params(&dir.path().join("plain")));
+    assert!(rel <= 1e-6, "relative difference {rel:e}");
+    let norms =
+        |d: &str| -> Vec<f64> { metrics_lines(&dir.path().join(d), "step").iter().map(|m| m["grad_norm"].as_f64().unwrap()).collect() };
+    let (a, b) = (norms("plain"), norms("sharded"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "logged gradient norms {x} vs {y}");
+        assert!(*x > 0.05, "the norm exceeds the clip, so clipping acts: {x}");
+    }
+}
+
+#[test]
+fn checkpoints_resume_across_sharding_and_world_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "job.yaml", "{name: adam, lr: 0.01}");
+    let stop = "train.max_steps=12";
+    let shard = "optimizer.shard=true";
+    let resume = |world: usize, run_dir: &Path, sets: &[&str]| {
+        let mut args = vec!["--resume", "auto"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        run(ringrun(world, &cfg, run_dir, &args), Duration::from_secs(120)).assert_success();
+    };
+
+    // Sharded for 12 steps, then unsharded to the end = unsharded all the way.
+    let straight = dir.path().join("straight");
+    train(2, &cfg, &straight, &[]);
+    let a = dir.path().join("a");
+    train(2, &cfg, &a, &[stop, shard]);
+    resume(2, &a, &[]);
+    assert_eq!(rank_hashes(&a, 2), rank_hashes(&straight, 2), "sharded → unsharded resume");
+
+    // Unsharded at 2 ranks for 12 steps, then sharded at 3 = the same switch made unsharded.
+    let b_plain = dir.path().join("b_plain");
+    train(2, &cfg, &b_plain, &[stop]);
+    resume(3, &b_plain, &[]);
+    let b = dir.path().join("b");
+    train(2, &cfg, &b, &[stop]);
+    resume(3, &b, &[shard]);
+    let hashes = rank_hashes(&b, 3);
+    assert!(hashes.iter().all(|h| h == &hashes[0]), "{hashes:?}");
+    assert_eq!(hashes, rank_hashes(&b_plain, 3), "unsharded at 2 → sharded at 3");
+
+    // Sharded at 3 for 12 steps, then sharded at 2.
+    let c_plain = dir.path().join("c_plain");
+    train(3, &cfg, &c_plain, &[stop]);
+    resume(2, &c_plain, &[]);
+    let c = dir.path().join("c");
+    train(3, &cfg, &c, &[stop, shard]);
+    resume(2, &c, &[shard]);
+    assert_eq!(rank_hashes(&c, 2), rank_hashes(&c_plain, 2), "sharded at 3 → sharded at 2");
+}
