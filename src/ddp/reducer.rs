@@ -3,12 +3,13 @@
 //! all_reduce. Buckets are computed once, identically on every rank, and reduced in the same
 //! order, so every rank issues the same collectives.
 //!
-//! Where the buckets share the parameters' device (and gradients travel as f32), every `.grad` is
+//! Where the buckets share the parameters' device, every `.grad` is
 //! a view into its bucket from the start: backward accumulates straight into the buckets and
 //! nothing is copied. Something that replaces a `.grad` (an optimizer's `zero_grad` that sets it
 //! to None, an assignment) would leave its rank stepping on a gradient nobody averaged, so
 //! `reattach` checks every view before each backward and repairs what was replaced. Elsewhere
-//! (device gradients with host buckets, bf16 on the wire) gradients are copied in and out.
+//! (device gradients with host buckets) gradients are copied in and out. With bf16 on the wire,
+//! each bucket is converted to bf16 for its all-reduce and back: the buckets themselves stay f32.
 
 use super::buckets::compute_bucket_assignment_by_size;
 use super::hooks::{set_grad, ReadyHooks};
@@ -163,7 +164,7 @@ impl Reducer {
             reattached: 0,
             shard: opts.shard_world.is_some(),
         };
-        if !opts.reduce_bf16 && params.iter().all(|p| p.device() == opts.buffer_device) {
+        if params.iter().all(|p| p.device() == opts.buffer_device) {
             reducer.attach()?;
         }
         Ok(reducer)
@@ -260,7 +261,7 @@ impl Reducer {
         if !self.shard {
             self.buckets[last].set_control(control)?;
         }
-        let how = if self.shard { Reduction::ReduceScatter } else { Reduction::AllReduce };
+        let how = self.reduction();
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
@@ -338,11 +339,7 @@ impl Reducer {
         }
         self.bucket_times.clear();
         let attached = self.views.is_some();
-        let how = match (self.shard, self.reduce_bf16) {
-            (true, _) => Reduction::ReduceScatter,
-            (false, true) => Reduction::AllReduceBf16,
-            (false, false) => Reduction::AllReduce,
-        };
+        let how = self.reduction();
         for b in &self.buckets {
             if !attached {
                 for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
@@ -373,6 +370,14 @@ impl Reducer {
             }
         }
         self.control_sum(comm, control)
+    }
+
+    fn reduction(&self) -> Reduction {
+        match (self.shard, self.reduce_bf16) {
+            (true, _) => Reduction::ReduceScatter,
+            (false, true) => Reduction::AllReduceBf16,
+            (false, false) => Reduction::AllReduce,
+        }
     }
 
     /// The sum of every rank's control value: read from the last bucket, or (ZeRO-1) summed on
