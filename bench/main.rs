@@ -37,6 +37,9 @@ enum Bench {
         /// Ring links within a node: shm, unix or tcp.
         #[arg(long, default_value = "shm")]
         local_transport: String,
+        /// Ring backend across nodes: the hierarchical all-reduce (comm.hierarchical).
+        #[arg(long)]
+        hierarchical: bool,
     },
     /// Images/s of the loader alone (decode and transforms, no model) over a config's train split.
     Loader {
@@ -56,8 +59,8 @@ enum Bench {
 
 fn try_main() -> Result<()> {
     match Args::parse().bench {
-        Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport } => {
-            allreduce(sizes, backend, iters, timeout_secs, device, local_transport)
+        Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport, hierarchical } => {
+            allreduce(sizes, backend, iters, timeout_secs, device, local_transport, hierarchical)
         }
         Bench::Loader { config, workers, batches, overrides } => loader(&config, &workers, batches, &overrides),
     }
@@ -97,7 +100,15 @@ fn loader(config: &std::path::Path, workers: &str, batches: usize, overrides: &[
     Ok(())
 }
 
-fn allreduce(sizes: String, backend: String, iters: usize, timeout_secs: u64, device: String, local_transport: String) -> Result<()> {
+fn allreduce(
+    sizes: String,
+    backend: String,
+    iters: usize,
+    timeout_secs: u64,
+    device: String,
+    local_transport: String,
+    hierarchical: bool,
+) -> Result<()> {
     let device = match device.as_str() {
         "cpu" => ringtrain::config::DeviceChoice::Cpu,
         "cuda" => ringtrain::config::DeviceChoice::Cuda,
@@ -117,7 +128,15 @@ fn allreduce(sizes: String, backend: String, iters: usize, timeout_secs: u64, de
         "auto" => Backend::Auto,
         other => anyhow::bail!("--backend {other}: expected ring, mpi, nccl or auto"),
     };
-    let mut pg = ringtrain::init(ringtrain::InitOptions { backend, device, timeout_secs, local_transport, logging: true, log_file: None })?;
+    let mut pg = ringtrain::init(ringtrain::InitOptions {
+        backend,
+        device,
+        timeout_secs,
+        local_transport,
+        hierarchical,
+        logging: true,
+        log_file: None,
+    })?;
     let device = pg.device();
     let comm = pg.comm();
     if comm.rank() == 0 {

@@ -483,6 +483,11 @@ pub struct CommConfig {
     /// between nodes.
     #[serde(default = "default_local_transport")]
     pub local_transport: LocalTransport,
+    /// Ring backend across nodes: all-reduce within each node, then across nodes (one ring per
+    /// local index), then within the node again. Used when every node has the same number (> 1)
+    /// of ranks; else the flat ring.
+    #[serde(default)]
+    pub hierarchical: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -500,7 +505,12 @@ fn default_local_transport() -> LocalTransport {
 
 impl Default for CommConfig {
     fn default() -> Self {
-        Self { backend: default_backend(), timeout_secs: default_timeout(), local_transport: default_local_transport() }
+        Self {
+            backend: default_backend(),
+            timeout_secs: default_timeout(),
+            local_transport: default_local_transport(),
+            hierarchical: false,
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use crate::comm::mpi::{self, MpiComm, MpiRuntime};
 use crate::comm::nccl::NcclComm;
-use crate::comm::{Communicator, RingComm, RingOptions};
+use crate::comm::{Communicator, HierComm, RingComm, RingOptions};
 use crate::config::{Backend, CommConfig, LocalTransport};
 use crate::launch::{LaunchInfo, LaunchSource};
 use crate::rendezvous::{MemoryStore, PrefixStore, Store, TcpStore, TcpStoreServer};
@@ -93,8 +93,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             } else if launch.source == LaunchSource::Slurm || launch.under_srun {
                 derive_from_slurm(launch, env)?;
             }
-            let joined =
-                if backend == Backend::Nccl { nccl(launch, timeout, device) } else { ring(launch, timeout, cfg.local_transport, env) };
+            let joined = if backend == Backend::Nccl { nccl(launch, timeout, device) } else { ring(launch, timeout, cfg, env) };
             match joined {
                 Ok(comm) => Ok(Group { comm, mpi: runtime }),
                 Err(e) => {
@@ -270,7 +269,8 @@ fn nccl(launch: &LaunchInfo, timeout: Duration, device: tch::Device) -> Result<B
 }
 
 /// The ring, with the store on rank 0 (or the multi-node launcher's).
-fn ring(launch: &LaunchInfo, timeout: Duration, local: LocalTransport, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
+fn ring(launch: &LaunchInfo, timeout: Duration, cfg: &CommConfig, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
+    let local = cfg.local_transport;
     if launch.world_size == 1 {
         let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
         return Ok(Box::new(RingComm::connect(&MemoryStore::new(), 0, 1, &opts)?));
@@ -285,6 +285,16 @@ fn ring(launch: &LaunchInfo, timeout: Duration, local: LocalTransport, env: &Has
     let mut opts = RingOptions::new(launch.job_token.clone(), bind_ip, timeout);
     opts.node_id = (local != LocalTransport::Tcp).then(|| node_id(env));
     opts.shm = local == LocalTransport::Shm;
+    if cfg.hierarchical {
+        match HierComm::connect(generation.clone(), launch.rank, launch.world_size, &node_id(env), &opts)? {
+            Some(h) => {
+                let (nodes, per_node) = h.shape();
+                tracing::info!("hierarchical all-reduce: {nodes} nodes × {per_node} ranks (a ring within each node, {per_node} across)");
+                return Ok(Box::new(h));
+            }
+            None => tracing::info!("comm.hierarchical: the job is not several nodes with the same number (> 1) of ranks each: flat ring"),
+        }
+    }
     let comm = RingComm::connect(generation.as_ref(), launch.rank, launch.world_size, &opts)?.with_stall_reports(generation.clone());
     Ok(Box::new(comm))
 }

@@ -20,6 +20,8 @@ pub struct InitOptions {
     pub timeout_secs: u64,
     /// Ring links between ranks on one node.
     pub local_transport: LocalTransport,
+    /// Ring backend across nodes: the hierarchical all-reduce (`comm.hierarchical`).
+    pub hierarchical: bool,
     /// Install logging: rank 0 at INFO on stderr, other ranks WARN, the rank in every line the
     /// calling thread logs (off when the program sets up `tracing` itself).
     pub logging: bool,
@@ -35,6 +37,7 @@ impl Default for InitOptions {
             device: DeviceChoice::Cpu,
             timeout_secs: comm.timeout_secs,
             local_transport: comm.local_transport,
+            hierarchical: comm.hierarchical,
             logging: true,
             log_file: None,
         }
@@ -79,7 +82,12 @@ pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result
     }
     // Before joining anyone: a rank without its GPU stops here with the reason.
     let device = crate::device::select(opts.device, launch.local_rank, launch.local_world_size)?;
-    let comm_cfg = CommConfig { backend: opts.backend, timeout_secs: opts.timeout_secs, local_transport: opts.local_transport };
+    let comm_cfg = CommConfig {
+        backend: opts.backend,
+        timeout_secs: opts.timeout_secs,
+        local_transport: opts.local_transport,
+        hierarchical: opts.hierarchical,
+    };
     let group = crate::group::join(&comm_cfg, &mut launch, env, device).map_err(|e| InitError::Join {
         rank,
         backend: opts.backend,

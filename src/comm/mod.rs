@@ -1,10 +1,13 @@
 //! Collective communication: the `Communicator` trait and its backends.
 //!
-//! - `ring`: the built-in ring (reduce-scatter + all-gather between neighbours) over TCP.
+//! - `ring`: the built-in ring (reduce-scatter + all-gather between neighbours) over TCP, Unix
+//!   sockets or shared memory.
+//! - `hier`: two rings, within each node and across nodes, for the hierarchical all-reduce.
 //! - `mpi`: MPI collectives (cargo feature `mpi`, on by default).
 //! - `nccl`: NCCL on CUDA tensors, loaded at run time.
 //! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
+mod hier;
 mod link;
 pub mod mpi;
 pub mod nccl;
@@ -13,6 +16,7 @@ mod ring_setup;
 mod shm;
 mod tensor;
 
+pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
 
 use std::time::Duration;
@@ -91,6 +95,33 @@ pub enum CommError {
     NotBuilt { backend: &'static str, hint: &'static str },
     #[error("{op}: {detail}")]
     BadArgument { op: Op, detail: String },
+}
+
+impl CommError {
+    /// The same error with its ranks renumbered by `map` (a sub-ring's numbering → the job's),
+    /// so a message names the job's ranks.
+    pub(crate) fn renumber(self, map: &[usize]) -> CommError {
+        let m = |r: usize| map.get(r).copied().unwrap_or(r);
+        match self {
+            CommError::Timeout { rank, op, seq, peer, secs } => CommError::Timeout { rank: m(rank), op, seq, peer: m(peer), secs },
+            CommError::PeerClosed { rank, op, seq, peer } => CommError::PeerClosed { rank: m(rank), op, seq, peer: m(peer) },
+            CommError::Io { rank, op, seq, peer, source } => CommError::Io { rank: m(rank), op, seq, peer: m(peer), source },
+            CommError::Mismatch { rank, peer, detail } => {
+                CommError::Mismatch { rank: m(rank), peer: m(peer), detail: format!("{detail} (ranks numbered within the sub-ring)") }
+            }
+            CommError::Stalled { rank, op, seq, missing, waiting, secs } => CommError::Stalled {
+                rank: m(rank),
+                op,
+                seq,
+                missing: missing.into_iter().map(m).collect(),
+                waiting: waiting.into_iter().map(m).collect(),
+                secs,
+            },
+            CommError::Setup { rank, detail } => CommError::Setup { rank: m(rank), detail },
+            CommError::Store { rank, source } => CommError::Store { rank: m(rank), source },
+            other => other,
+        }
+    }
 }
 
 /// Collectives over a fixed group of ranks. Every rank must call the same operations in the same

@@ -38,6 +38,9 @@ pub struct RingOptions {
     pub node_id: Option<String>,
     /// Upgrade same-node links from Unix sockets to shared memory.
     pub shm: bool,
+    /// Names this ring among several in one process (the hierarchical all-reduce's local and
+    /// cross-node rings): it goes into socket and segment names.
+    pub label: String,
 }
 
 impl RingOptions {
@@ -45,7 +48,7 @@ impl RingOptions {
         // RINGTRAIN_SEGMENT_KB tunes the pipelining granularity (benchmarks).
         let segment_bytes =
             std::env::var("RINGTRAIN_SEGMENT_KB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(256 << 10, |k| k.max(4) << 10);
-        Self { timeout, token: token.into(), bind_ip, segment_bytes, node_id: None, shm: false }
+        Self { timeout, token: token.into(), bind_ip, segment_bytes, node_id: None, shm: false, label: String::new() }
     }
 }
 
@@ -238,13 +241,11 @@ impl Communicator for RingComm {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+        self.all_reduce_elems(buf)
     }
 
     fn all_reduce_sum_bf16(&mut self, buf: &mut [half::bf16]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+        self.all_reduce_elems(buf)
     }
 
     fn shard_index(&self) -> usize {
@@ -253,14 +254,12 @@ impl Communicator for RingComm {
 
     /// The all-reduce's first w-1 steps: each rank ends holding the sum of chunk r + 1.
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::ReduceScatter, buf, 0..w.saturating_sub(1))
+        self.reduce_scatter_elems(buf)
     }
 
     /// The all-reduce's last w-1 steps, which start by sending chunk r + 1.
     fn all_gather_shards(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::AllGatherShards, buf, w.saturating_sub(1)..2 * w.saturating_sub(1))
+        self.all_gather_elems(buf)
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
@@ -309,6 +308,25 @@ impl Communicator for RingComm {
     fn barrier(&mut self) -> Result<(), CommError> {
         // After a ring all-gather every rank has heard (transitively) from every other.
         self.gather(Op::Barrier, &[]).map(|_| ())
+    }
+}
+
+impl RingComm {
+    /// The all-reduce, the reduce-scatter and the all-gather of shards for any element type the
+    /// ring sums (the hierarchical all-reduce uses them for f32 and bf16 alike).
+    pub(crate) fn all_reduce_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+    }
+
+    pub(crate) fn reduce_scatter_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::ReduceScatter, buf, 0..w.saturating_sub(1))
+    }
+
+    pub(crate) fn all_gather_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let w = self.world;
+        self.ring_steps(Op::AllGatherShards, buf, w.saturating_sub(1)..2 * w.saturating_sub(1))
     }
 }
 

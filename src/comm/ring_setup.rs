@@ -23,7 +23,8 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     let node = opts.node_id.clone().unwrap_or_else(|| format!("tcp-only-{rank}"));
     // Abstract socket names are per network namespace, as nodes are; pid and token keep
     // concurrent jobs and restarts apart.
-    let unix_name = opts.node_id.as_ref().map(|_| format!("ringtrain-{}-{rank}-{}", token_tag(&opts.token), std::process::id()));
+    let unix_name =
+        opts.node_id.as_ref().map(|_| format!("ringtrain-{}{}-{rank}-{}", token_tag(&opts.token), opts.label, std::process::id()));
     let listener = Listener::bind(opts.bind_ip, &node, unix_name).map_err(|e| setup(format!("cannot listen on {}: {e}", opts.bind_ip)))?;
     store.set(&format!("ring/addr/{rank}"), listener.endpoint.encode().as_bytes()).map_err(store_err)?;
     // Every rank waits for every address, so a rank that never started is named by all the
@@ -85,7 +86,7 @@ pub(super) fn join(store: &dyn Store, rank: usize, world: usize, opts: &RingOpti
     }
     let (to_next, from_prev) = if opts.shm {
         // Hand over our sending segment first, then take the one from prev: neither blocks.
-        let name = format!("ringtrain-{}-{rank}to{next}", token_tag(&opts.token));
+        let name = format!("ringtrain-{}{}-{rank}to{next}", token_tag(&opts.token), opts.label);
         let to_next = to_next.upgrade_to_shm(true, &name, opts.timeout).map_err(|e| setup(format!("shared memory to rank {next}: {e}")))?;
         let from_prev =
             from_prev.upgrade_to_shm(false, "", opts.timeout).map_err(|e| setup(format!("shared memory from rank {prev}: {e}")))?;

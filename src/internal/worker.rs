@@ -91,6 +91,7 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
         device: cfg.device,
         timeout_secs: cfg.comm.timeout_secs,
         local_transport: cfg.comm.local_transport,
+        hierarchical: cfg.comm.hierarchical,
         logging: false,
         log_file: None,
     };
