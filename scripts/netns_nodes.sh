@@ -12,6 +12,8 @@
 #
 # RT_NETNS_ID (0-249, default 7) names everything (<prefix> = rt<ID>) and picks the subnet, so
 # concurrent users don't collide. Addresses exist only inside the namespaces; the bridge has none.
+# RT_LINK_RATE (e.g. 200mbit) limits what each node sends to that rate (a token-bucket qdisc on
+# its eth0: tbf, since kernels without sch_netem are common in containers).
 set -euo pipefail
 
 id="${RT_NETNS_ID:-7}"
@@ -33,6 +35,9 @@ up() {
         ip netns exec "${p}n$i" ip addr add "$(addr "$i")/24" dev eth0
         ip netns exec "${p}n$i" ip link set eth0 up
         ip netns exec "${p}n$i" ip link set lo up
+        if [ -n "${RT_LINK_RATE:-}" ]; then
+            ip netns exec "${p}n$i" tc qdisc add dev eth0 root tbf rate "$RT_LINK_RATE" burst 256kb latency 400ms
+        fi
     done
 }
 
@@ -70,5 +75,5 @@ case "${1:-}" in
         done
         exit "$status"
         ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -256,3 +256,40 @@ fn a_failure_on_one_node_restarts_the_whole_job_together() {
     assert_eq!(rank_hash(&dir.path().join("node1"), 3), expected);
     assert_eq!(rank_hash(&dir.path().join("node0"), 0), expected);
 }
+
+#[test]
+fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traffic() {
+    let Some(nodes) = Nodes::up(36, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let train = |name: &str, port: u16, extra: &[&str]| -> (u64, Vec<Output>) {
+        let before = nodes.link_bytes(1);
+        let handles: Vec<_> = (0..2)
+            .map(|k| {
+                let c = ringrun_node(&nodes, k, port, &cfg, &dir.path().join(format!("{name}{k}")), &[]);
+                let mut c = c;
+                c.args(extra);
+                std::thread::spawn(move || run(c, Duration::from_secs(120)))
+            })
+            .collect();
+        let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for o in &outs {
+            o.assert_success();
+        }
+        (nodes.link_bytes(1) - before, outs)
+    };
+    let (flat_bytes, _) = train("flat", 29636, &[]);
+    let (hier_bytes, outs) = train("hier", 29637, &["--set", "comm.hierarchical=true"]);
+    assert!(outs[0].stderr.contains("hierarchical all-reduce: 2 nodes × 2 ranks"), "{}", outs[0].report());
+    let hier: Vec<String> = (0..4).map(|r| rank_hash(&dir.path().join(format!("hier{}", r / 2)), r)).collect();
+    assert!(hier.iter().all(|h| h == &hier[0]), "replicas differ: {hier:?}");
+    // Other sums' order: equal to float rounding, not bitwise.
+    let rel = max_relative_difference(&load_params(&dir.path().join("hier0")), &load_params(&dir.path().join("flat0")));
+    assert!(rel <= 1e-6, "relative difference to the flat ring {rel:e}");
+    // The flat ring sends 2·(3/4) of each gradient over both links that cross nodes; the two
+    // cross-node rings (2 ranks each, half the gradient each) send 2 · 2·(1/2)·(1/2) of it: 2/3.
+    assert!(
+        (hier_bytes as f64) < 0.8 * flat_bytes as f64,
+        "hierarchical sent {hier_bytes} bytes across nodes, the flat ring {flat_bytes}"
+    );
+}
