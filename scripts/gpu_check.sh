@@ -14,6 +14,10 @@
 #       with NCCL: loss falls; stopped at 20 and resumed to 40, equal to 40 straight
 #   (i) ResNet-18 (small stem, BatchNorm) with random crop + flip on cuda with NCCL and bf16
 #       autocast, 200 steps of batch 128, 2 loader threads: loss falls, test accuracy, samples/s
+#   (j) ZeRO-1 under NCCL (world size 1: in-place ncclAllGather of the shards, state gathered on the
+#       GPU for checkpoints): Adam sharded, 30 + resume to 60, equal to (g)'s unsharded 60 straight
+#   (k) ZeRO-1 with the ring and CUDA parameters (2 workers sharing the GPU, buckets on the GPU,
+#       staged through the host): equal to (b) unsharded
 # Prints a summary table; exits non-zero if any part failed.
 #   RINGTRAIN_PYTHON: the Python with torch (default /opt/torch/.venv/bin/python)
 set -uo pipefail
@@ -116,11 +120,25 @@ if "$here/bin/ringtrain" --config "$here/configs/fashion_mnist_resnet18.yaml" --
     result[i]="PASS loss $(first_loss "$runs/i") -> $(metric "$runs/i" train_loss), test_acc $(metric "$runs/i" test_acc), $(metric "$runs/i" samples_per_s) samples/s"
 else result[i]="FAIL"; fi
 
+echo "== (j) ZeRO-1 under NCCL, resume"
+if "$here/bin/ringtrain" "${resume[@]}" --set optimizer.shard=true --set train.max_steps=30 --run-dir "$runs/j" 2>&1 | tail -n 2 &&
+   "$here/bin/ringtrain" "${resume[@]}" --set optimizer.shard=true --set train.max_steps=60 --run-dir "$runs/j" --resume auto 2>&1 | tail -n 3; then
+    a=$(hash_of "$runs/g-whole" 2>/dev/null); b=$(hash_of "$runs/j")
+    if [ "$a" = "$b" ]; then result[j]="PASS sharded + resumed = unsharded straight ($a)"; else result[j]="FAIL sharded $b vs unsharded $a"; fi
+else result[j]="FAIL"; fi
+
+echo "== (k) ZeRO-1, ring backend, CUDA parameters, 2 workers on one GPU"
+if RINGTRAIN_CUDA_DEVICE=0 "$here/bin/ringrun" --nproc-per-node 2 "$here/bin/ringtrain" "${common[@]}" --set comm.backend=ring \
+        --set train.max_steps=100 --set optimizer.shard=true --run-dir "$runs/k" 2>&1 | tail -n 4; then
+    a=$(hash_of "$runs/b" 2>/dev/null); b=$(hash_of "$runs/k")
+    if [ "$a" = "$b" ]; then result[k]="PASS sharded = unsharded ($a)"; else result[k]="FAIL sharded $b vs unsharded $a"; fi
+else result[k]="FAIL"; fi
+
 echo
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e f g h i; do
+for k in a b c d e f g h i j k; do
     echo "| ($k) | ${result[$k]} |"
     case "${result[$k]}" in FAIL*) status=1 ;; esac
 done
