@@ -62,6 +62,9 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
     if backend == Backend::Nccl && !device.is_cuda() {
         bail!("comm.backend nccl needs a CUDA device (device: cuda), this rank computes on {device:?}");
     }
+    if cfg.hierarchical && backend != Backend::Ring && launch.rank == 0 {
+        tracing::warn!("comm.hierarchical applies to the ring backend; {backend:?} arranges its own collectives");
+    }
     let under_mpi = matches!(launch.source, LaunchSource::OpenMpi | LaunchSource::Pmi);
     // MPI is initialised when it is the backend, or when it carries the ring's rendezvous (not
     // under srun, whose variables find rank 0 without it).

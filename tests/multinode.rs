@@ -288,8 +288,5 @@ fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traf
     assert!(rel <= 1e-6, "relative difference to the flat ring {rel:e}");
     // The flat ring sends 2·(3/4) of each gradient over both links that cross nodes; the two
     // cross-node rings (2 ranks each, half the gradient each) send 2 · 2·(1/2)·(1/2) of it: 2/3.
-    assert!(
-        (hier_bytes as f64) < 0.8 * flat_bytes as f64,
-        "hierarchical sent {hier_bytes} bytes across nodes, the flat ring {flat_bytes}"
-    );
+    assert!((hier_bytes as f64) < 0.8 * flat_bytes as f64, "hierarchical sent {hier_bytes} bytes across nodes, the flat ring {flat_bytes}");
 }
