@@ -578,6 +578,9 @@ fn receive<T: Elem>(from_prev: &mut Link, dst: &mut [T], scratch: &mut [f32], ad
     if !add {
         return from_prev.read_exact(as_bytes_mut(dst));
     }
+    if let Link::Shm(shm) = from_prev {
+        return add_from_shm(shm, dst);
+    }
     // SAFETY: scratch holds at least dst.len() * T::BYTES bytes, f32's alignment covers T's, and
     // every bit pattern is a valid T.
     let tmp = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut T, dst.len()) };
@@ -586,6 +589,39 @@ fn receive<T: Elem>(from_prev: &mut Link, dst: &mut [T], scratch: &mut [f32], ad
         *d = T::add(*d, *x);
     }
     Ok(())
+}
+
+/// `dst[i] += x[i]` with x read straight out of the shared-memory ring. A span may end inside an
+/// element (the writer publishes whatever fits); its bytes wait in `carry` for the next span.
+fn add_from_shm<T: Elem>(shm: &mut super::shm::ShmLink, dst: &mut [T]) -> io::Result<()> {
+    let mut i = 0;
+    let mut carry = [0u8; 8];
+    let mut carried = 0;
+    shm.read_with(dst.len() * T::BYTES, |mut span: &[u8]| {
+        if carried > 0 {
+            let take = (T::BYTES - carried).min(span.len());
+            carry[carried..carried + take].copy_from_slice(&span[..take]);
+            carried += take;
+            span = &span[take..];
+            if carried == T::BYTES {
+                // SAFETY: carry holds one whole element's bytes; any bit pattern is a valid T.
+                let x = unsafe { std::ptr::read_unaligned(carry.as_ptr() as *const T) };
+                dst[i] = T::add(dst[i], x);
+                i += 1;
+                carried = 0;
+            }
+        }
+        let n = span.len() / T::BYTES;
+        let src = span.as_ptr() as *const T;
+        for (k, d) in dst[i..i + n].iter_mut().enumerate() {
+            // SAFETY: k < n whole elements lie in `span`; unaligned reads, any bits valid.
+            *d = T::add(*d, unsafe { src.add(k).read_unaligned() });
+        }
+        i += n;
+        let rest = &span[n * T::BYTES..];
+        carry[..rest.len()].copy_from_slice(rest);
+        carried = rest.len();
+    })
 }
 
 /// What the ring can sum: f32, and bf16 (each addition rounded to bf16, as libtorch adds bf16).
@@ -661,6 +697,42 @@ mod tests {
         let s: Vec<_> = segments(3, 12, 4).collect();
         assert_eq!(s, vec![(3, 7), (7, 11), (11, 12)]);
         assert_eq!(segments(5, 5, 4).count(), 0);
+    }
+
+    /// Adding straight out of shared memory: spans that end inside an element (the writer
+    /// publishes odd byte counts, and the ring wraps) give the same sums as reading whole
+    /// elements, for f32 and bf16.
+    #[test]
+    fn adding_from_shared_memory_survives_split_elements() {
+        fn check<T: Elem + PartialEq + std::fmt::Debug>(make: fn(usize) -> T) {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let t = Duration::from_secs(10);
+            let mut w = super::super::shm::ShmLink::offer(&a, "ringtrain-test-add", t).unwrap();
+            let mut r = super::super::shm::ShmLink::accept(&b, t).unwrap();
+            // Past the ring's 4 MiB twice, so spans wrap around too.
+            let n = (9 << 20) / T::BYTES + 3;
+            let x: Vec<T> = (0..n).map(make).collect();
+            let mut dst: Vec<T> = (0..n).map(|i| make(i * 3 + 1)).collect();
+            let expected: Vec<T> = dst.iter().zip(&x).map(|(&d, &v)| T::add(d, v)).collect();
+            let bytes = as_bytes(&x).to_vec();
+            let writer = std::thread::spawn(move || {
+                let mut at = 0;
+                let mut k = 0;
+                while at < bytes.len() {
+                    // 1, 3, 7, … bytes, then a large odd chunk: element boundaries fall anywhere.
+                    let len = if k % 4 == 3 { 300_001 } else { 2 * (k % 4) + 1 }.min(bytes.len() - at);
+                    w.write_all(&bytes[at..at + len]).unwrap();
+                    at += len;
+                    k += 1;
+                }
+                w
+            });
+            add_from_shm(&mut r, &mut dst).unwrap();
+            let _w = writer.join().unwrap();
+            assert!(dst == expected, "sums differ");
+        }
+        check::<f32>(|i| (i % 1000) as f32 * 0.25 - 7.0);
+        check::<half::bf16>(|i| half::bf16::from_f32((i % 97) as f32 * 0.5 - 3.0));
     }
 
     #[test]

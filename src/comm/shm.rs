@@ -210,6 +210,41 @@ impl Write for ShmLink {
     }
 }
 
+impl ShmLink {
+    /// Consumes exactly `len` bytes, handing each published span to `f` in order while it is
+    /// still in the ring: the reduce-scatter adds straight from shared memory instead of copying
+    /// into a scratch buffer first (one pass over the chunk fewer). Spans are at most `SPAN` bytes,
+    /// so the writer gets space back while the rest is being added.
+    pub fn read_with(&mut self, mut len: usize, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+        const SPAN: usize = 256 << 10;
+        debug_assert!(!self.writer);
+        let h = self.seg.header();
+        while len > 0 {
+            let started = Instant::now();
+            let tail = h.tail.load(Ordering::Relaxed);
+            self.wait(&h.head_seq, &h.head_sleepers, || h.head.load(Ordering::Acquire) > tail, started)?;
+            let n = ((h.head.load(Ordering::Acquire) - tail) as usize).min(len).min(SPAN);
+            let at = tail as usize % CAPACITY;
+            let first = n.min(CAPACITY - at);
+            // SAFETY: [at, at+first) and [0, n-first) hold published bytes the writer does not
+            // touch until `tail` moves past them below.
+            unsafe {
+                f(std::slice::from_raw_parts(self.seg.data().add(at), first));
+                if n > first {
+                    f(std::slice::from_raw_parts(self.seg.data(), n - first));
+                }
+            }
+            h.tail.store(tail + n as u64, Ordering::Release);
+            h.tail_seq.fetch_add(1, Ordering::SeqCst);
+            if h.tail_sleepers.load(Ordering::SeqCst) > 0 {
+                futex_wake(&h.tail_seq);
+            }
+            len -= n;
+        }
+        Ok(())
+    }
+}
+
 impl Read for ShmLink {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         debug_assert!(!self.writer);
