@@ -16,7 +16,7 @@
 //!
 //! Broadcast, all-gather and barrier go through the same two rings. Errors name the job's ranks.
 
-use super::ring::Elem;
+use super::elem::Elem;
 use super::{shard_bounds, CommError, Communicator, RingComm, RingOptions};
 use crate::rendezvous::{PrefixStore, Store};
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 //! - `nccl`: NCCL on CUDA tensors, loaded at run time.
 //! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
+mod elem;
 mod hier;
 mod link;
 pub mod mpi;

@@ -156,15 +156,17 @@ impl ShmLink {
             if ready() {
                 return Ok(());
             }
+            // A peer that published its last bytes and then left: those bytes still count. Its
+            // writes happen before its close, so a look after seeing the close finds them.
             if h.closed.load(Ordering::Acquire) != 0 {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed"));
+                return if ready() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed")) };
             }
             if started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
             if peer_gone(&self.sock) {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed its connection"));
+                return if ready() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed its connection")) };
             }
             if started.elapsed() > self.timeout {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "shared-memory link timed out"));

@@ -85,7 +85,7 @@ unsafe extern "C" fn bf16_sum(invec: *mut c_void, inoutvec: *mut c_void, len: *m
     let a = std::slice::from_raw_parts(invec as *const half::bf16, n);
     let b = std::slice::from_raw_parts_mut(inoutvec as *mut half::bf16, n);
     for (y, x) in b.iter_mut().zip(a) {
-        *y = <half::bf16 as crate::comm::ring::Elem>::add(*x, *y);
+        *y = <half::bf16 as crate::comm::elem::Elem>::add(*x, *y);
     }
 }
 
