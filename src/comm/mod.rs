@@ -13,6 +13,7 @@ mod link;
 pub mod mpi;
 pub mod nccl;
 pub mod ring;
+mod ring_sender;
 mod ring_setup;
 mod shm;
 mod tensor;

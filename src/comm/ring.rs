@@ -1,9 +1,12 @@
-//! The built-in ring backend: each rank sends to `rank + 1` and receives from `rank - 1` over TCP.
+//! The built-in ring backend: each rank sends to `rank + 1` and receives from `rank - 1` (TCP,
+//! Unix sockets or shared memory).
 //!
 //! all_reduce is the bandwidth-optimal ring: w-1 reduce-scatter steps then w-1 all-gather steps,
-//! each moving one of w chunks. Chunks are cut into segments and pipelined: a sender thread
-//! forwards segment k of a step as soon as the receiving thread has reduced segment k of the step
-//! before, so sending, receiving and adding overlap.
+//! each moving one of w chunks; reduce-scatter and all-gather of shards are its two halves.
+//! Chunks are cut into segments and pipelined: the communicator's long-lived sender thread
+//! (`ring_sender`) forwards segment k of a step as soon as the calling thread has received (and
+//! reduced) segment k of the step before, so sending, receiving and adding overlap. Messages that
+//! fit in the link run on the calling thread alone.
 //!
 //! Every collective starts with a header (op, sequence number, length) on each link, so ranks that
 //! disagree about what they are doing fail with a `Mismatch` naming both sides instead of
@@ -12,11 +15,12 @@
 
 use super::elem::{receive, Elem};
 use super::link::Link;
+use super::ring_sender::SendEngine;
 use super::ring_setup as setup;
 use super::{CommError, Communicator, Op};
 use crate::rendezvous::Store;
 use crate::wire::*;
-use crossbeam_channel::{bounded, unbounded, Receiver};
+use crossbeam_channel::{bounded, Receiver};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::ops::Range;
@@ -63,6 +67,8 @@ pub struct RingComm {
     timeout: Duration,
     segment_elems: usize,
     scratch: Vec<f32>,
+    /// Writes to the next rank during large collectives (started by the first one).
+    sender: Option<SendEngine>,
 }
 
 struct Links {
@@ -70,23 +76,22 @@ struct Links {
     from_prev: Link,
 }
 
-/// Raw view of the caller's buffer shared between the receiving and the sending thread. The ring
-/// schedule guarantees they never touch the same segment at the same time (see `all_reduce_sum`).
-struct SharedBuf<T>(*mut T);
-impl<T> Clone for SharedBuf<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for SharedBuf<T> {}
-unsafe impl<T> Send for SharedBuf<T> {}
-
 impl RingComm {
     /// Joins the ring: publishes this rank's listening address in `store`, connects to the next
     /// rank, accepts the previous one, and checks both present the job token.
     pub fn connect(store: &dyn Store, rank: usize, world: usize, opts: &RingOptions) -> Result<Self, CommError> {
         let segment_elems = (opts.segment_bytes / 4).max(1);
-        let mut comm = Self { stall_store: None, rank, world, links: None, seq: 0, timeout: opts.timeout, segment_elems, scratch: vec![] };
+        let mut comm = Self {
+            stall_store: None,
+            rank,
+            world,
+            links: None,
+            seq: 0,
+            timeout: opts.timeout,
+            segment_elems,
+            scratch: vec![],
+            sender: None,
+        };
         if world <= 1 {
             return Ok(comm);
         }
@@ -348,70 +353,57 @@ impl RingComm {
             return self.ring_steps_small(op, buf, seq, steps, &send_chunk, &recv_chunk, &bounds);
         }
 
-        let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(op, seq, next, e))?;
+        if self.sender.is_none() {
+            let link = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(op, seq, next, e))?;
+            self.sender = Some(SendEngine::start(link).map_err(|e| self.io_error(op, seq, next, e))?);
+        }
+        let sender = self.sender.take().expect("started above");
         let scratch_len = seg * T::BYTES / 4 + 1;
         if self.scratch.len() < scratch_len {
             self.scratch = vec![0.0; scratch_len];
         }
-        let shared = SharedBuf(buf.as_mut_ptr());
-        // The receiver tells the sender which segment it has finished; the chunk received at
-        // step t is exactly the chunk sent at step t+1, segment for segment.
-        let (ready_tx, ready_rx) = unbounded::<(usize, usize)>();
+        let base = buf.as_mut_ptr();
+        // SAFETY (every send_raw below): segment [a, b) was completed before it was queued and
+        // is not written again until the ring has carried our copy of it onwards (a later value
+        // for it can only arrive after this write has happened); `buf` outlives the collective,
+        // which always ends with `finish`. The chunk received at step t is exactly the chunk sent
+        // at step t+1, segment for segment, so each is queued as soon as it is received.
+        let queue = |(a, b): (usize, usize)| unsafe { sender.send_raw(base.add(a) as *const u8, (b - a) * T::BYTES) };
+        sender.send_bytes(header(op, seq, n as u64, T::TAG).to_vec());
         let first = bounds(send_chunk(steps.start));
-        let tag = T::TAG;
+        segments(first.0, first.1, seg).for_each(queue);
 
-        let result = std::thread::scope(|s| {
-            let sender = s.spawn(move || -> io::Result<()> {
-                let shared = shared;
-                to_next.write_all(&header(op, seq, n as u64, tag))?;
-                let send = |to_next: &mut Link, (a, b): (usize, usize)| {
-                    // SAFETY: segment [a, b) was completed before it was handed to us and is not
-                    // written again until the ring has carried our copy of it onwards (a later
-                    // value for it can only arrive after this write has returned).
-                    let data = unsafe { std::slice::from_raw_parts(shared.0.add(a), b - a) };
-                    to_next.write_all(as_bytes(data))
-                };
-                for range in segments(first.0, first.1, seg) {
-                    send(&mut to_next, range)?;
-                }
-                for range in ready_rx.iter() {
-                    send(&mut to_next, range)?;
-                }
-                Ok(())
-            });
-
-            let received = (|| -> Result<(), PeerError> {
-                self.expect_header(op, seq, Some(n as u64), tag)?;
-                let from_prev = &mut self.links.as_mut().unwrap().from_prev;
-                for t in steps.clone() {
-                    let (start, end) = bounds(recv_chunk(t));
-                    for (a, b) in segments(start, end, seg) {
-                        // SAFETY: the sender thread is not reading [a, b) now (see above).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(a), b - a) };
-                        receive(from_prev, dst, &mut self.scratch, adds(t)).map_err(|e| (prev, e))?;
-                        if t + 1 < steps.end {
-                            let _ = ready_tx.send((a, b));
-                        }
+        let received = (|| -> Result<(), PeerError> {
+            self.expect_header(op, seq, Some(n as u64), T::TAG)?;
+            let from_prev = &mut self.links.as_mut().unwrap().from_prev;
+            for t in steps.clone() {
+                let (start, end) = bounds(recv_chunk(t));
+                for (a, b) in segments(start, end, seg) {
+                    // SAFETY: the sender is not reading [a, b) now (see above).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
+                    receive(from_prev, dst, &mut self.scratch, adds(t)).map_err(|e| (prev, e))?;
+                    if t + 1 < steps.end {
+                        queue((a, b));
                     }
                 }
-                Ok(())
-            })()
-            .map_err(|e| self.peer_error(op, seq, e))
-            // Before breaking the ring: our open sockets keep the ranks behind us from reporting
-            // a closed connection instead of the stall.
-            .map_err(|e| self.stall_report(e));
-            drop(ready_tx);
-            if received.is_err() {
-                self.poison();
             }
-            // A panic in the sender thread becomes an error naming the rank and the operation.
-            let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("the ring's sender thread panicked")));
-            match (received, sent) {
-                (Err(e), _) => Err(e),
-                (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),
-                (Ok(()), Ok(())) => Ok(()),
-            }
-        });
+            Ok(())
+        })()
+        .map_err(|e| self.peer_error(op, seq, e))
+        // Before breaking the ring: our open sockets keep the ranks behind us from reporting a
+        // closed connection instead of the stall.
+        .map_err(|e| self.stall_report(e));
+        if received.is_err() {
+            // Fails the sender's pending writes at once, so `finish` returns.
+            self.poison();
+        }
+        let sent = sender.finish();
+        self.sender = Some(sender);
+        let result = match (received, sent) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),
+            (Ok(()), Ok(())) => Ok(()),
+        };
         if result.is_err() {
             self.poison();
         }
