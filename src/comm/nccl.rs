@@ -301,6 +301,16 @@ impl NcclComm {
         Ok(())
     }
 
+    /// The tensor's start, this rank's block within it (NCCL's in-place layout: block r at
+    /// r × numel / world) and the block's length, for a numel the world size divides.
+    fn own_block(&self, t: &Tensor) -> (*mut c_void, *mut c_void, usize) {
+        let block = t.numel() / self.world;
+        let base = t.data_ptr();
+        // The offset stays inside the tensor: rank < world and block × world = numel.
+        let mine = (base as *mut u8).wrapping_add(self.rank * block * t.kind().elt_size_in_bytes()) as *mut c_void;
+        (base, mine, block)
+    }
+
     fn to_device(&self, t: &Tensor) -> Tensor {
         t.to_device(self.device).contiguous()
     }
@@ -367,15 +377,11 @@ impl Communicator for NcclComm {
             return self.all_reduce_tensor(t);
         }
         let dtype = self.nccl_type(t, Op::ReduceScatter)?;
-        let block = t.numel() / self.world;
+        let (base, mine, block) = self.own_block(t);
         self.seq += 1;
-        let base = t.data_ptr();
         // SAFETY: in-place reduce-scatter: the receive block lies inside the send buffer at this
         // rank's offset, as NCCL requires.
-        let code = unsafe {
-            let mine = (base as *mut u8).add(self.rank * block * t.kind().elt_size_in_bytes()) as *mut c_void;
-            (self.api.reduce_scatter)(base, mine, block, dtype, NCCL_SUM, self.comm, std::ptr::null_mut())
-        };
+        let code = unsafe { (self.api.reduce_scatter)(base, mine, block, dtype, NCCL_SUM, self.comm, std::ptr::null_mut()) };
         self.wait(Op::ReduceScatter, code)
     }
 
@@ -389,14 +395,10 @@ impl Communicator for NcclComm {
             return self.all_reduce_tensor(t);
         }
         let dtype = self.nccl_type(t, Op::AllGatherShards)?;
-        let block = t.numel() / self.world;
+        let (base, mine, block) = self.own_block(t);
         self.seq += 1;
-        let base = t.data_ptr();
         // SAFETY: in-place all-gather: this rank's block is the send buffer, at its offset.
-        let code = unsafe {
-            let mine = (base as *mut u8).add(self.rank * block * t.kind().elt_size_in_bytes()) as *const c_void;
-            (self.api.all_gather)(mine, base, block, dtype, self.comm, std::ptr::null_mut())
-        };
+        let code = unsafe { (self.api.all_gather)(mine, base, block, dtype, self.comm, std::ptr::null_mut()) };
         self.wait(Op::AllGatherShards, code)
     }
 

@@ -29,6 +29,15 @@ struct Bucket {
     members: Vec<(usize, i64, i64)>,
 }
 
+impl Bucket {
+    /// The part [lo, hi) of a parameter at `off` with `n` elements that lies in this rank's
+    /// shard, in the parameter's own flat indices; `None` when they do not meet.
+    fn owned_part(&self, off: i64, n: i64) -> Option<(i64, i64)> {
+        let (lo, hi) = (self.own.0.max(off) - off, self.own.1.min(off + n) - off);
+        (hi > lo).then_some((lo, hi))
+    }
+}
+
 pub struct Zero {
     buckets: Vec<Bucket>,
     params: Vec<(String, Tensor)>,
@@ -70,10 +79,7 @@ impl Zero {
         let mut out = Vec::new();
         for b in &self.buckets {
             for &(i, off, n) in &b.members {
-                let (lo, hi) = (b.own.0.max(off) - off, b.own.1.min(off + n) - off);
-                if hi <= lo {
-                    continue;
-                }
+                let Some((lo, hi)) = b.owned_part(off, n) else { continue };
                 out.push(ShardSlice {
                     index: i,
                     lo,
@@ -94,8 +100,7 @@ impl Zero {
         for b in &self.buckets {
             let mut flat = b.flat.shallow_clone();
             for &(i, off, n) in &b.members {
-                let (lo, hi) = (b.own.0.max(off) - off, b.own.1.min(off + n) - off);
-                if hi > lo {
+                if let Some((lo, hi)) = b.owned_part(off, n) {
                     flat.f_narrow(0, off + lo, hi - lo)?.f_copy_(&flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?)?;
                 }
             }

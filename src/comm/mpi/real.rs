@@ -130,6 +130,28 @@ impl MpiComm {
         Ok(MpiComm { rt, timeout, seq: 0, in_flight, bf16_op: None })
     }
 
+    /// In-place MPI_Allreduce of `buf` as `datatype` with `op`, in chunks MPI's int counts hold.
+    fn all_reduce_in_place<T>(&mut self, buf: &mut [T], datatype: ffi::MPI_Datatype, op: ffi::MPI_Op) -> Result<(), CommError> {
+        if buf.is_empty() {
+            return self.watched(Op::AllReduce, || 0);
+        }
+        for chunk in buf.chunks_mut(1 << 28) {
+            // SAFETY: in-place all-reduce over a valid buffer of chunk.len() elements that
+            // `datatype` describes.
+            self.watched(Op::AllReduce, || unsafe {
+                ffi::MPI_Allreduce(
+                    ringtrain_mpi_in_place(),
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len() as c_int,
+                    datatype,
+                    op,
+                    ffi::RSMPI_COMM_WORLD,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Element counts and offsets of every rank's block of `n` (`shard_bounds`), as MPI's ints.
     fn blocks(&self, n: usize, op: Op) -> Result<(Vec<c_int>, Vec<c_int>), CommError> {
         if n > c_int::MAX as usize {
@@ -178,45 +200,17 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        if buf.is_empty() {
-            return self.watched(Op::AllReduce, || 0);
-        }
-        for chunk in buf.chunks_mut(1 << 28) {
-            // SAFETY: in-place all-reduce over a valid f32 buffer of chunk.len() elements.
-            self.watched(Op::AllReduce, || unsafe {
-                ffi::MPI_Allreduce(
-                    ringtrain_mpi_in_place(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len() as c_int,
-                    ffi::RSMPI_FLOAT,
-                    ffi::RSMPI_SUM,
-                    ffi::RSMPI_COMM_WORLD,
-                )
-            })?;
-        }
-        Ok(())
+        // SAFETY: reading MPI's predefined handles, set once MPI is initialised.
+        let (float, sum) = unsafe { (ffi::RSMPI_FLOAT, ffi::RSMPI_SUM) };
+        self.all_reduce_in_place(buf, float, sum)
     }
 
+    /// MPI has no bf16 type: the values travel as uint16 and are summed by our `MPI_Op`.
     fn all_reduce_sum_bf16(&mut self, buf: &mut [half::bf16]) -> Result<(), CommError> {
         let op = self.bf16_sum()?;
-        if buf.is_empty() {
-            return self.watched(Op::AllReduce, || 0);
-        }
-        for chunk in buf.chunks_mut(1 << 28) {
-            // SAFETY: in-place all-reduce over a valid buffer of chunk.len() 16-bit values, with
-            // our bf16 sum (MPI has no bf16 type; its bytes travel as uint16).
-            self.watched(Op::AllReduce, || unsafe {
-                ffi::MPI_Allreduce(
-                    ringtrain_mpi_in_place(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len() as c_int,
-                    ffi::RSMPI_UINT16_T,
-                    op,
-                    ffi::RSMPI_COMM_WORLD,
-                )
-            })?;
-        }
-        Ok(())
+        // SAFETY: as above.
+        let uint16 = unsafe { ffi::RSMPI_UINT16_T };
+        self.all_reduce_in_place(buf, uint16, op)
     }
 
     /// MPI_Reduce_scatter into this rank's block (rank r holds block r).
