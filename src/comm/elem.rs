@@ -29,37 +29,50 @@ pub(super) fn receive<T: Elem>(from_prev: &mut Link, dst: &mut [T], scratch: &mu
     Ok(())
 }
 
-/// `dst[i] += x[i]` with x read straight out of the shared-memory ring. A span may end inside an
-/// element (the writer publishes whatever fits); its bytes wait in `carry` for the next span.
+/// `dst[i] += x[i]` with x read straight out of the shared-memory ring.
 fn add_from_shm<T: Elem>(shm: &mut super::shm::ShmLink, dst: &mut [T]) -> io::Result<()> {
-    let mut i = 0;
-    let mut carry = [0u8; 8];
-    let mut carried = 0;
-    shm.read_with(dst.len() * T::BYTES, |mut span: &[u8]| {
-        if carried > 0 {
-            let take = (T::BYTES - carried).min(span.len());
-            carry[carried..carried + take].copy_from_slice(&span[..take]);
-            carried += take;
+    let mut adder = SpanAdder::default();
+    shm.read_with(dst.len() * T::BYTES, |span| adder.feed(dst, span))
+}
+
+/// Adds a byte stream of elements into `dst` span by span. A span may end inside an element (the
+/// writer publishes whatever fits), even inside one already split: its bytes wait in `carry`.
+#[derive(Default)]
+struct SpanAdder {
+    /// Next element of `dst`.
+    i: usize,
+    carry: [u8; 8],
+    carried: usize,
+}
+
+impl SpanAdder {
+    fn feed<T: Elem>(&mut self, dst: &mut [T], mut span: &[u8]) {
+        if self.carried > 0 {
+            let take = (T::BYTES - self.carried).min(span.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&span[..take]);
+            self.carried += take;
             span = &span[take..];
-            if carried == T::BYTES {
-                // SAFETY: carry holds one whole element's bytes; any bit pattern is a valid T.
-                let x = unsafe { std::ptr::read_unaligned(carry.as_ptr() as *const T) };
-                dst[i] = T::add(dst[i], x);
-                i += 1;
-                carried = 0;
+            if self.carried < T::BYTES {
+                // The span ended inside the element too: keep what is carried for the next.
+                return;
             }
+            // SAFETY: carry holds one whole element's bytes; any bit pattern is a valid T.
+            let x = unsafe { std::ptr::read_unaligned(self.carry.as_ptr() as *const T) };
+            dst[self.i] = T::add(dst[self.i], x);
+            self.i += 1;
+            self.carried = 0;
         }
         let n = span.len() / T::BYTES;
         let src = span.as_ptr() as *const T;
-        for (k, d) in dst[i..i + n].iter_mut().enumerate() {
+        for (k, d) in dst[self.i..self.i + n].iter_mut().enumerate() {
             // SAFETY: k < n whole elements lie in `span`; unaligned reads, any bits valid.
             *d = T::add(*d, unsafe { src.add(k).read_unaligned() });
         }
-        i += n;
+        self.i += n;
         let rest = &span[n * T::BYTES..];
-        carry[..rest.len()].copy_from_slice(rest);
-        carried = rest.len();
-    })
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+    }
 }
 
 /// What the ring can sum: f32, and bf16 (each addition rounded to bf16, as libtorch adds bf16).
@@ -103,6 +116,27 @@ mod tests {
     fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
         // SAFETY: as as_bytes_mut.
         unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+    }
+
+    /// Spans of every small size, so elements split across two, three and four spans: a span
+    /// that ends inside an element already split must keep the carried bytes.
+    #[test]
+    fn spans_that_split_elements_any_way_add_up() {
+        let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.75 - 100.0).collect();
+        let bytes = as_bytes(&x);
+        for sizes in [&[1usize][..], &[1, 2], &[3, 1, 1], &[5, 2, 1, 7], &[4096]] {
+            let mut dst: Vec<f32> = (0..1000).map(|i| i as f32 * 2.0).collect();
+            let expected: Vec<f32> = dst.iter().zip(&x).map(|(d, v)| d + v).collect();
+            let mut adder = SpanAdder::default();
+            let (mut at, mut k) = (0, 0);
+            while at < bytes.len() {
+                let len = sizes[k % sizes.len()].min(bytes.len() - at);
+                adder.feed(&mut dst, &bytes[at..at + len]);
+                at += len;
+                k += 1;
+            }
+            assert_eq!(dst, expected, "spans of {sizes:?} bytes");
+        }
     }
 
     /// Adding straight out of shared memory: spans that end inside an element (the writer
