@@ -40,6 +40,10 @@ enum Bench {
         /// Ring backend across nodes: the hierarchical all-reduce (comm.hierarchical).
         #[arg(long)]
         hierarchical: bool,
+        /// Buffers from the communicator (`alloc_reduce_buffer`), as the DDP reducer's buckets:
+        /// shared memory every rank maps, when the ring is all on one node.
+        #[arg(long)]
+        shared_buffers: bool,
     },
     /// Images/s of the loader alone (decode and transforms, no model) over a config's train split.
     Loader {
@@ -59,8 +63,8 @@ enum Bench {
 
 fn try_main() -> Result<()> {
     match Args::parse().bench {
-        Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport, hierarchical } => {
-            allreduce(sizes, backend, iters, timeout_secs, device, local_transport, hierarchical)
+        Bench::Allreduce { sizes, backend, iters, timeout_secs, device, local_transport, hierarchical, shared_buffers } => {
+            allreduce(sizes, backend, iters, timeout_secs, device, local_transport, hierarchical, shared_buffers)
         }
         Bench::Loader { config, workers, batches, overrides } => loader(&config, &workers, batches, &overrides),
     }
@@ -108,6 +112,7 @@ fn allreduce(
     device: String,
     local_transport: String,
     hierarchical: bool,
+    shared_buffers: bool,
 ) -> Result<()> {
     let device = match device.as_str() {
         "cpu" => ringtrain::config::DeviceChoice::Cpu,
@@ -142,9 +147,13 @@ fn allreduce(
     if comm.rank() == 0 {
         println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::internal::bench::memcpy_gbps(100 << 20));
     }
-    let rows = ringtrain::internal::bench::all_reduce_sweep(comm, &sizes, iters, device)?;
+    let (rows, shared) = ringtrain::internal::bench::all_reduce_sweep(comm, &sizes, iters, device, shared_buffers)?;
     if comm.rank() == 0 {
-        ringtrain::internal::bench::print_table(comm.backend_name(), comm.world_size(), &rows);
+        let name = if shared { format!("{} (shared buffers)", comm.backend_name()) } else { comm.backend_name().to_string() };
+        if shared_buffers && !shared {
+            println!("# no shared buffers from this backend: ordinary buffers");
+        }
+        ringtrain::internal::bench::print_table(&name, comm.world_size(), &rows);
     }
     let wrong: usize = rows.iter().map(|r| r.wrong).sum();
     pg.finish();

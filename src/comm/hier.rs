@@ -154,6 +154,13 @@ impl Communicator for HierComm {
         self.all_reduce(buf)
     }
 
+    /// The node's own ring's shared buffers: the two node-local halves of the all-reduce then
+    /// skip its links; the cross-node part runs on a slice of it as on any buffer.
+    fn alloc_reduce_buffer(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        let lr = &self.local_ranks;
+        self.local.alloc_reduce_buffer(numel, kind).map_err(|e| e.renumber(lr))
+    }
+
     /// Across nodes within the root's column, then within every node from that column's member.
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
         if root >= self.world {

@@ -15,6 +15,7 @@ pub mod nccl;
 pub mod ring;
 mod ring_sender;
 mod ring_setup;
+mod shared_buf;
 mod shm;
 mod tensor;
 
@@ -185,6 +186,16 @@ pub trait Communicator: Send {
     /// `all_gather_shards` on a tensor.
     fn all_gather_shards_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         tensor::all_gather_shards_staged(self, t)
+    }
+    /// A zeroed 1-D CPU tensor of `numel` elements of `kind` that this backend reduces without
+    /// moving it through a link: shared memory every rank of a node-local ring maps, so the
+    /// collectives on it read the peers' copies in place (`shared_buf`). Collective: every rank
+    /// asks for the same size, in the same order. `None` (on every rank alike) when the backend
+    /// has no such memory; then any tensor does. The memory stays mapped until the process exits,
+    /// since views into it (gradients) may outlive the communicator.
+    fn alloc_reduce_buffer(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        let _ = (numel, kind);
+        Ok(None)
     }
     /// Sums a tensor across ranks in place (host backends stage non-CPU tensors through host memory).
     fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {

@@ -17,6 +17,7 @@ use super::elem::{receive, Elem};
 use super::link::Link;
 use super::ring_sender::SendEngine;
 use super::ring_setup as setup;
+use super::shared_buf::{Entry, Fail, Phase, SharedBuffers};
 use super::{CommError, Communicator, Op};
 use crate::rendezvous::Store;
 use crate::wire::*;
@@ -69,6 +70,10 @@ pub struct RingComm {
     scratch: Vec<f32>,
     /// Writes to the next rank during large collectives (started by the first one).
     sender: Option<SendEngine>,
+    /// Buffers every rank maps, when the whole ring is on one node over shared memory (made by
+    /// the first `alloc_reduce_buffer`); collectives on them skip the links.
+    shared: Option<SharedBuffers>,
+    label: String,
 }
 
 struct Links {
@@ -91,6 +96,8 @@ impl RingComm {
             segment_elems,
             scratch: vec![],
             sender: None,
+            shared: None,
+            label: format!("{}{}", setup::token_tag(&opts.token), opts.label),
         };
         if world <= 1 {
             return Ok(comm);
@@ -190,6 +197,9 @@ impl RingComm {
     /// Breaks the ring after a failure so a blocked partner thread returns at once; the
     /// communicator is unusable afterwards, as with any failed collective in c10d.
     fn poison(&mut self) {
+        if let Some(s) = &self.shared {
+            s.close();
+        }
         if let Some(l) = &self.links {
             l.to_next.shutdown();
             l.from_prev.shutdown();
@@ -306,6 +316,10 @@ impl Communicator for RingComm {
         self.gather(Op::AllGather, mine)
     }
 
+    fn alloc_reduce_buffer(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        self.alloc_shared(numel, kind)
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         // After a ring all-gather every rank has heard (transitively) from every other.
         self.gather(Op::Barrier, &[]).map(|_| ())
@@ -349,6 +363,15 @@ impl RingComm {
         let recv_chunk = |t: usize| (r + 2 * w * w - t - 1) % w;
         let adds = |t: usize| t < w - 1;
         let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
+        if let Some((alloc, offset)) = self.shared.as_ref().and_then(|s| s.locate(buf.as_ptr() as *const u8, n * T::BYTES)) {
+            let phase = match op {
+                Op::ReduceScatter => Phase::ReduceScatter,
+                Op::AllGatherShards => Phase::AllGather,
+                _ => Phase::AllReduce,
+            };
+            let entry = Entry { op, seq, len: n as u64, tag: T::TAG, alloc, offset };
+            return self.shared_steps::<T>(phase, entry, &bounds);
+        }
         if n * T::BYTES <= self.sequential_limit() {
             return self.ring_steps_small(op, buf, seq, steps, &send_chunk, &recv_chunk, &bounds);
         }
@@ -408,6 +431,70 @@ impl RingComm {
             self.poison();
         }
         result.map_err(|e| self.stall_report(e))
+    }
+}
+
+impl RingComm {
+    /// A collective on a shared buffer (`shared_buf`): the same chunks and order of additions as
+    /// the ring's, so the same bits.
+    fn shared_steps<T: Elem>(&mut self, phase: Phase, entry: Entry, bounds: &dyn Fn(usize) -> (usize, usize)) -> Result<(), CommError> {
+        let links = self.links.as_ref().expect("world > 1 has links");
+        let stray = || matches!(&links.from_prev, Link::Shm(l) if l.has_unread());
+        let shared = self.shared.as_mut().expect("located in it");
+        let result = shared.run::<T>(phase, entry, bounds, &stray);
+        let result = result.map_err(|f| self.shared_error(entry.op, entry.seq, f)).map_err(|e| self.stall_report(e));
+        if result.is_err() {
+            self.poison();
+        }
+        result
+    }
+
+    fn shared_error(&self, op: Op, seq: u64, f: Fail) -> CommError {
+        match f {
+            Fail::Io(peer, e) => self.io_error(op, seq, peer, e),
+            Fail::Mismatch(peer, detail) => CommError::Mismatch { rank: self.rank, peer, detail },
+        }
+    }
+
+    /// See `Communicator::alloc_reduce_buffer`: shared buffers when every rank's links to its
+    /// neighbours are shared memory (the whole ring on one node), agreed by all ranks first.
+    /// `RINGTRAIN_SHARED_BUFFERS=0` turns them off (to measure the ring itself).
+    fn alloc_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        let elt = match kind {
+            tch::Kind::Float => 4,
+            tch::Kind::BFloat16 => 2,
+            _ => return Ok(None),
+        };
+        if self.world == 1 {
+            return Ok(None);
+        }
+        let links = self.links.as_ref().expect("world > 1 has links");
+        let both_shm = matches!((&links.to_next, &links.from_prev), (Link::Shm(_), Link::Shm(_)));
+        let wanted = std::env::var("RINGTRAIN_SHARED_BUFFERS").map_or(true, |v| v != "0");
+        let mut mine = vec![u8::from(both_shm && wanted), elt as u8];
+        mine.extend((numel as u64).to_le_bytes());
+        let all = self.gather(Op::AllGather, &mine)?;
+        if let Some(p) = all.iter().position(|b| b[1..] != mine[1..]) {
+            return Err(CommError::Mismatch {
+                rank: self.rank,
+                peer: p,
+                detail: format!("rank {p} asked for a different shared buffer than rank {} ({numel} elements of {kind:?})", self.rank),
+            });
+        }
+        if all.iter().any(|b| b[0] == 0) {
+            return Ok(None);
+        }
+        let seq = self.seq;
+        if self.shared.is_none() {
+            let links = self.links.as_ref().expect("world > 1 has links");
+            let (Link::Shm(to_next), Link::Shm(from_prev)) = (&links.to_next, &links.from_prev) else { unreachable!("checked above") };
+            let s = SharedBuffers::new(self.rank, self.world, self.timeout, to_next.socket(), from_prev.socket(), &self.label)
+                .map_err(|f| self.shared_error(Op::Setup, seq, f))?;
+            self.shared = Some(s);
+        }
+        let ptr = self.shared.as_mut().expect("made above").alloc(numel * elt).map_err(|f| self.shared_error(Op::Setup, seq, f))?;
+        // SAFETY: `numel` elements of `kind` at `ptr`, zeroed, mapped for the process's life.
+        Ok(Some(unsafe { tch::Tensor::from_blob(ptr, &[numel as i64], &[1], kind, tch::Device::Cpu) }))
     }
 }
 

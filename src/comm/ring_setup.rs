@@ -155,7 +155,7 @@ fn accept_prev(
 /// A short tag for names others can see (Unix socket and memfd names): a hash of the job token,
 /// so any token works (a byte slice of a non-ASCII token would split a character) and the token
 /// itself is not shown in /proc.
-fn token_tag(token: &str) -> String {
+pub(super) fn token_tag(token: &str) -> String {
     format!("{:016x}", crate::ddp::fnv1a(crate::ddp::FNV_OFFSET, token.as_bytes()))
 }
 

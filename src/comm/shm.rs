@@ -93,19 +93,19 @@ impl Segment {
     }
 }
 
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+pub(super) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: a shared (not private) futex wait on a word in our mapping.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec) };
 }
 
-fn futex_wake(word: &AtomicU32) {
+pub(super) fn futex_wake(word: &AtomicU32) {
     // SAFETY: waking waiters on a word in our mapping.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
 /// True when the peer has closed its end of the Unix socket (it exited or crashed).
-fn peer_gone(sock: &UnixStream) -> bool {
+pub(super) fn peer_gone(sock: &UnixStream) -> bool {
     let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: polling one valid descriptor without waiting.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
@@ -132,6 +132,18 @@ impl ShmLink {
     pub fn accept(sock: &UnixStream, timeout: Duration) -> io::Result<ShmLink> {
         let fd = recv_fd(sock)?;
         Ok(ShmLink { seg: Arc::new(Segment::map(fd)?), sock: Arc::new(sock.try_clone()?), timeout, writer: false })
+    }
+
+    /// The Unix socket beside the ring: it tells when the peer has gone, and carries the
+    /// descriptors of shared buffers (`shared_buf`).
+    pub(super) fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// True when the peer has published bytes this (reading) side has not consumed.
+    pub(super) fn has_unread(&self) -> bool {
+        let h = self.seg.header();
+        h.head.load(Ordering::Acquire) > h.tail.load(Ordering::Acquire)
     }
 
     pub fn try_clone(&self) -> ShmLink {
@@ -291,7 +303,7 @@ fn fd_control_space() -> usize {
     unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize }
 }
 
-fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
+pub(super) fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
     let mut byte = [1u8];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
     let mut control = vec![0u8; fd_control_space()];
@@ -310,7 +322,7 @@ fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
+pub(super) fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut byte = [0u8];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
     let mut control = vec![0u8; fd_control_space()];

@@ -58,6 +58,8 @@ pub struct Reducer {
     reattached: u64,
     /// ZeRO-1: reduce-scatter instead of all-reduce; the control value travels on its own.
     shard: bool,
+    /// Every bucket is the communicator's own memory (`alloc_reduce_buffer`).
+    shared_buckets: bool,
 }
 
 /// Marks the end of backward on the ready channel.
@@ -108,8 +110,22 @@ fn reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, how: Re
     Ok((started, Instant::now()))
 }
 
+/// A zeroed bucket of `numel` f32. On the host, the communicator's own memory when it has some
+/// (shared memory every rank on the node maps: the all-reduce then reads the peers' buckets in
+/// place instead of streaming them through links); every rank asks for the same buckets in the
+/// same order, as the allocation is collective.
+/// Returns the bucket and whether it is the communicator's.
+fn bucket_buffer(comm: &mut dyn Communicator, numel: i64, device: tch::Device) -> Result<(Tensor, bool), DdpError> {
+    if device == tch::Device::Cpu {
+        if let Some(t) = comm.alloc_reduce_buffer(numel as usize, Kind::Float)? {
+            return Ok((t, true));
+        }
+    }
+    Ok((Tensor::f_zeros([numel], (Kind::Float, device))?, false))
+}
+
 impl Reducer {
-    pub fn new(params: &[Tensor], opts: &ReducerOptions) -> Result<Self, DdpError> {
+    pub fn new(comm: &mut dyn Communicator, params: &[Tensor], opts: &ReducerOptions) -> Result<Self, DdpError> {
         for (i, p) in params.iter().enumerate() {
             if p.kind() != Kind::Float {
                 return Err(DdpError::Unsupported(format!("parameter {i} has dtype {:?}; gradients are reduced as f32", p.kind())));
@@ -128,6 +144,7 @@ impl Reducer {
         }
         let last = assignment.len().saturating_sub(1);
         let mut buckets = Vec::with_capacity(assignment.len());
+        let mut shared_buckets = true;
         for (bi, idx) in assignment.into_iter().enumerate() {
             let mut off = 0i64;
             let spans = idx
@@ -146,11 +163,15 @@ impl Reducer {
                 Some(w) => (off + extra + w as i64 - 1) / w as i64 * w as i64 - extra,
                 None => off,
             };
-            buckets.push(Bucket { params: idx, spans, flat: Tensor::f_zeros([off + extra], (Kind::Float, opts.buffer_device))? });
+            let (flat, shared) = bucket_buffer(comm, off + extra, opts.buffer_device)?;
+            shared_buckets &= shared;
+            buckets.push(Bucket { params: idx, spans, flat });
         }
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
-            buckets.push(Bucket { params: vec![], spans: vec![], flat: Tensor::f_zeros([1], (Kind::Float, opts.buffer_device))? });
+            let (flat, shared) = bucket_buffer(comm, 1, opts.buffer_device)?;
+            shared_buckets &= shared;
+            buckets.push(Bucket { params: vec![], spans: vec![], flat });
         }
         let mut reducer = Self {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
@@ -163,6 +184,7 @@ impl Reducer {
             bucket_of,
             reattached: 0,
             shard: opts.shard_world.is_some(),
+            shared_buckets,
         };
         if params.iter().all(|p| p.device() == opts.buffer_device) {
             reducer.attach()?;
@@ -317,6 +339,11 @@ impl Reducer {
     /// Start and end of each bucket's all-reduce in the last `reduce`.
     pub fn last_bucket_times(&self) -> &[(Instant, Instant)] {
         &self.bucket_times
+    }
+
+    /// True when the buckets are the communicator's own memory (shared by the node's ranks).
+    pub fn buckets_shared(&self) -> bool {
+        self.shared_buckets
     }
 
     /// Parameter indices of each bucket, in reduction order.

@@ -76,19 +76,18 @@ impl Ddp {
             return Err(DdpError::Unsupported("sharding reduce-scatters f32 gradients: reduce_bf16 cannot be combined with it".into()));
         }
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-        let reducer = Reducer::new(
-            &params.iter().map(|(_, p)| p.shallow_clone()).collect::<Vec<_>>(),
-            &ReducerOptions {
-                first_cap_bytes: opts.first_bucket_cap_bytes,
-                cap_bytes: opts.bucket_cap_bytes,
-                // Sharded, the optimizer steps slices of the buckets beside the parameters: they
-                // share a device (a host backend stages them).
-                buffer_device: if comm.device_native() || opts.shard { device } else { tch::Device::Cpu },
-                reduce_bf16: opts.reduce_bf16,
-                overlap: opts.overlap,
-                shard_world: opts.shard.then_some(comm.world_size()),
-            },
-        )?;
+        let reducer_opts = ReducerOptions {
+            first_cap_bytes: opts.first_bucket_cap_bytes,
+            cap_bytes: opts.bucket_cap_bytes,
+            // Sharded, the optimizer steps slices of the buckets beside the parameters: they
+            // share a device (a host backend stages them).
+            buffer_device: if comm.device_native() || opts.shard { device } else { tch::Device::Cpu },
+            reduce_bf16: opts.reduce_bf16,
+            overlap: opts.overlap,
+            shard_world: opts.shard.then_some(comm.world_size()),
+        };
+        let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let reducer = Reducer::new(comm, &params_only, &reducer_opts)?;
         Ok(Ddp { params, buffers, reducer, opts, sync: true, warned_reattach: false })
     }
 
@@ -224,6 +223,12 @@ impl Ddp {
     }
 
     /// Parameter indices of each bucket, in reduction order.
+    /// True when the gradient buckets live in memory the communicator shares between the node's
+    /// ranks, so its collectives read them in place.
+    pub fn buckets_shared(&self) -> bool {
+        self.reducer.buckets_shared()
+    }
+
     pub fn bucket_layout(&self) -> Vec<Vec<usize>> {
         self.reducer.bucket_layout()
     }

@@ -44,20 +44,33 @@ fn value(rank: usize, i: usize) -> f32 {
     ((i % 61) + rank) as f32
 }
 
-/// Runs the sweep; every rank returns the rows (rank 0 prints them).
+/// Runs the sweep; every rank returns the rows (rank 0 prints them), and whether the buffers
+/// were the communicator's own (`shared`: from `alloc_reduce_buffer`, when it has any).
 /// Buffers live on `device` (a CUDA device for NCCL; host backends then stage through host memory).
 pub fn all_reduce_sweep(
     comm: &mut dyn Communicator,
     sizes: &[usize],
     min_iters: usize,
     device: tch::Device,
-) -> Result<Vec<Row>, crate::comm::CommError> {
+    shared: bool,
+) -> Result<(Vec<Row>, bool), crate::comm::CommError> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut rows = Vec::new();
+    let mut got_shared = shared;
     for &bytes in sizes {
         let count = bytes / 4;
         let host: Vec<f32> = (0..count).map(|i| value(rank, i)).collect();
-        let mut buf = tch::Tensor::from_slice(&host).to_device(device);
+        let host = tch::Tensor::from_slice(&host);
+        let mut buf = match shared.then(|| comm.alloc_reduce_buffer(count, tch::Kind::Float)).transpose()?.flatten() {
+            Some(mut b) => {
+                b.copy_(&host);
+                b
+            }
+            None => {
+                got_shared = false;
+                host.to_device(device)
+            }
+        };
         // Warm-up, and the correctness check on its result.
         comm.all_reduce_tensor(&mut buf)?;
         let result = Vec::<f32>::try_from(&buf.to_device(tch::Device::Cpu)).unwrap_or_default();
@@ -80,7 +93,7 @@ pub fn all_reduce_sweep(
         let algbw = bytes as f64 / secs / 1e9;
         rows.push(Row { bytes, count, time_us: secs * 1e6, algbw, busbw: algbw * busbw_factor(n), wrong });
     }
-    Ok(rows)
+    Ok((rows, got_shared))
 }
 
 /// Single-process memcpy bandwidth of `bytes`, the machine's ceiling for any local transport.

@@ -70,12 +70,13 @@ impl<'a> Trainer<'a> {
         };
         let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
         tracing::info!(
-            "model {:?}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}; {world} rank(s) × batch {}{} on {} samples",
+            "model {:?}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}{}; {world} rank(s) × batch {}{} on {} samples",
             cfg.model.name,
             ddp.named_parameters().len(),
             ddp.named_buffers().len(),
             ddp.bucket_layout().len(),
             ddp.bucket_layout(),
+            if ddp.buckets_shared() { " in shared memory" } else { "" },
             t.batch_size,
             if t.grad_accum_steps > 1 { format!(" × {} micro-batches", t.grad_accum_steps) } else { String::new() },
             splits.train.len()

@@ -1,0 +1,468 @@
+//! Buffers that every rank of a node-local ring maps, and the collectives that work on them in
+//! place.
+//!
+//! The ring moves a buffer through byte streams: over shared memory each rank copies every chunk
+//! into the link and the next rank reads it out again, about 4.5 passes over the buffer per rank
+//! at two ranks (README, "Memory passes"). When the buffer itself is shared, a rank reads its
+//! peers' copies where they lie: rank r sums chunk r + 1 of every rank's buffer and writes the
+//! sum into each of them, one read and one write of the buffer's size per rank, what a memcpy
+//! costs. The buffers come from `Communicator::alloc_reduce_buffer` (the DDP reducer's buckets,
+//! ringbench's buffers): one memfd segment per rank and allocation, handed round the ring over
+//! the Unix sockets beside the shared-memory links, so nothing is named in the file system.
+//!
+//! Every collective is two barriers. After the first, every rank's input is in place; between
+//! them each rank touches only its own chunk of each buffer (no locks needed); after the second,
+//! every rank's output is. Rank r adds chunk c = r + 1 in the order the ring adds it
+//! (x_c, then x_{c+1}, ..., x_{c-1}, each addition as the ring's receiver makes it), so the
+//! results are the ring's bits, and a run is bitwise the same with or without shared buffers.
+
+use super::elem::Elem;
+use super::shm::{futex_wait, futex_wake, peer_gone, recv_fd, send_fd};
+use super::Op;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+/// How long a waiter spins before sleeping on the futex (as the shared-memory links do).
+const SPIN: Duration = Duration::from_micros(30);
+/// Elements summed per pass over the sources: the partial sum stays in L1 between the additions
+/// and the copies out.
+const BLOCK: usize = 4096;
+
+/// A shared mapping. `keep` mappings are never unmapped: they back tensors libtorch may still hold
+/// (gradient views into a bucket) after the communicator is gone; the kernel frees them at exit.
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+    keep: bool,
+}
+
+// SAFETY: shared memory touched through atomics (control pages) and the collectives' protocol
+// (buffers: between the barriers each rank writes only its own chunk).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if !self.keep {
+            // SAFETY: unmapping our own mapping, which nothing else refers to.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+fn segment(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad segment name"))?;
+    // SAFETY: memfd_create with a valid name.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: resizing our own memfd; the new bytes read as zeros.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
+    // SAFETY: mapping `len` bytes of a memfd of at least that size, shared.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Mapping { base: base as *mut u8, len, keep })
+}
+
+/// Each rank's control page: how many barriers it has reached, and what it entered last.
+#[repr(C)]
+struct Control {
+    arrived: AtomicU64,
+    /// Futex word, bumped on every arrival; peers that wait for this rank sleep on it.
+    word: AtomicU32,
+    sleepers: AtomicU32,
+    /// Set when this rank's communicator failed or went away: waiters fail at once.
+    closed: AtomicU32,
+    tag: AtomicU32,
+    op: AtomicU64,
+    seq: AtomicU64,
+    len: AtomicU64,
+    alloc: AtomicU64,
+    offset: AtomicU64,
+}
+
+/// What a rank announces when it enters a collective: every rank must agree on all of it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Entry {
+    pub op: Op,
+    pub seq: u64,
+    /// Elements.
+    pub len: u64,
+    pub tag: u8,
+    /// Which allocation, and the byte offset into it.
+    pub alloc: usize,
+    pub offset: usize,
+}
+
+/// A failure with the rank it concerns.
+pub(super) enum Fail {
+    Io(usize, io::Error),
+    Mismatch(usize, String),
+}
+
+pub(super) struct SharedBuffers {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// Every rank's control page, by rank.
+    controls: Vec<Mapping>,
+    /// Every allocation, each mapped for every rank (by rank).
+    allocs: Vec<Vec<Mapping>>,
+    /// Barriers passed so far; the same count on every rank.
+    barriers: u64,
+    /// The Unix sockets to the ring neighbours: they carry the segments' descriptors and tell
+    /// when a neighbour has gone.
+    to_next: UnixStream,
+    from_prev: UnixStream,
+    /// Memfd names carry it, to tell jobs and rings apart in /proc.
+    label: String,
+}
+
+/// The three collectives, as the ring's steps split them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+}
+
+impl SharedBuffers {
+    /// Sets up the control pages (collective over the ring). `to_next`/`from_prev` are the Unix
+    /// sockets beside the shared-memory links.
+    pub fn new(
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        to_next: &UnixStream,
+        from_prev: &UnixStream,
+        label: &str,
+    ) -> Result<SharedBuffers, Fail> {
+        let next = (rank + 1) % world;
+        let mut s = SharedBuffers {
+            rank,
+            world,
+            timeout,
+            controls: Vec::new(),
+            allocs: Vec::new(),
+            barriers: 0,
+            to_next: to_next.try_clone().map_err(|e| Fail::Io(next, e))?,
+            from_prev: from_prev.try_clone().map_err(|e| Fail::Io(rank, e))?,
+            label: label.to_string(),
+        };
+        s.controls = s.share(PAGE, false)?;
+        Ok(s)
+    }
+
+    /// Allocates `bytes` (rounded up to pages, zeroed) in every rank's memory, mapped by all
+    /// (collective); returns this rank's copy.
+    pub fn alloc(&mut self, bytes: usize) -> Result<*mut u8, Fail> {
+        let maps = self.share(bytes.div_ceil(PAGE).max(1) * PAGE, true)?;
+        let base = maps[self.rank].base;
+        self.allocs.push(maps);
+        Ok(base)
+    }
+
+    /// Makes a segment of `len` bytes, hands it round the ring and maps every rank's.
+    fn share(&self, len: usize, keep_own: bool) -> Result<Vec<Mapping>, Fail> {
+        let r = self.rank;
+        let name = format!("ringtrain-{}-shared{}-r{r}", self.label, self.allocs.len());
+        let own = segment(&name, len).map_err(|e| Fail::Io(r, e))?;
+        let fds = self.exchange(own)?;
+        fds.iter().enumerate().map(|(p, fd)| map(fd, len, keep_own && p == r).map_err(|e| Fail::Io(p, e))).collect::<Result<_, _>>()
+    }
+
+    /// A ring all-gather of descriptors: step t sends rank r - t's and receives rank r - t - 1's.
+    /// A one-byte message never fills a socket, so sending before receiving cannot block.
+    fn exchange(&self, own: OwnedFd) -> Result<Vec<OwnedFd>, Fail> {
+        let (r, w) = (self.rank, self.world);
+        let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+        let mut fds: Vec<Option<OwnedFd>> = (0..w).map(|_| None).collect();
+        let mut last = own;
+        for t in 0..w - 1 {
+            send_fd(&self.to_next, last.as_raw_fd()).map_err(|e| Fail::Io(next, e))?;
+            wait_readable(&self.from_prev, self.timeout).map_err(|e| Fail::Io(prev, e))?;
+            let got = recv_fd(&self.from_prev).map_err(|e| Fail::Io(prev, e))?;
+            fds[(r + w - t) % w] = Some(last);
+            last = got;
+        }
+        fds[(r + 1) % w] = Some(last);
+        Ok(fds.into_iter().map(|f| f.expect("every rank's descriptor arrived")).collect())
+    }
+
+    /// The allocation and byte offset holding `[ptr, ptr + bytes)`, when one does.
+    pub fn locate(&self, ptr: *const u8, bytes: usize) -> Option<(usize, usize)> {
+        self.allocs.iter().enumerate().find_map(|(i, maps)| {
+            let m = &maps[self.rank];
+            let (start, p) = (m.base as usize, ptr as usize);
+            (p >= start && p + bytes <= start + m.len).then(|| (i, p - start))
+        })
+    }
+
+    /// Marks this rank gone, so peers waiting for it fail at once instead of timing out.
+    pub fn close(&self) {
+        if let Some(c) = self.controls.get(self.rank) {
+            let c = control(c);
+            c.closed.store(1, Ordering::Release);
+            c.word.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&c.word);
+        }
+    }
+
+    /// Runs one collective on `entry.len` elements at `entry.offset` of allocation `entry.alloc`.
+    /// `bounds(c)` is chunk c's element range (the ring's chunks); `stray()` says the previous rank
+    /// has sent a ring message instead (its buffer was not a shared one).
+    pub fn run<T: Elem>(
+        &mut self,
+        phase: Phase,
+        entry: Entry,
+        bounds: &dyn Fn(usize) -> (usize, usize),
+        stray: &dyn Fn() -> bool,
+    ) -> Result<(), Fail> {
+        let (r, w) = (self.rank, self.world);
+        self.announce(&entry);
+        self.barrier(Some(&entry), stray)?;
+        let ptr = |p: usize| -> *mut T {
+            // SAFETY: every rank checked (first barrier) that the same range lies in the same
+            // allocation, so it lies in rank p's mapping too.
+            unsafe { self.allocs[entry.alloc][p].base.add(entry.offset) as *mut T }
+        };
+        let c = (r + 1) % w;
+        let (a, b) = bounds(c);
+        let mut acc: Vec<T> = Vec::with_capacity(BLOCK);
+        for start in (a..b).step_by(BLOCK) {
+            let len = BLOCK.min(b - start);
+            // SAFETY (all slices): [start, start + len) lies in chunk c, which only this rank
+            // touches between the barriers, in every rank's buffer.
+            let slice = |p: usize| unsafe { std::slice::from_raw_parts_mut(ptr(p).add(start), len) };
+            let own = slice(r);
+            if phase != Phase::AllGather {
+                // x_c, then each next rank's value added as the ring's receiver adds it:
+                // add(own value, partial sum). The last is this rank's own (c + w - 1 = r).
+                acc.clear();
+                acc.extend_from_slice(slice(c));
+                for k in 1..w - 1 {
+                    for (s, x) in acc.iter_mut().zip(slice((c + k) % w).iter()) {
+                        *s = T::add(*x, *s);
+                    }
+                }
+                for (o, s) in own.iter_mut().zip(&acc) {
+                    *o = T::add(*o, *s);
+                }
+            }
+            if phase != Phase::ReduceScatter {
+                for p in (0..w).filter(|&p| p != r) {
+                    slice(p).copy_from_slice(own);
+                }
+            }
+        }
+        // Peers may still be reading our buffer (reduce-scatter) or writing into it: nobody
+        // leaves before everybody is done.
+        self.barrier(None, stray)
+    }
+
+    fn announce(&self, e: &Entry) {
+        let c = control(&self.controls[self.rank]);
+        c.op.store(e.op.code() as u64, Ordering::Relaxed);
+        c.seq.store(e.seq, Ordering::Relaxed);
+        c.len.store(e.len, Ordering::Relaxed);
+        c.tag.store(e.tag as u32, Ordering::Relaxed);
+        c.alloc.store(e.alloc as u64, Ordering::Relaxed);
+        c.offset.store(e.offset as u64, Ordering::Relaxed);
+    }
+
+    fn entry_of(&self, p: usize) -> (u64, u64, u64, u32, u64, u64) {
+        let c = control(&self.controls[p]);
+        (
+            c.op.load(Ordering::Relaxed),
+            c.seq.load(Ordering::Relaxed),
+            c.len.load(Ordering::Relaxed),
+            c.tag.load(Ordering::Relaxed),
+            c.alloc.load(Ordering::Relaxed),
+            c.offset.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Arrives, then waits for every other rank; after the first barrier of a collective, checks
+    /// each one entered the same collective (its entry cannot change before the second barrier).
+    fn barrier(&mut self, check: Option<&Entry>, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+        self.barriers += 1;
+        let target = self.barriers;
+        let me = control(&self.controls[self.rank]);
+        // Release: our writes to the buffers happen before any peer sees the arrival.
+        me.arrived.store(target, Ordering::Release);
+        me.word.fetch_add(1, Ordering::SeqCst);
+        if me.sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&me.word);
+        }
+        for k in 1..self.world {
+            let p = (self.rank + k) % self.world;
+            self.wait_for(p, target, stray)?;
+            if let Some(e) = check {
+                let mine = (e.op.code() as u64, e.seq, e.len, e.tag as u32, e.alloc as u64, e.offset as u64);
+                let theirs = self.entry_of(p);
+                if theirs != mine {
+                    let op = Op::from_code(theirs.0 as u8).map_or("an unknown op", |o| o.name());
+                    return Err(Fail::Mismatch(
+                        p,
+                        format!(
+                            "rank {p} is in {op} #{} of {} elements (shared buffer {} at byte {}), rank {} in {} #{} of {} \
+                             elements (shared buffer {} at byte {})",
+                            theirs.1, theirs.2, theirs.4, theirs.5, self.rank, e.op, e.seq, e.len, e.alloc, e.offset
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until rank `p` has arrived at barrier `target`: spinning briefly, then sleeping on
+    /// its futex word. Whatever else is noticed (the rank left, a neighbour's socket closed, a
+    /// ring message arrived instead, the timeout) is checked against a last look at the arrival,
+    /// which may have happened just before it.
+    fn wait_for(&self, p: usize, target: u64, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+        let ctl = control(&self.controls[p]);
+        let arrived = || ctl.arrived.load(Ordering::Acquire) >= target;
+        let (next, prev) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
+        let started = Instant::now();
+        loop {
+            let seq = ctl.word.load(Ordering::Acquire);
+            if arrived() {
+                return Ok(());
+            }
+            let failure = if ctl.closed.load(Ordering::Acquire) != 0 {
+                Some(Fail::Io(p, io::Error::new(io::ErrorKind::BrokenPipe, format!("rank {p} left the collective"))))
+            } else if started.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            } else if stray() {
+                Some(Fail::Mismatch(
+                    prev,
+                    format!(
+                        "rank {prev} sent a ring message while rank {} waits in a collective on a shared buffer (a buffer from \
+                         alloc_reduce_buffer on some ranks only?)",
+                        self.rank
+                    ),
+                ))
+            } else if peer_gone(&self.from_prev) {
+                Some(Fail::Io(prev, io::Error::from(io::ErrorKind::UnexpectedEof)))
+            } else if peer_gone(&self.to_next) {
+                Some(Fail::Io(next, io::Error::from(io::ErrorKind::UnexpectedEof)))
+            } else if started.elapsed() > self.timeout {
+                Some(Fail::Io(p, io::Error::from(io::ErrorKind::TimedOut)))
+            } else {
+                None
+            };
+            if let Some(f) = failure {
+                return if arrived() { Ok(()) } else { Err(f) };
+            }
+            ctl.sleepers.fetch_add(1, Ordering::SeqCst);
+            if !arrived() {
+                futex_wait(&ctl.word, seq, Duration::from_millis(50));
+            }
+            ctl.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for SharedBuffers {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn control(m: &Mapping) -> &Control {
+    // SAFETY: a control page is a zero-initialised page, large enough for `Control`, whose
+    // fields are all atomics (any bits valid).
+    unsafe { &*(m.base as *const Control) }
+}
+
+/// Waits up to `timeout` for `sock` to have something to read.
+fn wait_readable(sock: &UnixStream, timeout: Duration) -> io::Result<()> {
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: polling one valid descriptor.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    match n {
+        0 => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three ranks as threads over socket pairs: sums in the ring's order, every rank's copy
+    /// equal, reduce-scatter leaving each rank its chunk, all-gather spreading them, and a rank
+    /// entering another collective named.
+    #[test]
+    fn collectives_on_shared_buffers_three_ranks() {
+        let w = 3;
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..w).map(|_| UnixStream::pair().unwrap()).collect();
+        // pairs[r] links r (.0) to r + 1 (.1).
+        let mut handles = Vec::new();
+        let socks: Vec<(UnixStream, UnixStream)> =
+            (0..w).map(|r| (pairs[r].0.try_clone().unwrap(), pairs[(r + w - 1) % w].1.try_clone().unwrap())).collect();
+        for (r, (to_next, from_prev)) in socks.into_iter().enumerate() {
+            handles.push(std::thread::spawn(move || {
+                let t = Duration::from_secs(10);
+                let mut s = SharedBuffers::new(r, w, t, &to_next, &from_prev, "test").unwrap_or_else(|_| panic!("setup"));
+                let n = 10_007usize;
+                let base = s.alloc(n * 4).unwrap_or_else(|_| panic!("alloc")) as *mut f32;
+                // SAFETY: n floats were allocated.
+                let buf = unsafe { std::slice::from_raw_parts_mut(base, n) };
+                let x = |rank: usize, i: usize| 0.1f32 * (i % 7) as f32 + rank as f32 * 1e-3 + (i as f32).sqrt();
+                for (i, v) in buf.iter_mut().enumerate() {
+                    *v = x(r, i);
+                }
+                let bounds = |c: usize| (n * c / w, n * (c + 1) / w);
+                let entry = |op, seq| Entry { op, seq, len: n as u64, tag: 0, alloc: 0, offset: 0 };
+                s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, 1), &bounds, &|| false).unwrap_or_else(|_| panic!("all_reduce"));
+                for (i, v) in buf.iter().enumerate() {
+                    let c = (0..w).find(|&c| bounds(c).0 <= i && i < bounds(c).1).unwrap();
+                    // The ring's order: x_c, then x_{c+1} + partial, ...
+                    let mut s = x(c, i);
+                    for k in 1..w {
+                        s = x((c + k) % w, i) + s;
+                    }
+                    assert_eq!(v.to_bits(), s.to_bits(), "rank {r} element {i}");
+                }
+                for v in buf.iter_mut() {
+                    *v = 1.0 + r as f32;
+                }
+                s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, 2), &bounds, &|| false).unwrap_or_else(|_| panic!("rs"));
+                let (a, b) = bounds((r + 1) % w);
+                assert!(buf[a..b].iter().all(|&v| v == 6.0), "rank {r}: its chunk holds the sum");
+                s.run::<f32>(Phase::AllGather, entry(Op::AllGatherShards, 3), &bounds, &|| false).unwrap_or_else(|_| panic!("ag"));
+                assert!(buf.iter().all(|&v| v == 6.0), "rank {r}: every chunk gathered");
+                // Rank 2 enters a different collective: the others name it.
+                let seq = if r == 2 { 5 } else { 4 };
+                match s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, seq), &bounds, &|| false) {
+                    Err(Fail::Mismatch(p, d)) => {
+                        assert!(r == 2 || (p == 2 && d.contains("#5")), "rank {r}: {d}");
+                    }
+                    _ => panic!("rank {r}: a mismatch goes unnoticed"),
+                }
+            }));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}
