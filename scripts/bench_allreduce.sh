@@ -9,6 +9,10 @@ np="${1:-2}"
 sizes="${2:-4K,64K,1M,4M,25M,64M,256M}"
 cargo build --release --quiet
 bin=target/release
+# Shared buffers first (what the DDP buckets are on one node), then the ring through each kind of
+# link with ordinary buffers.
+echo "## ring, shared buffers (as DDP's buckets), ringrun --nproc-per-node $np"
+"$bin/ringrun" --nproc-per-node "$np" ringbench allreduce --backend ring --shared-buffers --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'
 for t in shm unix tcp; do
     echo "## ring ($t links), ringrun --nproc-per-node $np"
     "$bin/ringrun" --nproc-per-node "$np" ringbench allreduce --backend ring --local-transport "$t" --sizes "$sizes" 2>/dev/null | sed 's/^\[rank0\] //'

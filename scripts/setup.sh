@@ -10,7 +10,8 @@
 #   which .cargo/config.toml points LIBTORCH at.
 #
 # With --python, also a Python venv with torch 2.11 (scripts/bench_setup.sh), which the tests that
-# compare with PyTorch and the benchmarks use; the test command asks for it.
+# compare with PyTorch and the benchmarks use, and Debian's Slurm and munge for the test against a
+# real single-node Slurm; the test command asks for it.
 #
 # Quiet when nothing is missing.
 set -euo pipefail
@@ -35,7 +36,11 @@ say() { echo "setup: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_packages=(dataset-fashion-mnist fortunes fonts-dejavu-core pkg-config g++ unzip libopenmpi-dev openmpi-bin libclang-dev)
-((with_python)) && apt_packages+=(python3-venv)
+# The test command's extras: python3-venv for the PyTorch venv; slurm-wlm and munge for
+# tests/slurm_real.rs, which starts its own daemons (scripts/slurm_local.sh). Installing them
+# starts no Slurm daemon (Debian's units and init scripts need /etc/slurm/slurm.conf, which we
+# never write); a system munged, where the package starts one, is left alone and unused.
+((with_python)) && apt_packages+=(python3-venv slurm-wlm munge)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

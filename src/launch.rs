@@ -99,6 +99,17 @@ impl LaunchInfo {
                  start the workers with srun (e.g. `srun ringtrain --config …`), one task per slot"
             )));
         }
+        // Inside an interactive allocation (salloc -n N) without srun, nothing describes this
+        // process as a task: alone, it would train as world 1 of the N the user asked for.
+        if source == LaunchSource::Standalone && step_id.is_none() {
+            if let (Some(job), Some(tasks)) = (env.get("SLURM_JOB_ID"), n("SLURM_NTASKS")?.filter(|&t| t > 1)) {
+                return Err(LaunchError(format!(
+                    "SLURM_NTASKS={tasks} in Slurm allocation {job}, but this process is not one of its tasks (no SLURM_PROCID or \
+                     SLURM_STEP_ID: started in the salloc shell?): start the workers with srun (e.g. `srun ringtrain --config …`), \
+                     or with ringrun"
+                )));
+            }
+        }
         if rank >= world {
             return Err(LaunchError(format!("rank {rank} is not below world size {world}")));
         }
@@ -218,6 +229,10 @@ mod tests {
         // An sbatch script's batch step (no SLURM_STEP_ID) is not rank 0 of N: it says so.
         let e = LaunchInfo::from_env(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "5")])).unwrap_err().to_string();
         assert!(e.contains("sbatch") && e.contains("srun"), "{e}");
+        // In a salloc shell without srun: no task variables, so it says so rather than train alone.
+        let e = LaunchInfo::from_env(&env(&[("SLURM_NTASKS", "2"), ("SLURM_JOB_ID", "5")])).unwrap_err().to_string();
+        assert!(e.contains("salloc") && e.contains("srun") && e.contains("SLURM_NTASKS=2"), "{e}");
+        assert!(LaunchInfo::from_env(&env(&[("SLURM_NTASKS", "1"), ("SLURM_JOB_ID", "5")])).is_ok(), "one task: fine alone");
         let one = LaunchInfo::from_env(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")])).unwrap();
         assert!(!one.under_srun, "a one-task batch step is fine on its own");
         let pmi2 =
