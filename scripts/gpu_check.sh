@@ -18,6 +18,9 @@
 #       GPU for checkpoints): Adam sharded, 30 + resume to 60, equal to (g)'s unsharded 60 straight
 #   (k) ZeRO-1 with the ring and CUDA parameters (2 workers sharing the GPU, buckets on the GPU,
 #       staged through the host): equal to (b) unsharded
+#   (l) NCCL's device contract at world size 2: the ring wrapped in the strict device check
+#       (RINGTRAIN_STRICT_DEVICE=1, refuses tensors off cuda:0), Adam, checkpoints, evaluation,
+#       30 + resume to 60 and init_from: equal to the plain ring's 60 straight
 # Prints a summary table; exits non-zero if any part failed.
 #   RINGTRAIN_PYTHON: the Python with torch (default /opt/torch/.venv/bin/python)
 set -uo pipefail
@@ -134,11 +137,32 @@ if RINGTRAIN_CUDA_DEVICE=0 "$here/bin/ringrun" --nproc-per-node 2 "$here/bin/rin
     if [ "$a" = "$b" ]; then result[k]="PASS sharded = unsharded ($a)"; else result[k]="FAIL sharded $b vs unsharded $a"; fi
 else result[k]="FAIL"; fi
 
+echo "== (l) NCCL's device contract under the ring: 2 workers on one GPU, strict device check"
+# RINGTRAIN_STRICT_DEVICE=1 wraps the ring in a backend that, like NCCL, refuses any tensor not on
+# cuda:0 (src/comm/strict.rs): parameters, buffers and optimizer state broadcast, checkpoint save and
+# resume, init_from, evaluation and the stop vote all go through it at world size 2, which NCCL
+# itself cannot do on one GPU.
+strict=(--config "$here/configs/fashion_mnist_cnn.yaml" --set "data.dir=$here/data/fashion-mnist" --set device=cuda
+        --set comm.backend=ring --set optimizer.name=adam --set optimizer.lr=0.001 --set checkpoint.every_steps=10
+        --set train.log_every_steps=10)
+two() { RINGTRAIN_CUDA_DEVICE=0 "$here/bin/ringrun" --nproc-per-node 2 "$here/bin/ringtrain" "$@"; }
+if two "${strict[@]}" --set train.max_steps=60 --run-dir "$runs/l-plain" 2>&1 | tail -n 2 &&
+   RINGTRAIN_STRICT_DEVICE=1 two "${strict[@]}" --set train.max_steps=60 --run-dir "$runs/l-whole" 2>&1 | tail -n 2 &&
+   RINGTRAIN_STRICT_DEVICE=1 two "${strict[@]}" --set train.max_steps=30 --run-dir "$runs/l-resumed" 2>&1 | tail -n 2 &&
+   RINGTRAIN_STRICT_DEVICE=1 two "${strict[@]}" --set train.max_steps=60 --run-dir "$runs/l-resumed" --resume auto 2>&1 | tail -n 2 &&
+   RINGTRAIN_STRICT_DEVICE=1 two "${strict[@]}" --set train.max_steps=10 --set "model.init_from=$runs/l-whole/model.safetensors" \
+        --run-dir "$runs/l-init" 2>&1 | tail -n 2; then
+    p=$(hash_of "$runs/l-plain"); a=$(hash_of "$runs/l-whole"); b=$(hash_of "$runs/l-resumed")
+    if ! grep -q "strict device check" "$runs/l-whole/logs/rank0.log"; then result[l]="FAIL the strict check was not on"
+    elif [ "$a" = "$b" ] && [ "$a" = "$p" ]; then result[l]="PASS strict = plain = resumed ($a); init_from ran"
+    else result[l]="FAIL strict $a, resumed $b, plain $p"; fi
+else result[l]="FAIL (a tensor off the device? see the log above)"; fi
+
 echo
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e f g h i j k; do
+for k in a b c d e f g h i j k l; do
     echo "| ($k) | ${result[$k]} |"
     case "${result[$k]}" in FAIL*) status=1 ;; esac
 done

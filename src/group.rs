@@ -98,7 +98,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             }
             let joined = if backend == Backend::Nccl { nccl(launch, timeout, device) } else { ring(launch, timeout, cfg, env) };
             match joined {
-                Ok(comm) => Ok(Group { comm, mpi: runtime }),
+                Ok(comm) => Ok(Group { comm: strict_if_asked(comm, env, device), mpi: runtime }),
                 Err(e) => {
                     std::mem::forget(runtime);
                     Err(e)
@@ -107,6 +107,17 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
         }
         Backend::Auto => unreachable!("resolved above"),
     }
+}
+
+/// RINGTRAIN_STRICT_DEVICE=1 (tests and the GPU check): the communicator holds every tensor to
+/// NCCL's device contract (`comm::strict`), so a caller that would hand NCCL a tensor on the
+/// wrong device fails under the ring too.
+fn strict_if_asked(comm: Box<dyn Communicator>, env: &HashMap<String, String>, device: tch::Device) -> Box<dyn Communicator> {
+    if env.get("RINGTRAIN_STRICT_DEVICE").is_some_and(|v| v == "1") && !comm.device_native() {
+        tracing::info!("strict device check: every tensor handed to the {} backend must be on {device:?}", comm.backend_name());
+        return Box::new(crate::comm::StrictDevice::new(comm, device));
+    }
+    comm
 }
 
 /// Under mpirun without MASTER_ADDR: rank 0 serves the store on a free port and tells the others

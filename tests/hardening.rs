@@ -164,3 +164,41 @@ fn a_libtorch_error_inside_a_panicking_call_is_one_line_naming_the_rank() {
     assert!(line.contains("CUDA out of memory. Tried to allocate 2.00 GiB") && !line.contains("Exception raised"), "{line}");
     assert!(!out.stderr.contains("frame #0") && !out.stderr.contains("note: run with `RUST_BACKTRACE=1`"), "{}", out.report());
 }
+
+/// The device contract's paths under the strict wrapper (RINGTRAIN_STRICT_DEVICE=1): the ring
+/// declared device-native, as NCCL is, refusing any tensor that is not a contiguous tensor on the
+/// model's device. On this CPU-only machine the device always matches (the GPU check runs the same
+/// on cuda, part (l)); what this catches here is a path that breaks once the backend is
+/// device-native (buckets beside the parameters, state broadcast as device tensors) or hands over
+/// a strided view. Adam, checkpoints, evaluation, 20 + resume to 40 and init_from: bitwise the
+/// plain ring's 40 straight.
+#[test]
+fn device_native_paths_under_the_strict_wrapper_match_the_plain_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "adam.yaml",
+        &mlp_config(16, "checkpoint: {every_steps: 10}\n").replace("{name: sgd, lr: 0.1, momentum: 0.9}", "{name: adam, lr: 0.01}"),
+    );
+    let strict = |run_dir: &std::path::Path, args: &[&str]| {
+        let mut c = ringrun(2, &cfg, run_dir, args);
+        c.env("RINGTRAIN_STRICT_DEVICE", "1");
+        let out = run(c, Duration::from_secs(120));
+        out.assert_success();
+        out
+    };
+    let plain = dir.path().join("plain");
+    run(ringrun(2, &cfg, &plain, &["--set", "train.max_steps=40"]), Duration::from_secs(120)).assert_success();
+    let whole = dir.path().join("whole");
+    strict(&whole, &["--set", "train.max_steps=40"]);
+    let log = std::fs::read_to_string(whole.join("logs/rank0.log")).unwrap();
+    assert!(log.contains("strict device check") && log.contains("test_acc"), "strict check on, evaluation ran:\n{log}");
+    let resumed = dir.path().join("resumed");
+    strict(&resumed, &["--set", "train.max_steps=20"]);
+    let out = strict(&resumed, &["--set", "train.max_steps=40", "--resume", "auto"]);
+    assert!(out.stderr.contains("global step 20"), "{}", out.report());
+    let init = format!("model.init_from={}", whole.join("model.safetensors").display());
+    strict(&dir.path().join("init"), &["--set", "train.max_steps=5", "--set", &init]);
+    assert_eq!(rank_hashes(&whole, 2), rank_hashes(&plain, 2), "strict wrapper vs plain ring");
+    assert_eq!(rank_hashes(&resumed, 2), rank_hashes(&plain, 2), "resumed under the strict wrapper vs plain ring");
+}

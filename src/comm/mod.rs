@@ -17,10 +17,12 @@ mod ring_sender;
 mod ring_setup;
 mod shared_buf;
 mod shm;
+pub mod strict;
 mod tensor;
 
 pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
+pub use strict::StrictDevice;
 
 use std::time::Duration;
 
