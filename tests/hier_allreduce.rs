@@ -119,3 +119,30 @@ fn one_node_or_unequal_nodes_fall_back_to_the_flat_ring() {
         assert!(results.iter().all(Option::is_none), "{nodes:?} must decline on every rank");
     }
 }
+
+/// The node-local halves on the node ring's shared buffers: the same bits as the hierarchical
+/// all-reduce of an ordinary buffer (the cross-node part runs on a slice of the shared one), and
+/// every rank agrees.
+#[test]
+fn shared_buffers_keep_the_hierarchical_sums() {
+    for nodes in [&["a", "a", "b", "b"][..], &["a", "b", "a", "b", "a", "b"][..]] {
+        for len in [7usize, 200_003] {
+            let results = with_hier(nodes, move |rank, comm| {
+                let x: Vec<f32> = (0..len).map(|i| ((i as f32 * 0.37 + rank as f32).sin() * 10f32.powi((i % 5) as i32 - 2))).collect();
+                let mut reference = x.clone();
+                comm.all_reduce_sum(&mut reference).unwrap();
+                let mut t = comm.alloc_reduce_buffer(len, tch::Kind::Float).unwrap().expect("each node's ring shares buffers");
+                t.copy_(&tch::Tensor::from_slice(&x));
+                comm.all_reduce_tensor(&mut t).unwrap();
+                let got = Vec::<f32>::try_from(&t).unwrap();
+                assert!(
+                    got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rank {rank}: differs from the ordinary buffer"
+                );
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            });
+            let results: Vec<Vec<u32>> = results.into_iter().map(|r| r.expect("a 2-node layout")).collect();
+            assert!(results.iter().all(|r| r == &results[0]), "{nodes:?} len {len}: ranks differ");
+        }
+    }
+}

@@ -53,32 +53,45 @@ fn bits(t: &Tensor) -> Vec<u32> {
 
 /// All-reduce, reduce-scatter and all-gather on shared buffers give exactly the ring's bits
 /// (same chunks, same order of additions), at 2, 3 and 4 ranks, on lengths that leave chunks
-/// of unequal size, empty chunks, and blocks that end inside a chunk.
+/// of unequal size, empty chunks, and blocks that end inside a chunk; on a part of a buffer that
+/// starts past its beginning; three times on the same buffer with new inputs. The counter shows
+/// they ran on the shared buffer, not through the links.
 #[test]
 fn shared_buffers_give_the_rings_bits() {
     for world in [2usize, 3, 4] {
         for len in [1usize, 1001, 700_003] {
             let results = with_shm_ring(world, move |rank, comm| {
-                let mut reference = random_input(rank, len);
-                comm.all_reduce_sum(&mut reference).unwrap();
-                let mut t = shared(comm, &random_input(rank, len));
-                comm.all_reduce_tensor(&mut t).unwrap();
-                let all_reduce_equal = bits(&t) == reference.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let off = 37; // elements: a view that starts inside the allocation
+                let mut whole =
+                    comm.alloc_reduce_buffer(off + len + 5, Kind::Float).unwrap().expect("a node-local ring has shared buffers");
+                let mut view = whole.narrow(0, off as i64, len as i64);
+                let before = comm.shared_collectives();
+                let mut ok = Vec::new();
+                for round in 0..3 {
+                    let input: Vec<f32> = random_input(rank + 7 * round, len);
+                    let mut reference = input.clone();
+                    comm.all_reduce_sum(&mut reference).unwrap();
+                    view.copy_(&Tensor::from_slice(&input));
+                    comm.all_reduce_tensor(&mut view).unwrap();
+                    ok.push(bits(&view) == reference.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
 
-                let mut t = shared(comm, &random_input(rank, len));
-                comm.reduce_scatter_tensor(&mut t).unwrap();
-                let (a, b) = ringtrain::comm::shard_bounds(len, world, comm.shard_index());
-                let got = bits(&t);
-                let shard_equal = got[a..b] == reference[a..b].iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                // What is outside the shard must not matter to the all-gather.
-                let _ = t.narrow(0, 0, a as i64).fill_(f64::NAN);
-                let _ = t.narrow(0, b as i64, (len - b) as i64).fill_(f64::NAN);
-                comm.all_gather_shards_tensor(&mut t).unwrap();
-                let gathered_equal = bits(&t) == reference.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                (all_reduce_equal, shard_equal, gathered_equal)
+                    view.copy_(&Tensor::from_slice(&input));
+                    comm.reduce_scatter_tensor(&mut view).unwrap();
+                    let (a, b) = ringtrain::comm::shard_bounds(len, world, comm.shard_index());
+                    let got = bits(&view);
+                    ok.push(got[a..b] == reference[a..b].iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                    // What is outside the shard must not matter to the all-gather.
+                    let _ = view.narrow(0, 0, a as i64).fill_(f64::NAN);
+                    let _ = view.narrow(0, b as i64, (len - b) as i64).fill_(f64::NAN);
+                    comm.all_gather_shards_tensor(&mut view).unwrap();
+                    ok.push(bits(&view) == reference.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                }
+                let _ = whole.fill_(0.0);
+                (ok, comm.shared_collectives() - before)
             });
-            for (rank, r) in results.iter().enumerate() {
-                assert_eq!(r, &(true, true, true), "world {world} len {len} rank {rank}: (all-reduce, shard, gathered) equal to the ring");
+            for (rank, (ok, shared)) in results.iter().enumerate() {
+                assert!(ok.iter().all(|&x| x), "world {world} len {len} rank {rank}: (all-reduce, shard, gathered) × 3 rounds: {ok:?}");
+                assert_eq!(*shared, 9, "world {world} len {len} rank {rank}: collectives on the shared buffer");
             }
         }
     }

@@ -36,6 +36,9 @@ pub enum Op {
     Setup,
     ReduceScatter,
     AllGatherShards,
+    /// `alloc_reduce_buffer`: its agreement round has a code of its own, so a rank allocating
+    /// while another gathers is a mismatch, not data.
+    Alloc,
 }
 
 impl Op {
@@ -48,6 +51,7 @@ impl Op {
             Op::Setup => "ring setup",
             Op::ReduceScatter => "reduce_scatter",
             Op::AllGatherShards => "all_gather_into_tensor",
+            Op::Alloc => "alloc_reduce_buffer",
         }
     }
 
@@ -56,7 +60,7 @@ impl Op {
     }
 
     pub(crate) fn from_code(c: u8) -> Option<Op> {
-        [Op::AllReduce, Op::Broadcast, Op::AllGather, Op::Barrier, Op::Setup, Op::ReduceScatter, Op::AllGatherShards]
+        [Op::AllReduce, Op::Broadcast, Op::AllGather, Op::Barrier, Op::Setup, Op::ReduceScatter, Op::AllGatherShards, Op::Alloc]
             .into_iter()
             .find(|o| o.code() == c)
     }

@@ -73,6 +73,8 @@ pub struct RingComm {
     /// Buffers every rank maps, when the whole ring is on one node over shared memory (made by
     /// the first `alloc_reduce_buffer`); collectives on them skip the links.
     shared: Option<SharedBuffers>,
+    /// Collectives that ran on shared buffers (tests and benchmarks read it).
+    shared_collectives: u64,
     label: String,
 }
 
@@ -97,6 +99,7 @@ impl RingComm {
             scratch: vec![],
             sender: None,
             shared: None,
+            shared_collectives: 0,
             label: format!("{}{}", setup::token_tag(&opts.token), opts.label),
         };
         if world <= 1 {
@@ -105,6 +108,12 @@ impl RingComm {
         let (to_next, from_prev) = setup::join(store, rank, world, opts)?;
         comm.links = Some(Links { to_next, from_prev });
         Ok(comm)
+    }
+
+    /// How many collectives have run on shared buffers (`alloc_reduce_buffer`) rather than
+    /// through the links.
+    pub fn shared_collectives(&self) -> u64 {
+        self.shared_collectives
     }
 
     /// Enables stall reports through `store` (the job's store, reachable while rank 0 lives).
@@ -442,6 +451,7 @@ impl RingComm {
         let stray = || matches!(&links.from_prev, Link::Shm(l) if l.has_unread());
         let shared = self.shared.as_mut().expect("located in it");
         let result = shared.run::<T>(phase, entry, bounds, &stray);
+        self.shared_collectives += 1;
         let result = result.map_err(|f| self.shared_error(entry.op, entry.seq, f)).map_err(|e| self.stall_report(e));
         if result.is_err() {
             self.poison();
@@ -460,6 +470,16 @@ impl RingComm {
     /// neighbours are shared memory (the whole ring on one node), agreed by all ranks first.
     /// `RINGTRAIN_SHARED_BUFFERS=0` turns them off (to measure the ring itself).
     fn alloc_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        let result = self.try_alloc_shared(numel, kind);
+        if result.is_err() {
+            // A rank that failed halfway leaves its peers' allocations out of step with its own:
+            // the ring cannot be used any more.
+            self.poison();
+        }
+        result
+    }
+
+    fn try_alloc_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
         let elt = match kind {
             tch::Kind::Float => 4,
             tch::Kind::BFloat16 => 2,
@@ -473,7 +493,7 @@ impl RingComm {
         let wanted = std::env::var("RINGTRAIN_SHARED_BUFFERS").map_or(true, |v| v != "0");
         let mut mine = vec![u8::from(both_shm && wanted), elt as u8];
         mine.extend((numel as u64).to_le_bytes());
-        let all = self.gather(Op::AllGather, &mine)?;
+        let all = self.gather(Op::Alloc, &mine)?;
         if let Some(p) = all.iter().position(|b| b[1..] != mine[1..]) {
             return Err(CommError::Mismatch {
                 rank: self.rank,

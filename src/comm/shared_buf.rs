@@ -71,6 +71,19 @@ fn segment(name: &str, len: usize) -> io::Result<OwnedFd> {
 }
 
 fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
+    // A segment shorter than expected (ranks out of step in their allocations) would map, then
+    // fault (SIGBUS) on the first touch past its end: refuse it here.
+    // SAFETY: fstat into a zeroed struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (st.st_size as u64) < len as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a shared segment of {} bytes where {len} were expected (ranks allocating out of step?)", st.st_size),
+        ));
+    }
     // SAFETY: mapping `len` bytes of a memfd of at least that size, shared.
     let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
     if base == libc::MAP_FAILED {
@@ -309,9 +322,10 @@ impl SharedBuffers {
         if me.sleepers.load(Ordering::SeqCst) > 0 {
             futex_wake(&me.word);
         }
+        let deadline = Instant::now() + self.timeout;
         for k in 1..self.world {
             let p = (self.rank + k) % self.world;
-            self.wait_for(p, target, stray)?;
+            self.wait_for(p, target, deadline, stray)?;
             if let Some(e) = check {
                 let mine = (e.op.code() as u64, e.seq, e.len, e.tag as u32, e.alloc as u64, e.offset as u64);
                 let theirs = self.entry_of(p);
@@ -331,22 +345,24 @@ impl SharedBuffers {
         Ok(())
     }
 
-    /// Waits until rank `p` has arrived at barrier `target`: spinning briefly, then sleeping on
-    /// its futex word. Whatever else is noticed (the rank left, a neighbour's socket closed, a
-    /// ring message arrived instead, the timeout) is checked against a last look at the arrival,
-    /// which may have happened just before it.
-    fn wait_for(&self, p: usize, target: u64, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+    /// Waits until rank `p` has arrived at barrier `target` (by `deadline`, the barrier's):
+    /// spinning briefly, then sleeping on its futex word. Whatever else is noticed (any rank's
+    /// communicator failed or closed, a neighbour's socket closed, a ring message arrived instead,
+    /// the deadline) is checked against a last look at the arrival, which may have happened just
+    /// before it.
+    fn wait_for(&self, p: usize, target: u64, deadline: Instant, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
         let ctl = control(&self.controls[p]);
         let arrived = || ctl.arrived.load(Ordering::Acquire) >= target;
         let (next, prev) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
+        let closed = || (0..self.world).find(|&q| q != self.rank && control(&self.controls[q]).closed.load(Ordering::Acquire) != 0);
         let started = Instant::now();
         loop {
             let seq = ctl.word.load(Ordering::Acquire);
             if arrived() {
                 return Ok(());
             }
-            let failure = if ctl.closed.load(Ordering::Acquire) != 0 {
-                Some(Fail::Io(p, io::Error::new(io::ErrorKind::BrokenPipe, format!("rank {p} left the collective"))))
+            let failure = if let Some(q) = closed() {
+                Some(Fail::Io(q, io::Error::new(io::ErrorKind::BrokenPipe, format!("rank {q} left the collective"))))
             } else if started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
@@ -363,7 +379,7 @@ impl SharedBuffers {
                 Some(Fail::Io(prev, io::Error::from(io::ErrorKind::UnexpectedEof)))
             } else if peer_gone(&self.to_next) {
                 Some(Fail::Io(next, io::Error::from(io::ErrorKind::UnexpectedEof)))
-            } else if started.elapsed() > self.timeout {
+            } else if Instant::now() > deadline {
                 Some(Fail::Io(p, io::Error::from(io::ErrorKind::TimedOut)))
             } else {
                 None
@@ -394,13 +410,19 @@ fn control(m: &Mapping) -> &Control {
 
 /// Waits up to `timeout` for `sock` to have something to read.
 fn wait_readable(sock: &UnixStream, timeout: Duration) -> io::Result<()> {
-    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: polling one valid descriptor.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-    match n {
-        0 => Err(io::Error::from(io::ErrorKind::TimedOut)),
-        n if n < 0 => Err(io::Error::last_os_error()),
-        _ => Ok(()),
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: polling one valid descriptor.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        match n {
+            0 => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+            // A signal (a profiler's, a child's exit) is no failure: wait on.
+            n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            n if n < 0 => return Err(io::Error::last_os_error()),
+            _ => return Ok(()),
+        }
     }
 }
 
@@ -408,61 +430,94 @@ fn wait_readable(sock: &UnixStream, timeout: Duration) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// Three ranks as threads over socket pairs: sums in the ring's order, every rank's copy
-    /// equal, reduce-scatter leaving each rank its chunk, all-gather spreading them, and a rank
-    /// entering another collective named.
-    #[test]
-    fn collectives_on_shared_buffers_three_ranks() {
-        let w = 3;
+    fn x(rank: usize, i: usize, round: usize) -> f32 {
+        0.1f32 * (i % 7) as f32 + rank as f32 * 1e-3 + (i as f32).sqrt() + round as f32 * 0.37
+    }
+
+    /// `w` ranks as threads over socket pairs, on `n` elements at element `off` of one allocation,
+    /// three rounds on the same buffer with new inputs: all-reduce sums in the ring's order and
+    /// leaves every rank the same bits; reduce-scatter leaves each rank its own chunk's sum and
+    /// the rest (and every peer's buffer outside the peer's chunk) as it was; all-gather then
+    /// spreads the chunks; a rank entering another collective is named.
+    fn run_ranks(w: usize, n: usize, off: usize) {
         let pairs: Vec<(UnixStream, UnixStream)> = (0..w).map(|_| UnixStream::pair().unwrap()).collect();
         // pairs[r] links r (.0) to r + 1 (.1).
-        let mut handles = Vec::new();
         let socks: Vec<(UnixStream, UnixStream)> =
             (0..w).map(|r| (pairs[r].0.try_clone().unwrap(), pairs[(r + w - 1) % w].1.try_clone().unwrap())).collect();
-        for (r, (to_next, from_prev)) in socks.into_iter().enumerate() {
-            handles.push(std::thread::spawn(move || {
-                let t = Duration::from_secs(10);
-                let mut s = SharedBuffers::new(r, w, t, &to_next, &from_prev, "test").unwrap_or_else(|_| panic!("setup"));
-                let n = 10_007usize;
-                let base = s.alloc(n * 4).unwrap_or_else(|_| panic!("alloc")) as *mut f32;
-                // SAFETY: n floats were allocated.
-                let buf = unsafe { std::slice::from_raw_parts_mut(base, n) };
-                let x = |rank: usize, i: usize| 0.1f32 * (i % 7) as f32 + rank as f32 * 1e-3 + (i as f32).sqrt();
-                for (i, v) in buf.iter_mut().enumerate() {
-                    *v = x(r, i);
-                }
-                let bounds = |c: usize| (n * c / w, n * (c + 1) / w);
-                let entry = |op, seq| Entry { op, seq, len: n as u64, tag: 0, alloc: 0, offset: 0 };
-                s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, 1), &bounds, &|| false).unwrap_or_else(|_| panic!("all_reduce"));
-                for (i, v) in buf.iter().enumerate() {
-                    let c = (0..w).find(|&c| bounds(c).0 <= i && i < bounds(c).1).unwrap();
-                    // The ring's order: x_c, then x_{c+1} + partial, ...
-                    let mut s = x(c, i);
-                    for k in 1..w {
-                        s = x((c + k) % w, i) + s;
+        let handles: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(r, (to_next, from_prev))| {
+                std::thread::spawn(move || {
+                    let t = Duration::from_secs(10);
+                    let mut s = SharedBuffers::new(r, w, t, &to_next, &from_prev, "test").unwrap_or_else(|_| panic!("setup"));
+                    let base = s.alloc((off + n + 3) * 4).unwrap_or_else(|_| panic!("alloc")) as *mut f32;
+                    // SAFETY: off + n + 3 floats were allocated.
+                    let whole = unsafe { std::slice::from_raw_parts_mut(base, off + n + 3) };
+                    whole.fill(-1.0);
+                    let bounds = |c: usize| (n * c / w, n * (c + 1) / w);
+                    let entry = |op, seq| Entry { op, seq, len: n as u64, tag: 0, alloc: 0, offset: off * 4 };
+                    let mut seq = 0;
+                    for round in 0..3 {
+                        let buf = &mut whole[off..off + n];
+                        for (i, v) in buf.iter_mut().enumerate() {
+                            *v = x(r, i, round);
+                        }
+                        seq += 1;
+                        s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, seq), &bounds, &|| false)
+                            .unwrap_or_else(|_| panic!("all_reduce"));
+                        for (i, v) in buf.iter().enumerate() {
+                            let c = (0..w).find(|&c| bounds(c).0 <= i && i < bounds(c).1).unwrap();
+                            // The ring's order: x_c, then add(x_{c+1}, partial), ...
+                            let mut sum = x(c, i, round);
+                            for k in 1..w {
+                                sum = x((c + k) % w, i, round) + sum;
+                            }
+                            assert_eq!(v.to_bits(), sum.to_bits(), "w {w} rank {r} round {round} element {i}");
+                        }
                     }
-                    assert_eq!(v.to_bits(), s.to_bits(), "rank {r} element {i}");
-                }
-                for v in buf.iter_mut() {
-                    *v = 1.0 + r as f32;
-                }
-                s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, 2), &bounds, &|| false).unwrap_or_else(|_| panic!("rs"));
-                let (a, b) = bounds((r + 1) % w);
-                assert!(buf[a..b].iter().all(|&v| v == 6.0), "rank {r}: its chunk holds the sum");
-                s.run::<f32>(Phase::AllGather, entry(Op::AllGatherShards, 3), &bounds, &|| false).unwrap_or_else(|_| panic!("ag"));
-                assert!(buf.iter().all(|&v| v == 6.0), "rank {r}: every chunk gathered");
-                // Rank 2 enters a different collective: the others name it.
-                let seq = if r == 2 { 5 } else { 4 };
-                match s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, seq), &bounds, &|| false) {
-                    Err(Fail::Mismatch(p, d)) => {
-                        assert!(r == 2 || (p == 2 && d.contains("#5")), "rank {r}: {d}");
+                    let buf = &mut whole[off..off + n];
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = (i * w + r) as f32;
                     }
-                    _ => panic!("rank {r}: a mismatch goes unnoticed"),
-                }
-            }));
-        }
+                    seq += 1;
+                    s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, seq), &bounds, &|| false).unwrap_or_else(|_| panic!("rs"));
+                    let (a, b) = bounds((r + 1) % w);
+                    for (i, v) in buf.iter().enumerate() {
+                        let want = if (a..b).contains(&i) { (0..w).map(|q| (i * w + q) as f32).sum::<f32>() } else { (i * w + r) as f32 };
+                        assert_eq!(*v, want, "w {w} rank {r}: element {i} after reduce-scatter");
+                    }
+                    seq += 1;
+                    s.run::<f32>(Phase::AllGather, entry(Op::AllGatherShards, seq), &bounds, &|| false).unwrap_or_else(|_| panic!("ag"));
+                    for (i, v) in buf.iter().enumerate() {
+                        assert_eq!(*v, (0..w).map(|q| (i * w + q) as f32).sum::<f32>(), "w {w} rank {r}: element {i} gathered");
+                    }
+                    assert!(whole[..off].iter().chain(&whole[off + n..]).all(|&v| v == -1.0), "w {w} rank {r}: outside the range");
+                    // The last rank enters a different collective. Rank w - 2, whose first look
+                    // is at it, names it; the others fail too, naming it or a rank that already
+                    // failed and left.
+                    let other = if r == w - 1 { seq + 2 } else { seq + 1 };
+                    match s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, other), &bounds, &|| false) {
+                        Err(Fail::Mismatch(p, d)) => {
+                            assert!(r == w - 1 || (p == w - 1 && d.contains(&format!("#{}", seq + 2))), "rank {r}: {d}");
+                        }
+                        Err(Fail::Io(p, e)) => assert!(r != w - 2, "w {w} rank {r}: {e} (rank {p}) instead of the mismatch"),
+                        Ok(()) => panic!("rank {r}: a mismatch goes unnoticed"),
+                    }
+                })
+            })
+            .collect();
         for h in handles {
             h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn collectives_on_shared_buffers() {
+        for w in [2, 3, 4] {
+            for (n, off) in [(10_007, 0), (5, 16), (2, 3), (70_001, 1001)] {
+                run_ranks(w, n, off);
+            }
         }
     }
 }

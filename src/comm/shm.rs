@@ -315,8 +315,14 @@ pub(super) fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) != 1 {
-            return Err(io::Error::last_os_error());
+        loop {
+            if libc::sendmsg(sock.as_raw_fd(), &msg, 0) == 1 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
     }
     Ok(())
@@ -329,7 +335,11 @@ pub(super) fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut msg = fd_message(&mut iov, &mut control);
     // SAFETY: receiving into the sized control buffer, then reading one descriptor from it.
     unsafe {
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        let mut n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        // A signal before anything arrived: try again (nothing was consumed).
+        while n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        }
         if n != 1 {
             return Err(if n < 0 {
                 io::Error::last_os_error()

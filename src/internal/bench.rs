@@ -56,20 +56,22 @@ pub fn all_reduce_sweep(
 ) -> Result<(Vec<Row>, bool), crate::comm::CommError> {
     let (rank, n) = (comm.rank(), comm.world_size());
     let mut rows = Vec::new();
-    let mut got_shared = shared;
+    // One shared buffer for the whole sweep (shared memory stays mapped until the process exits):
+    // each size uses its beginning.
+    let largest = sizes.iter().max().copied().unwrap_or(0) / 4;
+    let arena = if shared { comm.alloc_reduce_buffer(largest, tch::Kind::Float)? } else { None };
+    let got_shared = arena.is_some();
     for &bytes in sizes {
         let count = bytes / 4;
         let host: Vec<f32> = (0..count).map(|i| value(rank, i)).collect();
         let host = tch::Tensor::from_slice(&host);
-        let mut buf = match shared.then(|| comm.alloc_reduce_buffer(count, tch::Kind::Float)).transpose()?.flatten() {
-            Some(mut b) => {
+        let mut buf = match &arena {
+            Some(a) => {
+                let mut b = a.narrow(0, 0, count as i64);
                 b.copy_(&host);
                 b
             }
-            None => {
-                got_shared = false;
-                host.to_device(device)
-            }
+            None => host.to_device(device),
         };
         // Warm-up, and the correctness check on its result.
         comm.all_reduce_tensor(&mut buf)?;
