@@ -128,7 +128,7 @@ fn shared_buffers_keep_the_hierarchical_sums() {
     for nodes in [&["a", "a", "b", "b"][..], &["a", "b", "a", "b", "a", "b"][..]] {
         for len in [7usize, 200_003] {
             let results = with_hier(nodes, move |rank, comm| {
-                let x: Vec<f32> = (0..len).map(|i| ((i as f32 * 0.37 + rank as f32).sin() * 10f32.powi((i % 5) as i32 - 2))).collect();
+                let x: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + rank as f32).sin() * 10f32.powi((i % 5) as i32 - 2)).collect();
                 let mut reference = x.clone();
                 comm.all_reduce_sum(&mut reference).unwrap();
                 let mut t = comm.alloc_reduce_buffer(len, tch::Kind::Float).unwrap().expect("each node's ring shares buffers");

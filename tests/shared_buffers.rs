@@ -38,7 +38,7 @@ fn with_shm_ring<T: Send + 'static>(world: usize, f: impl Fn(usize, &mut RingCom
 
 fn random_input(rank: usize, len: usize) -> Vec<f32> {
     // Varied magnitudes: the order of additions shows in the bits.
-    (0..len).map(|i| ((i as f32 * 0.61 + rank as f32 * 1.7).sin() * 10f32.powi((i % 7) as i32 - 3))).collect()
+    (0..len).map(|i| (i as f32 * 0.61 + rank as f32 * 1.7).sin() * 10f32.powi((i % 7) as i32 - 3)).collect()
 }
 
 fn shared(comm: &mut RingComm, values: &[f32]) -> Tensor {
