@@ -144,22 +144,25 @@ fn a_rank_without_the_shared_buffer_is_named_not_waited_for() {
 }
 
 /// Training with shared buckets is bitwise the training without them (3 ranks, where the order
-/// of additions matters), and the log says the buckets are shared.
+/// of additions matters), with f32 and with bf16 on the wire (whose bf16 copies are shared
+/// too), and the log says the buckets are shared.
 #[test]
 fn training_with_shared_buckets_is_bitwise_the_same() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "mlp.yaml", &mlp_config(16, ""));
-    let mut hashes = Vec::new();
-    for on in ["1", "0"] {
-        let run_dir = dir.path().join(format!("shared{on}"));
-        let mut c = ringrun(3, &cfg, &run_dir, &[]);
-        c.env("RINGTRAIN_SHARED_BUFFERS", on);
-        let out = run(c, Duration::from_secs(120));
-        out.assert_success();
-        let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
-        assert_eq!(log.contains("in shared memory"), on == "1", "shared buckets logged iff on:\n{log}");
-        hashes.push(rank_hashes(&run_dir, 3));
+    for (name, extra) in [("f32", ""), ("bf16", "ddp: {reduce_dtype: bf16}\n")] {
+        let cfg = write_config(dir.path(), &format!("{name}.yaml"), &mlp_config(16, extra));
+        let mut hashes = Vec::new();
+        for on in ["1", "0"] {
+            let run_dir = dir.path().join(format!("{name}-shared{on}"));
+            let mut c = ringrun(3, &cfg, &run_dir, &[]);
+            c.env("RINGTRAIN_SHARED_BUFFERS", on);
+            let out = run(c, Duration::from_secs(120));
+            out.assert_success();
+            let log = std::fs::read_to_string(run_dir.join("logs/rank0.log")).unwrap();
+            assert_eq!(log.contains("in shared memory"), on == "1", "{name}: shared buckets logged iff on:\n{log}");
+            hashes.push(rank_hashes(&run_dir, 3));
+        }
+        assert_eq!(hashes[0], hashes[1], "{name}: parameters differ with and without shared buckets");
+        assert!(hashes[0].iter().all(|h| h == &hashes[0][0]), "{name}: ranks differ: {:?}", hashes[0]);
     }
-    assert_eq!(hashes[0], hashes[1], "parameters differ with and without shared buckets");
-    assert!(hashes[0].iter().all(|h| h == &hashes[0][0]), "ranks differ: {:?}", hashes[0]);
 }

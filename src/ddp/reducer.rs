@@ -24,6 +24,9 @@ struct Bucket {
     /// (offset, numel) of each parameter inside `flat`.
     spans: Vec<(i64, i64)>,
     flat: Tensor,
+    /// With bf16 on the wire: the communicator's own bf16 buffer for this bucket (shared memory
+    /// on one node), so the bf16 copy is reduced in place too; `None` converts afresh each time.
+    low: Option<Tensor>,
 }
 
 /// How the reducer is built (`DdpOptions` carries the user-facing form).
@@ -94,14 +97,28 @@ enum Reduction {
 
 /// Divides a bucket by the world size and sums it across ranks; returns when it started and
 /// ended, for the timeline.
-fn reduce_bucket(comm: &mut dyn Communicator, flat: &Tensor, world: f64, how: Reduction) -> Result<(Instant, Instant), DdpError> {
+fn reduce_bucket(
+    comm: &mut dyn Communicator,
+    flat: &Tensor,
+    low: Option<&Tensor>,
+    world: f64,
+    how: Reduction,
+) -> Result<(Instant, Instant), DdpError> {
     let started = Instant::now();
     let mut flat = flat.shallow_clone();
     let _ = flat.f_div_scalar_(world)?;
     match how {
         Reduction::AllReduce => comm.all_reduce_tensor(&mut flat)?,
         Reduction::AllReduceBf16 => {
-            let mut low = flat.f_to_kind(Kind::BFloat16)?;
+            // Copying into a bf16 tensor rounds as `to_kind` does: the same bits either way.
+            let mut low = match low {
+                Some(l) => {
+                    let mut l = l.shallow_clone();
+                    l.f_copy_(&flat)?;
+                    l
+                }
+                None => flat.f_to_kind(Kind::BFloat16)?,
+            };
             comm.all_reduce_tensor(&mut low)?;
             flat.f_copy_(&low)?;
         }
@@ -122,6 +139,14 @@ fn bucket_buffer(comm: &mut dyn Communicator, numel: i64, device: tch::Device) -
         }
     }
     Ok((Tensor::f_zeros([numel], (Kind::Float, device))?, false))
+}
+
+/// With bf16 on the wire and host buckets: the communicator's own bf16 buffer, when it has one.
+fn wire_buffer(comm: &mut dyn Communicator, opts: &ReducerOptions, numel: i64) -> Result<Option<Tensor>, DdpError> {
+    if !opts.reduce_bf16 || opts.buffer_device != tch::Device::Cpu {
+        return Ok(None);
+    }
+    Ok(comm.alloc_reduce_buffer(numel as usize, Kind::BFloat16)?)
 }
 
 impl Reducer {
@@ -165,13 +190,15 @@ impl Reducer {
             };
             let (flat, shared) = bucket_buffer(comm, off + extra, opts.buffer_device)?;
             shared_buckets &= shared;
-            buckets.push(Bucket { params: idx, spans, flat });
+            let low = wire_buffer(comm, opts, off + extra)?;
+            buckets.push(Bucket { params: idx, spans, flat, low });
         }
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
             let (flat, shared) = bucket_buffer(comm, 1, opts.buffer_device)?;
             shared_buckets &= shared;
-            buckets.push(Bucket { params: vec![], spans: vec![], flat });
+            let low = wire_buffer(comm, opts, 1)?;
+            buckets.push(Bucket { params: vec![], spans: vec![], flat, low });
         }
         let mut reducer = Self {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
@@ -285,6 +312,7 @@ impl Reducer {
         }
         let how = self.reduction();
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
+        let lows: Vec<Option<Tensor>> = self.buckets.iter().map(|b| b.low.as_ref().map(|l| l.shallow_clone())).collect();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
@@ -297,7 +325,7 @@ impl Reducer {
                 let mut times = Vec::with_capacity(sizes.len());
                 let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
                     while *next < sizes.len() && upto(*next) {
-                        times.push(reduce_bucket(comm_lent, &flats[*next], world, how)?);
+                        times.push(reduce_bucket(comm_lent, &flats[*next], lows[*next].as_ref(), world, how)?);
                         *next += 1;
                     }
                     Ok(())
@@ -379,7 +407,7 @@ impl Reducer {
                     }
                 }
             }
-            self.bucket_times.push(reduce_bucket(comm, &b.flat, world, how)?);
+            self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how)?);
             if !attached {
                 for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                     let p = &self.params[i];
