@@ -54,7 +54,8 @@ impl Drop for Mapping {
     }
 }
 
-fn segment(name: &str, len: usize) -> io::Result<OwnedFd> {
+/// A memfd of `len` zero bytes named `name` (close-on-exec); the shared-memory links use it too.
+pub(super) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad segment name"))?;
     // SAFETY: memfd_create with a valid name.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
@@ -194,7 +195,7 @@ impl SharedBuffers {
     fn share(&self, len: usize, keep_own: bool) -> Result<Vec<Mapping>, Fail> {
         let r = self.rank;
         let name = format!("ringtrain-{}-shared{}-r{r}", self.label, self.allocs.len());
-        let own = segment(&name, len).map_err(|e| Fail::Io(r, e))?;
+        let own = memfd(&name, len).map_err(|e| Fail::Io(r, e))?;
         let fds = self.exchange(own)?;
         fds.iter().enumerate().map(|(p, fd)| map(fd, len, keep_own && p == r).map_err(|e| Fail::Io(p, e))).collect::<Result<_, _>>()
     }

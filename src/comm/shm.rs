@@ -57,18 +57,7 @@ impl Drop for Segment {
 
 impl Segment {
     fn create(name: &str) -> io::Result<Segment> {
-        let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad segment name"))?;
-        // SAFETY: memfd_create with a valid name.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is ours.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), (HEADER + CAPACITY) as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Segment::map(fd)
+        Segment::map(super::shared_buf::memfd(name, HEADER + CAPACITY)?)
     }
 
     fn map(fd: OwnedFd) -> io::Result<Segment> {
