@@ -48,19 +48,21 @@ live_pid() {
     if [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid"; then echo "$pid"; fi
 }
 
-# A TCP port nobody listens on, outside 20000-39999 (where ringtrain puts the store of a Slurm
-# job step) so the test jobs cannot collide with the daemons.
+# A TCP port nobody listens on, in 10000-19999: below ringtrain's Slurm store ports (20000-39999),
+# so the test jobs cannot collide with the daemons, and below the kernel's ephemeral range (from
+# 32768 by default), where a port nobody listens on may still be some connection's local end and
+# fail the daemon's bind.
 free_port() {
     local p
     for _ in $(seq 1 50); do
-        p=$((40000 + RANDOM % 20000))
+        p=$((10000 + RANDOM % 10000))
         # Refused means free; bash's /dev/tcp needs no extra tool.
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             echo "$p"
             return 0
         fi
     done
-    say "no free TCP port found in 40000-59999"
+    say "no free TCP port found in 10000-19999"
     return 1
 }
 
