@@ -32,18 +32,26 @@ const SPIN: Duration = Duration::from_micros(30);
 /// and the copies out.
 const BLOCK: usize = 4096;
 
-/// A shared mapping. `keep` mappings are never unmapped: they back tensors libtorch may still hold
-/// (gradient views into a bucket) after the communicator is gone; the kernel frees them at exit.
-struct Mapping {
+/// A shared mapping (also each shared-memory link's ring). `keep` mappings are never unmapped:
+/// they back tensors libtorch may still hold (gradient views into a bucket) after the communicator
+/// is gone; the kernel frees them at exit.
+pub(super) struct Mapping {
     base: *mut u8,
     len: usize,
     keep: bool,
 }
 
-// SAFETY: shared memory touched through atomics (control pages) and the collectives' protocol
-// (buffers: between the barriers each rank writes only its own chunk).
+// SAFETY: shared memory touched through atomics (control pages, link headers) and protocols that
+// give each byte one writer at a time: the collectives' (between the barriers each rank writes
+// only its own chunk) and the links' (the writer touches free space, the reader published bytes).
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    pub(super) fn base(&self) -> *mut u8 {
+        self.base
+    }
+}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
@@ -71,7 +79,8 @@ pub(super) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
+/// Maps a memfd of at least `len` bytes, shared.
+pub(super) fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
     // A segment shorter than expected (ranks out of step in their allocations) would map, then
     // fault (SIGBUS) on the first touch past its end: refuse it here.
     // SAFETY: fstat into a zeroed struct.

@@ -5,6 +5,7 @@
 //! when both processes have gone. Waiting uses futexes on the shared counters (no busy loops on a
 //! machine where every core computes); the Unix socket stays open only to notice a dead peer.
 
+use super::shared_buf::{map, memfd, Mapping};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -37,48 +38,29 @@ struct Header {
 /// has a core, and a futex sleep and wake-up cost ~10 µs of latency.
 const SPIN: Duration = Duration::from_micros(30);
 
+/// One ring's mapping; the descriptor stays open so it can be handed over again if needed.
 struct Segment {
-    base: *mut u8,
-    len: usize,
+    map: Mapping,
     _fd: OwnedFd,
-}
-
-// SAFETY: the mapping is shared memory accessed through atomics (header) and the SPSC protocol
-// (data): the writer only touches free space, the reader only published bytes.
-unsafe impl Send for Segment {}
-unsafe impl Sync for Segment {}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-    }
 }
 
 impl Segment {
     fn create(name: &str) -> io::Result<Segment> {
-        Segment::map(super::shared_buf::memfd(name, HEADER + CAPACITY)?)
+        Segment::map(memfd(name, HEADER + CAPACITY)?)
     }
 
     fn map(fd: OwnedFd) -> io::Result<Segment> {
-        let len = HEADER + CAPACITY;
-        // SAFETY: mapping a file of `len` bytes shared.
-        let base =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Segment { base: base as *mut u8, len, _fd: fd })
+        Ok(Segment { map: map(&fd, HEADER + CAPACITY, false)?, _fd: fd })
     }
 
     fn header(&self) -> &Header {
         // SAFETY: the header sits at the start of the mapping, zero-initialised by ftruncate.
-        unsafe { &*(self.base as *const Header) }
+        unsafe { &*(self.map.base() as *const Header) }
     }
 
     fn data(&self) -> *mut u8 {
         // SAFETY: within the mapping.
-        unsafe { self.base.add(HEADER) }
+        unsafe { self.map.base().add(HEADER) }
     }
 }
 
