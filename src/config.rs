@@ -48,13 +48,7 @@ fn default_device() -> DeviceChoice {
     DeviceChoice::Cpu
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    Fp32,
-    /// bf16 autocast for forward and backward, fp32 master parameters (CUDA only).
-    Bf16,
-}
+pub use crate::amp::{GradScalerConfig, Precision};
 
 fn default_precision() -> Precision {
     Precision::Fp32
@@ -314,9 +308,12 @@ pub struct TrainConfig {
     /// Evaluate on the test set at the end of each epoch.
     #[serde(default = "yes")]
     pub eval: bool,
-    /// `fp32`, or `bf16` autocast on CUDA.
+    /// `fp32`, or autocast at `bf16` or `fp16` (with dynamic loss scaling), on CUDA or the CPU.
     #[serde(default = "default_precision")]
     pub precision: Precision,
+    /// fp16's loss scaler (torch.amp.GradScaler's arguments and defaults).
+    #[serde(default)]
+    pub grad_scaler: GradScalerConfig,
     /// Write a Chrome-trace timeline per rank to trace/rankN.json.
     #[serde(default)]
     pub trace: bool,
@@ -661,9 +658,7 @@ impl Config {
         if !(self.ddp.bucket_cap_mb > 0.0 && self.ddp.first_bucket_cap_mb > 0.0) {
             return Err("ddp.bucket_cap_mb and ddp.first_bucket_cap_mb must be positive".into());
         }
-        if self.train.precision == Precision::Bf16 && self.device == DeviceChoice::Cpu {
-            return Err("train.precision bf16 needs device cuda (or auto): autocast here is CUDA-only".into());
-        }
+        self.train.grad_scaler.validate()?;
         if self.comm.backend == Backend::Nccl && self.device == DeviceChoice::Cpu {
             return Err("comm.backend nccl needs device cuda (or auto)".into());
         }

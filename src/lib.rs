@@ -44,6 +44,7 @@
 //! - [`comm`] — the `Communicator` trait; backends: the built-in ring (shared memory, Unix, TCP),
 //!   MPI, NCCL.
 //! - [`ddp`] — `Ddp`: replica check + broadcast, gradient buckets, the overlapped reducer.
+//! - [`amp`] — mixed precision: autocast at bf16 or fp16 on CUDA and the CPU, `GradScaler`.
 //! - [`optim`] — optimizers, learning-rate schedules, gradient clipping.
 //! - [`checkpoint`] — checkpoint folders: atomic writes, checksums, `latest`, verified loading,
 //!   written and read collectively.
@@ -62,6 +63,7 @@
 //! The binaries are thin: `worker/main.rs` (`ringtrain`), `launcher/main.rs` (`ringrun`),
 //! `bench/main.rs` (`ringbench`).
 
+pub mod amp;
 mod auth;
 pub mod checkpoint;
 pub mod comm;

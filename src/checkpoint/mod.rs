@@ -75,6 +75,9 @@ pub struct Meta {
     /// The program's own metadata (library use), saved and restored as is.
     #[serde(default)]
     pub user: serde_json::Value,
+    /// fp16's loss scale and growth tracker (GradScaler's state), when training in fp16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<crate::amp::ScalerState>,
 }
 
 impl Meta {
@@ -97,6 +100,7 @@ impl Meta {
             reason: "program".into(),
             config: String::new(),
             user,
+            grad_scaler: None,
         }
     }
 }

@@ -132,6 +132,7 @@ mod tests {
             reason: "every_steps".into(),
             config: String::new(),
             user: serde_json::Value::Null,
+            grad_scaler: None,
         }
     }
 

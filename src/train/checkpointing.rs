@@ -20,6 +20,7 @@ pub fn save(
     opt: &Optimizer,
     zero: Option<&crate::ddp::Zero>,
     pos: &Position,
+    grad_scaler: Option<crate::amp::ScalerState>,
     reason: &str,
 ) -> Result<Option<PathBuf>, TrainError> {
     if !cfg.checkpoint.enabled {
@@ -45,6 +46,7 @@ pub fn save(
         reason: reason.to_string(),
         config: cfg.to_yaml(),
         user: serde_json::Value::Null,
+        grad_scaler,
     };
     // Only rank 0 writes; the others skip gathering the optimizer state, except under ZeRO-1,
     // where every rank sends its shards.

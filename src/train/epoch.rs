@@ -65,6 +65,7 @@ impl Trainer<'_> {
             // Sharded (ZeRO-1), the norm is a collective: every rank computes it when rank 0 logs.
             let want_norm = if self.zero.is_some() { log_step } else { log_now };
             let out = self.step(&mut loader, micro, &todo, &mut taken, want_norm)?;
+            self.skipped_steps += u64::from(out.skipped);
             loss_sum += out.loss * out.samples as f64;
             samples += out.samples;
             window.1 += out.samples;
@@ -82,7 +83,12 @@ impl Trainer<'_> {
                 let mut line = json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
                                       "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate});
                 let tokens = self.throughput(rate, &mut line);
-                let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu"]
+                if let Some(s) = &self.scaler {
+                    // fp16: the scale after this step's update, and the steps skipped so far.
+                    line["loss_scale"] = json!(s.current_scale()?);
+                    line["skipped_steps"] = json!(self.skipped_steps);
+                }
+                let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu", "loss_scale"]
                     .iter()
                     .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
                     .collect();
@@ -155,7 +161,7 @@ impl Trainer<'_> {
                 &self.splits.test,
                 self.comm,
                 self.device,
-                self.bf16,
+                self.precision,
                 self.cfg.data.workers,
             )?),
             false => None,
@@ -246,7 +252,7 @@ impl Trainer<'_> {
     /// `eval` line of metrics.jsonl.
     fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
         let r =
-            evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.bf16, self.cfg.data.workers)?;
+            evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.precision, self.cfg.data.workers)?;
         let shown: String = r.metrics.iter().map(|(k, v)| format!(" {k} {}", fmt_metric(k, *v))).collect();
         tracing::info!("eval at step {}:{shown}", self.pos.global_step);
         let mut line = json!({"kind": "eval", "epoch": epoch, "global_step": self.pos.global_step, "samples": r.samples});

@@ -33,7 +33,7 @@ pub fn evaluate(
     test: &Arc<dyn Dataset>,
     comm: &mut dyn Communicator,
     device: tch::Device,
-    bf16: bool,
+    precision: crate::amp::Precision,
     workers: usize,
 ) -> Result<EvalResult, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -43,7 +43,7 @@ pub fn evaluate(
     let _guard = tch::no_grad_guard();
     for batch in Loader::spawn_workers(test.clone(), indices, EVAL_BATCH, 2 * workers, 0, workers)? {
         let batch = batch?.to_device(device)?;
-        let part = tch::autocast(bf16, || task.eval_sums(model, &batch))?;
+        let part = crate::amp::autocast(device, precision, || task.eval_sums(model, &batch))??;
         if sums.is_empty() {
             sums = vec![0.0; part.len()];
         }

@@ -52,6 +52,8 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
+    Amp(#[from] crate::amp::AmpError),
+    #[error(transparent)]
     Ddp(#[from] DdpError),
     #[error(transparent)]
     Comm(#[from] CommError),
@@ -111,7 +113,12 @@ pub(crate) struct Trainer<'a> {
     fault: Option<Fault>,
     stop: Arc<AtomicBool>,
     device: tch::Device,
-    bf16: bool,
+    /// Forward and backward under autocast at this precision.
+    precision: crate::amp::Precision,
+    /// fp16's dynamic loss scaling.
+    scaler: Option<crate::amp::GradScaler>,
+    /// fp16: optimizer steps skipped for non-finite gradients (this start of the run).
+    skipped_steps: u64,
     splits: Splits,
     task: Box<dyn Task>,
     model: Box<dyn Model>,
@@ -241,7 +248,8 @@ impl Trainer<'_> {
 
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         let state = self.ddp.state();
-        checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, self.zero.as_ref(), &self.pos, reason)?;
+        let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
+        checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, self.zero.as_ref(), &self.pos, scaler, reason)?;
         self.last_saved = Some(self.pos.global_step);
         Ok(())
     }

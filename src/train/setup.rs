@@ -82,6 +82,7 @@ impl<'a> Trainer<'a> {
             splits.train.len()
         );
 
+        let scaler = grad_scaler(cfg, resumed.as_ref(), device)?;
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
         if let Some(m) = resumed.as_ref().filter(|m| m.epoch_world_size != world || m.batch_size != t.batch_size) {
             tracing::info!(
@@ -130,7 +131,9 @@ impl<'a> Trainer<'a> {
             fault,
             stop,
             device,
-            bf16: t.precision == crate::config::Precision::Bf16,
+            precision: t.precision,
+            scaler,
+            skipped_steps: 0,
             task,
             params: ddp.parameters(),
             model,
@@ -149,6 +152,29 @@ impl<'a> Trainer<'a> {
             stopped: false,
         })
     }
+}
+
+/// fp16's loss scaler, restored from the checkpoint being resumed (a checkpoint of a run in
+/// another precision starts it afresh, said in the log).
+fn grad_scaler(
+    cfg: &crate::config::Config,
+    resumed: Option<&crate::checkpoint::Meta>,
+    device: tch::Device,
+) -> Result<Option<crate::amp::GradScaler>, TrainError> {
+    let t = &cfg.train;
+    if t.precision != crate::amp::Precision::Fp16 {
+        return Ok(None);
+    }
+    let mut scaler = crate::amp::GradScaler::new(t.grad_scaler.clone(), device)?;
+    match resumed.map(|m| m.grad_scaler) {
+        Some(Some(state)) => {
+            scaler.load_state(&state)?;
+            tracing::info!("fp16 loss scale {} restored (growth tracker {})", state.scale, state.growth_tracker);
+        }
+        Some(None) => tracing::info!("the checkpoint has no fp16 loss scale: starting at {}", t.grad_scaler.init_scale),
+        None => {}
+    }
+    Ok(Some(scaler))
 }
 
 /// The model's evaluation-mode output on two training samples has the shape the task needs: a

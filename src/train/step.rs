@@ -19,6 +19,8 @@ pub(crate) struct StepOutcome {
     /// Global gradient norm after the all-reduce (when clipping, or when `want_norm`).
     pub grad_norm: Option<f64>,
     pub lr: f64,
+    /// fp16: the step was skipped (non-finite gradients) and the loss scale backed off.
+    pub skipped: bool,
 }
 
 impl Trainer<'_> {
@@ -61,11 +63,16 @@ impl Trainer<'_> {
             }
             let started_fwd = Instant::now();
             let batch = batch.to_device(self.device)?;
-            // bf16: forward (and so backward) under autocast; parameters stay fp32.
-            let loss = tch::autocast(self.bf16, || self.task.loss(self.model.as_ref(), &batch))?;
+            // bf16 / fp16: forward under autocast (backward follows the dtypes it recorded);
+            // parameters, gradients and optimizer state stay fp32.
+            let loss = crate::amp::autocast(self.device, self.precision, || self.task.loss(self.model.as_ref(), &batch))??;
             // Mean over the step's micro-batches; a single one is left untouched (bitwise as
-            // without accumulation).
+            // without accumulation). fp16 then multiplies by the loss scale (GradScaler.scale).
             let scaled = if micro > 1 { loss.f_div_scalar(micro as f64)? } else { loss.shallow_clone() };
+            let scaled = match &self.scaler {
+                Some(s) => s.scale(&scaled)?,
+                None => scaled,
+            };
             self.timing.record(Phase::Forward, started_fwd);
 
             let last = m + 1 == micro;
@@ -96,6 +103,7 @@ impl Trainer<'_> {
         }
 
         let started_opt = Instant::now();
+        let skipped = self.unscale()?;
         let grad_norm = match (&self.zero, t.clip_grad_norm) {
             (Some(z), max) if max.is_some() || want_norm => Some(z.clip_grad_norm(self.comm, &self.opt, max)?),
             (Some(_), _) => None,
@@ -103,7 +111,13 @@ impl Trainer<'_> {
             (None, None) if want_norm => Some(optim::grad_norm(&self.params)?),
             (None, None) => None,
         };
-        self.opt.step()?;
+        // fp16: a step whose gradients overflowed on any rank is skipped everywhere.
+        if !skipped {
+            self.opt.step()?;
+        }
+        if let Some(s) = &mut self.scaler {
+            s.update(skipped)?;
+        }
         self.timing.record(Phase::Optimizer, started_opt);
         if let Some(z) = &self.zero {
             // ZeRO-1: every rank's updated shards to every rank.
@@ -114,7 +128,20 @@ impl Trainer<'_> {
         self.timing.step_done();
         self.pos.global_step += 1;
         self.pos.steps_in_shard += micro;
-        Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr })
+        Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr, skipped })
+    }
+
+    /// fp16: divides the gradients this rank steps by the loss scale and says whether the step
+    /// must be skipped: any rank found an inf or a NaN (agreed by an all-reduce of the flags, as
+    /// under ZeRO-1 each rank sees only its shards). Without a scaler, never.
+    fn unscale(&mut self) -> Result<bool, TrainError> {
+        let Some(scaler) = &self.scaler else { return Ok(false) };
+        let found = tch::no_grad(|| scaler.unscale_(&self.opt.grads()))?;
+        let mut flag = [found.f_double_value(&[])? as f32];
+        if self.comm.world_size() > 1 {
+            self.comm.all_reduce_sum(&mut flag)?;
+        }
+        Ok(flag[0] > 0.0)
     }
 }
 
