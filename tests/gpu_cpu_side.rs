@@ -48,18 +48,28 @@ fn auto_device_falls_back_to_the_cpu_and_trains() {
 }
 
 #[test]
-fn nccl_and_bf16_need_a_cuda_device_and_sharding_needs_fp32_gradients() {
+fn nccl_needs_a_cuda_device_sharding_needs_fp32_gradients_and_the_scaler_sane_factors() {
     let dir = tempfile::tempdir().unwrap();
     for (set, needle) in [
         ("comm.backend=nccl", "comm.backend nccl needs device cuda"),
-        ("train.precision=bf16", "train.precision bf16 needs device cuda"),
         ("ddp.reduce_dtype=bf16", "use ddp.reduce_dtype fp32 with it"),
+        ("train.grad_scaler.growth_factor=0.5", "train.grad_scaler.growth_factor must be greater than 1, got 0.5"),
     ] {
         let sets: Vec<&str> = if set.starts_with("ddp") { vec![set, "optimizer.shard=true"] } else { vec![set] };
         let out = solo(dir.path(), &sets);
         out.assert_failure();
         assert!(out.stderr.contains(needle), "{set}\n{}", out.report());
     }
+}
+
+/// Autocast is not a CUDA feature: bf16 runs on the CPU too (and trains in bf16, which
+/// amp's unit tests check op by op).
+#[test]
+fn bf16_trains_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = solo(dir.path(), &["train.precision=bf16", "train.max_steps=20"]);
+    out.assert_success();
+    assert!(out.stdout.contains("final: test_acc"), "{}", out.report());
 }
 
 #[test]

@@ -43,6 +43,8 @@ pub struct ReducerOptions {
     /// ZeRO-1 over this many ranks: buckets are padded to a multiple of it and reduce-scattered
     /// (each rank gets the average of its shard only).
     pub shard_world: Option<usize>,
+    /// Reduce even at world size 1 (`DdpOptions::force_collectives`).
+    pub force_collectives: bool,
 }
 
 pub struct Reducer {
@@ -54,6 +56,7 @@ pub struct Reducer {
     /// Each parameter's view into its bucket, when gradients live in the buckets.
     views: Option<Vec<Tensor>>,
     overlap: bool,
+    force_collectives: bool,
     hooks: Option<(ReadyHooks, Receiver<usize>)>,
     /// Bucket of each parameter.
     bucket_of: Vec<usize>,
@@ -207,6 +210,7 @@ impl Reducer {
             bucket_times: Vec::new(),
             views: None,
             overlap: opts.overlap,
+            force_collectives: opts.force_collectives,
             hooks: None,
             bucket_of,
             reattached: 0,
@@ -295,7 +299,7 @@ impl Reducer {
         control: f32,
         backward: impl FnOnce() -> Result<(), tch::TchError>,
     ) -> Result<f32, DdpError> {
-        let can_overlap = self.overlap && self.views.is_some() && comm.world_size() > 1 && comm.supports_overlap();
+        let can_overlap = self.overlap && self.views.is_some() && (comm.world_size() > 1 || self.force_collectives) && comm.supports_overlap();
         if !can_overlap {
             backward()?;
             return self.reduce(comm, control);
@@ -384,7 +388,7 @@ impl Reducer {
     /// identical buckets.
     pub fn reduce(&mut self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
         let world = comm.world_size() as f64;
-        if comm.world_size() == 1 {
+        if comm.world_size() == 1 && !self.force_collectives {
             // Nothing to average.
             return Ok(control);
         }

@@ -32,6 +32,16 @@ pub struct DdpOptions {
     /// ZeRO-1: gradients are reduce-scattered instead of all-reduced, so each rank holds the
     /// average of its shard only; pair with `Zero` (see `ddp::zero`), which steps the shards.
     pub shard: bool,
+    /// Issue every collective even at world size 1, where they are no-ops that would otherwise
+    /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
+    /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
+    /// way on a single GPU. Default: the `RINGTRAIN_FORCE_COLLECTIVES=1` environment switch.
+    pub force_collectives: bool,
+}
+
+/// `RINGTRAIN_FORCE_COLLECTIVES=1`: see `DdpOptions::force_collectives`.
+pub fn force_collectives_from_env() -> bool {
+    std::env::var("RINGTRAIN_FORCE_COLLECTIVES").is_ok_and(|v| v == "1")
 }
 
 impl Default for DdpOptions {
@@ -43,6 +53,7 @@ impl Default for DdpOptions {
             reduce_bf16: false,
             broadcast_buffers: true,
             shard: false,
+            force_collectives: force_collectives_from_env(),
         }
     }
 }
@@ -55,6 +66,20 @@ pub struct Ddp {
     /// False inside `no_sync`: backward accumulates without communicating.
     sync: bool,
     warned_reattach: bool,
+}
+
+/// Buffers grouped by dtype and device, each group in the buffers' order: what one flat
+/// broadcast can carry.
+fn coalesce_groups(buffers: &[(String, Tensor)]) -> Vec<Vec<&Tensor>> {
+    let mut groups: Vec<((tch::Kind, tch::Device), Vec<&Tensor>)> = Vec::new();
+    for (_, b) in buffers {
+        let key = (b.kind(), b.device());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(b),
+            None => groups.push((key, vec![b])),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
 }
 
 impl Ddp {
@@ -85,6 +110,7 @@ impl Ddp {
             reduce_bf16: opts.reduce_bf16,
             overlap: opts.overlap,
             shard_world: opts.shard.then_some(comm.world_size()),
+            force_collectives: opts.force_collectives,
         };
         let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let reducer = Reducer::new(comm, &params_only, &reducer_opts)?;
@@ -160,13 +186,24 @@ impl Ddp {
     /// Broadcasts rank 0's buffers to every rank (when `broadcast_buffers` is on and there are
     /// buffers); call before each forward, as DDP does inside its forward.
     pub fn sync_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
-        if !self.opts.broadcast_buffers || self.buffers.is_empty() || comm.world_size() == 1 {
+        if !self.opts.broadcast_buffers || self.buffers.is_empty() || (comm.world_size() == 1 && !self.opts.force_collectives) {
             return Ok(());
         }
+        // One flat broadcast per dtype (and device), as PyTorch's `_broadcast_coalesced`: a
+        // ResNet-50 has about 160 buffers, and one collective each cost more than their bytes.
         tch::no_grad(|| -> Result<(), DdpError> {
-            for (_, b) in &self.buffers {
-                let mut view = b.shallow_clone();
-                comm.broadcast_tensor(&mut view, 0)?;
+            for group in coalesce_groups(&self.buffers) {
+                let flat: Vec<Tensor> = group.iter().map(|b| b.f_reshape([-1])).collect::<Result<_, _>>()?;
+                let mut flat = Tensor::f_cat(&flat, 0)?;
+                comm.broadcast_tensor(&mut flat, 0)?;
+                // Copied back on every rank, root too (its values are unchanged), so one code
+                // path runs wherever the check runs.
+                let mut off = 0;
+                for b in group {
+                    let n = b.numel() as i64;
+                    b.shallow_clone().f_copy_(&flat.f_narrow(0, off, n)?.f_view(b.size().as_slice())?)?;
+                    off += n;
+                }
             }
             Ok(())
         })
@@ -187,6 +224,11 @@ impl Ddp {
             );
         }
         Ok(())
+    }
+
+    /// True when collectives run even at world size 1 (`DdpOptions::force_collectives`).
+    pub fn collectives_forced(&self) -> bool {
+        self.opts.force_collectives
     }
 
     /// Gradients found replaced and re-attached so far.
@@ -236,5 +278,133 @@ impl Ddp {
     /// Each bucket's flat tensor and its parameters' (index, offset, length), for `Zero`.
     pub(crate) fn reducer_buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
         self.reducer.buckets()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::{CommError, RingComm, RingOptions};
+    use crate::rendezvous::MemoryStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tch::Kind;
+
+    /// A ring that counts the tensor broadcasts it is asked for.
+    struct Counting {
+        inner: RingComm,
+        broadcasts: Arc<AtomicUsize>,
+        reduces: Arc<AtomicUsize>,
+    }
+
+    impl Communicator for Counting {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn backend_name(&self) -> &'static str {
+            "counting"
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+            self.inner.all_reduce_sum(buf)
+        }
+        fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
+            self.inner.broadcast(buf, root)
+        }
+        fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+            self.inner.all_gather(mine)
+        }
+        fn barrier(&mut self) -> Result<(), CommError> {
+            self.inner.barrier()
+        }
+        fn timeout(&self) -> Duration {
+            self.inner.timeout()
+        }
+        fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
+            self.broadcasts.fetch_add(1, Ordering::SeqCst);
+            self.inner.broadcast_tensor(t, root)
+        }
+        fn all_reduce_tensor(&mut self, t: &mut Tensor) -> Result<(), CommError> {
+            self.reduces.fetch_add(1, Ordering::SeqCst);
+            self.inner.all_reduce_tensor(t)
+        }
+    }
+
+    fn ring(store: &MemoryStore, rank: usize, world: usize) -> RingComm {
+        let opts = RingOptions::new("t", std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), Duration::from_secs(20));
+        RingComm::connect(store, rank, world, &opts).unwrap()
+    }
+
+    /// Ten f32 buffers and three i64 ones (BatchNorm's statistics and step counters).
+    fn buffers(fill: f64) -> Vec<(String, Tensor)> {
+        let mut b: Vec<(String, Tensor)> =
+            (0..10).map(|i| (format!("bn{i}.running_mean"), Tensor::full([3 + i], fill + i as f64, (Kind::Float, tch::Device::Cpu)))).collect();
+        b.extend((0..3).map(|i| (format!("bn{i}.num_batches_tracked"), Tensor::full([1], fill as i64 + i, (Kind::Int64, tch::Device::Cpu)))));
+        b
+    }
+
+    fn params() -> Vec<(String, Tensor)> {
+        vec![("w".into(), Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))]
+    }
+
+    /// Defect 8: one broadcast per dtype, not one per buffer; every rank ends with rank 0's values.
+    #[test]
+    fn buffers_travel_in_one_broadcast_per_dtype() {
+        let store = MemoryStore::default();
+        let results: Vec<(usize, Vec<(String, Tensor)>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let store = &store;
+                    s.spawn(move || {
+                        let count = Arc::new(AtomicUsize::new(0));
+                        let mut comm = Counting { inner: ring(store, rank, 2), broadcasts: count.clone(), reduces: Arc::default() };
+                        let bufs = buffers(1.0);
+                        let ddp = Ddp::new(&mut comm, params(), bufs, DdpOptions::default()).unwrap();
+                        // Diverge after the replica check: rank 1's statistics drift.
+                        if rank == 1 {
+                            for (_, b) in &ddp.buffers {
+                                let _ = b.shallow_clone().fill_(7);
+                            }
+                        }
+                        count.store(0, Ordering::SeqCst);
+                        ddp.sync_buffers(&mut comm).unwrap();
+                        let after: Vec<(String, Tensor)> = ddp.buffers.iter().map(|(n, b)| (n.clone(), b.copy())).collect();
+                        (count.load(Ordering::SeqCst), after)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected = buffers(1.0);
+        for (rank, (count, after)) in results.iter().enumerate() {
+            assert_eq!(*count, 2, "rank {rank}: one broadcast per dtype (f32, i64)");
+            for ((name, got), (_, want)) in after.iter().zip(&expected) {
+                assert!(got.equal(want), "rank {rank}: {name} is not rank 0's");
+            }
+        }
+    }
+
+    /// The check's switch: at world size 1 the buffer broadcast and the bucket all-reduce are
+    /// skipped unless collectives are forced; forced, the gradient is still the (world-1) average.
+    #[test]
+    fn forced_collectives_run_at_world_size_one() {
+        for (force, want) in [(false, 0), (true, 2)] {
+            let store = MemoryStore::default();
+            let (count, reduces) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let mut comm = Counting { inner: ring(&store, 0, 1), broadcasts: count.clone(), reduces: reduces.clone() };
+            let opts = DdpOptions { force_collectives: force, ..DdpOptions::default() };
+            let mut ddp = Ddp::new(&mut comm, params(), buffers(1.0), opts).unwrap();
+            count.store(0, Ordering::SeqCst);
+            ddp.sync_buffers(&mut comm).unwrap();
+            assert_eq!(count.load(Ordering::SeqCst), want, "force_collectives {force}");
+            let w = ddp.named_parameters()[0].1.shallow_clone();
+            let loss = (&w * &w).sum(Kind::Float);
+            ddp.backward(&mut comm, &loss).unwrap();
+            assert_eq!(reduces.load(Ordering::SeqCst) > 0, force, "bucket all-reduce with force_collectives {force}");
+            assert!(w.grad().equal(&(&w * 2.0)), "force_collectives {force}: gradient {:?}", w.grad());
+        }
     }
 }

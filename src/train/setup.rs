@@ -50,7 +50,11 @@ impl<'a> Trainer<'a> {
             reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
             broadcast_buffers: cfg.ddp.broadcast_buffers,
             shard: cfg.optimizer.shard,
+            ..DdpOptions::default()
         };
+        if opts.force_collectives && world == 1 {
+            tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
+        }
         let ddp = Ddp::new(comm, params, buffers, opts)?;
         // ZeRO-1: from here on the optimizer holds this rank's slices (and their state) only.
         let (opt, zero) = match cfg.optimizer.shard {

@@ -138,7 +138,7 @@ impl Trainer<'_> {
         let Some(scaler) = &self.scaler else { return Ok(false) };
         let found = tch::no_grad(|| scaler.unscale_(&self.opt.grads()))?;
         let mut flag = [found.f_double_value(&[])? as f32];
-        if self.comm.world_size() > 1 {
+        if self.comm.world_size() > 1 || self.ddp.collectives_forced() {
             self.comm.all_reduce_sum(&mut flag)?;
         }
         Ok(flag[0] > 0.0)
