@@ -235,21 +235,7 @@ fn init_from_loads_weights_and_lists_what_does_not_fit() {
 /// benchmark venv scripts/bench_setup.sh makes); says so when skipped.
 #[test]
 fn checkpoint_loads_in_python_safetensors_and_pytorch() {
-    let python = std::env::var("RINGTRAIN_PYTHON").ok().or_else(|| {
-        let home = std::env::var("HOME").ok()?;
-        let p = format!("{home}/.cache/ringtrain/pytorch-venv/bin/python");
-        Path::new(&p).exists().then_some(p)
-    });
-    let Some(python) =
-        python.filter(|p| Command::new(p).args(["-c", "import torch, safetensors"]).output().is_ok_and(|o| o.status.success()))
-    else {
-        // Written past libtest's capture so the skip shows in the test output.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED checkpoint_loads_in_python_safetensors_and_pytorch: no Python with torch and safetensors (set RINGTRAIN_PYTHON)"
-        );
-        return;
-    };
+    let Some(python) = python_with_torch("checkpoint_loads_in_python_safetensors_and_pytorch") else { return };
     let dir = tempfile::tempdir().unwrap();
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/fashion_mnist_cnn.yaml");
     let run_dir = dir.path().join("run");

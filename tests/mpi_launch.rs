@@ -11,8 +11,7 @@ use std::time::Duration;
 fn mpirun_available() -> bool {
     let ok = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
     if !ok {
-        // Written past libtest's capture so the skip shows in the test output.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: mpirun not found (scripts/setup.sh installs Open MPI)");
+        skip("mpi_launch", "mpirun not found (scripts/setup.sh installs Open MPI)");
     }
     ok && ringtrain::comm::mpi::BUILT
 }

@@ -156,7 +156,7 @@ fn the_merged_timeline_has_every_rank_on_one_clock() {
 fn on_a_terminal_ringrun_shows_one_live_status_line() {
     // `script` gives ringrun a pseudo-terminal, as a person's shell (or tmux) would.
     if Command::new("script").arg("--version").output().map_or(true, |o| !o.status.success()) {
-        eprintln!("SKIPPED on_a_terminal_ringrun_shows_one_live_status_line: no `script` (util-linux)");
+        skip("on_a_terminal_ringrun_shows_one_live_status_line", "no `script` (util-linux)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

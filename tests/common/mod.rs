@@ -151,12 +151,19 @@ pub fn python_with_torch(test: &str) -> Option<String> {
             return Some(p);
         }
     }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: no Python with torch and safetensors (scripts/setup.sh --python, or set RINGTRAIN_PYTHON)"
-    );
+    skip(test, "no Python with torch and safetensors (scripts/setup.sh --python, or set RINGTRAIN_PYTHON)");
     None
+}
+
+/// Says a test is skipped because `why` (a tool or file missing), past libtest's capture; under
+/// `RINGTRAIN_NO_SKIP=1` (what `.ci/run` sets) a skip is a failure instead, so CI cannot pass
+/// quietly without the comparison it was meant to make.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var("RINGTRAIN_NO_SKIP").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {why} (RINGTRAIN_NO_SKIP=1 makes that a failure)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// A Python with torch (as `python_with_torch`) that also imports `module` (torchvision,
@@ -166,8 +173,7 @@ pub fn python_with_torch_and(test: &str, module: &str) -> Option<String> {
     if Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success()) {
         return Some(python);
     }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no {module} in {python} (scripts/setup.sh --python installs it)");
+    skip(test, &format!("no {module} in {python} (scripts/setup.sh --python installs it)"));
     None
 }
 
