@@ -334,9 +334,9 @@ pub struct TrainConfig {
     /// Draw `<run dir>/plot.png` at the end of the run (rank 0).
     #[serde(default = "yes")]
     pub plot: bool,
-    /// The peak FLOP/s the achieved figure is compared with (MFU), in TFLOP/s; default: 989 on
-    /// CUDA (H100 SXM, dense bf16), 0.19 on the CPU (2 cores × 95 GFLOP/s, libtorch fp32 matmul
-    /// measured on the 2-core machine this was built on).
+    /// The peak FLOP/s of one rank's device that the achieved figure is compared with (MFU), in
+    /// TFLOP/s; default: measured at start with a short matmul in the precision in use (the log
+    /// says which).
     #[serde(default)]
     pub peak_tflops: Option<f64>,
 }

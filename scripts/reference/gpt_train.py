@@ -27,7 +27,7 @@ def main():
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--bf16", action="store_true", help="autocast to bf16 (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="autocast to bf16 (torch.autocast on the device in use, CPU included)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if "RANK" in os.environ:

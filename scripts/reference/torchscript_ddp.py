@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -94,6 +93,9 @@ def main():
                 break
         epoch += 1
     if dist.get_rank() == 0:
+        # Only the import is deferred: the GPU check imports this module for BnTiedNet where the
+        # safetensors package may be missing.
+        from safetensors.torch import save_model
         save_model(model, a.out)
     dist.destroy_process_group()
 

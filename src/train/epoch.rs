@@ -235,9 +235,12 @@ impl Trainer<'_> {
         let per_sample = self.task.tokens_per_sample()?;
         let tokens_per_s = samples_per_s * per_sample as f64;
         line["tokens_per_s"] = json!(tokens_per_s);
-        let Some(flops) = self.model.flops_per_token() else { return Some(format!("{tokens_per_s:.0} tokens/s")) };
+        let (Some(flops), Some(peak)) = (self.model.flops_per_token(), &self.peak) else {
+            return Some(format!("{tokens_per_s:.0} tokens/s"));
+        };
+        // The rate is the whole job's: against every rank's peak.
         let achieved = flops * tokens_per_s;
-        let peak = self.cfg.train.peak_tflops.unwrap_or(if self.device.is_cuda() { 989.0 } else { 0.19 }) * 1e12;
+        let peak = peak.flops * self.comm.world_size() as f64;
         line["flops_per_s"] = json!(achieved);
         line["mfu"] = json!(achieved / peak);
         Some(format!(

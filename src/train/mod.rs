@@ -21,6 +21,7 @@ pub mod breakdown;
 mod checkpointing;
 mod epoch;
 mod eval;
+mod peak;
 pub mod position;
 mod resume;
 mod setup;
@@ -119,6 +120,8 @@ pub(crate) struct Trainer<'a> {
     scaler: Option<crate::amp::GradScaler>,
     /// fp16: optimizer steps skipped for non-finite gradients (this start of the run).
     skipped_steps: u64,
+    /// MFU's denominator per rank (models that count their FLOPs).
+    peak: Option<peak::Peak>,
     splits: Splits,
     task: Box<dyn Task>,
     model: Box<dyn Model>,

@@ -87,6 +87,12 @@ impl<'a> Trainer<'a> {
         );
 
         let scaler = grad_scaler(cfg, resumed.as_ref(), device)?;
+        if t.precision.autocast_kind().is_some() {
+            // What libtorch itself reports inside the autocast region training uses: the GPU
+            // check looks for this line (a "bf16" that ran as fp16 once went unseen).
+            let (on, dtype) = crate::amp::autocast(device, t.precision, || crate::amp::autocast_state(device))??;
+            tracing::info!("autocast on {device:?}: dtype {dtype:?}, enabled {on} (read back from libtorch)");
+        }
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
         if let Some(m) = resumed.as_ref().filter(|m| m.epoch_world_size != world || m.batch_size != t.batch_size) {
             tracing::info!(
@@ -124,6 +130,16 @@ impl<'a> Trainer<'a> {
             false => None,
         };
         let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
+        // MFU's denominator, for models that count their FLOPs; measured before the barrier so
+        // the ranks sharing a machine measure side by side, as they will train.
+        let peak = match model.flops_per_token() {
+            Some(_) => {
+                let p = super::peak::peak(t.peak_tflops, device, t.precision)?;
+                tracing::info!("MFU against {:.3} TFLOP/s per rank ({})", p.flops / 1e12, p.source);
+                Some(p)
+            }
+            None => None,
+        };
         // Every rank's timeline starts as the same barrier ends, so the merged timeline lines
         // the ranks up without trusting their wall clocks (skew: the barrier's exit, microseconds).
         comm.barrier()?;
@@ -138,6 +154,7 @@ impl<'a> Trainer<'a> {
             precision: t.precision,
             scaler,
             skipped_steps: 0,
+            peak,
             task,
             params: ddp.parameters(),
             model,
