@@ -1,6 +1,10 @@
 //! Which device a worker computes on. CUDA support is loaded at run time — dlopen of
 //! libtorch_cuda.so, which registers libtorch's CUDA backend — and only when a GPU is asked for,
 //! so one binary serves CPU and GPU machines.
+//!
+//! Order matters: libtorch looks its CUDA support up once, at the first call that asks (even
+//! `tch::manual_seed`), and keeps the answer. `load_cuda` must run before any other tch call;
+//! `ringtrain::init` does it first, and a late load is reported, not silently run on the CPU.
 
 use crate::config::DeviceChoice;
 use std::sync::OnceLock;
@@ -10,7 +14,8 @@ use tch::Device;
 #[error("device: {0}")]
 pub struct DeviceError(pub String);
 
-/// Loads libtorch's CUDA backend once; the error says what is missing.
+/// Loads libtorch's CUDA backend once; the error says what is missing. Call it before any other
+/// tch call in a program that uses CUDA (see the module docs).
 pub fn load_cuda() -> Result<(), DeviceError> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
@@ -31,20 +36,68 @@ pub fn load_cuda() -> Result<(), DeviceError> {
         .map_err(DeviceError)
 }
 
-/// Pure check: local rank r uses cuda:r, so there must be at least as many visible GPUs as
-/// local ranks.
+/// Pure: libtorch's device count, checked against the CUDA runtime's. libtorch seeing none
+/// while the runtime sees some means its CUDA support was looked up before `load_cuda` and is
+/// off for the life of the process.
+pub fn check_cuda_hooks(torch_count: usize, runtime_count: Option<usize>) -> Result<usize, String> {
+    match runtime_count {
+        Some(n) if torch_count == 0 && n > 0 => Err(format!(
+            "libtorch sees no GPU but the CUDA runtime sees {n}: CUDA support was looked up (by a tch call such as \
+             tch::manual_seed) before ringtrain loaded it, and libtorch keeps that answer. Call ringtrain::init (or \
+             ringtrain::device::load_cuda()) before any tch call"
+        )),
+        _ => Ok(torch_count),
+    }
+}
+
+/// The CUDA runtime's device count (`cudaGetDeviceCount`), `None` where it cannot be asked.
+fn runtime_device_count() -> Option<usize> {
+    let cuda = crate::comm::nccl::cudart().ok()?;
+    let mut n = 0;
+    // SAFETY: valid out-pointer.
+    let code = unsafe { (cuda.get_device_count)(&mut n) };
+    (code.0 == 0).then_some(n.max(0) as usize)
+}
+
+/// GPUs libtorch sees, after loading its CUDA backend.
+fn cuda_device_count() -> Result<usize, DeviceError> {
+    load_cuda()?;
+    let torch = tch::Cuda::device_count().max(0) as usize;
+    let runtime = if torch == 0 { runtime_device_count() } else { None };
+    check_cuda_hooks(torch, runtime).map_err(DeviceError)
+}
+
+/// Pure: this local rank's GPU. Two layouts work: one GPU per local rank (each rank sees all
+/// the node's GPUs and takes cuda:LOCAL_RANK), and one visible GPU per task (`srun
+/// --gpus-per-task=1`, a Kubernetes pod with one GPU, CUDA_VISIBLE_DEVICES set per rank:
+/// cuda:0).
 pub fn check_gpus(local_rank: usize, local_world_size: usize, visible: usize) -> Result<usize, String> {
     if visible == 0 {
         return Err(
             "no CUDA device is visible (torch.cuda.device_count() == 0: is the NVIDIA driver loaded, CUDA_VISIBLE_DEVICES empty?)".into()
         );
     }
-    if local_world_size > visible {
-        return Err(format!(
-            "{local_world_size} workers on this node but only {visible} GPU(s) visible: one GPU per local rank (use --nproc-per-node {visible})"
-        ));
+    if visible >= local_world_size {
+        return Ok(local_rank);
     }
-    Ok(local_rank)
+    if visible == 1 {
+        return Ok(0);
+    }
+    Err(format!(
+        "{local_world_size} workers on this node but {visible} GPUs visible to each: use one GPU per local rank \
+         (--nproc-per-node {visible}) or one visible GPU per task (CUDA_VISIBLE_DEVICES per rank, srun --gpus-per-task=1)"
+    ))
+}
+
+/// `check_gpus`, logging which layout it chose.
+fn gpu_for(local_rank: usize, local_world_size: usize, visible: usize) -> Result<Device, DeviceError> {
+    let i = check_gpus(local_rank, local_world_size, visible).map_err(DeviceError)?;
+    if visible >= local_world_size {
+        tracing::info!("device: cuda:{i} (one GPU per local rank: {visible} visible, {local_world_size} local rank(s))");
+    } else {
+        tracing::info!("device: cuda:0 (one visible GPU per task: local rank {local_rank} of {local_world_size})");
+    }
+    Ok(Device::Cuda(i))
 }
 
 /// Resolves the configured device for this local rank. RINGTRAIN_CUDA_DEVICE=N puts every local
@@ -54,8 +107,7 @@ pub fn select(choice: DeviceChoice, local_rank: usize, local_world_size: usize) 
     if choice != DeviceChoice::Cpu {
         if let Ok(n) = std::env::var("RINGTRAIN_CUDA_DEVICE") {
             let n: usize = n.parse().map_err(|_| DeviceError(format!("RINGTRAIN_CUDA_DEVICE={n:?} is not a device index")))?;
-            load_cuda()?;
-            let visible = tch::Cuda::device_count() as usize;
+            let visible = cuda_device_count()?;
             if n >= visible {
                 return Err(DeviceError(format!("RINGTRAIN_CUDA_DEVICE={n} but {visible} GPU(s) visible")));
             }
@@ -64,17 +116,15 @@ pub fn select(choice: DeviceChoice, local_rank: usize, local_world_size: usize) 
     }
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda => {
-            load_cuda()?;
-            let i = check_gpus(local_rank, local_world_size, tch::Cuda::device_count() as usize).map_err(DeviceError)?;
-            Ok(Device::Cuda(i))
-        }
-        DeviceChoice::Auto => match load_cuda().map(|_| tch::Cuda::device_count() as usize) {
-            Ok(n) if n > 0 => Ok(Device::Cuda(check_gpus(local_rank, local_world_size, n).map_err(DeviceError)?)),
-            Ok(_) => {
-                tracing::info!("device auto: no GPU visible, using the CPU");
-                Ok(Device::Cpu)
-            }
+        DeviceChoice::Cuda => gpu_for(local_rank, local_world_size, cuda_device_count()?),
+        DeviceChoice::Auto => match load_cuda() {
+            Ok(()) => match cuda_device_count()? {
+                0 => {
+                    tracing::info!("device auto: no GPU visible, using the CPU");
+                    Ok(Device::Cpu)
+                }
+                n => gpu_for(local_rank, local_world_size, n),
+            },
             Err(e) => {
                 tracing::info!("device auto: using the CPU ({e})");
                 Ok(Device::Cpu)
@@ -88,11 +138,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_gpu_per_local_rank() {
-        assert_eq!(check_gpus(1, 2, 2), Ok(1));
-        assert_eq!(check_gpus(0, 1, 8), Ok(0));
-        let e = check_gpus(0, 2, 1).unwrap_err();
-        assert!(e.contains("2 workers") && e.contains("only 1 GPU"), "{e}");
-        assert!(check_gpus(0, 1, 0).unwrap_err().contains("no CUDA device"));
+    fn device_for_each_gpu_layout() {
+        // (local_rank, local_world_size, visible) → cuda index, or words the error must hold.
+        let ok: &[((usize, usize, usize), usize)] = &[
+            ((1, 2, 2), 1), // one GPU per local rank
+            ((0, 1, 8), 0),
+            ((3, 4, 8), 3),
+            ((0, 4, 1), 0), // one visible GPU per task (srun --gpus-per-task=1, a one-GPU pod)
+            ((3, 4, 1), 0),
+            ((0, 1, 1), 0),
+        ];
+        for &((r, n, v), want) in ok {
+            assert_eq!(check_gpus(r, n, v), Ok(want), "local rank {r} of {n}, {v} visible");
+        }
+        let bad: &[((usize, usize, usize), &[&str])] = &[
+            ((0, 4, 2), &["4 workers", "2 GPUs visible", "--nproc-per-node 2", "--gpus-per-task=1", "CUDA_VISIBLE_DEVICES"]),
+            ((2, 3, 2), &["3 workers", "--nproc-per-node 2"]),
+            ((0, 1, 0), &["no CUDA device"]),
+            ((1, 2, 0), &["no CUDA device"]),
+        ];
+        for &((r, n, v), words) in bad {
+            let e = check_gpus(r, n, v).unwrap_err();
+            for w in words {
+                assert!(e.contains(w), "local rank {r} of {n}, {v} visible: {e:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn device_lookup_before_load_is_reported() {
+        assert_eq!(check_cuda_hooks(2, None), Ok(2));
+        assert_eq!(check_cuda_hooks(2, Some(2)), Ok(2));
+        assert_eq!(check_cuda_hooks(0, Some(0)), Ok(0));
+        assert_eq!(check_cuda_hooks(0, None), Ok(0)); // no runtime to ask: no GPU either
+        let e = check_cuda_hooks(0, Some(4)).unwrap_err();
+        assert!(e.contains("runtime sees 4") && e.contains("before any tch call") && e.contains("load_cuda"), "{e}");
     }
 }

@@ -66,6 +66,11 @@ pub struct ProcessGroup {
 /// Joins the group described by this process's environment (`RANK`, `WORLD_SIZE`,
 /// `MASTER_ADDR`, … as ringrun and torchrun set them; Open MPI's, PMI's or Slurm's variables; or
 /// none: a group of one).
+///
+/// With CUDA (`device: Cuda` or `Auto`), call this before any other `tch` function: libtorch
+/// decides once, at the first call that asks (even `tch::manual_seed`), whether it has CUDA, and
+/// ringtrain loads libtorch's CUDA backend here, first thing. Called too late, `init` fails and
+/// says so rather than train on the CPU; `ringtrain::device::load_cuda()` can be called earlier.
 pub fn init(opts: InitOptions) -> Result<ProcessGroup, InitError> {
     let env: HashMap<String, String> = std::env::vars().collect();
     init_from_env(&env, opts)
@@ -73,6 +78,11 @@ pub fn init(opts: InitOptions) -> Result<ProcessGroup, InitError> {
 
 /// As `init`, from an explicit environment map.
 pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result<ProcessGroup, InitError> {
+    if opts.device != DeviceChoice::Cpu {
+        // Before anything else can touch tch (see `init`). A failure is reported, or for Auto
+        // accepted, by device::select below.
+        let _ = crate::device::load_cuda();
+    }
     let mut launch = LaunchInfo::from_env(env)?;
     let rank = launch.rank;
     if opts.logging {

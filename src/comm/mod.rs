@@ -151,7 +151,7 @@ pub trait Communicator: Send {
     fn timeout(&self) -> Duration;
     /// True when collectives may be issued from a thread other than the one that created the
     /// communicator (needed to overlap them with backward). MPI initialised without thread
-    /// support and NCCL's per-thread device state say no.
+    /// support says no; NCCL selects its device on every call and says yes.
     fn supports_overlap(&self) -> bool {
         false
     }
@@ -206,6 +206,23 @@ pub trait Communicator: Send {
     /// Sums a tensor across ranks in place (host backends stage non-CPU tensors through host memory).
     fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         tensor::all_reduce_staged(self, t)
+    }
+    /// `all_reduce_tensor` whose result may still be in flight when it returns: a backend with a
+    /// stream of its own (NCCL) launches it without making the compute stream wait, so backward
+    /// kernels queued meanwhile do not wait behind it. The tensor must stay alive and untouched
+    /// until `wait_pending`. Host backends finish it here.
+    fn all_reduce_tensor_async(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        self.all_reduce_tensor(t)
+    }
+    /// `reduce_scatter_tensor`, in flight as `all_reduce_tensor_async`.
+    fn reduce_scatter_tensor_async(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        self.reduce_scatter_tensor(t)
+    }
+    /// Orders every result the `_async` calls left in flight before any work queued after this
+    /// call (NCCL: the compute stream waits for them; the host does not), and returns an error
+    /// a background check found meanwhile (NCCL's watchdog: a timeout, an async error).
+    fn wait_pending(&mut self) -> Result<(), CommError> {
+        Ok(())
     }
     /// Broadcasts a tensor's bytes from `root` in place.
     fn broadcast_tensor(&mut self, t: &mut tch::Tensor, root: usize) -> Result<(), CommError> {

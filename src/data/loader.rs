@@ -18,10 +18,23 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Both tensors moved to `device`.
+    /// Both tensors moved to `device`. To a GPU they go through pinned (page-locked) memory and
+    /// a non-blocking copy, as DataLoader's pin_memory=True and `.to(device, non_blocking=True)`:
+    /// the copy is a DMA queued on the stream, so the host goes on to launch the forward pass
+    /// instead of staging pageable memory and waiting. The pinned copy's memory is released only
+    /// after the transfer (libtorch's pinned allocator records the copy's stream).
     pub fn to_device(&self, device: tch::Device) -> Result<Batch, tch::TchError> {
-        Ok(Batch { input: self.input.f_to_device(device)?, target: self.target.f_to_device(device)?, len: self.len })
+        Ok(Batch { input: move_to(&self.input, device)?, target: move_to(&self.target, device)?, len: self.len })
     }
+}
+
+fn move_to(t: &Tensor, device: tch::Device) -> Result<Tensor, tch::TchError> {
+    if !device.is_cuda() || t.device() != tch::Device::Cpu {
+        return t.f_to_device(device);
+    }
+    // at::_pin_memory: pin_memory and is_pinned with a device (tch always passes one) print a
+    // deprecation warning on every call. Batches are fresh tensors, never pinned already.
+    t.f_internal_pin_memory(device)?.f_to_device_(device, t.kind(), true, false)
 }
 
 pub struct Loader {

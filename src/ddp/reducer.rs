@@ -99,18 +99,22 @@ enum Reduction {
 }
 
 /// Divides a bucket by the world size and sums it across ranks; returns when it started and
-/// ended, for the timeline.
+/// ended, for the timeline. `deferred`: the sum may still be in flight on return (NCCL: launched
+/// on its stream, where the end is the launch) until `comm.wait_pending()`, which the caller
+/// issues before reading the bucket. The bf16 path copies the result back, so it never defers.
 fn reduce_bucket(
     comm: &mut dyn Communicator,
     flat: &Tensor,
     low: Option<&Tensor>,
     world: f64,
     how: Reduction,
+    deferred: bool,
 ) -> Result<(Instant, Instant), DdpError> {
     let started = Instant::now();
     let mut flat = flat.shallow_clone();
     let _ = flat.f_div_scalar_(world)?;
     match how {
+        Reduction::AllReduce if deferred => comm.all_reduce_tensor_async(&mut flat)?,
         Reduction::AllReduce => comm.all_reduce_tensor(&mut flat)?,
         Reduction::AllReduceBf16 => {
             // Copying into a bf16 tensor rounds as `to_kind` does: the same bits either way.
@@ -125,6 +129,7 @@ fn reduce_bucket(
             comm.all_reduce_tensor(&mut low)?;
             flat.f_copy_(&low)?;
         }
+        Reduction::ReduceScatter if deferred => comm.reduce_scatter_tensor_async(&mut flat)?,
         Reduction::ReduceScatter => comm.reduce_scatter_tensor(&mut flat)?,
     }
     Ok((started, Instant::now()))
@@ -329,7 +334,7 @@ impl Reducer {
                 let mut times = Vec::with_capacity(sizes.len());
                 let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
                     while *next < sizes.len() && upto(*next) {
-                        times.push(reduce_bucket(comm_lent, &flats[*next], lows[*next].as_ref(), world, how)?);
+                        times.push(reduce_bucket(comm_lent, &flats[*next], lows[*next].as_ref(), world, how, true)?);
                         *next += 1;
                     }
                     Ok(())
@@ -363,8 +368,11 @@ impl Reducer {
             };
             (backward_result, reduced)
         });
+        // Whatever failed, the next backward must not write into buckets still being reduced.
+        let pending = comm.wait_pending();
         backward_result?;
         self.bucket_times = reduced?;
+        pending?;
         self.control_sum(comm, control)
     }
 
@@ -411,7 +419,8 @@ impl Reducer {
                     }
                 }
             }
-            self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how)?);
+            // Copied-out gradients are read right after: only attached buckets may defer.
+            self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached)?);
             if !attached {
                 for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                     let p = &self.params[i];
@@ -428,6 +437,7 @@ impl Reducer {
                 }
             }
         }
+        comm.wait_pending()?;
         self.control_sum(comm, control)
     }
 
