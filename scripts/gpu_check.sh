@@ -111,7 +111,7 @@ amp_part() { # amp_part PART PRECISION [SCALER SETTINGS...]: compares with PyTor
     local dtype=BFloat16; [ "$prec" = fp16 ] && dtype=Half
     if ! bin ringtrain "${amp[@]}" --set train.precision=$prec "${sets[@]}" --run-dir "$runs/$part" >"$runs/$part.log" 2>&1; then
         tail -n 5 "$runs/$part.log"; result[$part]="FAIL ringtrain (see $runs/$part.log)"; return; fi
-    local seen; seen=$(grep -o "autocast on [A-Za-z]*[(0-9)]*: dtype [A-Za-z]*" "$runs/$part.log" | head -n 1)
+    local seen; seen=$(grep -o "autocast on [A-Za-z]*[(0-9)]*: dtype [A-Za-z0-9]*" "$runs/$part.log" | head -n 1)
     if ! "$torchrun" --nproc-per-node 1 --master-port 29731 "$here/reference/amp_ddp.py" "$runs/init.safetensors" "$data" \
             "$runs/$part-ref.safetensors" --precision $prec --steps $amp_steps --batch-size 16 --device $dev \
             --trace "$runs/$part-ref.jsonl" "${args[@]}" >"$runs/$part-ref.log" 2>&1; then
@@ -201,7 +201,7 @@ else result[i]="FAIL"; fi
 echo "== (j) ResNet-18 with augmentation, NCCL, bf16"
 if bin ringtrain --config "$here/configs/fashion_mnist_resnet18.yaml" --set "data.dir=$data" --set device=$dev \
         --set comm.backend=$nccl --set train.precision=bf16 --set train.batch_size=$(b 128) --set train.max_steps=$(s 200) \
-        --set data.workers=2 --set checkpoint.enabled=false --run-dir "$runs/j" 2>&1 | tail -n 3; then
+        --set data.workers=2 --set train.log_every_steps=$(s 50) --set checkpoint.enabled=false --run-dir "$runs/j" 2>&1 | tail -n 3; then
     f=$(first_loss "$runs/j"); l=$(metric "$runs/j" train_loss)
     if falls "$f" "$l" || ((dry)); then
         result[j]="PASS loss $f -> $l, test_acc $(metric "$runs/j" test_acc), $(metric "$runs/j" samples_per_s) samples/s"

@@ -122,6 +122,73 @@ fn same_loss_same_sgd_and_adamw_step_and_strict_load_into_nanogpt() {
     assert!((ours - py).abs() <= 1e-5 * py.abs(), "eval loss: ringtrain {ours}, nanoGPT {py}");
 }
 
+/// Mixed precision on the GPT against nanoGPT's under `torch.autocast("cpu", dtype)`: 3 SGD steps on
+/// one batch, bf16, and fp16 with GradScaler's defaults (scale 65536, no overflow here). Both sides
+/// run libtorch's CPU kernels on the same casts (autocast's op lists are libtorch's): the gradients
+/// are bitwise equal. SGD, not AdamW: ringtrain's AdamW agrees with torch.optim's to an ulp (the
+/// test above), and in fp16 Adam turns an ulp into a full step on the attention's key bias, whose
+/// true gradient is zero (softmax ignores a shift) and whose fp16 gradient is rounding noise.
+#[test]
+fn autocast_bf16_and_fp16_steps_match_pytorch_cpu_autocast() {
+    use ringtrain::amp::{autocast, GradScaler, GradScalerConfig, Precision};
+    let Some((python, dir, cfg)) = setup() else { return };
+    // One thread, as the reference: libtorch's fp16 CPU kernels split their sums by thread.
+    tch::set_num_threads(1);
+    let (d, c) = (dir.path(), cfg.to_str().unwrap());
+    let init = d.join("init.safetensors");
+    let b = batch(d);
+    let task = LanguageModel { block_size: 16 };
+    let opt_cfg = OptimizerConfig::new(OptimizerName::Sgd, 0.1);
+    for (name, precision) in [("bf16", Precision::Bf16), ("fp16", Precision::Fp16)] {
+        let out = d.join(format!("amp-{name}.safetensors"));
+        let batch_file = d.join("batch.safetensors");
+        let stdout = reference(&python, &["amp", c, init.to_str().unwrap(), batch_file.to_str().unwrap(), name, "3", out.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let py_losses: Vec<f64> = v["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+
+        let m = gpt_from(&init);
+        let mut opt = Optimizer::new(&opt_cfg, m.named_parameters());
+        let mut scaler = (precision == Precision::Fp16).then(|| GradScaler::new(GradScalerConfig::default(), tch::Device::Cpu).unwrap());
+        for (step, py_loss) in py_losses.iter().enumerate() {
+            for (_, p) in m.named_parameters() {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let loss = autocast(tch::Device::Cpu, precision, || task.loss(&m, &b)).unwrap().unwrap();
+            let ours = loss.double_value(&[]);
+            eprintln!("{name} step {step}: {ours} vs {py_loss}");
+            assert!((ours - py_loss).abs() <= 1e-6 * py_loss.abs(), "{name} step {step}: loss {ours} here, {py_loss} in PyTorch");
+            match &mut scaler {
+                Some(s) => {
+                    s.scale(&loss).unwrap().backward();
+                    let found = s.unscale_(&opt.grads()).unwrap().double_value(&[]) > 0.0;
+                    if !found {
+                        opt.step().unwrap();
+                    }
+                    s.update(found).unwrap();
+                }
+                None => {
+                    loss.backward();
+                    opt.step().unwrap();
+                }
+            }
+        }
+        if let Some(s) = &scaler {
+            assert_eq!(s.current_scale().unwrap(), v["scale"].as_f64().unwrap(), "fp16 loss scale");
+        }
+        let (ours, theirs) = (sorted(&m), sorted_file(&out, &m.tied()));
+        for ((n, a), (_, b)) in ours.iter().zip(&theirs) {
+            let d = max_relative_difference(&[(n.clone(), a.shallow_clone())], &[(n.clone(), b.shallow_clone())]);
+            eprintln!("{name} {n} {d:e} norm {}", b.norm().double_value(&[]));
+        }
+        let diff = max_relative_difference(&ours, &theirs);
+        eprintln!("GPT {name} vs PyTorch CPU autocast: max relative difference {diff:e} after 3 SGD steps");
+        assert!(diff <= 1e-6, "{name}: weights after 3 steps differ from PyTorch's by {diff:e}");
+    }
+}
+
 #[test]
 fn pytorch_weights_start_a_run_and_its_output_loads_back() {
     let Some((python, dir, cfg)) = setup() else { return };

@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -178,6 +178,28 @@ def main():
         opt.step()
         save_model(model, out)
         print(json.dumps({"loss": loss.item()}))
+    elif cmd == "amp":
+        # STEPS SGD steps (lr 0.1) on one batch under torch.autocast("cpu", dtype), with
+        # GradScaler("cpu") (default settings) for fp16: the losses, the final weights.
+        _, config_path, weights, batch, precision, steps, out = sys.argv[1:8]
+        model, _ = model_of(config_path)
+        load_model(model, weights, strict=True)
+        b = load_file(batch)
+        model.train()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+        losses = []
+        for _ in range(int(steps)):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype):
+                _, loss = model(b["x"], b["y"])
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        save_model(model, out)
+        print(json.dumps({"losses": losses, "scale": scaler.get_scale() if scaler.is_enabled() else 1.0}))
     elif cmd == "check":
         _, config_path, weights, batch = sys.argv[1:5]
         # safetensors' own way for tied weights, strictly; and load_state_dict, where only the
