@@ -407,37 +407,44 @@ impl Reducer {
         self.bucket_times.clear();
         let attached = self.views.is_some();
         let how = self.reduction();
-        for b in &self.buckets {
-            if !attached {
-                for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
-                    let mut dst = b.flat.f_narrow(0, off, n)?;
-                    let g = self.params[i].grad();
-                    if g.defined() {
-                        dst.f_copy_(&g.f_view([-1])?)?;
-                    } else {
-                        let _ = dst.f_zero_()?;
+        let reduced = (|| -> Result<(), DdpError> {
+            for b in &self.buckets {
+                if !attached {
+                    for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                        let mut dst = b.flat.f_narrow(0, off, n)?;
+                        let g = self.params[i].grad();
+                        if g.defined() {
+                            dst.f_copy_(&g.f_view([-1])?)?;
+                        } else {
+                            let _ = dst.f_zero_()?;
+                        }
+                    }
+                }
+                // Copied-out gradients are read right after: only attached buckets may defer.
+                self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached)?);
+                if !attached {
+                    for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
+                        let p = &self.params[i];
+                        let view = b.flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+                        let mut g = p.grad();
+                        if g.defined() {
+                            g.f_copy_(&view)?;
+                        } else {
+                            // No gradient here, but other ranks had one: this rank must step on the
+                            // average too.
+                            let own = view.f_to_device(p.device())?.f_detach_copy()?;
+                            set_grad(p, &own).map_err(DdpError::Unsupported)?;
+                        }
                     }
                 }
             }
-            // Copied-out gradients are read right after: only attached buckets may defer.
-            self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached)?);
-            if !attached {
-                for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
-                    let p = &self.params[i];
-                    let view = b.flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
-                    let mut g = p.grad();
-                    if g.defined() {
-                        g.f_copy_(&view)?;
-                    } else {
-                        // No gradient here, but other ranks had one: this rank must step on the
-                        // average too.
-                        let own = view.f_to_device(p.device())?.f_detach_copy()?;
-                        set_grad(p, &own).map_err(DdpError::Unsupported)?;
-                    }
-                }
-            }
-        }
-        comm.wait_pending()?;
+            Ok(())
+        })();
+        // Whatever failed, the buckets already launched must be waited for before anything
+        // touches them again.
+        let pending = comm.wait_pending();
+        reduced?;
+        pending?;
         self.control_sum(comm, control)
     }
 
@@ -457,7 +464,11 @@ impl Reducer {
             comm.all_reduce_sum(&mut v)?;
             return Ok(v[0]);
         }
-        Ok(self.buckets[self.buckets.len() - 1].control_sum(comm.world_size() as f64)?)
+        let sum = self.buckets[self.buckets.len() - 1].control_sum(comm.world_size() as f64)?;
+        // The read waited for the sums on the device. Had NCCL's watchdog aborted meanwhile, it
+        // read (and the optimizer would step on) partial sums: its recorded error says so.
+        comm.wait_pending()?;
+        Ok(sum)
     }
 
     /// Each bucket's flat tensor and its parameters' (index, offset, length) inside it, for

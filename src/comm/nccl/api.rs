@@ -268,12 +268,13 @@ pub(crate) fn cuda_error(cuda: &CudartFns, code: CudaError) -> String {
 }
 
 /// Candidates for the CUDA runtime, best first: the libcudart this process already mapped
-/// (libtorch_cuda's, whatever its version), then the sonames of the CUDA majors torch ships for.
+/// (libtorch_cuda's, whatever its version, including the renamed copies wheels repaired by
+/// auditwheel bundle, `libcudart-<hash>.so.12`), then the sonames of the CUDA majors torch ships for.
 pub(crate) fn cudart_candidates(maps: &str) -> Vec<String> {
     let mut found: Vec<String> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with("libcudart.so")))
+        .filter(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with("libcudart") && f.contains(".so")))
         .map(str::to_string)
         .collect();
     found.dedup();
@@ -286,6 +287,10 @@ pub(crate) fn cudart() -> Result<&'static CudartFns, String> {
     static CUDART: OnceLock<Result<(Library, CudartFns), String>> = OnceLock::new();
     CUDART
         .get_or_init(|| {
+            // The answer is kept for the process: look only once libtorch_cuda, and the libcudart
+            // it brings, is mapped, or a different runtime from the library path would be kept.
+            // Where it cannot be loaded there is no libtorch runtime to find, and any will do.
+            let _ = crate::device::load_cuda();
             let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
             let mut tried = Vec::new();
             for c in cudart_candidates(&maps) {
@@ -376,6 +381,15 @@ mod tests {
             ["/opt/venv/nvidia/cuda_runtime/lib/libcudart.so.12", "libcudart.so.13", "libcudart.so.12", "libcudart.so"]
         );
         assert_eq!(cudart_candidates(""), ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]);
+    }
+
+    #[test]
+    fn a_renamed_mapped_cudart_is_found() {
+        // A wheel repaired by auditwheel bundles it renamed; a static archive is no candidate.
+        let maps = "7f00-7f01 r-xp 0 08:01 1 /opt/venv/torch/lib/libcudart-9335f6a2.so.12\n\
+                    7f01-7f02 r--p 0 08:01 3 /opt/venv/lib/libcudart_static.a\n";
+        assert_eq!(cudart_candidates(maps)[0], "/opt/venv/torch/lib/libcudart-9335f6a2.so.12");
+        assert_eq!(cudart_candidates(maps).len(), 4);
     }
 
     #[test]

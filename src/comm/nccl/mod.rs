@@ -3,12 +3,14 @@
 //! stream) by events — the host never waits for a tensor collective.
 //!
 //! Each tensor collective records a "ready" event on the compute stream, makes the NCCL stream
-//! wait for it, launches, and records a "done" event on the NCCL stream. The compute stream then
+//! wait for it, launches, and records a "done" event on the NCCL stream (a pair per collective,
+//! from a pool, so the watchdog can tell when it became free to run). The compute stream then
 //! waits for "done" straight away (every caller stays correct as written), except for the
 //! `_async` variants the reducer uses during backward: their waits are issued together by
 //! `wait_pending`, after backward, as DDP's finalize_backward does — a wait issued mid-backward
 //! would queue the rest of backward behind the collective. A watchdog thread (`watchdog`)
-//! bounds every collective by the timeout and watches NCCL's async errors.
+//! bounds every collective by the timeout, counted from when it could run, and watches NCCL's
+//! async errors.
 //!
 //! NCCL is bound by hand through `libloading` (`api`): cudarc looks for `libnccl.so` but the PyPI
 //! wheel ships only `libnccl.so.2`, and it panics when the library is absent. Here the search
@@ -37,7 +39,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
-use watchdog::{Outstanding, Watched};
+use watchdog::{Outstanding, Watched, POLL};
 
 pub use api::UNIQUE_ID_BYTES;
 const UNIQUE_ID_KEY: &str = "nccl/unique_id";
@@ -75,9 +77,6 @@ pub struct NcclComm {
     watchdog: Option<JoinHandle<()>>,
     /// The communicator's own stream (non-blocking: no implicit sync with the default stream).
     stream: Stream,
-    /// Recorded on the compute stream before each collective. One suffices: a stream wait
-    /// captures the event as it is when the wait is issued.
-    ready: Event,
     rank: usize,
     world: usize,
     device: Device,
@@ -127,44 +126,26 @@ impl NcclComm {
         }
         let comm = init_rank(api, id, &at)?;
         // From here on a failure must not leak the communicator.
-        let created = (|| {
-            let mut stream = Stream(std::ptr::null_mut());
-            // SAFETY: valid out-pointer.
-            let code = unsafe { (api.cuda.stream_create)(&mut stream, CUDA_STREAM_NON_BLOCKING) };
-            if code != CUDA_SUCCESS {
-                return Err(format!("cudaStreamCreateWithFlags: {}", api.cuda_error(code)));
-            }
-            let mut ready = Event(std::ptr::null_mut());
-            // SAFETY: valid out-pointer.
-            let code = unsafe { (api.cuda.event_create)(&mut ready, CUDA_EVENT_DISABLE_TIMING) };
-            if code != CUDA_SUCCESS {
-                // SAFETY: created above, unused.
-                unsafe { (api.cuda.stream_destroy)(stream) };
-                return Err(format!("cudaEventCreateWithFlags: {}", api.cuda_error(code)));
-            }
-            Ok((stream, ready))
-        })();
-        let (stream, ready) = match created {
-            Ok(r) => r,
-            Err(detail) => {
-                // SAFETY: initialised above, never used.
-                unsafe { (api.nccl.comm_destroy)(comm) };
-                return Err(setup(detail));
-            }
-        };
+        let mut stream = Stream(std::ptr::null_mut());
+        // SAFETY: valid out-pointer.
+        let code = unsafe { (api.cuda.stream_create)(&mut stream, CUDA_STREAM_NON_BLOCKING) };
+        if code != CUDA_SUCCESS {
+            // SAFETY: initialised above, never used.
+            unsafe { (api.nccl.comm_destroy)(comm) };
+            return Err(setup(format!("cudaStreamCreateWithFlags: {}", api.cuda_error(code))));
+        }
         let watched = Arc::new(Watched::new(api, comm, rank, device, at.timeout));
         let mut me = NcclComm {
             watched: watched.clone(),
             watchdog: None,
             stream,
-            ready,
             rank,
             world: at.world,
             device: at.tensor_device,
             timeout: at.timeout,
             seq: 0,
         };
-        // On failure `me` drops: destroys the communicator, the stream and the event.
+        // On failure `me` drops: destroys the communicator and the stream.
         me.watchdog = Some(watched.spawn().map_err(|e| setup(format!("starting the watchdog thread: {e}")))?);
         Ok(me)
     }
@@ -190,40 +171,93 @@ impl NcclComm {
     /// not wait. Returns the collective's sequence number.
     fn launch(&mut self, op: Op, deferred: bool, call: impl FnOnce(&NcclFns, CommHandle, Stream) -> NcclResult) -> Result<u64, CommError> {
         let w = self.watched.clone();
+        let launched = {
+            // From the failure check until NCCL has returned: an abort waits for it (see watchdog).
+            let _enqueue = w.enqueue_lock();
+            let launched = self.enqueue(&w, op, deferred, call);
+            w.lock().enqueuing = None;
+            launched
+        };
+        if launched.is_err() && w.lock().failed() {
+            // Recorded by this launch or meanwhile: abort now that the enqueue lock is free.
+            w.abort();
+        }
+        launched
+    }
+
+    /// `launch`'s body, under the enqueue lock.
+    fn enqueue(
+        &mut self,
+        w: &Watched,
+        op: Op,
+        deferred: bool,
+        call: impl FnOnce(&NcclFns, CommHandle, Stream) -> NcclResult,
+    ) -> Result<u64, CommError> {
         if let Some(e) = w.error(&w.lock()) {
             return Err(e);
         }
         self.seq += 1;
         let seq = self.seq;
+        w.lock().enqueuing = Some((op, seq));
         self.select_device(op, seq)?;
         let api = w.api;
         let cuda = |what: &str, code: CudaError| match code {
             CUDA_SUCCESS => Ok(()),
-            code => Err(self.error(op, seq, format!("{what}: {}", api.cuda_error(code)))),
+            code => Err(format!("{what}: {}", api.cuda_error(code))),
         };
+        let recycle = |events: [Event; 2]| w.lock().pool.extend(events);
+        // Both events before the call: once NCCL has the collective, nothing but recording its
+        // done event may stand between the call and the watchdog tracking it.
+        let ready = w.take_event().map_err(|code| self.error(op, seq, format!("cudaEventCreateWithFlags: {}", api.cuda_error(code))))?;
+        let done = w.take_event().map_err(|code| {
+            w.lock().pool.push(ready);
+            self.error(op, seq, format!("cudaEventCreateWithFlags: {}", api.cuda_error(code)))
+        })?;
         // SAFETY: valid stream and events; the call's buffers are the caller's to vouch for.
         unsafe {
-            cuda("cudaEventRecord(compute stream)", (api.cuda.event_record)(self.ready, Stream::LEGACY))?;
-            cuda("cudaStreamWaitEvent(NCCL stream)", (api.cuda.stream_wait_event)(self.stream, self.ready, 0))?;
+            let ordered = cuda("cudaEventRecord(compute stream)", (api.cuda.event_record)(ready, Stream::LEGACY))
+                .and_then(|()| cuda("cudaStreamWaitEvent(NCCL stream)", (api.cuda.stream_wait_event)(self.stream, ready, 0)));
+            if let Err(detail) = ordered {
+                recycle([ready, done]);
+                return Err(self.error(op, seq, detail));
+            }
             let code = call(&api.nccl, w.comm, self.stream);
             if code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS {
+                recycle([ready, done]);
                 return Err(self.error(op, seq, api.nccl_error(code)));
             }
-            let done = w.take_event().map_err(|code| self.error(op, seq, format!("cudaEventCreateWithFlags: {}", api.cuda_error(code))))?;
-            if let Err(e) = cuda("cudaEventRecord(NCCL stream)", (api.cuda.event_record)(done, self.stream)) {
-                w.lock().pool.push(done);
-                return Err(e);
+            // NCCL has the collective. Unless the compute stream is ordered after it, the caller
+            // may free or reuse memory NCCL still reads and writes: any failure from here on
+            // aborts the communicator, which ends the collective.
+            if let Err(detail) = cuda("cudaEventRecord(NCCL stream)", (api.cuda.event_record)(done, self.stream)) {
+                recycle([ready, done]);
+                return Err(self.unordered(w, op, seq, detail));
             }
             {
                 let mut st = w.lock();
-                st.outstanding.push_back(Outstanding { event: done, op, seq, launched: Instant::now(), deferred });
+                st.outstanding.push_back(Outstanding { ready, done, op, seq, started: None, deferred });
                 st.last = Some((op, seq));
             }
             if !deferred {
-                cuda("cudaStreamWaitEvent(compute stream)", (api.cuda.stream_wait_event)(Stream::LEGACY, done, 0))?;
+                if let Err(detail) = cuda("cudaStreamWaitEvent(compute stream)", (api.cuda.stream_wait_event)(Stream::LEGACY, done, 0)) {
+                    return Err(self.unordered(w, op, seq, detail));
+                }
             }
         }
         Ok(seq)
+    }
+
+    /// Records that collective `seq` was launched but cannot be ordered before the compute
+    /// stream's next work; the caller aborts. Returns the error later calls return too.
+    fn unordered(&self, w: &Watched, op: Op, seq: u64, detail: String) -> CommError {
+        let mut st = w.lock();
+        w.record(
+            &mut st,
+            op,
+            seq,
+            format!("{detail}, after it was launched: the compute stream cannot wait for it (communicator aborted)"),
+        );
+        w.error(&st).expect("just recorded")
     }
 
     fn nccl_type(&self, t: &Tensor, op: Op) -> Result<NcclDataType, CommError> {
@@ -333,27 +367,53 @@ fn init_rank(api: &Api, id: UniqueId, at: &Placement) -> Result<CommHandle, Comm
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        self.watched.stop();
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
-        }
-        let w = &self.watched;
+        let w = self.watched.clone();
         let api = w.api;
-        let mut st = w.lock();
-        // SAFETY: the handles are valid and used by no other thread now. An aborted
-        // communicator was freed by ncclCommAbort: destroying it too would be a use after free.
-        unsafe {
-            (api.cuda.set_device)(w.device);
-            if !st.aborted() {
-                (api.nccl.comm_destroy)(w.comm);
+        // ncclCommDestroy waits, with no bound, for every collective still queued, and a peer
+        // that never arrives would hang it: let them finish first, still watched, within the
+        // timeout, and abort whatever is left.
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let st = w.lock();
+            if st.failed() || st.outstanding.is_empty() || Instant::now() >= deadline {
+                break;
             }
+            drop(st);
+            std::thread::sleep(POLL);
+        }
+        w.stop();
+        if let Some(h) = self.watchdog.take() {
+            let _ = h.join();
+        }
+        // SAFETY: plain C call; this thread's CUDA calls below go to the communicator's device.
+        unsafe { (api.cuda.set_device)(w.device) };
+        let failed = {
+            let mut st = w.lock();
+            w.poll(&mut st);
+            if let Some(o) = st.outstanding.front() {
+                let (op, seq) = (o.op, o.seq);
+                let detail = format!("still unfinished {:?} after the communicator was dropped (communicator aborted)", self.timeout);
+                w.record(&mut st, op, seq, detail);
+            }
+            st.failed()
+        };
+        if failed {
+            // Once; an aborted communicator is freed, so it is never destroyed as well.
+            w.abort();
+        } else {
+            // SAFETY: valid communicator with nothing queued, used by no other thread now.
+            unsafe { (api.nccl.comm_destroy)(w.comm) };
+        }
+        let mut st = w.lock();
+        // SAFETY: the handles are valid and, with the communicator gone, used by nothing.
+        unsafe {
             for o in st.outstanding.drain(..) {
-                (api.cuda.event_destroy)(o.event);
+                (api.cuda.event_destroy)(o.ready);
+                (api.cuda.event_destroy)(o.done);
             }
             for e in st.pool.drain(..) {
                 (api.cuda.event_destroy)(e);
             }
-            (api.cuda.event_destroy)(self.ready);
             (api.cuda.stream_destroy)(self.stream);
         }
     }
@@ -396,23 +456,40 @@ impl Communicator for NcclComm {
         self.reduce_scatter(t, true)
     }
 
-    /// The compute stream waits for every deferred collective; the host does not.
+    /// The compute stream waits for every deferred collective; the host does not. The waits are
+    /// issued even after a failure: the compute stream must not run on into buckets a collective
+    /// may still be writing (an aborted one ends, and its done event with it).
     fn wait_pending(&mut self) -> Result<(), CommError> {
         let w = self.watched.clone();
-        if let Some(e) = w.error(&w.lock()) {
-            return Err(e);
-        }
-        self.select_device(Op::AllReduce, self.seq)?;
-        let mut st = w.lock();
-        for o in st.outstanding.iter_mut().filter(|o| o.deferred) {
-            // SAFETY: valid events (outstanding ones are not recycled).
-            let code = unsafe { (w.api.cuda.stream_wait_event)(Stream::LEGACY, o.event, 0) };
-            if code != CUDA_SUCCESS {
-                return Err(self.error(o.op, o.seq, format!("cudaStreamWaitEvent(compute stream): {}", w.api.cuda_error(code))));
+        let selected = self.select_device(Op::AllReduce, self.seq);
+        let failed = {
+            let mut st = w.lock();
+            let mut unordered = None;
+            for o in st.outstanding.iter_mut().filter(|o| o.deferred) {
+                let waited = match &selected {
+                    Err(e) => Err(e.to_string()),
+                    // SAFETY: valid events (outstanding ones are not recycled).
+                    Ok(()) => match unsafe { (w.api.cuda.stream_wait_event)(Stream::LEGACY, o.done, 0) } {
+                        CUDA_SUCCESS => Ok(()),
+                        code => Err(format!("cudaStreamWaitEvent(compute stream): {}", w.api.cuda_error(code))),
+                    },
+                };
+                match waited {
+                    Ok(()) => o.deferred = false,
+                    Err(detail) => _ = unordered.get_or_insert((o.op, o.seq, detail)),
+                }
             }
-            o.deferred = false;
+            if let Some((op, seq, detail)) = unordered {
+                // As in `launch`: a collective the compute stream cannot wait for is aborted.
+                w.record(&mut st, op, seq, format!("{detail}: the compute stream cannot wait for it (communicator aborted)"));
+            }
+            st.failed()
+        };
+        if failed {
+            w.abort();
+            return Err(w.error(&w.lock()).expect("recorded"));
         }
-        w.error(&st).map_or(Ok(()), Err)
+        selected
     }
 
     fn broadcast_tensor(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
