@@ -6,7 +6,8 @@
 # backward), the coalesced buffer broadcast, ZeRO-1's reduce-scatter/all-gather and the checkpoint
 # paths then issue their collectives for real; the multi-rank logic runs at world size 2 with the
 # ring on the same GPU.
-#   (a) NCCL: the reference CNN, 300 steps, with a trace: loss falls, buckets issued during backward
+#   (a) NCCL: the reference CNN, 300 steps, with a trace: loss falls, buckets issued during backward,
+#       and the same bits as with ddp.overlap off
 #   (b) 2 workers sharing the GPU with the ring backend (host staging): replicas identical
 #   (c) bf16 autocast (read back from libtorch) against PyTorch DDP with torch.autocast(cuda, bf16):
 #       the same CNN from the same weights and batches, 50 steps: losses and weights close
@@ -87,9 +88,12 @@ print(f"{n} {len(bw)}")
 PY
 )
     read -r ovn ovm <<<"${ov:-0 0}"
+    # Deferred waits must order the step after the all-reduce: the same bits without overlap.
+    bin ringtrain "${cnn[@]}" --set comm.backend=$nccl --set ddp.overlap=false --run-dir "$runs/a-serial" >"$runs/a-serial.log" 2>&1
     if ! falls "$f" "$l"; then result[a]="FAIL loss did not fall ($f -> $l)"
+    elif [ "$(hash_of "$runs/a")" != "$(hash_of "$runs/a-serial" 2>/dev/null)" ]; then result[a]="FAIL overlapped run differs from the serial one"
     elif [ "${ovm:-0}" -eq 0 ] || [ $((ovn * 2)) -lt "$ovm" ]; then result[a]="FAIL no overlap: a bucket issued during backward in $ovn of $ovm steps"
-    else result[a]="PASS loss $f -> $l, test_acc $(metric "$runs/a" test_acc); buckets issued during backward in $ovn of $ovm steps"; fi
+    else result[a]="PASS loss $f -> $l, test_acc $(metric "$runs/a" test_acc); buckets issued during backward in $ovn of $ovm steps; = without overlap"; fi
 else result[a]="FAIL"; fi
 
 echo "== (b) 2 workers on one GPU, ring backend"

@@ -187,6 +187,15 @@ def main():
         b = load_file(batch)
         model.train()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        # ringtrain runs attention in f32 on the CPU under autocast (libtorch's bf16 CPU
+        # flash-attention backward is slow): the same policy here, so the rest compares exactly.
+        sdpa = F.scaled_dot_product_attention
+
+        def sdpa_f32(q, k, v, *args, **kwargs):
+            with torch.autocast("cpu", enabled=False):
+                return sdpa(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
+
+        F.scaled_dot_product_attention = sdpa_f32
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
         losses = []

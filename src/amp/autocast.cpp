@@ -20,15 +20,16 @@ extern "C" {
 // The message of the last failure on this thread (valid until the next call).
 const char *ringtrain_amp_last_error() { return last_error.c_str(); }
 
-// Saves the device's state into the out-pointers, then enables autocast at `dtype` (a
-// c10::ScalarType value) for `device_type` (a c10::DeviceType value). Returns 0 on success.
-int ringtrain_autocast_enter(int device_type, int dtype, int *prev_enabled, int *prev_dtype, int *prev_cache) {
+// Saves the device's state into the out-pointers, then enables (or, `enabled` 0, disables) autocast
+// at `dtype` (a c10::ScalarType value) for `device_type` (a c10::DeviceType value), as
+// `torch.autocast(device_type, dtype, enabled)` enters. Returns 0 on success.
+int ringtrain_autocast_enter(int device_type, int enabled, int dtype, int *prev_enabled, int *prev_dtype, int *prev_cache) {
     try {
         auto dev = static_cast<c10::DeviceType>(device_type);
         *prev_cache = at::autocast::is_autocast_cache_enabled();
         *prev_enabled = at::autocast::is_autocast_enabled(dev);
         *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(dev));
-        at::autocast::set_autocast_enabled(dev, true);
+        at::autocast::set_autocast_enabled(dev, enabled != 0);
         at::autocast::set_autocast_dtype(dev, static_cast<c10::ScalarType>(dtype));
         at::autocast::increment_nesting();
         at::autocast::set_autocast_cache_enabled(true);

@@ -46,7 +46,7 @@ impl Precision {
 }
 
 extern "C" {
-    fn ringtrain_autocast_enter(device_type: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, prev_cache: *mut c_int) -> c_int;
+    fn ringtrain_autocast_enter(device_type: c_int, enabled: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, prev_cache: *mut c_int) -> c_int;
     fn ringtrain_autocast_exit(device_type: c_int, prev_enabled: c_int, prev_dtype: c_int, prev_cache: c_int) -> c_int;
     fn ringtrain_autocast_state(device_type: c_int, enabled: *mut c_int, dtype: *mut c_int) -> c_int;
     fn ringtrain_amp_unscale(grads: *mut *mut c_void, n: c_int, found_inf: *mut c_void, inv_scale: *mut c_void) -> c_int;
@@ -113,12 +113,24 @@ pub struct AutocastGuard {
 
 impl AutocastGuard {
     pub fn enter(device: Device, dtype: Kind) -> Result<AutocastGuard, AmpError> {
+        Self::set(device, true, dtype)
+    }
+
+    /// A region with autocast off on `device` (`torch.autocast(device_type, enabled=False)`):
+    /// an op that must run in the dtype of its inputs inside an autocast region.
+    pub fn disabled(device: Device) -> Result<AutocastGuard, AmpError> {
+        let (_, dtype) = autocast_state(device)?;
+        Self::set(device, false, dtype)
+    }
+
+    fn set(device: Device, enabled: bool, dtype: Kind) -> Result<AutocastGuard, AmpError> {
         let t = device_type(device);
         let code = scalar_type(dtype)?;
         let mut prev = (0, 0, 0);
         // SAFETY: valid out-pointers; the shim only touches libtorch's thread-local state.
-        if unsafe { ringtrain_autocast_enter(t, code, &mut prev.0, &mut prev.1, &mut prev.2) } != 0 {
-            return Err(last_error(&format!("enabling autocast to {dtype:?} on {device:?}")));
+        if unsafe { ringtrain_autocast_enter(t, c_int::from(enabled), code, &mut prev.0, &mut prev.1, &mut prev.2) } != 0 {
+            let what = if enabled { "enabling" } else { "disabling" };
+            return Err(last_error(&format!("{what} autocast ({dtype:?}) on {device:?}")));
         }
         Ok(AutocastGuard { device_type: t, prev })
     }

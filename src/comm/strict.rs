@@ -61,7 +61,8 @@ impl Communicator for StrictDevice {
     fn device_native(&self) -> bool {
         true
     }
-    // NCCL's per-thread device state keeps its collectives on the thread that made it.
+    // Off: this wrapper checks where tensors live, not when they are ready; NCCL's overlapped
+    // ordering (events on its own stream) is what the GPU check's NCCL parts run.
     fn supports_overlap(&self) -> bool {
         false
     }

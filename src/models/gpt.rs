@@ -10,7 +10,7 @@
 //!
 //! LayerNorm eps 1e-5 with optional bias; attention through libtorch's
 //! `scaled_dot_product_attention(is_causal=True)` (FlashAttention / memory-efficient kernels on
-//! GPU). Initialisation as nanoGPT: every Linear and Embedding weight N(0, 0.02), `c_proj` weights
+//! GPU; on the CPU under bf16/fp16 autocast it runs in f32, where libtorch's kernel is fast). Initialisation as nanoGPT: every Linear and Embedding weight N(0, 0.02), `c_proj` weights
 //! N(0, 0.02/√(2·n_layer)), biases 0, LayerNorm weight 1.
 //!
 //! The tied weight is one parameter (`transformer.wte.weight`): reduced once, stepped once, and
@@ -141,7 +141,17 @@ impl Gpt {
         let heads = |m: &Tensor| m.f_view([b, t, nh, c / nh])?.f_transpose(1, 2);
         let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
         let p = if train { self.cfg.dropout } else { 0.0 };
-        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, None, false)?;
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false);
+        let y = if q.device() == Device::Cpu && matches!(q.kind(), Kind::BFloat16 | Kind::Half) {
+            // libtorch's CPU flash-attention backward is ~5× slower in bf16 than in f32 (measured
+            // on the demo GPT; it made bf16 training slower than fp32): on the CPU, attention runs
+            // in f32, with autocast off around it so it is not cast back down.
+            let _f32 = crate::amp::AutocastGuard::disabled(Device::Cpu).map_err(|e| TchError::Torch(e.to_string()))?;
+            let f = |t: &Tensor| t.f_to_kind(Kind::Float);
+            sdpa(&f(&q)?, &f(&k)?, &f(&v)?)?.f_to_kind(q.kind())?
+        } else {
+            sdpa(&q, &k, &v)?
+        };
         let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
         blk.attn_proj.forward(&y)?.f_dropout(self.cfg.dropout, train)
     }
