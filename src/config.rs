@@ -560,7 +560,30 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Result<Config, String> = serde_path_to_error::deserialize(value).map_err(|e| {
+        match Self::from_value(value.clone()) {
+            Ok(c) => Ok(c),
+            Err(msg) if !overrides.is_empty() => {
+                // The first override after which the config fails is the one to blame; none
+                // (the file alone fails) blames the file.
+                let mut partial: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+                if Self::from_value(partial.clone()).is_err() {
+                    return Err(invalid(msg));
+                }
+                for o in overrides {
+                    apply_override(&mut partial, o)?;
+                    if let Err(m) = Self::from_value(partial.clone()) {
+                        return Err(ConfigError::Override { arg: o.clone(), msg: m });
+                    }
+                }
+                Err(invalid(msg))
+            }
+            Err(msg) => Err(invalid(msg)),
+        }
+    }
+
+    /// Deserialises and validates; the message names the field.
+    fn from_value(value: serde_yaml::Value) -> Result<Config, String> {
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             if path == "." {
@@ -568,19 +591,9 @@ impl Config {
             } else {
                 format!("{path}: {inner}")
             }
-        });
-        let cfg = cfg.and_then(|c| c.validate().map(|_| c));
-        match cfg {
-            Ok(c) => Ok(c),
-            // The file alone is fine: the override is what is wrong, and the error says so.
-            Err(msg) if !overrides.is_empty() && Self::parse(text, name, &[]).is_ok() => {
-                let blamed: Vec<&String> = overrides.iter().filter(|o| msg.contains(o.split('=').next().unwrap_or(o))).collect();
-                let arg =
-                    if blamed.is_empty() { overrides.join(" ") } else { blamed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ") };
-                Err(ConfigError::Override { arg, msg })
-            }
-            Err(msg) => Err(invalid(msg)),
-        }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     pub fn to_yaml(&self) -> String {
@@ -861,6 +874,12 @@ optimizer: {name: sgd, lr: 0.1}
         }
         let e = parse(BASE, &["train.batch_size=many"]).unwrap_err().to_string();
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn the_first_failing_override_is_blamed_alone() {
+        let e = parse(BASE, &["train.seed=3", "nosuch.key=1", "train.epochs=1"]).unwrap_err().to_string();
+        assert!(e.starts_with("override `nosuch.key=1`:") && e.contains("nosuch"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,8 @@ impl Trainer<'_> {
             epoch as u64,
             self.cfg.data.workers,
         )?;
-        let progress = Progress::new(rank == 0, epoch, batches_in_shard);
+        let shown_total = position::last_batch_shown(batches_in_shard, self.pos.steps_in_shard, self.pos.global_step, t.max_steps, t.grad_accum_steps);
+        let progress = Progress::new(rank == 0, epoch, shown_total);
         let started = Instant::now();
         // Time spent in mid-epoch evaluation, kept out of the training throughput.
         let mut eval_time = std::time::Duration::ZERO;
@@ -97,7 +98,7 @@ impl Trainer<'_> {
                 // Under ringrun's status line the per-step lines would only scroll it away.
                 if !progress.is_bar() && !self.status_line {
                     tracing::info!(
-                        "epoch {epoch} step {step}/{batches_in_shard} loss {:.4} lr {:.3e}{} {}",
+                        "epoch {epoch} step {step}/{shown_total} loss {:.4} lr {:.3e}{} {}",
                         out.loss,
                         out.lr,
                         out.grad_norm.map(|g| format!(" grad_norm {g:.3}")).unwrap_or_default(),

@@ -40,9 +40,28 @@ pub fn steps_left(batches_left: u64, accum: u64) -> u64 {
     batches_left.div_ceil(accum)
 }
 
+/// The last batch of the epoch's shard this run reaches, for progress lines ("step k/N"): the
+/// shard's end, or sooner where `train.max_steps` stops the run.
+pub fn last_batch_shown(batches_in_shard: u64, steps_in_shard: u64, global_step: u64, max_steps: Option<u64>, accum: u64) -> u64 {
+    match max_steps {
+        Some(m) => batches_in_shard.min(steps_in_shard + m.saturating_sub(global_step) * accum),
+        None => batches_in_shard,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_counts_to_where_the_run_stops() {
+        // The GPT demo: 1,500 steps of an epoch of 72,465 batches.
+        assert_eq!(last_batch_shown(72_465, 0, 0, Some(1500), 1), 1500);
+        // Resumed at step 1,000, 1,000 batches into the shard, 2 micro-batches per step.
+        assert_eq!(last_batch_shown(72_465, 1000, 1000, Some(1500), 2), 2000);
+        assert_eq!(last_batch_shown(100, 0, 0, Some(1500), 1), 100);
+        assert_eq!(last_batch_shown(100, 0, 0, None, 1), 100);
+    }
 
     fn meta(world: usize, batch: usize, epoch_base: u64, steps_in_shard: u64) -> Meta {
         Meta {
