@@ -187,15 +187,15 @@ def main():
         b = load_file(batch)
         model.train()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        # ringtrain runs attention in f32 on the CPU under autocast (libtorch's bf16 CPU
-        # flash-attention backward is slow): the same policy here, so the rest compares exactly.
-        sdpa = F.scaled_dot_product_attention
+        # Under CPU autocast ringtrain's GPT uses nanoGPT's unfused attention (its bf16 matmuls beat
+        # libtorch's bf16 CPU flash kernel): the same here, so the rest compares exactly.
+        def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True):
+            T = q.size(-2)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+            return F.dropout(F.softmax(att, dim=-1), dropout_p) @ v
 
-        def sdpa_f32(q, k, v, *args, **kwargs):
-            with torch.autocast("cpu", enabled=False):
-                return sdpa(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
-
-        F.scaled_dot_product_attention = sdpa_f32
+        F.scaled_dot_product_attention = manual_attention
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
         losses = []
