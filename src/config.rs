@@ -563,19 +563,20 @@ impl Config {
         match Self::from_value(value.clone()) {
             Ok(c) => Ok(c),
             Err(msg) if !overrides.is_empty() => {
-                // The first override after which the config fails is the one to blame; none
-                // (the file alone fails) blames the file.
+                // The first override after which the config fails with this same error is the one
+                // to blame (an override valid only with a later one fails differently on its own).
+                // The file alone failing blames the file; no single culprit blames them all.
                 let mut partial: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
                 if Self::from_value(partial.clone()).is_err() {
                     return Err(invalid(msg));
                 }
                 for o in overrides {
                     apply_override(&mut partial, o)?;
-                    if let Err(m) = Self::from_value(partial.clone()) {
-                        return Err(ConfigError::Override { arg: o.clone(), msg: m });
+                    if Self::from_value(partial.clone()).err().as_ref() == Some(&msg) {
+                        return Err(ConfigError::Override { arg: o.clone(), msg });
                     }
                 }
-                Err(invalid(msg))
+                Err(ConfigError::Override { arg: overrides.join(" "), msg })
             }
             Err(msg) => Err(invalid(msg)),
         }
@@ -880,6 +881,9 @@ optimizer: {name: sgd, lr: 0.1}
     fn the_first_failing_override_is_blamed_alone() {
         let e = parse(BASE, &["train.seed=3", "nosuch.key=1", "train.epochs=1"]).unwrap_err().to_string();
         assert!(e.starts_with("override `nosuch.key=1`:") && e.contains("nosuch"), "{e}");
+        // An override valid only with a later one is not blamed for the later one's mistake.
+        let e = parse(BASE, &["comm.backend=nccl", "device=cuda", "train.epochz=1"]).unwrap_err().to_string();
+        assert!(e.starts_with("override `train.epochz=1`:") && e.contains("epochz"), "{e}");
     }
 
     #[test]

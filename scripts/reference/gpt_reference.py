@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 
 class LayerNorm(nn.Module):
@@ -152,6 +151,10 @@ def model_of(config_path):
 
 
 def main():
+    # Here, not at the top: gpt_train.py imports this module's GPT on machines (the GPU check's)
+    # whose Python may have no safetensors package.
+    from safetensors.torch import load_file, load_model, save_file, save_model
+
     torch.set_num_threads(1)
     cmd = sys.argv[1]
     if cmd == "init":

@@ -24,18 +24,29 @@ const char *ringtrain_amp_last_error() { return last_error.c_str(); }
 // at `dtype` (a c10::ScalarType value) for `device_type` (a c10::DeviceType value), as
 // `torch.autocast(device_type, dtype, enabled)` enters. Returns 0 on success.
 int ringtrain_autocast_enter(int device_type, int enabled, int dtype, int *prev_enabled, int *prev_dtype, int *prev_cache) {
+    auto dev = static_cast<c10::DeviceType>(device_type);
     try {
-        auto dev = static_cast<c10::DeviceType>(device_type);
         *prev_cache = at::autocast::is_autocast_cache_enabled();
         *prev_enabled = at::autocast::is_autocast_enabled(dev);
         *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(dev));
+    } catch (const std::exception &e) {
+        return failed(e);
+    }
+    try {
         at::autocast::set_autocast_enabled(dev, enabled != 0);
         at::autocast::set_autocast_dtype(dev, static_cast<c10::ScalarType>(dtype));
         at::autocast::increment_nesting();
         at::autocast::set_autocast_cache_enabled(true);
         return 0;
     } catch (const std::exception &e) {
-        return failed(e);
+        // No guard will exist to undo a half-made change (e.g. a dtype the device refuses): undo it here.
+        int code = failed(e);
+        try {
+            at::autocast::set_autocast_enabled(dev, *prev_enabled != 0);
+            at::autocast::set_autocast_dtype(dev, static_cast<c10::ScalarType>(*prev_dtype));
+        } catch (...) {
+        }
+        return code;
     }
 }
 

@@ -109,6 +109,8 @@ fn kind_of(scalar_type: c_int) -> Result<Kind, AmpError> {
 pub struct AutocastGuard {
     device_type: c_int,
     prev: (c_int, c_int, c_int),
+    /// Autocast state is per thread: the guard must drop on the thread that entered (not Send).
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl AutocastGuard {
@@ -132,7 +134,7 @@ impl AutocastGuard {
             let what = if enabled { "enabling" } else { "disabling" };
             return Err(last_error(&format!("{what} autocast ({dtype:?}) on {device:?}")));
         }
-        Ok(AutocastGuard { device_type: t, prev })
+        Ok(AutocastGuard { device_type: t, prev, _thread: std::marker::PhantomData })
     }
 }
 
