@@ -10,7 +10,6 @@
 
 mod common;
 use common::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -22,12 +21,8 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/slurm_local.sh");
 
-fn skip(test: &str, why: &str) {
-    // Past libtest's capture, so the skip shows in the test output.
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
-/// A skip for want of a cluster, or a failure where RINGTRAIN_REQUIRE_SLURM=1 demands one.
+/// A skip for want of a cluster, or a failure where RINGTRAIN_REQUIRE_SLURM=1 (or
+/// RINGTRAIN_NO_SKIP=1, as CI sets) demands one.
 fn no_cluster(test: &str, why: &str) -> Option<Cluster> {
     if std::env::var("RINGTRAIN_REQUIRE_SLURM").is_ok_and(|v| v == "1") {
         panic!("RINGTRAIN_REQUIRE_SLURM=1 but {why}");
