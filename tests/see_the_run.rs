@@ -111,6 +111,14 @@ fn each_run_writes_a_plot_and_runs_compare_in_one_png() {
     let bad = run(c, Duration::from_secs(60));
     bad.assert_failure();
     assert!(bad.stderr.contains("missing") && bad.stderr.contains("metrics.jsonl"), "{}", bad.report());
+    // Issue 27, item 11: a torn metrics line is said, not skipped in silence.
+    let mut m = std::fs::OpenOptions::new().append(true).open(one.join("metrics.jsonl")).unwrap();
+    std::io::Write::write_all(&mut m, b"{\"kind\": \"step\", \"glo").unwrap();
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("plot").arg(&one);
+    let torn = run(c, Duration::from_secs(60));
+    torn.assert_success();
+    assert!(torn.stderr.contains("skipped 1 unreadable line"), "{}", torn.report());
 }
 
 #[test]

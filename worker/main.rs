@@ -118,6 +118,8 @@ fn tool(t: Tool) -> anyhow::Result<()> {
             );
         }
         Tool::Plot { runs, out } => {
+            // So the reader's warnings (torn metrics lines) are seen.
+            let _ = ringtrain::telemetry::init_tracing(0, None);
             let out = out.unwrap_or_else(|| if runs.len() == 1 { runs[0].join("plot.png") } else { PathBuf::from("plot.png") });
             ringtrain::telemetry::plot::plot_dirs(&runs, &out)?;
             println!("wrote {}", out.display());

@@ -143,6 +143,30 @@ mod tests {
         write(dir, CheckpointData { meta: meta(step), model: &model, optimizer: opt }, keep).unwrap()
     }
 
+    fn temporaries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect()
+    }
+
+    /// Issue 27, item 10: a failed write leaves no temporary folder, and what an earlier
+    /// process's failed write left is removed at the next write.
+    #[test]
+    fn failed_writes_leave_no_temporaries() {
+        let d = tempfile::tempdir().unwrap();
+        // A file where the step's folder goes: the write fails at its last move.
+        std::fs::write(d.path().join("step-000000050"), b"in the way").unwrap();
+        let w = Tensor::from_slice(&[1f32]);
+        let model = vec![("w".to_string(), w.shallow_clone())];
+        let e = write(d.path(), CheckpointData { meta: meta(50), model: &model, optimizer: vec![] }, 3).unwrap_err().to_string();
+        assert!(e.contains("step-000000050") && !e.contains('\n'), "{e}");
+        assert_eq!(temporaries(d.path()), Vec::<String>::new());
+        // Left by processes that no longer run.
+        std::fs::create_dir(d.path().join(".step-000000007.tmp-4000000000")).unwrap();
+        std::fs::write(d.path().join(".step-000000007.tmp-4000000000/model.safetensors"), b"half").unwrap();
+        std::fs::write(d.path().join(".latest.tmp-4000000001"), b"step-000000007").unwrap();
+        save(d.path(), 60, 3);
+        assert_eq!(temporaries(d.path()), Vec::<String>::new());
+    }
+
     #[test]
     fn roundtrip_latest_and_keep() {
         let d = tempfile::tempdir().unwrap();

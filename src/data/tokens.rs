@@ -122,11 +122,15 @@ impl Dataset for TokenWindows {
     }
 }
 
-/// The vocabulary size from `dir/meta.json` (`vocab_size`), else 65,536 (any uint16).
+/// The vocabulary size from `dir/meta.json` (`vocab_size`). A missing file is an error: guessing
+/// 65,536 (any uint16) once trained a model 11× the size of the byte-level one, silently.
 pub fn vocab_size(dir: &Path) -> Result<usize, DataError> {
     let path = dir.join("meta.json");
     match std::fs::read_to_string(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(65536),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DataError::Idx {
+            path: path.display().to_string(),
+            what: "missing: it gives the vocabulary size, e.g. {\"vocab_size\": 256} (`ringtrain prepare-text` writes it)".into(),
+        }),
         Err(e) => Err(DataError::Idx { path: path.display().to_string(), what: e.to_string() }),
         Ok(text) => {
             let v: serde_json::Value =
@@ -180,5 +184,15 @@ mod tests {
         assert!(e.contains("t.bin") && e.contains("300"), "{e}");
         std::fs::write(dir.path().join("odd.bin"), [1u8, 2, 3]).unwrap();
         assert!(TokenFile::open(&dir.path().join("odd.bin")).err().unwrap().to_string().contains("whole number"));
+    }
+
+    /// Issue 27, item 9: no meta.json is an error naming the file, not a 65,536-token guess.
+    #[test]
+    fn a_missing_meta_json_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = vocab_size(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("meta.json: missing") && e.contains("vocab_size"), "{e}");
+        std::fs::write(dir.path().join("meta.json"), r#"{"vocab_size": 256}"#).unwrap();
+        assert_eq!(vocab_size(dir.path()).unwrap(), 256);
     }
 }
