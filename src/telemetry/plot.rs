@@ -200,7 +200,6 @@ fn line_chart(
                 .label(run.name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         }
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(draw_err)?;
     }
     if runs.len() > 1 || data.iter().any(|(_, p)| !p.is_empty()) {
         chart
@@ -210,6 +209,12 @@ fn line_chart(
             .label_font(("sans-serif", 13))
             .draw()
             .map_err(draw_err)?;
+    }
+    // Markers after the legend, on top of it: a lone evaluation sits mid-height at the right
+    // edge, where the legend goes, and was hidden under it.
+    for (i, (_, points)) in data.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(draw_err)?;
     }
     Ok(())
 }
@@ -300,4 +305,32 @@ pub fn plot(runs: &[RunSeries], out: &Path) -> Result<(), PlotError> {
 pub fn plot_dirs(dirs: &[PathBuf], out: &Path) -> Result<(), PlotError> {
     let runs = dirs.iter().map(|d| read_run(d)).collect::<Result<Vec<_>, _>>()?;
     plot(&runs, out)
+}
+
+#[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    /// Issue 27, item 6: one evaluation (the one-epoch demo) still shows in the accuracy panel.
+    #[test]
+    fn a_lone_evaluation_is_drawn_above_the_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunSeries {
+            name: "run".into(),
+            steps: (1..=12).map(|i| (10.0 * i as f64, 1.0 / i as f64, 0.1, 1000.0)).collect(),
+            rate_unit: "samples/s",
+            evals: vec![(120.0, 0.4, Some(0.85))],
+            metric: "accuracy",
+            breakdown: vec![(0, PHASES.iter().map(|p| (p.to_string(), 1.0)).collect())],
+        };
+        let out = dir.path().join("p.png");
+        plot(&[run], &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        let c = Palette99::pick(0).to_rgba();
+        let want = image::Rgb([c.0, c.1, c.2]);
+        // A 5×5 block of the series' colour in the accuracy panel (x 600..1200, y 0..500): only a
+        // marker is that solid (the legend's sample line is 2 px high).
+        let solid = |x: u32, y: u32| (0..5).all(|dx| (0..5).all(|dy| *img.get_pixel(x + dx, y + dy) == want));
+        assert!((600..1195).any(|x| (0..495).any(|y| solid(x, y))), "no eval marker in the accuracy panel");
+    }
 }
