@@ -191,7 +191,7 @@ fn line_chart(
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(draw_err)?;
-    for (i, ((line, points), run)) in data.iter().zip(runs).enumerate() {
+    for (i, ((line, _), run)) in data.iter().zip(runs).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         if !line.is_empty() {
             chart
