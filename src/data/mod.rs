@@ -199,7 +199,6 @@ pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataErr
                     p.val_tokens
                 );
             }
-            let vocab = tokens::vocab_size(dir)?;
             let file = |name: &str| -> Result<tokens::TokenFile, DataError> {
                 let p = dir.join(name);
                 if !p.exists() {
@@ -211,8 +210,11 @@ pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataErr
                 }
                 tokens::TokenFile::open(&p)
             };
+            // The token files first: a folder with none is told how to make them.
+            let train = file("train.bin")?;
+            let vocab = tokens::vocab_size(dir)?;
             Ok(Splits {
-                train: Arc::new(tokens::TokenWindows::all(file("train.bin")?, block, vocab)?),
+                train: Arc::new(tokens::TokenWindows::all(train, block, vocab)?),
                 test: Arc::new(tokens::TokenWindows::spread(file("val.bin")?, block, vocab, cfg.eval_windows)?),
                 sample_shape: vec![block as i64],
                 classes: vocab,
