@@ -62,12 +62,17 @@ comm: {{timeout_secs: 120}}
     let trace = dir.join(format!("trace-{precision}.jsonl"));
     let port = (29300 + std::process::id() % 300).to_string();
     let s = script("reference/amp_ddp.py");
-    let mut args: Vec<String> = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", &port]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", &port].iter().map(|s| s.to_string()).collect();
     args.extend([s.display().to_string(), init.display().to_string(), FASHION_MNIST.into(), reference.display().to_string()]);
-    args.extend(["--precision".into(), precision.into(), "--steps".into(), STEPS.to_string(), "--trace".into(), trace.display().to_string()]);
+    args.extend([
+        "--precision".into(),
+        precision.into(),
+        "--steps".into(),
+        STEPS.to_string(),
+        "--trace".into(),
+        trace.display().to_string(),
+    ]);
     for (k, v) in scaler {
         args.push(format!("--{}", k.replace('_', "-")));
         args.push(v.to_string());

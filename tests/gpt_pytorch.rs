@@ -142,7 +142,8 @@ fn autocast_bf16_and_fp16_steps_match_pytorch_cpu_autocast() {
     for (name, precision) in [("bf16", Precision::Bf16), ("fp16", Precision::Fp16)] {
         let out = d.join(format!("amp-{name}.safetensors"));
         let batch_file = d.join("batch.safetensors");
-        let stdout = reference(&python, &["amp", c, init.to_str().unwrap(), batch_file.to_str().unwrap(), name, "3", out.to_str().unwrap()]);
+        let stdout =
+            reference(&python, &["amp", c, init.to_str().unwrap(), batch_file.to_str().unwrap(), name, "3", out.to_str().unwrap()]);
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         let py_losses: Vec<f64> = v["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
 

@@ -46,7 +46,14 @@ impl Precision {
 }
 
 extern "C" {
-    fn ringtrain_autocast_enter(device_type: c_int, enabled: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, prev_cache: *mut c_int) -> c_int;
+    fn ringtrain_autocast_enter(
+        device_type: c_int,
+        enabled: c_int,
+        dtype: c_int,
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+        prev_cache: *mut c_int,
+    ) -> c_int;
     fn ringtrain_autocast_exit(device_type: c_int, prev_enabled: c_int, prev_dtype: c_int, prev_cache: c_int) -> c_int;
     fn ringtrain_autocast_state(device_type: c_int, enabled: *mut c_int, dtype: *mut c_int) -> c_int;
     fn ringtrain_amp_unscale(grads: *mut *mut c_void, n: c_int, found_inf: *mut c_void, inv_scale: *mut c_void) -> c_int;

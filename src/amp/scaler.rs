@@ -121,7 +121,10 @@ impl GradScaler {
                 let inv_here = inv.f_to_device(dev).map_err(torch("unscaling"))?;
                 let found_here = Tensor::f_zeros([], (Kind::Float, dev)).map_err(torch("unscaling"))?;
                 super::unscale_(&group, &found_here, &inv_here)?;
-                let _ = found.shallow_clone().f_add_(&found_here.f_to_device(device).map_err(torch("unscaling"))?).map_err(torch("unscaling"))?;
+                let _ = found
+                    .shallow_clone()
+                    .f_add_(&found_here.f_to_device(device).map_err(torch("unscaling"))?)
+                    .map_err(torch("unscaling"))?;
             }
         }
         Ok(found)

@@ -304,7 +304,8 @@ impl Reducer {
         control: f32,
         backward: impl FnOnce() -> Result<(), tch::TchError>,
     ) -> Result<f32, DdpError> {
-        let can_overlap = self.overlap && self.views.is_some() && (comm.world_size() > 1 || self.force_collectives) && comm.supports_overlap();
+        let can_overlap =
+            self.overlap && self.views.is_some() && (comm.world_size() > 1 || self.force_collectives) && comm.supports_overlap();
         if !can_overlap {
             backward()?;
             return self.reduce(comm, control);

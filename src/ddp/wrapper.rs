@@ -340,9 +340,12 @@ mod tests {
 
     /// Ten f32 buffers and three i64 ones (BatchNorm's statistics and step counters).
     fn buffers(fill: f64) -> Vec<(String, Tensor)> {
-        let mut b: Vec<(String, Tensor)> =
-            (0..10).map(|i| (format!("bn{i}.running_mean"), Tensor::full([3 + i], fill + i as f64, (Kind::Float, tch::Device::Cpu)))).collect();
-        b.extend((0..3).map(|i| (format!("bn{i}.num_batches_tracked"), Tensor::full([1], fill as i64 + i, (Kind::Int64, tch::Device::Cpu)))));
+        let mut b: Vec<(String, Tensor)> = (0..10)
+            .map(|i| (format!("bn{i}.running_mean"), Tensor::full([3 + i], fill + i as f64, (Kind::Float, tch::Device::Cpu))))
+            .collect();
+        b.extend(
+            (0..3).map(|i| (format!("bn{i}.num_batches_tracked"), Tensor::full([1], fill as i64 + i, (Kind::Int64, tch::Device::Cpu)))),
+        );
         b
     }
 

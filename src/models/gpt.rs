@@ -159,7 +159,8 @@ impl Gpt {
         let heads = |m: &Tensor| m.f_view([b, t, nh, c / nh])?.f_transpose(1, 2);
         let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
         let p = if train { self.cfg.dropout } else { 0.0 };
-        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false);
+        let sdpa =
+            |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false);
         let low = matches!(q.kind(), Kind::BFloat16 | Kind::Half);
         let y = if q.device() == Device::Cpu && low && t <= MANUAL_ATTENTION_MAX_T {
             manual_attention(&q, &k, &v, p, train)?

@@ -38,7 +38,8 @@ impl Trainer<'_> {
             epoch as u64,
             self.cfg.data.workers,
         )?;
-        let shown_total = position::last_batch_shown(batches_in_shard, self.pos.steps_in_shard, self.pos.global_step, t.max_steps, t.grad_accum_steps);
+        let shown_total =
+            position::last_batch_shown(batches_in_shard, self.pos.steps_in_shard, self.pos.global_step, t.max_steps, t.grad_accum_steps);
         let progress = Progress::new(rank == 0, epoch, shown_total);
         let started = Instant::now();
         // Time spent in mid-epoch evaluation, kept out of the training throughput.
@@ -89,10 +90,11 @@ impl Trainer<'_> {
                     line["loss_scale"] = json!(s.current_scale()?);
                     line["skipped_steps"] = json!(self.skipped_steps);
                 }
-                let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu", "loss_scale"]
-                    .iter()
-                    .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
-                    .collect();
+                let mut scalars: Vec<(String, f64)> =
+                    ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu", "loss_scale"]
+                        .iter()
+                        .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
+                        .collect();
                 scalars.extend(phases.iter().map(|(p, ms)| (format!("step_ms/{p}"), *ms)));
                 self.tb_scalars(&scalars);
                 // Under ringrun's status line the per-step lines would only scroll it away.
@@ -255,8 +257,15 @@ impl Trainer<'_> {
     /// Evaluation in the middle of an epoch (`train.eval_every_steps`): logged and written as an
     /// `eval` line of metrics.jsonl.
     fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
-        let r =
-            evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.precision, self.cfg.data.workers)?;
+        let r = evaluate(
+            self.model.as_ref(),
+            self.task.as_ref(),
+            &self.splits.test,
+            self.comm,
+            self.device,
+            self.precision,
+            self.cfg.data.workers,
+        )?;
         let shown: String = r.metrics.iter().map(|(k, v)| format!(" {k} {}", fmt_metric(k, *v))).collect();
         tracing::info!("eval at step {}:{shown}", self.pos.global_step);
         let mut line = json!({"kind": "eval", "epoch": epoch, "global_step": self.pos.global_step, "samples": r.samples});

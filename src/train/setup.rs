@@ -96,7 +96,9 @@ impl<'a> Trainer<'a> {
         if t.precision == crate::amp::Precision::Fp16 && !device.is_cuda() {
             // Measured: the reference CNN trains two orders of magnitude slower in fp16 than in fp32 on a CPU
             // without AVX512-FP16, under PyTorch's CPU autocast too.
-            tracing::warn!("train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path");
+            tracing::warn!(
+                "train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path"
+            );
         }
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
         if let Some(m) = resumed.as_ref().filter(|m| m.epoch_world_size != world || m.batch_size != t.batch_size) {
