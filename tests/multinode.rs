@@ -7,10 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
-}
-
 /// Emulated nodes for one test (its own id, so tests can run in parallel); removed on drop.
 struct Nodes {
     id: u32,

@@ -12,10 +12,6 @@ use std::time::Duration;
 
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
-}
-
 fn python(py: &str, args: &[&str]) -> Output {
     let mut c = Command::new(py);
     c.args(args).env("OMP_NUM_THREADS", "1");

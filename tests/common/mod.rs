@@ -140,6 +140,11 @@ pub fn load_params(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
     v
 }
 
+/// `scripts/<name>` in this repository.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
 /// A Python with torch and safetensors for the tests that compare with PyTorch: RINGTRAIN_PYTHON,
 /// else the venv `scripts/setup.sh --python` makes in $RINGTRAIN_CACHE (default ~/.cache/ringtrain).
 /// `None` (with a SKIPPED line past libtest's capture) when there is none.
