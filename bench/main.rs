@@ -73,7 +73,8 @@ fn try_main() -> Result<()> {
 /// One line per thread count: images/s through `Loader` (batches in sampler order, epoch 0).
 fn loader(config: &std::path::Path, workers: &str, batches: usize, overrides: &[String]) -> Result<()> {
     let cfg = ringtrain::config::Config::load(config, overrides)?;
-    let splits = ringtrain::data::load(&cfg.data, cfg.model.block_size, cfg.train.seed)?;
+    let ctx = ringtrain::data::LoadContext { context_length: cfg.model.spec.context_length(), seed: cfg.train.seed };
+    let splits = ringtrain::data::load(&cfg.data, &ctx)?;
     let n = splits.train.len();
     let indices = ringtrain::data::DistributedSampler::new(n, 1, 0, true, cfg.train.seed, false).indices();
     println!(
@@ -162,11 +163,11 @@ fn allreduce(
 }
 
 fn main() -> ExitCode {
-    ringtrain::internal::one_line_panics("ringbench");
+    ringtrain::telemetry::one_line_panics("ringbench");
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringbench: error: {}", ringtrain::internal::error_text(&e));
+            eprintln!("ringbench: error: {}", ringtrain::telemetry::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -102,7 +102,7 @@ fn try_main() -> Result<ExitCode> {
         Ok(t) if !t.is_empty() => t,
         // Nodes must agree on the token; export RINGTRAIN_JOB_TOKEN on every node for a secret one.
         _ if multi_node => format!("ringrun-{}-{master_port}", args.master_addr),
-        _ => supervise::new_job_token().context("making a job token")?,
+        _ => ringtrain::auth::new_job_token().context("making a job token")?,
     };
     let nodes = if multi_node {
         let n = NodeCoordinator::start(
@@ -195,11 +195,11 @@ fn try_main() -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    ringtrain::internal::one_line_panics("ringrun");
+    ringtrain::telemetry::one_line_panics("ringrun");
     match try_main() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ringrun: error: {}", ringtrain::internal::error_text(&e));
+            eprintln!("ringrun: error: {}", ringtrain::telemetry::error_text(&e));
             ExitCode::FAILURE
         }
     }

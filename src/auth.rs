@@ -36,6 +36,13 @@ pub fn verify(token: &str, role: &[u8], parts: &[&[u8]], presented: &[u8]) -> bo
     mac(token, role, parts).verify_slice(presented).is_ok()
 }
 
+/// 128 random bits as hex, the job token that store and ring connections must present.
+pub fn new_job_token() -> std::io::Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! the file and the field.
 
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,6 +49,10 @@ fn default_device() -> DeviceChoice {
 }
 
 pub use crate::amp::{GradScalerConfig, Precision};
+pub use crate::data::images::{CorruptImages, TransformsConfig};
+pub use crate::data::synthetic::SyntheticConfig;
+pub use crate::data::DataConfig;
+pub use crate::models::ModelConfig;
 
 fn default_precision() -> Precision {
     Precision::Fp32
@@ -116,173 +120,6 @@ fn default_new_tokens() -> usize {
 fn default_temperature() -> f64 {
     0.8
 }
-fn default_n_layer() -> usize {
-    4
-}
-fn default_n_head() -> usize {
-    4
-}
-fn default_n_embd() -> usize {
-    128
-}
-fn default_block_size() -> usize {
-    128
-}
-fn default_eval_windows() -> usize {
-    200
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelName {
-    /// fc1..fcN with ReLU between; input flattened.
-    Mlp,
-    /// The reference CNN (two 5x5 conv + pool blocks, two linear layers) for 1x28x28 input.
-    Cnn,
-    /// nanoGPT's GPT: `n_layer` blocks of causal self-attention and MLP, tied input/output
-    /// embedding (data.format: tokens).
-    Gpt,
-    /// A module scripted in PyTorch (`torch.jit.script` + `torch.jit.save`, e.g. by
-    /// scripts/export_torchscript.py) at `model.path`: trained with its own weights as the start.
-    Torchscript,
-    /// torchvision's ResNet-18 (basic blocks), with BatchNorm; `small_stem` for 28–32 px images.
-    Resnet18,
-    /// torchvision's ResNet-34.
-    Resnet34,
-    /// torchvision's ResNet-50 (bottleneck blocks).
-    Resnet50,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub name: ModelName,
-    /// Hidden layer widths of the MLP.
-    #[serde(default)]
-    pub hidden: Vec<usize>,
-    /// Start from these weights (safetensors with PyTorch names, e.g. from `model.state_dict()`).
-    #[serde(default)]
-    pub init_from: Option<PathBuf>,
-    /// GPT: transformer blocks.
-    #[serde(default = "default_n_layer")]
-    pub n_layer: usize,
-    /// GPT: attention heads (n_embd must be a multiple).
-    #[serde(default = "default_n_head")]
-    pub n_head: usize,
-    /// GPT: embedding width.
-    #[serde(default = "default_n_embd")]
-    pub n_embd: usize,
-    /// GPT: context length; training windows are this long.
-    #[serde(default = "default_block_size")]
-    pub block_size: usize,
-    /// GPT: biases in Linear and LayerNorm layers (nanoGPT's `bias`).
-    #[serde(default = "yes")]
-    pub bias: bool,
-    /// GPT: dropout probability in training.
-    #[serde(default)]
-    pub dropout: f64,
-    /// ResNet: the small-image stem used for CIFAR (3×3 stride-1 `conv1`, no max-pool) instead of
-    /// ImageNet's (7×7 stride-2 `conv1`, 3×3 max-pool).
-    #[serde(default)]
-    pub small_stem: bool,
-    /// TorchScript: the saved module (`torch.jit.save`).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// TorchScript: where forward returns a tuple (nanoGPT's `(logits, loss)`), the index of the
-    /// logits in it.
-    #[serde(default)]
-    pub output: usize,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// MNIST-style IDX files (`train-images-idx3-ubyte[.gz]` …) in `dir`.
-    Idx,
-    /// Generated in memory from `synthetic`; for tests and benchmarks.
-    Synthetic,
-    /// nanoGPT's token files in `dir`: `train.bin` / `val.bin`, little-endian uint16 ids, no
-    /// header (plus `meta.json` with the vocabulary size), memory-mapped.
-    Tokens,
-    /// The CIFAR-10 / CIFAR-100 binary files in `dir`.
-    Cifar,
-    /// torchvision's ImageFolder: `dir/train/CLASS/*.jpg|png` and `dir/val/…` (or `dir/test/…`).
-    ImageFolder,
-}
-
-/// What an image that cannot be decoded does.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CorruptImages {
-    /// Stop with an error naming the file.
-    #[default]
-    Error,
-    /// Leave it (and its label) out of its batch, count it, and report the count.
-    Skip,
-}
-
-/// Transform pipelines, per split (torchvision's `transforms.Compose` lists).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TransformsConfig {
-    #[serde(default)]
-    pub train: Vec<crate::data::images::transforms::Transform>,
-    #[serde(default)]
-    pub test: Vec<crate::data::images::transforms::Transform>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    pub format: DataFormat,
-    /// Folder holding the four IDX files (format: idx).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    #[serde(default)]
-    pub synthetic: Option<SyntheticConfig>,
-    /// Per-channel (mean, std) applied after scaling to [0, 1], as torchvision's Normalize.
-    #[serde(default)]
-    pub normalize: Option<[f32; 2]>,
-    /// Batches the loader prepares ahead of the training step.
-    #[serde(default = "default_prefetch")]
-    pub prefetch_batches: usize,
-    /// Tokens: when `dir` holds no `train.bin`, make it from these UTF-8 text files or folders
-    /// first (as `ringtrain prepare-text`).
-    #[serde(default)]
-    pub prepare_from: Vec<PathBuf>,
-    /// Tokens: evaluation windows, evenly spaced over `val.bin` (the same every run and world size).
-    #[serde(default = "default_eval_windows")]
-    pub eval_windows: usize,
-    /// IDX: the number of classes (default 10, the MNIST family); a label outside it is an error.
-    #[serde(default)]
-    pub classes: Option<usize>,
-    /// Loader threads decoding and transforming batches (DataLoader's `num_workers`); batches
-    /// still arrive in sampler order.
-    #[serde(default = "one")]
-    pub workers: usize,
-    /// Image transforms (cifar, image_folder, idx).
-    #[serde(default)]
-    pub transforms: Option<TransformsConfig>,
-    /// Images that cannot be decoded: `error` (default) or `skip` (counted and reported).
-    #[serde(default)]
-    pub corrupt_images: CorruptImages,
-    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
-    #[serde(default)]
-    pub cifar_coarse: bool,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyntheticConfig {
-    pub train_samples: usize,
-    pub test_samples: usize,
-    /// Sample shape, e.g. [16] for vectors or [1, 28, 28] for images.
-    pub shape: Vec<usize>,
-    pub classes: usize,
-    #[serde(default)]
-    pub seed: u64,
-}
-
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -520,9 +357,6 @@ fn one_u64() -> u64 {
 fn yes() -> bool {
     true
 }
-fn default_prefetch() -> usize {
-    4
-}
 fn default_log_every() -> u64 {
     50
 }
@@ -587,10 +421,11 @@ impl Config {
         let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            if path == "." {
-                inner
-            } else {
-                format!("{path}: {inner}")
+            match (path.as_str(), inner.strip_prefix('.')) {
+                (".", _) => inner,
+                // A kind's own field (`registry::parse`): `model` + `.n_layer: …`.
+                (_, Some(field)) => format!("{path}.{field}"),
+                _ => format!("{path}: {inner}"),
             }
         })?;
         cfg.validate()?;
@@ -601,78 +436,15 @@ impl Config {
         serde_yaml::to_string(self).expect("config serialises")
     }
 
-    /// Checks what serde cannot; the message names the field.
+    /// Checks what serde cannot, section by section; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        let t = &self.train;
-        if t.batch_size == 0 {
-            return Err("train.batch_size must be at least 1".into());
-        }
-        if t.epochs == 0 && t.max_steps.is_none() {
-            return Err("train.epochs must be at least 1 (or set train.max_steps)".into());
-        }
-        if t.max_steps == Some(0) {
-            return Err("train.max_steps must be at least 1".into());
-        }
-        if t.log_every_steps == 0 {
-            return Err("train.log_every_steps must be at least 1".into());
-        }
-        if t.grad_accum_steps == 0 {
-            return Err("train.grad_accum_steps must be at least 1".into());
-        }
-        if let Some(c) = t.clip_grad_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(format!("train.clip_grad_norm must be a positive number, got {c}"));
-            }
-        }
-        if let Some(p) = t.peak_tflops {
-            if !(p > 0.0 && p.is_finite()) {
-                return Err(format!("train.peak_tflops must be a positive number, got {p}"));
-            }
-        }
-        if t.threads == Some(0) {
-            return Err("train.threads must be at least 1".into());
-        }
-        let o = &self.optimizer;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return Err(format!("optimizer.lr must be a positive number, got {}", o.lr));
-        }
-        if !(0.0..1.0).contains(&o.momentum) && o.momentum != 0.0 {
-            return Err(format!("optimizer.momentum must be in [0, 1), got {}", o.momentum));
-        }
-        if o.weight_decay < 0.0 {
-            return Err(format!("optimizer.weight_decay must be >= 0, got {}", o.weight_decay));
-        }
-        if o.nesterov && (o.momentum == 0.0 || o.dampening != 0.0) {
-            return Err("optimizer.nesterov needs momentum > 0 and dampening = 0".into());
-        }
-        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(format!("optimizer.betas must be in [0, 1), got {:?}", o.betas));
-        }
-        match o.schedule {
-            ScheduleConfig::Constant => {}
-            ScheduleConfig::Step { step_size, gamma } => {
-                if step_size == 0 {
-                    return Err("optimizer.schedule.step_size must be at least 1".into());
-                }
-                if !(gamma > 0.0 && gamma.is_finite()) {
-                    return Err(format!("optimizer.schedule.gamma must be a positive number, got {gamma}"));
-                }
-            }
-            ScheduleConfig::WarmupCosine { warmup_steps, decay_steps, min_lr } => {
-                if decay_steps <= warmup_steps {
-                    return Err(format!(
-                        "optimizer.schedule.decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})"
-                    ));
-                }
-                if !(min_lr >= 0.0 && min_lr <= o.lr) {
-                    return Err(format!("optimizer.schedule.min_lr must be in [0, optimizer.lr], got {min_lr}"));
-                }
-            }
-        }
+        self.train.validate()?;
+        self.optimizer.validate()?;
+        self.data.validate()?;
+        self.model.validate(&self.data)?;
         if !(self.ddp.bucket_cap_mb > 0.0 && self.ddp.first_bucket_cap_mb > 0.0) {
             return Err("ddp.bucket_cap_mb and ddp.first_bucket_cap_mb must be positive".into());
         }
-        self.train.grad_scaler.validate()?;
         if self.comm.backend == Backend::Nccl && self.device == DeviceChoice::Cpu {
             return Err("comm.backend nccl needs device cuda (or auto)".into());
         }
@@ -685,123 +457,87 @@ impl Config {
         if self.comm.timeout_secs == 0 {
             return Err("comm.timeout_secs must be at least 1".into());
         }
-        match self.model.name {
-            ModelName::Mlp if self.model.hidden.contains(&0) => return Err("model.hidden: layer widths must be at least 1".into()),
-            ModelName::Cnn if !self.model.hidden.is_empty() => {
-                return Err("model.hidden applies to the mlp only; the cnn's layers are fixed".into())
-            }
-            ModelName::Torchscript if self.model.path.is_none() => {
-                return Err("model torchscript needs model.path: the module saved by torch.jit.save".into())
-            }
-            _ if self.model.small_stem && !matches!(self.model.name, ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50) => {
-                return Err("model.small_stem applies to the resnets only".into())
-            }
-            ModelName::Mlp | ModelName::Cnn | ModelName::Gpt | ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50
-                if self.model.path.is_some() =>
-            {
-                return Err("model.path applies to model torchscript only (built-in models start from model.init_from)".into())
-            }
-            _ => {}
-        }
-        if self.model.name == ModelName::Gpt {
-            let m = &self.model;
-            if m.n_layer == 0 || m.n_head == 0 || m.n_embd == 0 || m.block_size == 0 {
-                return Err("model.n_layer, n_head, n_embd and block_size must be at least 1".into());
-            }
-            if m.n_embd % m.n_head != 0 {
-                return Err(format!("model.n_embd ({}) must be a multiple of model.n_head ({})", m.n_embd, m.n_head));
-            }
-            if !(0.0..1.0).contains(&m.dropout) {
-                return Err(format!("model.dropout must be in [0, 1), got {}", m.dropout));
-            }
-            if self.data.format != DataFormat::Tokens {
-                return Err("model gpt needs data.format: tokens".into());
-            }
-        } else if self.data.format == DataFormat::Tokens && self.model.name != ModelName::Torchscript {
-            return Err("data.format tokens needs model.name gpt or torchscript".into());
-        }
         if let Some(s) = &self.sample {
             if !(s.temperature > 0.0 && s.temperature.is_finite()) {
                 return Err(format!("sample.temperature must be a positive number, got {}", s.temperature));
             }
         }
-        match self.data.format {
-            DataFormat::Tokens => {
-                if self.data.dir.is_none() {
-                    return Err("data.dir is required when data.format is tokens".into());
-                }
-                if self.data.eval_windows == 0 {
-                    return Err("data.eval_windows must be at least 1".into());
-                }
-            }
-            DataFormat::Idx => {
-                if self.data.classes.is_some_and(|c| !(2..=65536).contains(&c)) {
-                    return Err("data.classes must be in 2..=65536".into());
-                }
-                if self.data.dir.is_none() {
-                    return Err("data.dir is required when data.format is idx".into());
-                }
-            }
-            DataFormat::Cifar | DataFormat::ImageFolder => {
-                if self.data.dir.is_none() {
-                    return Err(format!("data.dir is required when data.format is {:?}", self.data.format).to_lowercase());
-                }
-            }
-            DataFormat::Synthetic => {
-                let Some(s) = &self.data.synthetic else {
-                    return Err("data.synthetic is required when data.format is synthetic".into());
-                };
-                if s.train_samples == 0 {
-                    return Err("data.synthetic.train_samples must be at least 1".into());
-                }
-                if s.classes < 2 {
-                    return Err("data.synthetic.classes must be at least 2".into());
-                }
-                if s.shape.is_empty() || s.shape.contains(&0) {
-                    return Err("data.synthetic.shape must be non-empty with positive sizes".into());
-                }
-            }
-        }
-        if self.model.name == ModelName::Cnn {
-            let shape_ok = match self.data.format {
-                DataFormat::Idx => self.data.transforms.is_none(),
-                DataFormat::Tokens | DataFormat::Cifar | DataFormat::ImageFolder => false,
-                DataFormat::Synthetic => self.data.synthetic.as_ref().is_some_and(|s| s.shape == [1, 28, 28]),
-            };
-            if !shape_ok {
-                return Err("model cnn needs 1x28x28 samples (IDX without transforms, or data.synthetic.shape: [1, 28, 28])".into());
-            }
-        }
-        if let Some([_, std]) = self.data.normalize {
-            if !(std > 0.0 && std.is_finite()) {
-                return Err(format!("data.normalize: std must be positive, got {std}"));
-            }
-        }
-        if self.data.prefetch_batches == 0 {
-            return Err("data.prefetch_batches must be at least 1".into());
-        }
-        if self.data.workers == 0 {
-            return Err("data.workers must be at least 1 (loader threads)".into());
-        }
-        if let Some(t) = &self.data.transforms {
-            if !matches!(self.data.format, DataFormat::Idx | DataFormat::Cifar | DataFormat::ImageFolder) {
-                return Err("data.transforms apply to image data (idx, cifar, image_folder)".into());
-            }
-            if self.data.normalize.is_some() {
-                return Err("data.normalize and data.transforms both given: put normalize in the transforms".into());
-            }
-            let channels = match self.data.format {
-                DataFormat::Idx => Some(1),
-                _ => Some(3),
-            };
-            for (split, p) in [("train", &t.train), ("test", &t.test)] {
-                crate::data::images::transforms::validate(p, channels).map_err(|e| format!("data.transforms.{split}: {e}"))?;
-            }
-        }
-        if self.data.format == DataFormat::ImageFolder && self.data.normalize.is_some() {
-            return Err("data.normalize is for idx and synthetic data: use a normalize transform".into());
-        }
         Ok(())
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<(), String> {
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x > 0.0 && x.is_finite()) => Err(format!("train.{name} must be a positive number, got {x}")),
+            _ => Ok(()),
+        };
+        for (name, v) in [
+            ("batch_size", self.batch_size as u64),
+            ("log_every_steps", self.log_every_steps),
+            ("grad_accum_steps", self.grad_accum_steps),
+            ("max_steps", self.max_steps.unwrap_or(1)),
+            ("threads", self.threads.unwrap_or(1) as u64),
+        ] {
+            if v == 0 {
+                return Err(format!("train.{name} must be at least 1"));
+            }
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return Err("train.epochs must be at least 1 (or set train.max_steps)".into());
+        }
+        positive("clip_grad_norm", self.clip_grad_norm)?;
+        positive("peak_tflops", self.peak_tflops)?;
+        self.grad_scaler.validate()
+    }
+}
+
+impl OptimizerConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("optimizer.lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) && self.momentum != 0.0 {
+            return Err(format!("optimizer.momentum must be in [0, 1), got {}", self.momentum));
+        }
+        if self.weight_decay < 0.0 {
+            return Err(format!("optimizer.weight_decay must be >= 0, got {}", self.weight_decay));
+        }
+        if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
+            return Err("optimizer.nesterov needs momentum > 0 and dampening = 0".into());
+        }
+        if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(format!("optimizer.betas must be in [0, 1), got {:?}", self.betas));
+        }
+        self.schedule.validate(self.lr)
+    }
+}
+
+impl ScheduleConfig {
+    fn validate(&self, lr: f64) -> Result<(), String> {
+        match *self {
+            ScheduleConfig::Constant => Ok(()),
+            ScheduleConfig::Step { step_size, gamma } => {
+                if step_size == 0 {
+                    return Err("optimizer.schedule.step_size must be at least 1".into());
+                }
+                if !(gamma > 0.0 && gamma.is_finite()) {
+                    return Err(format!("optimizer.schedule.gamma must be a positive number, got {gamma}"));
+                }
+                Ok(())
+            }
+            ScheduleConfig::WarmupCosine { warmup_steps, decay_steps, min_lr } => {
+                if decay_steps <= warmup_steps {
+                    return Err(format!(
+                        "optimizer.schedule.decay_steps ({decay_steps}) must be greater than warmup_steps ({warmup_steps})"
+                    ));
+                }
+                if !(min_lr >= 0.0 && min_lr <= lr) {
+                    return Err(format!("optimizer.schedule.min_lr must be in [0, optimizer.lr], got {min_lr}"));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -866,7 +602,7 @@ optimizer: {name: sgd, lr: 0.1}
             ("train.batch_size=0", "train.batch_size"),
             ("optimizer.lr=-1", "optimizer.lr"),
             ("optimizer.momentum=1.5", "optimizer.momentum"),
-            ("data.format=idx", "data.dir"),
+            ("data={format: idx}", "data.dir"),
             ("comm.timeout_secs=0", "comm.timeout_secs"),
             ("model={name: cnn}", "1x28x28"),
         ] {
@@ -875,6 +611,31 @@ optimizer: {name: sgd, lr: 0.1}
         }
         let e = parse(BASE, &["train.batch_size=many"]).unwrap_err().to_string();
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn each_model_and_format_owns_its_keys() {
+        let e = parse(BASE, &["model.name=nosuch"]).unwrap_err().to_string();
+        assert!(e.contains("unknown model `nosuch` (known: mlp, cnn, gpt, resnet18"), "{e}");
+        let e = parse(BASE, &["data.format=nosuch"]).unwrap_err().to_string();
+        assert!(e.contains("unknown data format `nosuch` (known: idx, synthetic, tokens"), "{e}");
+        // A key of another model is unknown to this one, and the message lists this one's keys.
+        let e = parse(BASE, &["model.n_layer=2"]).unwrap_err().to_string();
+        assert!(e.contains("model.n_layer: unknown field `n_layer`, expected `hidden`"), "{e}");
+        let e = parse(BASE, &["model={name: gpt, n_layer: many}"]).unwrap_err().to_string();
+        assert!(e.contains("model.n_layer: invalid type"), "{e}");
+        let e = parse(BASE, &["model={name: gpt}"]).unwrap_err().to_string();
+        assert!(e.contains("model gpt needs token data"), "{e}");
+        let e = parse(BASE, &["data.transforms={train: []}"]).unwrap_err().to_string();
+        assert!(e.contains("data.transforms: unknown field `transforms`"), "{e}");
+        let e = parse(BASE, &["data.synthetic.shape=[4, x]"]).unwrap_err().to_string();
+        assert!(e.contains("data.synthetic.shape"), "{e}");
+        // Shared keys stay with the section, whatever the kind.
+        let c = parse(BASE, &["data.workers=3", "model.init_from=w.safetensors"]).unwrap();
+        assert_eq!((c.data.workers, c.data.prefetch_batches), (3, 4));
+        assert_eq!(c.model.init_from.as_deref(), Some(Path::new("w.safetensors")));
+        let yaml = c.to_yaml();
+        assert!(yaml.contains("init_from: w.safetensors") && yaml.contains("hidden:"), "{yaml}");
     }
 
     #[test]

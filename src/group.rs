@@ -125,7 +125,7 @@ fn strict_if_asked(comm: Box<dyn Communicator>, env: &HashMap<String, String>, d
 fn share_store_address_over_mpi(rt: &MpiRuntime, launch: &mut LaunchInfo) -> Result<()> {
     let mut msg = [0u8; 256];
     if launch.rank == 0 {
-        launch.job_token = crate::internal::supervise::new_job_token()?;
+        launch.job_token = crate::auth::new_job_token()?;
         let ip = reachable_ip(launch);
         // Served on the address the others are told, not on every interface.
         let server = TcpStoreServer::start(&std::net::SocketAddr::new(ip, 0).to_string(), &launch.job_token)?;

@@ -64,7 +64,7 @@
 //! `bench/main.rs` (`ringbench`).
 
 pub mod amp;
-mod auth;
+pub mod auth;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
@@ -78,10 +78,12 @@ pub mod launch;
 pub mod models;
 pub mod optim;
 pub mod process_group;
+pub mod registry;
 pub mod rendezvous;
 pub mod telemetry;
 pub mod train;
 mod wire;
+pub mod worker;
 
 pub use ddp::{Ddp, DdpOptions};
 pub use process_group::{init, init_from_env, InitError, InitOptions, ProcessGroup};

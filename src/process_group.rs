@@ -101,7 +101,7 @@ pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result
     let group = crate::group::join(&comm_cfg, &mut launch, env, device).map_err(|e| InitError::Join {
         rank,
         backend: opts.backend,
-        detail: crate::internal::error_text(&e),
+        detail: crate::telemetry::error_text(&e),
     })?;
     Ok(ProcessGroup { launch, device, group: Some(group) })
 }

@@ -96,3 +96,43 @@ fn grad_accum_example_resumes_from_its_checkpoint_bitwise() {
     assert!(resumed.stdout.contains("resumed from") && resumed.stdout.contains("at step 20"), "{}", resumed.report());
     assert_eq!(final_hashes(&resumed.stdout), expected, "{}", resumed.report());
 }
+
+/// A model and a data format added as one file each (examples/own_model/), registered by one
+/// line each, and trained by ringtrain's own worker under ringrun: their keys parse, check, reach
+/// the resolved config, and the replicas learn the blobs identically.
+#[test]
+fn a_model_and_a_data_format_added_as_one_file_each_train_under_ringrun() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/own_model/blobs.yaml");
+    let run_dir = dir.path().join("run");
+    let mut c = ringrun_example("own_model", &["--config"]);
+    c.arg(&cfg).arg("--run-dir").arg(&run_dir);
+    let out = run(c, Duration::from_secs(180));
+    out.assert_success();
+    let acc: f64 = out
+        .stdout
+        .split("test_acc ")
+        .nth(1)
+        .and_then(|s| s.split('%').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no test_acc\n{}", out.report()));
+    assert!(acc > 90.0, "4 well-separated blobs: test_acc {acc}%\n{}", out.report());
+    let h = rank_hashes(&run_dir, 2);
+    assert_eq!(h[0], h[1], "replicas differ");
+    let resolved = std::fs::read_to_string(run_dir.join("config.yaml")).unwrap();
+    assert!(resolved.contains("name: wide_relu") && resolved.contains("width: 32"), "{resolved}");
+    assert!(resolved.contains("format: blobs") && resolved.contains("spread: 0.5"), "defaults are filled in: {resolved}");
+
+    // Its keys are checked as a built-in model's are: by its own struct, named in the error.
+    let mut c = ringrun_example("own_model", &["--config"]);
+    c.arg(&cfg).arg("--run-dir").arg(dir.path().join("bad")).args(["--set", "model.widht=3"]);
+    let bad = run(c, Duration::from_secs(60));
+    bad.assert_failure();
+    assert!(bad.stderr.contains("model.widht: unknown field `widht`, expected `width`"), "{}", bad.report());
+    // And the stock worker, which has not registered it, says what it knows.
+    let mut c = Command::new(RINGTRAIN);
+    c.arg("--config").arg(&cfg).arg("--run-dir").arg(dir.path().join("stock"));
+    let stock = run(c, Duration::from_secs(60));
+    stock.assert_failure();
+    assert!(stock.stderr.contains("unknown model `wide_relu` (known: mlp, cnn, gpt"), "{}", stock.report());
+}

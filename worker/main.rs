@@ -77,31 +77,13 @@ enum Tool {
 }
 
 fn train(args: Args) -> anyhow::Result<()> {
-    let worker_args = ringtrain::internal::worker::WorkerArgs {
+    let worker_args = ringtrain::worker::WorkerArgs {
         config: args.config.expect("clap requires --config without a subcommand"),
         overrides: args.overrides,
         run_dir: args.run_dir,
         resume: args.resume,
     };
-    let summary = ringtrain::internal::worker::run(worker_args)?;
-    if summary.rank == 0 {
-        if summary.stopped {
-            println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
-        } else if let Some(last) = summary.epochs.last() {
-            // The task's metrics: test_acc for classification, test_loss and perplexity for
-            // language models.
-            let shown: String = last
-                .test
-                .iter()
-                .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss" || t.get("perplexity").is_some()))
-                .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
-                .collect();
-            println!("final: {shown}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
-        }
-        if let Some(text) = &summary.sample {
-            println!("sample:\n{text}");
-        }
-    }
+    ringtrain::worker::print_summary(&ringtrain::worker::run(worker_args)?);
     Ok(())
 }
 
@@ -136,7 +118,7 @@ fn tool(t: Tool) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    ringtrain::internal::one_line_panics("ringtrain");
+    ringtrain::telemetry::one_line_panics("ringtrain");
     let mut args = Args::parse();
     let result = match args.tool.take() {
         Some(t) => tool(t),
@@ -145,7 +127,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringtrain: error: {}", ringtrain::internal::error_text(&e));
+            eprintln!("ringtrain: error: {}", ringtrain::telemetry::error_text(&e));
             ExitCode::FAILURE
         }
     }

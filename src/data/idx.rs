@@ -1,9 +1,70 @@
 //! The IDX format of MNIST and Fashion-MNIST: a 4-byte magic (0, 0, type, ndim), ndim big-endian
 //! u32 sizes, then the data. Gzip is detected by its magic bytes.
 
-use super::{ArrayDataset, DataError, Pixels};
+use super::images::{self, Source, TransformsConfig};
+use super::{ArrayDataset, DataError, DataKind, DataSpec, LoadContext, Pixels, Splits};
+use serde::{Deserialize, Serialize};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+pub const KIND: DataKind = DataKind::of::<IdxSpec>("idx");
+
+/// `data: {format: idx, …}`: MNIST-style IDX files (`train-images-idx3-ubyte[.gz]` …) in `dir`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdxSpec {
+    /// The folder holding the four files.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The number of classes (default 10, the MNIST family); a label outside it is an error.
+    #[serde(default)]
+    pub classes: Option<usize>,
+    /// Per-channel (mean, std) applied after scaling to [0, 1], as torchvision's Normalize.
+    #[serde(default)]
+    pub normalize: Option<[f32; 2]>,
+    /// Image transforms per split; the samples then go through the image pipeline.
+    #[serde(default)]
+    pub transforms: Option<TransformsConfig>,
+}
+
+impl DataSpec for IdxSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.classes.is_some_and(|c| !(2..=65536).contains(&c)) {
+            return Err("data.classes must be in 2..=65536".into());
+        }
+        if self.dir.is_none() {
+            return Err("data.dir is required when data.format is idx".into());
+        }
+        images::check_pipeline(self.transforms.as_ref(), self.normalize, 1)
+    }
+
+    fn load(&self, ctx: &LoadContext) -> Result<Splits, DataError> {
+        let dir = self.dir.as_deref().expect("validated: idx has a dir");
+        let split = |images: &str, labels: &str| -> Result<ArrayDataset, DataError> {
+            let mut d = load_pair(&find_file(dir, images)?, &find_file(dir, labels)?, self.classes.unwrap_or(10))?;
+            d.normalize = self.normalize;
+            Ok(d)
+        };
+        let train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
+        let test = split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
+        if self.transforms.is_none() {
+            return Ok(Splits::arrays(train, test));
+        }
+        // With transforms: the same bytes through the image pipeline.
+        let source = |d: ArrayDataset| -> Result<(Source, Vec<i64>), DataError> {
+            let [c, h, w] = d.sample_shape[..] else {
+                return Err(DataError::Invalid(format!("data.transforms need images; the IDX samples are {:?}", d.sample_shape)));
+            };
+            let Pixels::U8(pixels) = d.pixels else { unreachable!("IDX images are bytes") };
+            Ok((Source::Arrays { pixels, c: c as usize, h: h as usize, w: w as usize }, d.labels))
+        };
+        let classes = train.classes.max(test.classes);
+        let (train, test) = (source(train)?, source(test)?);
+        let transforms = self.transforms.clone();
+        images::splits(images::Images { train, test, classes, transforms, normalize: None, corrupt: Default::default() }, ctx.seed)
+    }
+}
+
 
 const TYPE_U8: u8 = 0x08;
 
@@ -84,6 +145,19 @@ pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<ArrayDa
         classes,
         normalize: None,
     })
+}
+
+/// Finds `name` or `name.gz` in `dir`.
+fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    for candidate in [dir.join(format!("{name}.gz")), dir.join(name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(DataError::Invalid(format!(
+        "{}: neither {name} nor {name}.gz found (Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist)",
+        dir.display()
+    )))
 }
 
 #[cfg(test)]

@@ -10,13 +10,19 @@ pub mod sampler;
 pub mod synthetic;
 pub mod tokens;
 
+/// The built-in data formats. A new format is one file in this folder (its config keys, checks and
+/// loader: a `DataSpec`) and one entry here; a program using the library calls
+/// `FORMATS.register` instead.
+fn builtin() -> Vec<DataKind> {
+    vec![idx::KIND, synthetic::KIND, tokens::KIND, images::cifar::KIND, images::folder::KIND]
+}
+
 pub use loader::{Batch, Loader};
 pub use sampler::DistributedSampler;
 
-use crate::config::{DataConfig, DataFormat};
-use images::transforms::Transform;
-use images::{ImageSet, Source};
-use std::path::{Path, PathBuf};
+use crate::registry::{self, Named, Registry, Spec};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -126,166 +132,140 @@ pub struct Splits {
     pub test: Arc<dyn Dataset>,
     /// Shape of one input sample, e.g. [1, 28, 28].
     pub sample_shape: Vec<i64>,
-    /// Classes of a classification data set.
+    /// Classes of a classification data set (the vocabulary of token data).
     pub classes: usize,
+    /// Whether unreadable samples may be left out (`corrupt_images: skip`): every rank then
+    /// counts them at each epoch's end, so the count is never silent.
+    pub may_skip: bool,
 }
 
-/// Finds `name` or `name.gz` in `dir`.
-fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
-    for candidate in [dir.join(format!("{name}.gz")), dir.join(name)] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(DataError::Invalid(format!(
-        "{}: neither {name} nor {name}.gz found (Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist)",
-        dir.display()
-    )))
-}
-
-fn arrays(train: ArrayDataset, test: ArrayDataset) -> Splits {
-    Splits {
-        sample_shape: train.sample_shape.clone(),
-        classes: train.classes.max(test.classes),
-        train: Arc::new(train),
-        test: Arc::new(test),
-    }
-}
-
-/// The transform pipelines for (train, test): the configured ones, else only `data.normalize`.
-fn pipelines(cfg: &DataConfig) -> (Vec<Transform>, Vec<Transform>) {
-    match &cfg.transforms {
-        Some(t) => (t.train.clone(), t.test.clone()),
-        None => {
-            let p: Vec<Transform> = cfg.normalize.iter().map(|[m, s]| Transform::Normalize { mean: vec![*m], std: vec![*s] }).collect();
-            (p.clone(), p)
+impl Splits {
+    /// Two in-memory splits (IDX, synthetic).
+    pub fn arrays(train: ArrayDataset, test: ArrayDataset) -> Splits {
+        Splits {
+            sample_shape: train.sample_shape.clone(),
+            classes: train.classes.max(test.classes),
+            train: Arc::new(train),
+            test: Arc::new(test),
+            may_skip: false,
         }
     }
 }
 
-/// Image splits with their pipelines; the sample shape from the test pipeline (deterministic).
-fn image_splits(
-    cfg: &DataConfig,
-    seed: u64,
-    train: (Source, Vec<i64>),
-    test: (Source, Vec<i64>),
-    classes: usize,
-) -> Result<Splits, DataError> {
-    let (train_p, test_p) = pipelines(cfg);
-    let train = ImageSet::new(train.0, train.1, classes, train_p, seed, cfg.corrupt_images);
-    let test = ImageSet::new(test.0, test.1, classes, test_p, seed, cfg.corrupt_images);
-    let (a, b) = (train.sample_shape()?, test.sample_shape()?);
-    if a != b {
-        return Err(DataError::Invalid(format!(
-            "data.transforms: train samples come out {a:?} but test samples {b:?}; the model needs one shape (crop both to one size)"
-        )));
-    }
-    Ok(Splits { train: Arc::new(train), test: Arc::new(test), sample_shape: a, classes })
+/// What a data format's samples are, which decides what a model can do with them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Samples {
+    /// Inputs with a class label each.
+    Labelled,
+    /// Windows of token ids, each position's target the next token.
+    Tokens,
 }
 
-/// Loads the configured data. `block`: the model's context length (windows of token data);
-/// `seed`: random transforms draw from (seed, epoch, sample index).
-pub fn load(cfg: &DataConfig, block: usize, seed: u64) -> Result<Splits, DataError> {
-    match cfg.format {
-        DataFormat::Tokens => {
-            let dir = cfg.dir.as_deref().expect("validated: tokens has a dir");
-            if !dir.join("train.bin").exists() && !cfg.prepare_from.is_empty() {
-                let p = prepare::prepare_text(&cfg.prepare_from, dir)?;
-                tracing::info!(
-                    "prepared {} from {} text file(s): {} train, {} val tokens",
-                    dir.display(),
-                    p.files.len(),
-                    p.train_tokens,
-                    p.val_tokens
-                );
-            }
-            let file = |name: &str| -> Result<tokens::TokenFile, DataError> {
-                let p = dir.join(name);
-                if !p.exists() {
-                    return Err(DataError::Invalid(format!(
-                        "{}: no {name} (make it with `ringtrain prepare-text --input TEXT --out {}`, or set data.prepare_from)",
-                        dir.display(),
-                        dir.display()
-                    )));
-                }
-                tokens::TokenFile::open(&p)
-            };
-            // The token files first: a folder with none is told how to make them.
-            let train = file("train.bin")?;
-            let vocab = tokens::vocab_size(dir)?;
-            Ok(Splits {
-                train: Arc::new(tokens::TokenWindows::all(train, block, vocab)?),
-                test: Arc::new(tokens::TokenWindows::spread(file("val.bin")?, block, vocab, cfg.eval_windows)?),
-                sample_shape: vec![block as i64],
-                classes: vocab,
-            })
-        }
-        DataFormat::Idx => {
-            let dir = cfg.dir.as_deref().expect("validated: idx has a dir");
-            let split = |images: &str, labels: &str| -> Result<ArrayDataset, DataError> {
-                let mut d = idx::load_pair(&find_file(dir, images)?, &find_file(dir, labels)?, cfg.classes.unwrap_or(10))?;
-                d.normalize = cfg.normalize;
-                Ok(d)
-            };
-            let train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
-            let test = split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
-            if cfg.transforms.is_none() {
-                return Ok(arrays(train, test));
-            }
-            // With transforms: the same bytes through the image pipeline.
-            let source = |d: ArrayDataset| -> Result<(Source, Vec<i64>), DataError> {
-                let [c, h, w] = d.sample_shape[..] else {
-                    return Err(DataError::Invalid(format!("data.transforms need images; the IDX samples are {:?}", d.sample_shape)));
-                };
-                let Pixels::U8(pixels) = d.pixels else { unreachable!("IDX images are bytes") };
-                Ok((Source::Arrays { pixels, c: c as usize, h: h as usize, w: w as usize }, d.labels))
-            };
-            let classes = train.classes.max(test.classes);
-            image_splits(cfg, seed, source(train)?, source(test)?, classes)
-        }
-        DataFormat::Cifar => {
-            let dir = cfg.dir.as_deref().expect("validated: cifar has a dir");
-            let (train, test) = images::cifar::load(dir, cfg.cifar_coarse)?;
-            let classes = train.classes;
-            let arrays = |s: images::cifar::CifarSplit| (Source::Arrays { pixels: s.pixels, c: 3, h: 32, w: 32 }, s.labels);
-            image_splits(cfg, seed, arrays(train), arrays(test), classes)
-        }
-        DataFormat::ImageFolder => image_folder(cfg, seed),
-        DataFormat::Synthetic => {
-            let s = cfg.synthetic.as_ref().expect("validated: synthetic has its section");
-            let split = |which| {
-                let mut d = synthetic::generate(s, which);
-                d.normalize = cfg.normalize;
-                d
-            };
-            Ok(arrays(split(0), split(1)))
-        }
+/// What loading needs from outside the data section.
+pub struct LoadContext {
+    /// The model's context length: the window of token data (`None` for models without one).
+    pub context_length: Option<usize>,
+    /// Random transforms draw from (seed, epoch, sample index).
+    pub seed: u64,
+}
+
+/// A data format's parsed keys: its checks and its loader.
+pub trait DataSpec: Spec {
+    fn samples(&self) -> Samples {
+        Samples::Labelled
+    }
+    /// The shape of one sample where the keys alone tell (synthetic data), so a model can refuse
+    /// the config before anything loads.
+    fn sample_shape(&self) -> Option<Vec<i64>> {
+        None
+    }
+    /// Checks what serde cannot; the message names the key (`data.dir is required …`).
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn load(&self, ctx: &LoadContext) -> Result<Splits, DataError>;
+}
+
+/// A data format the config can name: `data.format` and the parser of its keys.
+#[derive(Clone, Copy)]
+pub struct DataKind {
+    pub name: &'static str,
+    pub parse: fn(serde_yaml::Mapping) -> Result<Box<dyn DataSpec>, String>,
+}
+
+impl DataKind {
+    /// The format `name` whose keys deserialise into `T`.
+    pub const fn of<T: DataSpec + DeserializeOwned>(name: &'static str) -> DataKind {
+        DataKind { name, parse: parse_as::<T> }
     }
 }
 
-/// ImageFolder's `train/` and `val/` (or `test/`) trees, with the same class folders.
-fn image_folder(cfg: &DataConfig, seed: u64) -> Result<Splits, DataError> {
-    let dir = cfg.dir.as_deref().expect("validated: image_folder has a dir");
-    let (train_classes, train) = images::folder::scan(&dir.join("train"))?;
-    let test_dir = ["val", "test"]
-        .iter()
-        .map(|s| dir.join(s))
-        .find(|p| p.is_dir())
-        .ok_or_else(|| DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display())))?;
-    let (test_classes, test) = images::folder::scan(&test_dir)?;
-    // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
-    if test_classes != train_classes {
-        return Err(DataError::Invalid(format!(
-            "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
-            test_dir.display(),
-            test_classes.len(),
-            train_classes.len()
-        )));
-    }
-    tracing::info!("image folder {}: {} classes, {} train and {} test images", dir.display(), train_classes.len(), train.len(), test.len());
-    let files = |v: Vec<(PathBuf, i64)>| {
-        let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
-        (Source::Files(paths), labels)
-    };
-    image_splits(cfg, seed, files(train), files(test), train_classes.len())
+fn parse_as<T: DataSpec + DeserializeOwned>(keys: serde_yaml::Mapping) -> Result<Box<dyn DataSpec>, String> {
+    Ok(Box::new(registry::parse::<T>(keys)?))
 }
+
+impl Named for DataKind {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Every data format, by `data.format`.
+pub static FORMATS: Registry<DataKind> = Registry::new("data format", builtin);
+
+/// The `data:` section: the format, the loader's keys every format shares, and the format's own.
+#[derive(Clone, Debug)]
+pub struct DataConfig {
+    pub format: String,
+    /// Batches the loader prepares ahead of the training step.
+    pub prefetch_batches: usize,
+    /// Loader threads decoding and transforming batches (DataLoader's `num_workers`); batches
+    /// still arrive in sampler order.
+    pub workers: usize,
+    pub spec: Arc<dyn DataSpec>,
+}
+
+impl DataConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prefetch_batches == 0 {
+            return Err("data.prefetch_batches must be at least 1".into());
+        }
+        if self.workers == 0 {
+            return Err("data.workers must be at least 1 (loader threads)".into());
+        }
+        self.spec.validate()
+    }
+
+    pub fn samples(&self) -> Samples {
+        self.spec.samples()
+    }
+}
+
+impl<'de> Deserialize<'de> for DataConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut keys = serde_yaml::Mapping::deserialize(d)?;
+        let format: String = registry::take(&mut keys, "format").map_err(D::Error::custom)?.ok_or_else(|| D::Error::missing_field("format"))?;
+        let kind = FORMATS.get(&format).map_err(D::Error::custom)?;
+        let prefetch_batches = registry::take(&mut keys, "prefetch_batches").map_err(D::Error::custom)?.unwrap_or(4);
+        let workers = registry::take(&mut keys, "workers").map_err(D::Error::custom)?.unwrap_or(1);
+        let spec = (kind.parse)(keys).map_err(D::Error::custom)?;
+        Ok(DataConfig { format, prefetch_batches, workers, spec: spec.into() })
+    }
+}
+
+impl Serialize for DataConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut shared = serde_yaml::Mapping::new();
+        shared.insert("format".into(), self.format.clone().into());
+        shared.insert("prefetch_batches".into(), (self.prefetch_batches as u64).into());
+        shared.insert("workers".into(), (self.workers as u64).into());
+        registry::merged(shared, self.spec.to_value()).serialize(s)
+    }
+}
+
+/// Loads the configured data.
+pub fn load(cfg: &DataConfig, ctx: &LoadContext) -> Result<Splits, DataError> {
+    cfg.spec.load(ctx)
+}
+

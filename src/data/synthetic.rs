@@ -1,8 +1,70 @@
 //! A deterministic, learnable synthetic classification task for tests and benchmarks: samples are
 //! standard normal, labels the argmax of a fixed random linear "teacher".
 
-use super::{ArrayDataset, Pixels};
-use crate::config::SyntheticConfig;
+use super::{ArrayDataset, DataError, DataKind, DataSpec, LoadContext, Pixels, Splits};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: DataKind = DataKind::of::<SyntheticSpec>("synthetic");
+
+/// `data: {format: synthetic, synthetic: {…}}`: generated in memory; for tests and benchmarks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSpec {
+    #[serde(default)]
+    pub synthetic: Option<SyntheticConfig>,
+    /// (mean, std) applied to every value.
+    #[serde(default)]
+    pub normalize: Option<[f32; 2]>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    pub train_samples: usize,
+    pub test_samples: usize,
+    /// Sample shape, e.g. [16] for vectors or [1, 28, 28] for images.
+    pub shape: Vec<usize>,
+    pub classes: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl DataSpec for SyntheticSpec {
+    fn sample_shape(&self) -> Option<Vec<i64>> {
+        self.synthetic.as_ref().map(|s| s.shape.iter().map(|&d| d as i64).collect())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let Some(s) = &self.synthetic else {
+            return Err("data.synthetic is required when data.format is synthetic".into());
+        };
+        if s.train_samples == 0 {
+            return Err("data.synthetic.train_samples must be at least 1".into());
+        }
+        if s.classes < 2 {
+            return Err("data.synthetic.classes must be at least 2".into());
+        }
+        if s.shape.is_empty() || s.shape.contains(&0) {
+            return Err("data.synthetic.shape must be non-empty with positive sizes".into());
+        }
+        if let Some([_, std]) = self.normalize {
+            if !(std > 0.0 && std.is_finite()) {
+                return Err(format!("data.normalize: std must be positive, got {std}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, _ctx: &LoadContext) -> Result<Splits, DataError> {
+        let s = self.synthetic.as_ref().expect("validated: synthetic has its section");
+        let split = |which| {
+            let mut d = generate(s, which);
+            d.normalize = self.normalize;
+            d
+        };
+        Ok(Splits::arrays(split(0), split(1)))
+    }
+}
 
 /// splitmix64: tiny, fast, and the same on every platform, so every rank generates equal data.
 struct SplitMix(u64);

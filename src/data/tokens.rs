@@ -9,9 +9,85 @@
 //! epoch. Evaluation uses `eval_windows` starts spread evenly over `val.bin`: the same set every
 //! run and at every world size.
 
-use super::{Batch, DataError, Dataset};
+use super::{prepare, Batch, DataError, DataKind, DataSpec, Dataset, LoadContext, Samples, Splits};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::Tensor;
+
+pub const KIND: DataKind = DataKind::of::<TokensSpec>("tokens");
+
+/// `data: {format: tokens, dir: …}`: nanoGPT's token files, for language models.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSpec {
+    /// The folder holding `train.bin`, `val.bin` and `meta.json`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// When `dir` holds no `train.bin`, make it from these UTF-8 text files or folders first (as
+    /// `ringtrain prepare-text`).
+    #[serde(default)]
+    pub prepare_from: Vec<PathBuf>,
+    /// Evaluation windows, evenly spaced over `val.bin` (the same every run and world size).
+    #[serde(default = "default_eval_windows")]
+    pub eval_windows: usize,
+}
+
+fn default_eval_windows() -> usize {
+    200
+}
+
+impl DataSpec for TokensSpec {
+    fn samples(&self) -> Samples {
+        Samples::Tokens
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.dir.is_none() {
+            return Err("data.dir is required when data.format is tokens".into());
+        }
+        if self.eval_windows == 0 {
+            return Err("data.eval_windows must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn load(&self, ctx: &LoadContext) -> Result<Splits, DataError> {
+        let dir = self.dir.as_deref().expect("validated: tokens has a dir");
+        let block = ctx.context_length.ok_or_else(|| DataError::Invalid("token data needs a model with a context length".into()))?;
+        if !dir.join("train.bin").exists() && !self.prepare_from.is_empty() {
+            let p = prepare::prepare_text(&self.prepare_from, dir)?;
+            tracing::info!(
+                "prepared {} from {} text file(s): {} train, {} val tokens",
+                dir.display(),
+                p.files.len(),
+                p.train_tokens,
+                p.val_tokens
+            );
+        }
+        let file = |name: &str| -> Result<TokenFile, DataError> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Err(DataError::Invalid(format!(
+                    "{}: no {name} (make it with `ringtrain prepare-text --input TEXT --out {}`, or set data.prepare_from)",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            TokenFile::open(&p)
+        };
+        // The token files first: a folder with none is told how to make them.
+        let train = file("train.bin")?;
+        let vocab = vocab_size(dir)?;
+        Ok(Splits {
+            train: Arc::new(TokenWindows::all(train, block, vocab)?),
+            test: Arc::new(TokenWindows::spread(file("val.bin")?, block, vocab, self.eval_windows)?),
+            sample_shape: vec![block as i64],
+            classes: vocab,
+            may_skip: false,
+        })
+    }
+}
 
 /// One token file, memory-mapped.
 pub struct TokenFile {

@@ -1,9 +1,9 @@
 //! `ringtrain sample`: text from a trained GPT's checkpoint (byte-level tokens), on the CPU.
 
 use crate::checkpoint;
-use crate::config::{Config, ModelName};
+use crate::config::Config;
 use crate::models::generate::{generate, SampleOptions};
-use crate::models::{self, Gpt, GptConfig, Model};
+use crate::models::{self, Gpt, GptConfig, GptSpec, Model};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -46,9 +46,9 @@ fn weights(run_dir: &Path, chosen: Option<&Path>) -> Result<(Vec<(String, Tensor
 pub fn run(args: SampleArgs) -> Result<String> {
     let cfg_path = args.run_dir.join("config.yaml");
     let cfg = Config::load(&cfg_path, &[]).with_context(|| format!("reading the run's config ({})", cfg_path.display()))?;
-    if cfg.model.name != ModelName::Gpt {
-        bail!("{}: model {:?} is not a language model (sample needs model.name: gpt)", cfg_path.display(), cfg.model.name);
-    }
+    let Some(m) = cfg.model.spec.as_any().downcast_ref::<GptSpec>() else {
+        bail!("{}: model {} is not a language model (sample needs model.name: gpt)", cfg_path.display(), cfg.model.name);
+    };
     let (loaded, source) = weights(&args.run_dir, args.checkpoint.as_deref())?;
     let vocab = loaded
         .iter()
@@ -58,16 +58,7 @@ pub fn run(args: SampleArgs) -> Result<String> {
     if vocab != 256 {
         bail!("{}: vocabulary of {vocab} tokens; sample reads and writes byte-level tokens (256)", source.display());
     }
-    let m = &cfg.model;
-    let gpt_cfg = GptConfig {
-        vocab_size: vocab,
-        block_size: m.block_size,
-        n_layer: m.n_layer,
-        n_head: m.n_head,
-        n_embd: m.n_embd,
-        bias: m.bias,
-        dropout: 0.0,
-    };
+    let gpt_cfg = GptConfig { dropout: 0.0, ..m.with_vocab(vocab) };
     let model = Gpt::new(&gpt_cfg, tch::Device::Cpu)?;
     let tied = model.tied();
     checkpoint::copy_into(model.named_parameters(), &models::without_aliases(loaded, &tied), &source).map_err(anyhow::Error::msg)?;

@@ -14,8 +14,7 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// The marker a worker's status record starts with (one line of JSON after it).
-pub const MARKER: &str = "@ringtrain-status ";
+pub use crate::telemetry::STATUS_MARKER as MARKER;
 
 #[derive(Default)]
 struct Board {

@@ -283,13 +283,6 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn()
     Ok(outcome)
 }
 
-/// 128 random bits as hex, the job token that store and ring connections must present.
-pub fn new_job_token() -> std::io::Result<String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 /// A port that was free a moment ago on `addr` (the store binds it right after).
 pub fn free_port(addr: &str) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())

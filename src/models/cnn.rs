@@ -2,8 +2,36 @@
 //! conv1 = Conv2d(1, 32, 5, padding=2) → ReLU → MaxPool2d(2); conv2 = Conv2d(32, 64, 5,
 //! padding=2) → ReLU → MaxPool2d(2); flatten; fc1 = Linear(3136, 128) → ReLU; fc2 = Linear(128, 10).
 
-use super::{layer, Model};
+use super::{layer, needs_labelled, Inputs, Model, ModelKind, ModelSpec};
+use crate::data::DataConfig;
+use serde::{Deserialize, Serialize};
 use tch::{Device, TchError, Tensor};
+
+pub const KIND: ModelKind = ModelKind::of::<CnnSpec>("cnn");
+
+/// `model: {name: cnn}`: no keys of its own; the layers are fixed.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnnSpec {}
+
+const NEEDS: &str = "model cnn needs 1x28x28 samples (IDX without resizing transforms, or data.synthetic.shape: [1, 28, 28])";
+
+impl ModelSpec for CnnSpec {
+    fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        needs_labelled("cnn", data)?;
+        match data.spec.sample_shape() {
+            Some(shape) if shape != [1, 28, 28] => Err(format!("{NEEDS}; data.format {} gives {shape:?}", data.format)),
+            _ => Ok(()),
+        }
+    }
+
+    fn build(&self, inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        if inputs.sample_shape != [1, 28, 28] {
+            return Err(TchError::Torch(format!("{NEEDS}; the data's samples are {:?}", inputs.sample_shape)));
+        }
+        Ok(Box::new(Cnn::new(inputs.classes as i64, device)?))
+    }
+}
 
 pub struct Cnn {
     conv1: (Tensor, Tensor),

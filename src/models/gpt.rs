@@ -20,8 +20,96 @@
 //! here). `model.load_state_dict(load_file(path), strict=False)` works too and reports only the
 //! tied `lm_head.weight` as missing.
 
-use super::Model;
+use super::{Inputs, Model, ModelKind, ModelSpec};
+use crate::data::{DataConfig, Samples};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
+
+pub const KIND: ModelKind = ModelKind::of::<GptSpec>("gpt");
+
+/// `model: {name: gpt, n_layer: 4, …}`: nanoGPT's `GPTConfig` less the vocabulary, which comes
+/// from the token data's `meta.json`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptSpec {
+    /// Transformer blocks.
+    #[serde(default = "default_n_layer")]
+    pub n_layer: usize,
+    /// Attention heads (n_embd must be a multiple).
+    #[serde(default = "default_n_head")]
+    pub n_head: usize,
+    /// Embedding width.
+    #[serde(default = "default_n_embd")]
+    pub n_embd: usize,
+    /// Context length; training windows are this long.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Biases in Linear and LayerNorm layers (nanoGPT's `bias`).
+    #[serde(default = "yes")]
+    pub bias: bool,
+    /// Dropout probability in training.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+fn default_n_layer() -> usize {
+    4
+}
+fn default_n_head() -> usize {
+    4
+}
+fn default_n_embd() -> usize {
+    128
+}
+fn default_block_size() -> usize {
+    128
+}
+fn yes() -> bool {
+    true
+}
+
+impl GptSpec {
+    /// The model's full config for a vocabulary of `vocab_size` tokens.
+    pub fn with_vocab(&self, vocab_size: usize) -> GptConfig {
+        let GptSpec { n_layer, n_head, n_embd, block_size, bias, dropout } = *self;
+        GptConfig { vocab_size, block_size, n_layer, n_head, n_embd, bias, dropout }
+    }
+}
+
+impl ModelSpec for GptSpec {
+    fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 {
+            return Err("model.n_layer, n_head, n_embd and block_size must be at least 1".into());
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(format!("model.n_embd ({}) must be a multiple of model.n_head ({})", self.n_embd, self.n_head));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("model.dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if data.samples() != Samples::Tokens {
+            return Err(format!("model gpt needs token data (data.format: tokens), not {}", data.format));
+        }
+        Ok(())
+    }
+
+    /// `inputs.classes` is the vocabulary.
+    fn build(&self, inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        Ok(Box::new(Gpt::new(&self.with_vocab(inputs.classes), device)?))
+    }
+
+    fn task(&self, _samples: Samples) -> &'static str {
+        "language_model"
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        Some(self.block_size)
+    }
+
+    fn random_in_training(&self) -> bool {
+        self.dropout > 0.0
+    }
+}
 
 /// Longest context for which the CPU under bf16/fp16 autocast uses `manual_attention`: its T×T
 /// matrices are kept for backward (B·H·T² elements per layer), fine up to here.

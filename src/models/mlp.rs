@@ -1,8 +1,34 @@
 //! fc1 … fcN with ReLU between; the input is flattened first. The wide MLP of the benchmarks is
 //! `hidden: [4096, 4096]` on 784 inputs.
 
-use super::{layer, Model};
+use super::{layer, needs_labelled, Inputs, Model, ModelKind, ModelSpec};
+use crate::data::DataConfig;
+use serde::{Deserialize, Serialize};
 use tch::{Device, TchError, Tensor};
+
+pub const KIND: ModelKind = ModelKind::of::<MlpSpec>("mlp");
+
+/// `model: {name: mlp, hidden: [64]}`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpSpec {
+    /// Hidden layer widths.
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+}
+
+impl ModelSpec for MlpSpec {
+    fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        if self.hidden.contains(&0) {
+            return Err("model.hidden: layer widths must be at least 1".into());
+        }
+        needs_labelled("mlp", data)
+    }
+
+    fn build(&self, inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        Ok(Box::new(Mlp::new(inputs.sample_shape.iter().product(), &self.hidden, inputs.classes as i64, device)?))
+    }
+}
 
 pub struct Mlp {
     layers: Vec<(Tensor, Tensor)>,

@@ -6,16 +6,28 @@ pub mod generate;
 pub mod gpt;
 mod mlp;
 pub mod resnet;
+mod spec;
 pub mod torchscript;
 
 pub use cnn::Cnn;
-pub use gpt::{Gpt, GptConfig};
+pub use gpt::{Gpt, GptConfig, GptSpec};
 pub use mlp::Mlp;
 pub use resnet::ResNet;
+pub use spec::{needs_labelled, Inputs, ModelConfig, ModelKind, ModelSpec};
 pub use torchscript::TorchScript;
 
-use crate::config::{ModelConfig, ModelName};
+use crate::registry::Registry;
 use tch::{Device, Kind, TchError, Tensor};
+
+/// The built-in models. A new model is one file in this folder (its config keys, checks, builder
+/// and task: a `ModelSpec`) and one entry here; a program using the library calls
+/// `MODELS.register` instead.
+fn builtin() -> Vec<ModelKind> {
+    vec![mlp::KIND, cnn::KIND, gpt::KIND, resnet::RESNET18, resnet::RESNET34, resnet::RESNET50, torchscript::KIND]
+}
+
+/// Every model, by `model.name`.
+pub static MODELS: Registry<ModelKind> = Registry::new("model", builtin);
 
 /// The model seam: what the training loop needs from a model.
 pub trait Model {
@@ -57,47 +69,6 @@ pub fn without_aliases(mut loaded: Vec<(String, Tensor)>, tied: &[(String, Strin
         }
     }
     loaded
-}
-
-/// Builds the configured model for samples of `sample_shape` and `classes` outputs. Initialised
-/// as PyTorch initialises Linear/Conv2d, from libtorch's default generator (seed it first); a
-/// TorchScript module keeps the weights saved with it.
-pub fn build(cfg: &ModelConfig, sample_shape: &[i64], classes: usize, device: Device) -> Result<Box<dyn Model>, TchError> {
-    Ok(match cfg.name {
-        ModelName::Mlp => Box::new(Mlp::new(sample_shape.iter().product(), &cfg.hidden, classes as i64, device)?),
-        ModelName::Cnn => Box::new(Cnn::new(classes as i64, device)?),
-        // `classes` is the vocabulary for token data.
-        ModelName::Gpt => Box::new(Gpt::new(
-            &GptConfig {
-                vocab_size: classes,
-                block_size: cfg.block_size,
-                n_layer: cfg.n_layer,
-                n_head: cfg.n_head,
-                n_embd: cfg.n_embd,
-                bias: cfg.bias,
-                dropout: cfg.dropout,
-            },
-            device,
-        )?),
-        ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => {
-            let depth = match cfg.name {
-                ModelName::Resnet18 => resnet::Depth::R18,
-                ModelName::Resnet34 => resnet::Depth::R34,
-                _ => resnet::Depth::R50,
-            };
-            let [channels, _, _] = sample_shape else {
-                return Err(TchError::Torch(format!(
-                    "model {:?} needs images (channels, height, width); the data's samples have shape {sample_shape:?}",
-                    cfg.name
-                )));
-            };
-            Box::new(ResNet::new(depth, *channels, classes as i64, cfg.small_stem, device)?)
-        }
-        ModelName::Torchscript => {
-            let path = cfg.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
-            Box::new(TorchScript::load(path, cfg.output, device)?)
-        }
-    })
 }
 
 /// Creates a weight/bias pair with PyTorch's default init for a layer with `fan_in` inputs:

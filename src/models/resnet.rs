@@ -5,15 +5,55 @@
 //! kaiming-normal (fan_out, ReLU gain), BatchNorm weight 1 and bias 0, `fc` as PyTorch's Linear.
 //! `small_stem`: the CIFAR variant (3×3 stride-1 `conv1`, no max-pool), for 28–32 px images.
 
-use super::Model;
+use super::{needs_labelled, Inputs, Model, ModelKind, ModelSpec};
+use crate::data::DataConfig;
+use crate::registry;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
+
+pub const RESNET18: ModelKind = ModelKind { name: "resnet18", parse: |keys| parse(keys, Depth::R18) };
+pub const RESNET34: ModelKind = ModelKind { name: "resnet34", parse: |keys| parse(keys, Depth::R34) };
+pub const RESNET50: ModelKind = ModelKind { name: "resnet50", parse: |keys| parse(keys, Depth::R50) };
+
+/// `model: {name: resnet18, small_stem: true}`; the depth is in the name.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetSpec {
+    #[serde(skip)]
+    pub depth: Depth,
+    /// The small-image stem used for CIFAR (3×3 stride-1 `conv1`, no max-pool) instead of
+    /// ImageNet's (7×7 stride-2 `conv1`, 3×3 max-pool).
+    #[serde(default)]
+    pub small_stem: bool,
+}
+
+fn parse(keys: serde_yaml::Mapping, depth: Depth) -> Result<Box<dyn ModelSpec>, String> {
+    Ok(Box::new(ResNetSpec { depth, ..registry::parse(keys)? }))
+}
+
+impl ModelSpec for ResNetSpec {
+    fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        needs_labelled("resnet", data)
+    }
+
+    fn build(&self, inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        let [channels, _, _] = inputs.sample_shape else {
+            return Err(TchError::Torch(format!(
+                "model resnet needs images (channels, height, width); the data's samples have shape {:?}",
+                inputs.sample_shape
+            )));
+        };
+        Ok(Box::new(ResNet::new(self.depth, *channels, inputs.classes as i64, self.small_stem, device)?))
+    }
+}
 
 /// BatchNorm's defaults in PyTorch.
 const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Depth {
+    #[default]
     R18,
     R34,
     R50,

@@ -21,6 +21,7 @@ pub mod breakdown;
 mod checkpointing;
 mod epoch;
 mod eval;
+pub mod fault;
 mod peak;
 pub mod position;
 mod resume;
@@ -35,7 +36,7 @@ use crate::comm::{CommError, Communicator};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
 use crate::ddp::{Ddp, DdpError};
-use crate::internal::fault::Fault;
+use fault::Fault;
 use crate::models::Model;
 use crate::optim::Optimizer;
 use crate::telemetry::Metrics;
@@ -300,7 +301,8 @@ impl Trainer<'_> {
             seed: s.seed,
         };
         let prompt: Vec<i64> = s.prompt.bytes().map(i64::from).collect();
-        let new = crate::models::generate::generate(self.model.as_ref(), &prompt, self.cfg.model.block_size, self.device, &opts)?;
+        let block = self.cfg.model.spec.context_length().ok_or_else(|| TrainError::Startup("sample: the model has no context length".into()))?;
+        let new = crate::models::generate::generate(self.model.as_ref(), &prompt, block, self.device, &opts)?;
         Ok(decode_bytes(&prompt, &new))
     }
 }

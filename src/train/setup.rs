@@ -20,7 +20,8 @@ impl<'a> Trainer<'a> {
 
         // Identical config everywhere, or the replicas silently diverge.
         agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
-        let splits = data::load(&cfg.data, cfg.model.block_size, t.seed)?;
+        let load = data::LoadContext { context_length: cfg.model.spec.context_length(), seed: t.seed };
+        let splits = data::load(&cfg.data, &load)?;
         agree(
             comm,
             "data (train samples, test samples, classes)",
@@ -28,8 +29,9 @@ impl<'a> Trainer<'a> {
         )?;
 
         tch::manual_seed(t.seed as i64);
-        let model = models::build(&cfg.model, &splits.sample_shape, splits.classes, device).map_err(model_error)?;
-        let task = tasks::build(cfg);
+        let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes };
+        let model = cfg.model.build(&inputs, device).map_err(model_error)?;
+        let task = tasks::build(cfg).map_err(TrainError::Startup)?;
         check_output(&*model, &*task, &splits, device)?;
         let params: Vec<(String, Tensor)> = model.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let buffers: Vec<(String, Tensor)> = model.named_buffers().iter().map(|(n, b)| (n.clone(), b.shallow_clone())).collect();
@@ -74,7 +76,7 @@ impl<'a> Trainer<'a> {
         };
         let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
         tracing::info!(
-            "model {:?}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}{}; {world} rank(s) × batch {}{} on {} samples",
+            "model {}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}{}; {world} rank(s) × batch {}{} on {} samples",
             cfg.model.name,
             ddp.named_parameters().len(),
             ddp.named_buffers().len(),

@@ -58,7 +58,7 @@ impl Trainer<'_> {
             self.ddp.sync_buffers(self.comm)?;
             // Dropout draws from libtorch's generator: seeded from (seed, rank, step, micro-batch)
             // so a resumed run draws the same masks (the generator's state is not checkpointed).
-            if self.cfg.model.dropout > 0.0 {
+            if self.cfg.model.spec.random_in_training() {
                 tch::manual_seed(dropout_seed(t.seed, self.comm.rank(), self.pos.global_step, m));
             }
             let started_fwd = Instant::now();

@@ -3,8 +3,48 @@
 //! CIFAR-10: `data_batch_1.bin` … `data_batch_5.bin` and `test_batch.bin`;
 //! CIFAR-100: `train.bin` and `test.bin`.
 
-use super::super::DataError;
+use super::super::{DataError, DataKind, DataSpec, LoadContext, Splits};
+use super::{Images, Source, TransformsConfig};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+pub const KIND: DataKind = DataKind::of::<CifarSpec>("cifar");
+
+/// `data: {format: cifar, dir: …}`: the CIFAR-10 / CIFAR-100 binary files in `dir`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CifarSpec {
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// CIFAR-100: train on the 20 coarse labels instead of the 100 fine ones.
+    #[serde(default)]
+    pub cifar_coarse: bool,
+    /// (mean, std) applied to every channel after scaling to [0, 1] (without `transforms`).
+    #[serde(default)]
+    pub normalize: Option<[f32; 2]>,
+    /// Image transforms per split.
+    #[serde(default)]
+    pub transforms: Option<TransformsConfig>,
+}
+
+impl DataSpec for CifarSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.dir.is_none() {
+            return Err("data.dir is required when data.format is cifar".into());
+        }
+        super::check_pipeline(self.transforms.as_ref(), self.normalize, 3)
+    }
+
+    fn load(&self, ctx: &LoadContext) -> Result<Splits, DataError> {
+        let dir = self.dir.as_deref().expect("validated: cifar has a dir");
+        let (train, test) = load(dir, self.cifar_coarse)?;
+        let classes = train.classes;
+        let arrays = |s: CifarSplit| (Source::Arrays { pixels: s.pixels, c: 3, h: 32, w: 32 }, s.labels);
+        let (train, test) = (arrays(train), arrays(test));
+        let (transforms, normalize) = (self.transforms.clone(), self.normalize);
+        super::splits(Images { train, test, classes, transforms, normalize, corrupt: Default::default() }, ctx.seed)
+    }
+}
 
 pub const PIXELS: usize = 3 * 32 * 32;
 

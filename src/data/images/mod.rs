@@ -5,13 +5,88 @@ pub mod cifar;
 pub mod folder;
 pub mod transforms;
 
-use super::{Batch, DataError, Dataset};
-use crate::config::CorruptImages;
+use super::{Batch, DataError, Dataset, Splits};
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tch::Tensor;
 use transforms::{Img, SampleRng, Transform};
+
+/// What an image that cannot be decoded does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CorruptImages {
+    /// Stop with an error naming the file.
+    #[default]
+    Error,
+    /// Leave it (and its label) out of its batch, count it, and report the count.
+    Skip,
+}
+
+/// Transform pipelines, per split (torchvision's `transforms.Compose` lists).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransformsConfig {
+    #[serde(default)]
+    pub train: Vec<Transform>,
+    #[serde(default)]
+    pub test: Vec<Transform>,
+}
+
+/// Checks an image format's `transforms` and `normalize` keys for images of `channels`.
+pub fn check_pipeline(transforms: Option<&TransformsConfig>, normalize: Option<[f32; 2]>, channels: usize) -> Result<(), String> {
+    if let Some([_, std]) = normalize {
+        if !(std > 0.0 && std.is_finite()) {
+            return Err(format!("data.normalize: std must be positive, got {std}"));
+        }
+    }
+    let Some(t) = transforms else { return Ok(()) };
+    if normalize.is_some() {
+        return Err("data.normalize and data.transforms both given: put normalize in the transforms".into());
+    }
+    for (split, p) in [("train", &t.train), ("test", &t.test)] {
+        transforms::validate(p, Some(channels)).map_err(|e| format!("data.transforms.{split}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The transform pipelines for (train, test): the configured ones, else only `normalize`.
+fn pipelines(transforms: Option<&TransformsConfig>, normalize: Option<[f32; 2]>) -> (Vec<Transform>, Vec<Transform>) {
+    match transforms {
+        Some(t) => (t.train.clone(), t.test.clone()),
+        None => {
+            let p: Vec<Transform> = normalize.iter().map(|[m, s]| Transform::Normalize { mean: vec![*m], std: vec![*s] }).collect();
+            (p.clone(), p)
+        }
+    }
+}
+
+/// An image format's splits as they come from the files: sources, labels and how to treat them.
+pub struct Images {
+    pub train: (Source, Vec<i64>),
+    pub test: (Source, Vec<i64>),
+    pub classes: usize,
+    pub transforms: Option<TransformsConfig>,
+    pub normalize: Option<[f32; 2]>,
+    pub corrupt: CorruptImages,
+}
+
+/// Image splits with their pipelines; the sample shape from the test pipeline (deterministic).
+/// `seed`: random transforms draw from (seed, epoch, sample index).
+pub fn splits(images: Images, seed: u64) -> Result<Splits, DataError> {
+    let Images { train, test, classes, transforms, normalize, corrupt } = images;
+    let (train_p, test_p) = pipelines(transforms.as_ref(), normalize);
+    let train = ImageSet::new(train.0, train.1, classes, train_p, seed, corrupt);
+    let test = ImageSet::new(test.0, test.1, classes, test_p, seed, corrupt);
+    let (a, b) = (train.sample_shape()?, test.sample_shape()?);
+    if a != b {
+        return Err(DataError::Invalid(format!(
+            "data.transforms: train samples come out {a:?} but test samples {b:?}; the model needs one shape (crop both to one size)"
+        )));
+    }
+    Ok(Splits { train: Arc::new(train), test: Arc::new(test), sample_shape: a, classes, may_skip: corrupt == CorruptImages::Skip })
+}
 
 /// Where the 8-bit images come from.
 pub enum Source {

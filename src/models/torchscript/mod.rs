@@ -4,11 +4,53 @@
 //! parameters and buffers become the model seam's named tensors (sharing the module's storage, so
 //! the optimizer's in-place steps are the module's), a tied weight listed once.
 
-use super::Model;
+use super::{Inputs, Model, ModelKind, ModelSpec};
+use crate::data::{DataConfig, Samples};
+use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use tch::{Device, TchError, Tensor};
+
+pub const KIND: ModelKind = ModelKind::of::<TorchScriptSpec>("torchscript");
+
+/// `model: {name: torchscript, path: …}`: trained from the weights saved with it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorchScriptSpec {
+    /// The saved module (`torch.jit.save`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Where forward returns a tuple (nanoGPT's `(logits, loss)`), the index of the logits in it.
+    #[serde(default)]
+    pub output: usize,
+    /// On token data: the context length the module takes (training windows are this long).
+    #[serde(default)]
+    pub block_size: Option<usize>,
+}
+
+impl ModelSpec for TorchScriptSpec {
+    fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        if self.path.is_none() {
+            return Err("model torchscript needs model.path: the module saved by torch.jit.save".into());
+        }
+        match (data.samples(), self.block_size) {
+            (Samples::Tokens, None) => Err("model torchscript on token data needs model.block_size: the context length it takes".into()),
+            (Samples::Tokens, Some(0)) => Err("model.block_size must be at least 1".into()),
+            (Samples::Labelled, Some(_)) => Err("model.block_size applies to token data only".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn build(&self, _inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        let path = self.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
+        Ok(Box::new(TorchScript::load(path, self.output, device)?))
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        self.block_size
+    }
+}
 
 extern "C" {
     fn ringtrain_ts_libtorch_version(out: *mut c_char, len: usize);

@@ -8,6 +8,8 @@ use tch::{Kind, Reduction, TchError, Tensor};
 
 pub struct Classification;
 
+pub const KIND: super::TaskKind = super::TaskKind { name: "classification", build: |_| Ok(Box::new(Classification)) };
+
 impl Task for Classification {
     fn loss(&self, model: &dyn Model, batch: &Batch) -> Result<Tensor, TchError> {
         let logits = model.forward_t(&batch.input, true)?;

@@ -6,6 +6,14 @@ use crate::data::Batch;
 use crate::models::Model;
 use tch::{Kind, Reduction, TchError, Tensor};
 
+pub const KIND: super::TaskKind = super::TaskKind {
+    name: "language_model",
+    build: |model| {
+        let block_size = model.spec.context_length().ok_or_else(|| format!("model {} has no context length for language modelling", model.name))?;
+        Ok(Box::new(LanguageModel { block_size }))
+    },
+};
+
 pub struct LanguageModel {
     /// Tokens in one sample (the context length), for tokens/s.
     pub block_size: usize,

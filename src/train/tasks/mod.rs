@@ -1,6 +1,6 @@
 //! The task seam: what "loss" and "evaluation" mean for a kind of work. The loop, the loader and
-//! evaluation call only this trait, so a new kind of work (language modelling, …) is one new
-//! file here plus a line in `build`.
+//! evaluation call only this trait. A model names its task (`ModelSpec::task`); a new kind of work
+//! is one new file here plus a line in `builtin`, or `TASKS.register` from a program.
 
 mod classification;
 mod language_model;
@@ -10,8 +10,29 @@ pub use language_model::LanguageModel;
 
 use crate::config::Config;
 use crate::data::Batch;
-use crate::models::Model;
+use crate::models::{Model, ModelConfig};
+use crate::registry::{Named, Registry};
 use tch::{TchError, Tensor};
+
+fn builtin() -> Vec<TaskKind> {
+    vec![classification::KIND, language_model::KIND]
+}
+
+/// Every task, by the name a model gives.
+pub static TASKS: Registry<TaskKind> = Registry::new("task", builtin);
+
+/// A task by name, and how to make it for a model.
+#[derive(Clone, Copy)]
+pub struct TaskKind {
+    pub name: &'static str,
+    pub build: fn(&ModelConfig) -> Result<Box<dyn Task>, String>,
+}
+
+impl Named for TaskKind {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
 
 pub trait Task {
     /// Mean training loss over a batch (already on the model's device), forward in training mode.
@@ -30,10 +51,9 @@ pub trait Task {
     }
 }
 
-/// The task the config describes: language modelling on token data, else classification.
-pub fn build(cfg: &Config) -> Box<dyn Task> {
-    match cfg.data.format {
-        crate::config::DataFormat::Tokens => Box::new(LanguageModel { block_size: cfg.model.block_size }),
-        _ => Box::new(Classification),
-    }
+/// The task the model names for the configured data.
+pub fn build(cfg: &Config) -> Result<Box<dyn Task>, String> {
+    let name = cfg.model.spec.task(cfg.data.samples());
+    let kind = TASKS.get(name).map_err(|e| format!("model {}: {e}", cfg.model.name))?;
+    (kind.build)(&cfg.model)
 }

@@ -1,8 +1,12 @@
 //! The worker's job, from command line and environment to a finished run: read the config, find
 //! out who we are, join the group (store, then ring), train, write outputs.
+//!
+//! `main` is the `ringtrain` worker whole: a program that registers its own model or data format
+//! (`models::MODELS.register`, `data::FORMATS.register`) and then calls it is a worker that
+//! ringrun, mpirun or srun start like `ringtrain` (examples/own_model/).
 
 use crate::config::Config;
-use crate::internal::fault::Fault;
+use crate::train::fault::Fault;
 use crate::launch::LaunchInfo;
 use crate::{telemetry, train};
 use anyhow::{Context, Result};
@@ -10,12 +14,63 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+#[derive(clap::Parser)]
+#[command(about = "A data-parallel training worker (one per GPU or CPU slot)")]
 pub struct WorkerArgs {
+    /// YAML config (see configs/).
+    #[arg(long)]
     pub config: PathBuf,
+    /// Override a config value: --set train.epochs=2 (repeatable; the value is YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Where outputs go (default: runs/<config name>).
+    #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// `None`: fresh, unless the launcher restarted the group (then `auto`).
+    /// `auto` (newest usable checkpoint in the run directory, else start fresh) or a checkpoint
+    /// folder; `None`: fresh, unless the launcher restarted the group (then `auto`).
+    #[arg(long, value_name = "auto|PATH")]
     pub resume: Option<train::Resume>,
+}
+
+/// The worker as a program's `main`: arguments from the command line, the run, rank 0's final
+/// line on stdout, and an error as one line on stderr with a failing exit status.
+pub fn main() -> std::process::ExitCode {
+    let program = std::env::args().next().map(|a| Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(a));
+    let program: &'static str = program.unwrap_or_else(|| "ringtrain".into()).leak();
+    telemetry::one_line_panics(program);
+    let args = <WorkerArgs as clap::Parser>::parse();
+    match run(args) {
+        Ok(summary) => {
+            print_summary(&summary);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{program}: error: {}", telemetry::error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Rank 0's last words: the task's metrics (test_acc for classification, test_loss and
+/// perplexity for language models), throughput, and a language model's sample.
+pub fn print_summary(summary: &train::Summary) {
+    if summary.rank != 0 {
+        return;
+    }
+    if summary.stopped {
+        println!("stopped after {} steps on request; resume with --resume auto", summary.global_steps);
+    } else if let Some(last) = summary.epochs.last() {
+        let shown: String = last
+            .test
+            .iter()
+            .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss" || t.get("perplexity").is_some()))
+            .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
+            .collect();
+        println!("final: {shown}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);
+    }
+    if let Some(text) = &summary.sample {
+        println!("sample:\n{text}");
+    }
 }
 
 /// First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: exit at once.
