@@ -77,17 +77,79 @@ fn worker_command(command: &[String]) -> Result<(PathBuf, Vec<String>)> {
     }
 }
 
-fn try_main() -> Result<ExitCode> {
-    let args = Args::parse();
+/// The arguments clap cannot check alone.
+fn check(args: &Args) -> Result<()> {
     anyhow::ensure!(args.nproc_per_node >= 1, "--nproc-per-node must be at least 1");
     anyhow::ensure!(args.nnodes >= 1, "--nnodes must be at least 1");
     anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
-    let multi_node = args.nnodes > 1;
     anyhow::ensure!(
-        !multi_node || args.master_port.is_some_and(|p| p != 0),
+        args.nnodes == 1 || args.master_port.is_some_and(|p| p != 0),
         "--nnodes {} needs --master-port (the same on every node)",
         args.nnodes
     );
+    Ok(())
+}
+
+/// With several nodes: this node's launcher joined with the others.
+fn join_nodes(args: &Args, master_port: u16, job_token: &str) -> Result<Option<NodeCoordinator>> {
+    if args.nnodes == 1 {
+        return Ok(None);
+    }
+    let n = NodeCoordinator::start(
+        &args.master_addr,
+        master_port,
+        job_token,
+        args.nnodes,
+        args.node_rank,
+        Duration::from_secs(args.join_timeout_secs),
+    )
+    .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "ringrun: node {} of {}; peers reach this node at {}",
+        args.node_rank,
+        args.nnodes,
+        args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string())
+    );
+    Ok(Some(n))
+}
+
+/// The job's end as one line, and ringrun's exit status.
+fn report(job: supervise::JobOutcome) -> ExitCode {
+    let restarts = match job.restarts.len() {
+        0 => String::new(),
+        n => format!(" after {n} restart(s) ({})", job.restarts.join("; ")),
+    };
+    match job.last {
+        Outcome::Success => {
+            if !restarts.is_empty() {
+                eprintln!("ringrun: finished{restarts}");
+            }
+            ExitCode::SUCCESS
+        }
+        Outcome::Failed { rank, exit } => {
+            eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s){restarts}");
+            ExitCode::FAILURE
+        }
+        Outcome::RemoteFailed { reason } => {
+            eprintln!("ringrun: error: {reason}; stopped this node's worker(s){restarts}");
+            ExitCode::FAILURE
+        }
+        Outcome::Interrupted { signal, exits } => {
+            let clean = exits.iter().all(|e| *e == supervise::WorkerExit::Code(0));
+            eprintln!("ringrun: received {}; workers ended: {exits:?}", supervise::signal_name(signal));
+            if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(128 + signal as u8)
+            }
+        }
+    }
+}
+
+fn try_main() -> Result<ExitCode> {
+    let args = Args::parse();
+    check(&args)?;
+    let multi_node = args.nnodes > 1;
     let (program, worker_args) = worker_command(&args.command)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = args
@@ -104,26 +166,7 @@ fn try_main() -> Result<ExitCode> {
         _ if multi_node => format!("ringrun-{}-{master_port}", args.master_addr),
         _ => ringtrain::auth::new_job_token().context("making a job token")?,
     };
-    let nodes = if multi_node {
-        let n = NodeCoordinator::start(
-            &args.master_addr,
-            master_port,
-            &job_token,
-            args.nnodes,
-            args.node_rank,
-            Duration::from_secs(args.join_timeout_secs),
-        )
-        .map_err(anyhow::Error::msg)?;
-        eprintln!(
-            "ringrun: node {} of {}; peers reach this node at {}",
-            args.node_rank,
-            args.nnodes,
-            args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string())
-        );
-        Some(n)
-    } else {
-        None
-    };
+    let nodes = join_nodes(&args, master_port, &job_token)?;
     // The log folder is ours to make: a failure here names --log-dir, not the worker program.
     if let Some(d) = &args.log_dir {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--log-dir {}: {e}", d.display()))?;
@@ -166,32 +209,7 @@ fn try_main() -> Result<ExitCode> {
     }
     let job = supervise::run_job(&opts, args.max_restarts, &rx, nodes.as_ref()).map_err(anyhow::Error::msg);
     ringtrain::internal::status::finish();
-    let job = job?;
-    let restarts = match job.restarts.len() {
-        0 => String::new(),
-        n => format!(" after {n} restart(s) ({})", job.restarts.join("; ")),
-    };
-    match job.last {
-        Outcome::Success => {
-            if !restarts.is_empty() {
-                eprintln!("ringrun: finished{restarts}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Outcome::Failed { rank, exit } => {
-            eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s){restarts}");
-            Ok(ExitCode::FAILURE)
-        }
-        Outcome::RemoteFailed { reason } => {
-            eprintln!("ringrun: error: {reason}; stopped this node's worker(s){restarts}");
-            Ok(ExitCode::FAILURE)
-        }
-        Outcome::Interrupted { signal, exits } => {
-            let clean = exits.iter().all(|e| *e == supervise::WorkerExit::Code(0));
-            eprintln!("ringrun: received {}; workers ended: {exits:?}", supervise::signal_name(signal));
-            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(128 + signal as u8) })
-        }
-    }
+    Ok(report(job?))
 }
 
 fn main() -> ExitCode {

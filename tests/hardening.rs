@@ -160,7 +160,7 @@ fn a_libtorch_error_inside_a_panicking_call_is_one_line_naming_the_rank() {
     let out = run(c, Duration::from_secs(60));
     out.assert_failure();
     let line = out.stderr.lines().find(|l| l.contains("internal error")).unwrap_or_else(|| panic!("{}", out.report()));
-    assert!(line.contains("ringtrain: error: rank 1: internal error at src/internal/fault.rs"), "{line}");
+    assert!(line.contains("ringtrain: error: rank 1: internal error at src/train/fault.rs"), "{line}");
     assert!(line.contains("CUDA out of memory. Tried to allocate 2.00 GiB") && !line.contains("Exception raised"), "{line}");
     assert!(!out.stderr.contains("frame #0") && !out.stderr.contains("note: run with `RUST_BACKTRACE=1`"), "{}", out.report());
 }

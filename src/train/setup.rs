@@ -9,32 +9,32 @@ use crate::data::{self, DistributedSampler};
 use crate::ddp::{self, Ddp, DdpOptions, Zero};
 use crate::models;
 use crate::optim::Optimizer;
+use crate::config::Config;
 use crate::telemetry::Metrics;
 use tch::Tensor;
+
+/// The model and what comes with it, before `Ddp` wraps it.
+struct Built {
+    model: Box<dyn models::Model>,
+    task: Box<dyn tasks::Task>,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+/// Rank 0's outputs beside the checkpoints.
+struct Outputs {
+    metrics: Metrics,
+    samples_file: Option<std::fs::File>,
+    tb: Option<crate::telemetry::tensorboard::EventWriter>,
+}
 
 impl<'a> Trainer<'a> {
     pub(crate) fn setup(ctx: TrainContext<'a>) -> Result<Trainer<'a>, TrainError> {
         let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log, device } = ctx;
         let (rank, world) = (comm.rank(), comm.world_size());
         let t = &cfg.train;
-
-        // Identical config everywhere, or the replicas silently diverge.
-        agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
-        let load = data::LoadContext { context_length: cfg.model.spec.context_length(), seed: t.seed };
-        let splits = data::load(&cfg.data, &load)?;
-        agree(
-            comm,
-            "data (train samples, test samples, classes)",
-            format!("{}, {}, {}", splits.train.len(), splits.test.len(), splits.classes).as_bytes(),
-        )?;
-
-        tch::manual_seed(t.seed as i64);
-        let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes };
-        let model = cfg.model.build(&inputs, device).map_err(model_error)?;
-        let task = tasks::build(cfg).map_err(TrainError::Startup)?;
-        check_output(&*model, &*task, &splits, device)?;
-        let params: Vec<(String, Tensor)> = model.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
-        let buffers: Vec<(String, Tensor)> = model.named_buffers().iter().map(|(n, b)| (n.clone(), b.shallow_clone())).collect();
+        let splits = agree_and_load(comm, cfg)?;
+        let Built { model, task, params, buffers } = build(cfg, &splits, device)?;
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let mut opt = Optimizer::new(&cfg.optimizer, &params);
         let checkpoints = run_dir.join("checkpoints");
@@ -45,63 +45,9 @@ impl<'a> Trainer<'a> {
                 resume::init_from(comm, path, &state, &tied)?;
             }
         }
-        let opts = DdpOptions {
-            bucket_cap_bytes: (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
-            first_bucket_cap_bytes: (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
-            overlap: cfg.ddp.overlap,
-            reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
-            broadcast_buffers: cfg.ddp.broadcast_buffers,
-            shard: cfg.optimizer.shard,
-            ..DdpOptions::default()
-        };
-        if opts.force_collectives && world == 1 {
-            tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
-        }
-        let ddp = Ddp::new(comm, params, buffers, opts)?;
-        // ZeRO-1: from here on the optimizer holds this rank's slices (and their state) only.
-        let (opt, zero) = match cfg.optimizer.shard {
-            true => {
-                let zero = Zero::new(&ddp, &*comm)?;
-                let slices = zero.slices()?;
-                let mine: i64 = slices.iter().map(|s| s.len).sum();
-                let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
-                tracing::info!(
-                    "optimizer sharded (ZeRO-1): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only",
-                    opt.name()
-                );
-                let opt = opt.shard(slices).map_err(TrainError::Startup)?;
-                (opt, Some(zero))
-            }
-            false => (opt, None),
-        };
-        let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
-        tracing::info!(
-            "model {}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}{}; {world} rank(s) × batch {}{} on {} samples",
-            cfg.model.name,
-            ddp.named_parameters().len(),
-            ddp.named_buffers().len(),
-            ddp.bucket_layout().len(),
-            ddp.bucket_layout(),
-            if ddp.buckets_shared() { " in shared memory" } else { "" },
-            t.batch_size,
-            if t.grad_accum_steps > 1 { format!(" × {} micro-batches", t.grad_accum_steps) } else { String::new() },
-            splits.train.len()
-        );
-
-        let scaler = grad_scaler(cfg, resumed.as_ref(), device)?;
-        if t.precision.autocast_kind().is_some() {
-            // What libtorch itself reports inside the autocast region training uses: the GPU
-            // check looks for this line (a "bf16" that ran as fp16 once went unseen).
-            let (on, dtype) = crate::amp::autocast(device, t.precision, || crate::amp::autocast_state(device))??;
-            tracing::info!("autocast on {device:?}: dtype {dtype:?}, enabled {on} (read back from libtorch)");
-        }
-        if t.precision == crate::amp::Precision::Fp16 && !device.is_cuda() {
-            // Measured: the reference CNN trains two orders of magnitude slower in fp16 than in fp32 on a CPU
-            // without AVX512-FP16, under PyTorch's CPU autocast too.
-            tracing::warn!(
-                "train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path"
-            );
-        }
+        let (ddp, opt, zero) = wrap(comm, cfg, params, buffers, opt)?;
+        log_layout(cfg, &ddp, world, splits.train.len());
+        let scaler = precision(cfg, resumed.as_ref(), device)?;
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
         if let Some(m) = resumed.as_ref().filter(|m| m.epoch_world_size != world || m.batch_size != t.batch_size) {
             tracing::info!(
@@ -114,30 +60,7 @@ impl<'a> Trainer<'a> {
                 splits.train.len()
             );
         }
-
-        let metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref()).map_err(io_err("metrics.jsonl"))?;
-        let samples_file = match sample_log {
-            true => {
-                let dir = run_dir.join("samples");
-                std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
-                let p = dir.join(format!("rank{rank}.txt"));
-                Some(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?)
-            }
-            false => None,
-        };
-        // Best effort: a plot that cannot be written must not stop training.
-        let tb = match rank == 0 && t.tensorboard {
-            true => {
-                match crate::telemetry::tensorboard::EventWriter::create(&run_dir.join("tb"), resumed.as_ref().map(|m| m.global_step)) {
-                    Ok(w) => Some(w),
-                    Err(e) => {
-                        tracing::warn!("no TensorBoard events: {}: {e}", run_dir.join("tb").display());
-                        None
-                    }
-                }
-            }
-            false => None,
-        };
+        let Outputs { metrics, samples_file, tb } = outputs(cfg, run_dir, rank, sample_log, resumed.as_ref().map(|m| m.global_step))?;
         let sampler = DistributedSampler::new(splits.train.len(), world, rank, t.shuffle, t.seed, t.drop_last);
         // MFU's denominator, for models that count their FLOPs; measured before the barrier so
         // the ranks sharing a machine measure side by side, as they will train.
@@ -184,10 +107,135 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// Identical config everywhere (or the replicas silently diverge), then the data, whose sizes
+/// every rank must agree on too.
+fn agree_and_load(comm: &mut dyn crate::comm::Communicator, cfg: &Config) -> Result<data::Splits, TrainError> {
+    agree(comm, "config", format!("{:016x}", ddp::fnv1a(ddp::FNV_OFFSET, cfg.to_yaml().as_bytes())).as_bytes())?;
+    let load = data::LoadContext { context_length: cfg.model.spec.context_length(), seed: cfg.train.seed };
+    let splits = data::load(&cfg.data, &load)?;
+    agree(
+        comm,
+        "data (train samples, test samples, classes)",
+        format!("{}, {}, {}", splits.train.len(), splits.test.len(), splits.classes).as_bytes(),
+    )?;
+    Ok(splits)
+}
+
+/// The replica from the seed, its task, and its named tensors; its output checked against the
+/// task before anything trains.
+fn build(cfg: &Config, splits: &data::Splits, device: tch::Device) -> Result<Built, TrainError> {
+    tch::manual_seed(cfg.train.seed as i64);
+    let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes };
+    let model = cfg.model.build(&inputs, device).map_err(model_error)?;
+    let task = tasks::build(cfg).map_err(TrainError::Startup)?;
+    check_output(&*model, &*task, splits, device)?;
+    let named = |v: &[(String, Tensor)]| v.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
+    let (params, buffers) = (named(model.named_parameters()), named(model.named_buffers()));
+    Ok(Built { model, task, params, buffers })
+}
+
+/// `Ddp` around the parameters (broadcasting rank 0's), and with `optimizer.shard` the ZeRO-1
+/// wrapper, after which the optimizer holds this rank's slices (and their state) only.
+fn wrap(
+    comm: &mut dyn crate::comm::Communicator,
+    cfg: &Config,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    opt: Optimizer,
+) -> Result<(Ddp, Optimizer, Option<Zero>), TrainError> {
+    let opts = DdpOptions {
+        bucket_cap_bytes: (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
+        first_bucket_cap_bytes: (cfg.ddp.first_bucket_cap_mb * 1048576.0) as usize,
+        overlap: cfg.ddp.overlap,
+        reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
+        broadcast_buffers: cfg.ddp.broadcast_buffers,
+        shard: cfg.optimizer.shard,
+        ..DdpOptions::default()
+    };
+    if opts.force_collectives && comm.world_size() == 1 {
+        tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
+    }
+    let ddp = Ddp::new(comm, params, buffers, opts)?;
+    if !cfg.optimizer.shard {
+        return Ok((ddp, opt, None));
+    }
+    let zero = Zero::new(&ddp, &*comm)?;
+    let slices = zero.slices()?;
+    let mine: i64 = slices.iter().map(|s| s.len).sum();
+    let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
+    tracing::info!(
+        "optimizer sharded (ZeRO-1): rank {} steps {mine} of {total} parameter elements and keeps their {} state only",
+        comm.rank(),
+        opt.name()
+    );
+    let opt = opt.shard(slices).map_err(TrainError::Startup)?;
+    Ok((ddp, opt, Some(zero)))
+}
+
+fn log_layout(cfg: &Config, ddp: &Ddp, world: usize, train_samples: usize) {
+    let t = &cfg.train;
+    let n_params: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
+    tracing::info!(
+        "model {}: {} tensors, {n_params} parameters, {} buffer(s); {} bucket(s) {:?}{}; {world} rank(s) × batch {}{} on {train_samples} samples",
+        cfg.model.name,
+        ddp.named_parameters().len(),
+        ddp.named_buffers().len(),
+        ddp.bucket_layout().len(),
+        ddp.bucket_layout(),
+        if ddp.buckets_shared() { " in shared memory" } else { "" },
+        t.batch_size,
+        if t.grad_accum_steps > 1 { format!(" × {} micro-batches", t.grad_accum_steps) } else { String::new() },
+    );
+}
+
+/// Autocast as libtorch reports it, and fp16's loss scaler.
+fn precision(cfg: &Config, resumed: Option<&crate::checkpoint::Meta>, device: tch::Device) -> Result<Option<crate::amp::GradScaler>, TrainError> {
+    let t = &cfg.train;
+    let scaler = grad_scaler(cfg, resumed, device)?;
+    if t.precision.autocast_kind().is_some() {
+        // What libtorch itself reports inside the autocast region training uses: the GPU
+        // check looks for this line (a "bf16" that ran as fp16 once went unseen).
+        let (on, dtype) = crate::amp::autocast(device, t.precision, || crate::amp::autocast_state(device))??;
+        tracing::info!("autocast on {device:?}: dtype {dtype:?}, enabled {on} (read back from libtorch)");
+    }
+    if t.precision == crate::amp::Precision::Fp16 && !device.is_cuda() {
+        // Measured: the reference CNN trains two orders of magnitude slower in fp16 than in fp32 on a CPU
+        // without AVX512-FP16, under PyTorch's CPU autocast too.
+        tracing::warn!("train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path");
+    }
+    Ok(scaler)
+}
+
+/// metrics.jsonl (rank 0), the sample log (tests), TensorBoard events (rank 0, best effort: a
+/// chart that cannot be written must not stop training).
+fn outputs(cfg: &Config, run_dir: &std::path::Path, rank: usize, sample_log: bool, resumed_step: Option<u64>) -> Result<Outputs, TrainError> {
+    let metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref()).map_err(io_err("metrics.jsonl"))?;
+    let samples_file = match sample_log {
+        true => {
+            let dir = run_dir.join("samples");
+            std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
+            let p = dir.join(format!("rank{rank}.txt"));
+            Some(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?)
+        }
+        false => None,
+    };
+    let tb = match rank == 0 && cfg.train.tensorboard {
+        true => match crate::telemetry::tensorboard::EventWriter::create(&run_dir.join("tb"), resumed_step) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("no TensorBoard events: {}: {e}", run_dir.join("tb").display());
+                None
+            }
+        },
+        false => None,
+    };
+    Ok(Outputs { metrics, samples_file, tb })
+}
+
 /// fp16's loss scaler, restored from the checkpoint being resumed (a checkpoint of a run in
 /// another precision starts it afresh, said in the log).
 fn grad_scaler(
-    cfg: &crate::config::Config,
+    cfg: &Config,
     resumed: Option<&crate::checkpoint::Meta>,
     device: tch::Device,
 ) -> Result<Option<crate::amp::GradScaler>, TrainError> {

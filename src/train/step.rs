@@ -34,77 +34,98 @@ impl Trainer<'_> {
         taken: &mut usize,
         want_norm: bool,
     ) -> Result<StepOutcome, TrainError> {
-        let cfg = self.cfg;
-        let t = &cfg.train;
         let lr = optim::lr_at(&self.cfg.optimizer.schedule, self.cfg.optimizer.lr, self.pos.global_step);
         self.opt.set_lr(lr);
         self.ddp.zero_grad()?;
         let (mut loss_sum, mut samples, mut stop_votes) = (0f64, 0usize, 0f32);
         for m in 0..micro {
-            let waited = Instant::now();
-            let batch: Batch = match loader.next() {
-                Some(b) => b?,
-                None => return Err(DataError::Loader("the loader ended before the epoch's last batch".into()).into()),
-            };
-            self.timing.record(Phase::DataWait, waited);
-            if let Some(f) = &mut self.samples_file {
-                let ids = &todo[*taken..(*taken + batch.len).min(todo.len())];
-                let lines: String = ids.iter().map(|id| format!("{} {id}\n", self.pos.epoch)).collect();
-                f.write_all(lines.as_bytes()).map_err(io_err("sample log"))?;
-            }
-            *taken += t.batch_size;
+            let batch = self.next_batch(loader, todo, taken)?;
+            let len = batch.len;
+            let (loss, votes) = self.forward_backward(batch, m, micro)?;
+            stop_votes = votes;
+            loss_sum += loss * len as f64;
+            samples += len;
+        }
+        let (grad_norm, skipped) = self.update(want_norm)?;
+        self.timing.step_done();
+        self.pos.global_step += 1;
+        self.pos.steps_in_shard += micro;
+        Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr, skipped })
+    }
 
-            // Buffers from rank 0 before each forward (DDP's broadcast_buffers).
-            self.ddp.sync_buffers(self.comm)?;
-            // Dropout draws from libtorch's generator: seeded from (seed, rank, step, micro-batch)
-            // so a resumed run draws the same masks (the generator's state is not checkpointed).
-            if self.cfg.model.spec.random_in_training() {
-                tch::manual_seed(dropout_seed(t.seed, self.comm.rank(), self.pos.global_step, m));
-            }
-            let started_fwd = Instant::now();
-            let batch = batch.to_device(self.device)?;
-            // bf16 / fp16: forward under autocast (backward follows the dtypes it recorded);
-            // parameters, gradients and optimizer state stay fp32.
-            let loss = crate::amp::autocast(self.device, self.precision, || self.task.loss(self.model.as_ref(), &batch))??;
-            // Mean over the step's micro-batches; a single one is left untouched (bitwise as
-            // without accumulation). fp16 then multiplies by the loss scale (GradScaler.scale).
-            let scaled = if micro > 1 { loss.f_div_scalar(micro as f64)? } else { loss.shallow_clone() };
-            let scaled = match &self.scaler {
-                Some(s) => s.scale(&scaled)?,
-                None => scaled,
-            };
-            self.timing.record(Phase::Forward, started_fwd);
+    /// The loader's next batch (time waited recorded; its sample ids logged when asked).
+    fn next_batch(&mut self, loader: &mut Loader, todo: &[usize], taken: &mut usize) -> Result<Batch, TrainError> {
+        let waited = Instant::now();
+        let batch: Batch = match loader.next() {
+            Some(b) => b?,
+            None => return Err(DataError::Loader("the loader ended before the epoch's last batch".into()).into()),
+        };
+        self.timing.record(Phase::DataWait, waited);
+        if let Some(f) = &mut self.samples_file {
+            let ids = &todo[*taken..(*taken + batch.len).min(todo.len())];
+            let lines: String = ids.iter().map(|id| format!("{} {id}\n", self.pos.epoch)).collect();
+            f.write_all(lines.as_bytes()).map_err(io_err("sample log"))?;
+        }
+        *taken += self.cfg.train.batch_size;
+        Ok(batch)
+    }
 
-            let last = m + 1 == micro;
-            self.ddp.set_sync(last);
-            let started_bwd = Instant::now();
-            let mut backward_done = started_bwd;
-            let vote = if last { f32::from(u8::from(self.stop.load(Ordering::Relaxed))) } else { 0.0 };
-            let votes = self.ddp.backward_with(self.comm, vote, || {
-                scaled.f_backward()?;
-                backward_done = Instant::now();
-                Ok(())
-            });
-            self.ddp.set_sync(true);
-            let votes = votes?;
-            // Communication here is what backward did not hide.
-            self.timing.record_span(Phase::Backward, started_bwd, backward_done);
-            if last {
-                stop_votes = votes;
-                self.timing.record_span(Phase::Communication, backward_done, Instant::now());
-                if self.timing.tracing() {
-                    for (b, (s0, s1)) in self.ddp.last_bucket_times().iter().enumerate() {
-                        self.timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
-                    }
+    /// Micro-batch `m` of `micro`: forward and backward; the last one all-reduces the gradients
+    /// with the stop vote. Returns the (unscaled) loss and, on the last, the sum of the votes.
+    fn forward_backward(&mut self, batch: Batch, m: u64, micro: u64) -> Result<(f64, f32), TrainError> {
+        let t = &self.cfg.train;
+        // Buffers from rank 0 before each forward (DDP's broadcast_buffers).
+        self.ddp.sync_buffers(self.comm)?;
+        // Dropout draws from libtorch's generator: seeded from (seed, rank, step, micro-batch)
+        // so a resumed run draws the same masks (the generator's state is not checkpointed).
+        if self.cfg.model.spec.random_in_training() {
+            tch::manual_seed(dropout_seed(t.seed, self.comm.rank(), self.pos.global_step, m));
+        }
+        let started_fwd = Instant::now();
+        let batch = batch.to_device(self.device)?;
+        // bf16 / fp16: forward under autocast (backward follows the dtypes it recorded);
+        // parameters, gradients and optimizer state stay fp32.
+        let loss = crate::amp::autocast(self.device, self.precision, || self.task.loss(self.model.as_ref(), &batch))??;
+        // Mean over the step's micro-batches; a single one is left untouched (bitwise as
+        // without accumulation). fp16 then multiplies by the loss scale (GradScaler.scale).
+        let scaled = if micro > 1 { loss.f_div_scalar(micro as f64)? } else { loss.shallow_clone() };
+        let scaled = match &self.scaler {
+            Some(s) => s.scale(&scaled)?,
+            None => scaled,
+        };
+        self.timing.record(Phase::Forward, started_fwd);
+
+        let last = m + 1 == micro;
+        self.ddp.set_sync(last);
+        let started_bwd = Instant::now();
+        let mut backward_done = started_bwd;
+        let vote = if last { f32::from(u8::from(self.stop.load(Ordering::Relaxed))) } else { 0.0 };
+        let votes = self.ddp.backward_with(self.comm, vote, || {
+            scaled.f_backward()?;
+            backward_done = Instant::now();
+            Ok(())
+        });
+        self.ddp.set_sync(true);
+        let votes = votes?;
+        // Communication here is what backward did not hide.
+        self.timing.record_span(Phase::Backward, started_bwd, backward_done);
+        if last {
+            self.timing.record_span(Phase::Communication, backward_done, Instant::now());
+            if self.timing.tracing() {
+                for (b, (s0, s1)) in self.ddp.last_bucket_times().iter().enumerate() {
+                    self.timing.event(&format!("bucket {b}"), "all_reduce", *s0, *s1);
                 }
             }
-            loss_sum += loss.f_double_value(&[])? * batch.len as f64;
-            samples += batch.len;
         }
+        Ok((loss.f_double_value(&[])?, if last { votes } else { 0.0 }))
+    }
 
+    /// Unscale (fp16), clip or measure the gradient norm, step (unless fp16 skips it), and under
+    /// ZeRO-1 gather the updated shards. Returns the norm and whether the step was skipped.
+    fn update(&mut self, want_norm: bool) -> Result<(Option<f64>, bool), TrainError> {
         let started_opt = Instant::now();
         let skipped = self.unscale()?;
-        let grad_norm = match (&self.zero, t.clip_grad_norm) {
+        let grad_norm = match (&self.zero, self.cfg.train.clip_grad_norm) {
             (Some(z), max) if max.is_some() || want_norm => Some(z.clip_grad_norm(self.comm, &self.opt, max)?),
             (Some(_), _) => None,
             (None, Some(max)) => Some(optim::clip_grad_norm(&self.params, max)?),
@@ -125,10 +146,7 @@ impl Trainer<'_> {
             z.gather_parameters(self.comm)?;
             self.timing.record(Phase::Communication, started);
         }
-        self.timing.step_done();
-        self.pos.global_step += 1;
-        self.pos.steps_in_shard += micro;
-        Ok(StepOutcome { loss: loss_sum / samples.max(1) as f64, samples, stop_votes, grad_norm, lr, skipped })
+        Ok((grad_norm, skipped))
     }
 
     /// fp16: divides the gradients this rank steps by the loss scale and says whether the step
