@@ -6,8 +6,8 @@
 //! ringrun, mpirun or srun start like `ringtrain` (examples/own_model/).
 
 use crate::config::Config;
-use crate::train::fault::Fault;
 use crate::launch::LaunchInfo;
+use crate::train::fault::Fault;
 use crate::{telemetry, train};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};

@@ -65,7 +65,6 @@ impl DataSpec for IdxSpec {
     }
 }
 
-
 const TYPE_U8: u8 = 0x08;
 
 #[derive(Debug, PartialEq)]

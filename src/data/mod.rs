@@ -245,7 +245,8 @@ impl<'de> Deserialize<'de> for DataConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let mut keys = serde_yaml::Mapping::deserialize(d)?;
-        let format: String = registry::take(&mut keys, "format").map_err(D::Error::custom)?.ok_or_else(|| D::Error::missing_field("format"))?;
+        let format: String =
+            registry::take(&mut keys, "format").map_err(D::Error::custom)?.ok_or_else(|| D::Error::missing_field("format"))?;
         let kind = FORMATS.get(&format).map_err(D::Error::custom)?;
         let prefetch_batches = registry::take(&mut keys, "prefetch_batches").map_err(D::Error::custom)?.unwrap_or(4);
         let workers = registry::take(&mut keys, "workers").map_err(D::Error::custom)?.unwrap_or(1);
@@ -268,4 +269,3 @@ impl Serialize for DataConfig {
 pub fn load(cfg: &DataConfig, ctx: &LoadContext) -> Result<Splits, DataError> {
     cfg.spec.load(ctx)
 }
-

@@ -146,10 +146,11 @@ impl Trainer<'_> {
             line["loss_scale"] = json!(s.current_scale()?);
             line["skipped_steps"] = json!(self.skipped_steps);
         }
-        let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu", "loss_scale"]
-            .iter()
-            .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
-            .collect();
+        let mut scalars: Vec<(String, f64)> =
+            ["loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu", "loss_scale"]
+                .iter()
+                .filter_map(|k| line[*k].as_f64().map(|v| (format!("train/{k}"), v)))
+                .collect();
         scalars.extend(phases.iter().map(|(p, ms)| (format!("step_ms/{p}"), *ms)));
         self.tb_scalars(&scalars);
         // Under ringrun's status line the per-step lines would only scroll it away.
@@ -260,7 +261,11 @@ impl Trainer<'_> {
         self.comm.all_reduce_sum(&mut total)?;
         let total = total[0] as u64;
         if a + b > 0 {
-            tracing::warn!("{total} unreadable image(s) skipped so far on all ranks ({} here), e.g. {}", a + b, first_a.or(first_b).unwrap_or_default());
+            tracing::warn!(
+                "{total} unreadable image(s) skipped so far on all ranks ({} here), e.g. {}",
+                a + b,
+                first_a.or(first_b).unwrap_or_default()
+            );
         } else if total > 0 && self.rank() == 0 {
             tracing::warn!("{total} unreadable image(s) skipped so far on all ranks");
         }

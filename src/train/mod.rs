@@ -36,11 +36,11 @@ use crate::comm::{CommError, Communicator};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
 use crate::ddp::{Ddp, DdpError};
-use fault::Fault;
 use crate::models::Model;
 use crate::optim::Optimizer;
 use crate::telemetry::Metrics;
 use breakdown::{peak_rss_mib, Breakdown};
+use fault::Fault;
 use position::Position;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -301,7 +301,8 @@ impl Trainer<'_> {
             seed: s.seed,
         };
         let prompt: Vec<i64> = s.prompt.bytes().map(i64::from).collect();
-        let block = self.cfg.model.spec.context_length().ok_or_else(|| TrainError::Startup("sample: the model has no context length".into()))?;
+        let block =
+            self.cfg.model.spec.context_length().ok_or_else(|| TrainError::Startup("sample: the model has no context length".into()))?;
         let new = crate::models::generate::generate(self.model.as_ref(), &prompt, block, self.device, &opts)?;
         Ok(decode_bytes(&prompt, &new))
     }

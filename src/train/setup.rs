@@ -5,11 +5,11 @@
 use super::breakdown::Breakdown;
 use super::position::{self, Position};
 use super::{agree, io_err, resume, tasks, TrainContext, TrainError, Trainer};
+use crate::config::Config;
 use crate::data::{self, DistributedSampler};
 use crate::ddp::{self, Ddp, DdpOptions, Zero};
 use crate::models;
 use crate::optim::Optimizer;
-use crate::config::Config;
 use crate::telemetry::Metrics;
 use tch::Tensor;
 
@@ -189,7 +189,11 @@ fn log_layout(cfg: &Config, ddp: &Ddp, world: usize, train_samples: usize) {
 }
 
 /// Autocast as libtorch reports it, and fp16's loss scaler.
-fn precision(cfg: &Config, resumed: Option<&crate::checkpoint::Meta>, device: tch::Device) -> Result<Option<crate::amp::GradScaler>, TrainError> {
+fn precision(
+    cfg: &Config,
+    resumed: Option<&crate::checkpoint::Meta>,
+    device: tch::Device,
+) -> Result<Option<crate::amp::GradScaler>, TrainError> {
     let t = &cfg.train;
     let scaler = grad_scaler(cfg, resumed, device)?;
     if t.precision.autocast_kind().is_some() {
@@ -201,14 +205,22 @@ fn precision(cfg: &Config, resumed: Option<&crate::checkpoint::Meta>, device: tc
     if t.precision == crate::amp::Precision::Fp16 && !device.is_cuda() {
         // Measured: the reference CNN trains two orders of magnitude slower in fp16 than in fp32 on a CPU
         // without AVX512-FP16, under PyTorch's CPU autocast too.
-        tracing::warn!("train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path");
+        tracing::warn!(
+            "train.precision fp16 on the CPU: libtorch's fp16 CPU kernels are slow (PyTorch's too); bf16 is the CPU's fast path"
+        );
     }
     Ok(scaler)
 }
 
 /// metrics.jsonl (rank 0), the sample log (tests), TensorBoard events (rank 0, best effort: a
 /// chart that cannot be written must not stop training).
-fn outputs(cfg: &Config, run_dir: &std::path::Path, rank: usize, sample_log: bool, resumed_step: Option<u64>) -> Result<Outputs, TrainError> {
+fn outputs(
+    cfg: &Config,
+    run_dir: &std::path::Path,
+    rank: usize,
+    sample_log: bool,
+    resumed_step: Option<u64>,
+) -> Result<Outputs, TrainError> {
     let metrics = Metrics::open((rank == 0).then(|| run_dir.join("metrics.jsonl")).as_deref()).map_err(io_err("metrics.jsonl"))?;
     let samples_file = match sample_log {
         true => {

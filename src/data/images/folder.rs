@@ -33,34 +33,39 @@ impl DataSpec for FolderSpec {
     }
 
     fn load(&self, ctx: &LoadContext) -> Result<Splits, DataError> {
-    let dir = self.dir.as_deref().expect("validated: image_folder has a dir");
-    let (train_classes, train) = scan(&dir.join("train"))?;
-    let test_dir = ["val", "test"]
-        .iter()
-        .map(|s| dir.join(s))
-        .find(|p| p.is_dir())
-        .ok_or_else(|| DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display())))?;
-    let (test_classes, test) = scan(&test_dir)?;
-    // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
-    if test_classes != train_classes {
-        return Err(DataError::Invalid(format!(
-            "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
-            test_dir.display(),
-            test_classes.len(),
-            train_classes.len()
-        )));
-    }
-    tracing::info!("image folder {}: {} classes, {} train and {} test images", dir.display(), train_classes.len(), train.len(), test.len());
-    let files = |v: Vec<(PathBuf, i64)>| {
-        let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
-        (Source::Files(paths), labels)
-    };
-    let (train, test, classes) = (files(train), files(test), train_classes.len());
-    let (transforms, corrupt) = (self.transforms.clone(), self.corrupt_images);
-    super::splits(Images { train, test, classes, transforms, normalize: None, corrupt }, ctx.seed)
+        let dir = self.dir.as_deref().expect("validated: image_folder has a dir");
+        let (train_classes, train) = scan(&dir.join("train"))?;
+        let test_dir = ["val", "test"]
+            .iter()
+            .map(|s| dir.join(s))
+            .find(|p| p.is_dir())
+            .ok_or_else(|| DataError::Invalid(format!("{}: no val/ or test/ folder beside train/ for evaluation", dir.display())))?;
+        let (test_classes, test) = scan(&test_dir)?;
+        // ImageFolder numbers each split's folders on its own: the same names or the labels differ.
+        if test_classes != train_classes {
+            return Err(DataError::Invalid(format!(
+                "{}: class folders differ from train/'s ({} vs {}): the class numbers would not match",
+                test_dir.display(),
+                test_classes.len(),
+                train_classes.len()
+            )));
+        }
+        tracing::info!(
+            "image folder {}: {} classes, {} train and {} test images",
+            dir.display(),
+            train_classes.len(),
+            train.len(),
+            test.len()
+        );
+        let files = |v: Vec<(PathBuf, i64)>| {
+            let (paths, labels): (Vec<PathBuf>, Vec<i64>) = v.into_iter().unzip();
+            (Source::Files(paths), labels)
+        };
+        let (train, test, classes) = (files(train), files(test), train_classes.len());
+        let (transforms, corrupt) = (self.transforms.clone(), self.corrupt_images);
+        super::splits(Images { train, test, classes, transforms, normalize: None, corrupt }, ctx.seed)
     }
 }
-
 
 /// Extensions read (lower-cased).
 pub const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];

@@ -9,7 +9,8 @@ use tch::{Kind, Reduction, TchError, Tensor};
 pub const KIND: super::TaskKind = super::TaskKind {
     name: "language_model",
     build: |model| {
-        let block_size = model.spec.context_length().ok_or_else(|| format!("model {} has no context length for language modelling", model.name))?;
+        let block_size =
+            model.spec.context_length().ok_or_else(|| format!("model {} has no context length for language modelling", model.name))?;
         Ok(Box::new(LanguageModel { block_size }))
     },
 };
