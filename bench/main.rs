@@ -134,7 +134,7 @@ fn allreduce(
         "auto" => Backend::Auto,
         other => anyhow::bail!("--backend {other}: expected ring, mpi, nccl or auto"),
     };
-    let mut pg = ringtrain::init(ringtrain::InitOptions {
+    let pg = ringtrain::init(ringtrain::InitOptions {
         backend,
         device,
         timeout_secs,
@@ -144,11 +144,11 @@ fn allreduce(
         log_file: None,
     })?;
     let device = pg.device();
-    let comm = pg.comm();
+    let mut comm = pg.comm();
     if comm.rank() == 0 {
         println!("# memcpy 100 MB, one process: {:.2} GB/s", ringtrain::internal::bench::memcpy_gbps(100 << 20));
     }
-    let (rows, shared) = ringtrain::internal::bench::all_reduce_sweep(comm, &sizes, iters, device, shared_buffers)?;
+    let (rows, shared) = ringtrain::internal::bench::all_reduce_sweep(&mut *comm, &sizes, iters, device, shared_buffers)?;
     if comm.rank() == 0 {
         let name = if shared { format!("{} (shared buffers)", comm.backend_name()) } else { comm.backend_name().to_string() };
         if shared_buffers && !shared {
@@ -157,6 +157,7 @@ fn allreduce(
         ringtrain::internal::bench::print_table(&name, comm.world_size(), &rows);
     }
     let wrong: usize = rows.iter().map(|r| r.wrong).sum();
+    drop(comm);
     pg.finish();
     anyhow::ensure!(wrong == 0, "{wrong} wrong elements");
     Ok(())

@@ -48,14 +48,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.batch_size == 0 {
         return Err("--batch-size must be at least 1".into());
     }
-    let mut pg = ringtrain::init(InitOptions::default())?;
+    let pg = ringtrain::init(InitOptions::default())?;
     let (rank, world) = (pg.rank(), pg.world_size());
 
     // Seeds may differ per rank: Ddp broadcasts rank 0's weights.
     tch::manual_seed(rank as i64);
     let vs = nn::VarStore::new(pg.device());
     let model = net(&vs.root());
-    let mut ddp = Ddp::from_var_store(&mut *pg, &vs, DdpOptions::default())?;
+    let mut ddp = Ddp::from_var_store(&pg, &vs, DdpOptions::default())?;
     let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
 
     let dir = &args.data;
@@ -79,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 ddp.zero_grad()?;
             }
-            ddp.backward(&mut *pg, &loss)?; // backward + averaged gradients
+            ddp.backward(&loss)?; // backward + averaged gradients
             opt.step();
             losses.push(loss.double_value(&[]));
         }

@@ -41,7 +41,7 @@ struct Args {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let mut pg = ringtrain::init(InitOptions::default())?;
+    let pg = ringtrain::init(InitOptions::default())?;
     let (rank, world, device) = (pg.rank(), pg.world_size(), pg.device());
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .add(nn::layer_norm(&root / "ln", vec![64], Default::default()))
         .add_fn(|x| x.gelu("none"))
         .add(nn::linear(&root / "fc2", 64, 4, Default::default()));
-    let mut ddp = Ddp::from_var_store(&mut *pg, &vs, DdpOptions::default())?;
+    let mut ddp = Ddp::from_var_store(&pg, &vs, DdpOptions::default())?;
     let cfg = OptimizerConfig {
         weight_decay: 0.1,
         weight_decay_1d: false, // nanoGPT's groups: biases and norm weights do not decay
@@ -63,8 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Resume: rank 0 reads the newest checkpoint, every rank receives it.
     let mut step = 0u64;
     if let Some(dir) = &args.checkpoints {
-        if let Some(c) = checkpoint::load_shared(&mut *pg, dir, device)? {
-            checkpoint::copy_into(&ddp.state(), &c.model, &c.path)?;
+        if let Some(c) = checkpoint::load_shared(&mut *pg.comm(), dir, device)? {
+            checkpoint::copy_into(&ddp.state()?, &c.model, &c.path)?;
             opt.load_state(&c.optimizer, c.meta.optimizer_steps)?;
             step = c.meta.user["step"].as_u64().ok_or("checkpoint without a step")?;
             if rank == 0 {
@@ -99,9 +99,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let b = data.batch(chunk, epoch)?.to_device(device)?;
             let loss = model.forward(&b.input).cross_entropy_for_logits(&b.target) / args.accum as f64;
             if m + 1 < args.accum as usize {
-                ddp.no_sync(|ddp| ddp.backward(&mut *pg, &loss))?; // accumulate locally
+                ddp.no_sync(|ddp| ddp.backward(&loss))?; // accumulate locally
             } else {
-                ddp.backward(&mut *pg, &loss)?; // all-reduce the accumulated sum
+                ddp.backward(&loss)?; // all-reduce the accumulated sum
             }
             loss_sum += loss.double_value(&[]);
         }
@@ -114,8 +114,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if let Some(dir) = args.checkpoints.as_ref().filter(|_| step % args.every == 0) {
             let meta = Meta::for_program(step, world, opt.name(), opt.steps_taken(), json!({"step": step}));
-            let state = ddp.state();
-            checkpoint::save_shared(&mut *pg, dir, 3, CheckpointData { meta, model: &state, optimizer: opt.state() })?;
+            let state = ddp.state()?;
+            checkpoint::save_shared(&mut *pg.comm(), dir, 3, CheckpointData { meta, model: &state, optimizer: opt.state() })?;
         }
     }
     println!("rank {rank}: step {step}, loss {last_loss:.4}, parameter hash {:016x}", ddp.state_hash()?);

@@ -39,13 +39,17 @@ pub fn resolve_backend(wanted: Backend, source: LaunchSource, cuda: bool, under_
 /// A joined group: the communicator, and MPI when it carried the ring's rendezvous.
 pub struct Group {
     pub comm: Box<dyn Communicator>,
+    pub runtime: Runtime,
+}
+
+/// What must outlive the communicator: MPI, when it carried the ring's rendezvous.
+pub struct Runtime {
     mpi: Option<MpiRuntime>,
 }
 
-impl Group {
-    /// Leaves cleanly after success (MPI_Finalize when MPI was used).
+impl Runtime {
+    /// Leaves cleanly after success (MPI_Finalize when MPI was used); the communicator is gone.
     pub fn finish(self) {
-        drop(self.comm);
         drop(self.mpi);
     }
 
@@ -88,7 +92,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
     match backend {
         Backend::Mpi => {
             let rt = runtime.expect("initialised above");
-            Ok(Group { comm: Box::new(MpiComm::new(rt, timeout)?), mpi: None })
+            Ok(Group { comm: Box::new(MpiComm::new(rt, timeout)?), runtime: Runtime { mpi: None } })
         }
         Backend::Ring | Backend::Nccl => {
             if let Some(rt) = &runtime {
@@ -98,7 +102,7 @@ pub fn join(cfg: &CommConfig, launch: &mut LaunchInfo, env: &HashMap<String, Str
             }
             let joined = if backend == Backend::Nccl { nccl(launch, timeout, device) } else { ring(launch, timeout, cfg, env) };
             match joined {
-                Ok(comm) => Ok(Group { comm: strict_if_asked(comm, env, device), mpi: runtime }),
+                Ok(comm) => Ok(Group { comm: strict_if_asked(comm, env, device), runtime: Runtime { mpi: runtime } }),
                 Err(e) => {
                     std::mem::forget(runtime);
                     Err(e)

@@ -5,35 +5,45 @@
 //! the same pieces a program of your own uses.
 //!
 //! # Use it as a library
+//! The five names a loop needs (examples/ddp_minimal.rs):
 //! ```no_run
+//! use ringtrain::data::DistributedSampler;
 //! use ringtrain::{Ddp, DdpOptions, InitOptions};
 //! use tch::nn::{self, Module, OptimizerConfig};
+//! use tch::{Kind, Tensor};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // Rank, world size and rendezvous from ringrun / torchrun / mpirun / srun (or a lone process).
-//!     let mut pg = ringtrain::init(InitOptions::default())?;
-//!     tch::manual_seed(0);
-//!     let vs = nn::VarStore::new(pg.device());
-//!     let net = nn::seq().add(nn::linear(vs.root() / "fc1", 784, 128, Default::default()))
-//!         .add_fn(|x| x.relu()).add(nn::linear(vs.root() / "fc2", 128, 10, Default::default()));
-//!     // Checks every rank built the same model, broadcasts rank 0's weights, sets up buckets.
-//!     let mut ddp = Ddp::from_var_store(&mut *pg, &vs, DdpOptions::default())?;
-//!     let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
-//!     let sampler = ringtrain::data::DistributedSampler::new(60_000, pg.world_size(), pg.rank(), true, 0, false);
-//!     # let (x, y) = (tch::Tensor::zeros([64, 784], tch::kind::FLOAT_CPU), tch::Tensor::zeros([64], tch::kind::INT64_CPU));
-//!     for _step in 0..100 {
-//!         // ... this rank's batch from sampler.indices() ...
-//!         let loss = net.forward(&x).cross_entropy_for_logits(&y);
-//!         ddp.zero_grad()?;
-//!         ddp.backward(&mut *pg, &loss)?; // backward + bucketed all-reduce, overlapped
-//!         opt.step();
+//!     // Rank, world size and rendezvous from ringrun, torchrun, mpirun or srun (alone: a group of one).
+//!     let pg = ringtrain::init(InitOptions::default())?;
+//!     let dev = pg.device();
+//!     tch::manual_seed(0); // the same 4096 points on every rank, labelled by a fixed linear rule
+//!     let x = Tensor::randn([4096, 16], (Kind::Float, dev));
+//!     let y = x.matmul(&Tensor::randn([16, 4], (Kind::Float, dev))).argmax(1, false);
+//!     let vs = nn::VarStore::new(dev);
+//!     let fc1 = nn::linear(vs.root() / "fc1", 16, 64, Default::default());
+//!     let fc2 = nn::linear(vs.root() / "fc2", 64, 4, Default::default());
+//!     let net = nn::seq().add(fc1).add_fn(|t| t.relu()).add(fc2);
+//!     let mut ddp = Ddp::from_var_store(&pg, &vs, DdpOptions::default())?; // rank 0's weights everywhere
+//!     let mut opt = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.05)?;
+//!     let mut sampler = DistributedSampler::new(4096, pg.world_size(), pg.rank(), true, 0, false);
+//!     for epoch in 0..5 {
+//!         sampler.set_epoch(epoch); // this rank's share of a new shuffle
+//!         for batch in sampler.indices().chunks(64) {
+//!             let idx = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(dev);
+//!             let loss = net.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
+//!             ddp.zero_grad()?;
+//!             ddp.backward(&loss)?; // backward, gradients averaged across ranks as they are ready
+//!             opt.step();
+//!         }
 //!     }
+//!     let acc = net.forward(&x).accuracy_for_logits(&y).double_value(&[]);
+//!     println!("rank {}: accuracy {:.1}%, parameter hash {:016x}", pg.rank(), 100.0 * acc, ddp.state_hash()?);
 //!     pg.finish();
 //!     Ok(())
 //! }
 //! ```
-//! The pieces: [`init`] → [`ProcessGroup`]; [`Ddp`] (`backward`, `no_sync`, `zero_grad`,
-//! `sync_buffers`, `state_hash`); [`optim`] (SGD/Adam/AdamW with PyTorch's rules, schedules,
+//! The pieces: [`init`] → [`ProcessGroup`]; [`Ddp`] (holds the group's communicator; `backward`,
+//! `no_sync`, `zero_grad`, `sync_buffers`, `state_hash`); [`optim`] (SGD/Adam/AdamW with PyTorch's rules, schedules,
 //! `clip_grad_norm`); [`data::DistributedSampler`]; [`checkpoint::save_shared`] /
 //! [`checkpoint::load_shared`]; [`telemetry::Metrics`] (rank 0's metrics.jsonl).
 //!
@@ -54,8 +64,10 @@
 //! - [`train`] — the `ringtrain` binary's loop on the pieces above; the `Task` seam.
 //! - [`config`] — the YAML config: serde structs, validation, `--set` overrides.
 //! - [`telemetry`] — logging with the rank in every line, metrics.jsonl, progress.
-//! - [`internal`] — what only the binaries use (worker job, launcher supervision, benchmark,
-//!   fault injection); not a stable API.
+//! - [`registry`] — kinds chosen by name in the config: models, data formats, tasks.
+//! - [`worker`] — the `ringtrain` worker whole, for programs that register their own kinds.
+//! - [`internal`] — what only the binaries use (launcher supervision, status line, benchmark,
+//!   `sample`); not a stable API, and no library module imports it.
 //! - `group` — joining: backend choice and rendezvous under ringrun, mpirun, srun.
 //! - `wire` — little-endian framing shared by the store and the ring; `auth` — their
 //!   challenge-response on the job token (HMAC-SHA256; the token never crosses the wire).

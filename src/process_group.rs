@@ -2,9 +2,9 @@
 //! is (ringrun / torchrun, mpirun, srun, or a lone process), which device it computes on, and a
 //! communicator every rank shares.
 
-use crate::comm::Communicator;
+use crate::comm::{AsComm, CommGuard, CommHandle};
 use crate::config::{Backend, CommConfig, DeviceChoice, LocalTransport};
-use crate::group::Group;
+use crate::group::Runtime;
 use crate::launch::{LaunchError, LaunchInfo, LaunchSource};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,7 +60,9 @@ pub enum InitError {
 pub struct ProcessGroup {
     launch: LaunchInfo,
     device: tch::Device,
-    group: Option<Group>,
+    /// The communicator, shared with every `Ddp` built from this group.
+    comm: CommHandle,
+    runtime: Option<Runtime>,
 }
 
 /// Joins the group described by this process's environment (`RANK`, `WORLD_SIZE`,
@@ -103,7 +105,7 @@ pub fn init_from_env(env: &HashMap<String, String>, opts: InitOptions) -> Result
         backend: opts.backend,
         detail: crate::telemetry::error_text(&e),
     })?;
-    Ok(ProcessGroup { launch, device, group: Some(group) })
+    Ok(ProcessGroup { launch, device, comm: CommHandle::new(group.comm), runtime: Some(group.runtime) })
 }
 
 impl ProcessGroup {
@@ -143,35 +145,45 @@ impl ProcessGroup {
         self.launch.restart_count
     }
 
-    /// The collectives: all_reduce, broadcast, all_gather, barrier.
-    pub fn comm(&mut self) -> &mut (dyn Communicator + 'static) {
-        self.group.as_mut().expect("the group is held until finish").comm.as_mut()
+    /// The collectives (all_reduce, broadcast, all_gather, barrier), borrowed for the calls that
+    /// follow: `pg.comm().barrier()?`.
+    pub fn comm(&self) -> CommGuard<'_> {
+        self.comm.lock()
     }
 
-    /// Leaves cleanly after success (MPI_Finalize where MPI was used).
+    /// The shared handle on the communicator (what `Ddp` keeps).
+    pub fn handle(&self) -> CommHandle {
+        self.comm.clone()
+    }
+
+    /// Leaves cleanly after success (MPI_Finalize where MPI was used). A `Ddp` still holding
+    /// the communicator can no longer use it.
     pub fn finish(mut self) {
-        if let Some(g) = self.group.take() {
-            g.finish();
+        drop(self.comm.close());
+        if let Some(r) = self.runtime.take() {
+            r.finish();
         }
     }
 
     /// Leaves after a failure without waiting for ranks that may be gone (no MPI_Finalize).
     pub fn abandon(mut self) {
-        if let Some(g) = self.group.take() {
-            g.abandon();
+        std::mem::forget(self.comm.close());
+        if let Some(r) = self.runtime.take() {
+            r.abandon();
         }
     }
 }
 
-impl std::ops::Deref for ProcessGroup {
-    type Target = dyn Communicator;
-    fn deref(&self) -> &Self::Target {
-        self.group.as_ref().expect("the group is held until finish").comm.as_ref()
+impl AsComm for ProcessGroup {
+    fn comm_handle(&self) -> CommHandle {
+        self.comm.clone()
     }
 }
 
-impl std::ops::DerefMut for ProcessGroup {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.comm()
+impl Drop for ProcessGroup {
+    /// Dropped without `finish`: the communicator closes before MPI ends, whoever still holds it.
+    fn drop(&mut self) {
+        drop(self.comm.close());
+        drop(self.runtime.take());
     }
 }

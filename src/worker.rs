@@ -150,11 +150,15 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
         logging: false,
         log_file: None,
     };
-    let mut pg = crate::init_from_env(&env, opts)?;
+    let pg = crate::init_from_env(&env, opts)?;
     let device = pg.device();
     tracing::info!("device {device:?}");
-    let comm = pg.comm();
-    tracing::info!("joined: backend {}, {} rank(s), {threads} compute thread(s)", comm.backend_name(), comm.world_size());
+    let comm = pg.handle();
+    let (backend, world) = {
+        let c = comm.lock();
+        (c.backend_name(), c.world_size())
+    };
+    tracing::info!("joined: backend {backend}, {world} rank(s), {threads} compute thread(s)");
     let sample_log = std::env::var_os("RINGTRAIN_SAMPLE_LOG").is_some();
     match train::run(train::TrainContext { cfg: &cfg, comm, run_dir: &run_dir, fault, resume, stop, sample_log, device }) {
         Ok(summary) => {

@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use ringtrain::checkpoint::{self, CheckpointData, Meta};
-use ringtrain::comm::Communicator;
 use ringtrain::{Ddp, DdpOptions};
 use std::time::Duration;
 use tch::{Kind, Tensor};
@@ -25,20 +24,18 @@ fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
 
 #[test]
 fn replicas_buffers_unused_parameters_and_replaced_gradients() {
-    let results = with_ring(2, Duration::from_secs(20), |rank, comm| {
+    let results = with_group(2, Duration::from_secs(20), |rank, comm| {
         let (params, buffers) = state(rank);
-        let mut ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
+        let mut ddp = Ddp::new(&comm, params, buffers, DdpOptions::default()).unwrap();
         // Rank 0's values everywhere, the i64 buffer kept in its dtype.
         let nbt = &ddp.named_buffers()[1].1;
         assert_eq!((nbt.kind(), nbt.int64_value(&[])), (Kind::Int64, 7));
         let hash0 = ddp.state_hash().unwrap();
 
-        // Rank 0 updates its running statistics; sync_buffers (before each forward) spreads them.
-        if rank == 0 {
-            let _ = ddp.named_buffers()[0].1.shallow_clone().fill_(2.25);
-            let _ = ddp.named_buffers()[1].1.shallow_clone().fill_(8);
-        }
-        ddp.sync_buffers(comm).unwrap();
+        // Each rank's forward updates its running statistics (rank 0's to 2.25); the next
+        // synchronising backward leaves rank 0's on every rank, as DDP's next forward would.
+        let _ = ddp.named_buffers()[0].1.shallow_clone().fill_(if rank == 0 { 2.25 } else { 9.0 });
+        let _ = ddp.named_buffers()[1].1.shallow_clone().fill_(8 + rank as i64);
 
         // A loss that leaves `unused.weight` without a gradient, different data on each rank:
         // the overlapped reduce must not wait for it.
@@ -47,7 +44,7 @@ fn replicas_buffers_unused_parameters_and_replaced_gradients() {
         for _ in 0..3 {
             ddp.zero_grad().unwrap();
             let loss = w.matmul(&x).sum(Kind::Float);
-            ddp.backward(comm, &loss).unwrap();
+            ddp.backward(&loss).unwrap();
         }
         let g_used = Vec::<f32>::try_from(&w.grad().view([-1])).unwrap();
         let g_unused = Vec::<f32>::try_from(&ddp.named_parameters()[1].1.grad()).unwrap();
@@ -61,23 +58,24 @@ fn replicas_buffers_unused_parameters_and_replaced_gradients() {
     assert_eq!(b.2, vec![1.5; 6]);
     assert_eq!(a.3, vec![0.0; 4]);
     assert_eq!(b.4, vec![2.25; 3], "rank 0's buffers reach rank 1");
+    assert_eq!(a.4, vec![2.25; 3], "rank 0 keeps its own");
 }
 
 #[test]
 fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
     use tch::nn::OptimizerConfig;
-    let results = with_ring(2, Duration::from_secs(20), |rank, comm| {
+    let results = with_group(2, Duration::from_secs(20), |rank, comm| {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let w = vs.root().var_copy("w", &(Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]) + rank as f64));
         let mut opt = tch::nn::Sgd::default().build(&vs, 0.0).unwrap();
-        let mut ddp = Ddp::from_var_store(comm, &vs, DdpOptions::default()).unwrap();
+        let mut ddp = Ddp::from_var_store(&comm, &vs, DdpOptions::default()).unwrap();
         let x = Tensor::full([3], rank as f64 + 1.0, tch::kind::FLOAT_CPU);
-        ddp.backward(comm, &w.matmul(&x).sum(Kind::Float)).unwrap();
+        ddp.backward(&w.matmul(&x).sum(Kind::Float)).unwrap();
         // tch's zero_grad sets every gradient to None: without the check, the next backward
         // would make a fresh local gradient that no all-reduce touches.
         opt.zero_grad();
         assert!(!w.grad().defined());
-        ddp.backward(comm, &w.matmul(&x).sum(Kind::Float)).unwrap();
+        ddp.backward(&w.matmul(&x).sum(Kind::Float)).unwrap();
         (ddp.reattached_grads(), Vec::<f32>::try_from(&w.grad().view([-1])).unwrap())
     });
     for (reattached, grad) in &results {
@@ -91,21 +89,29 @@ fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
 fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let results = with_ring(2, Duration::from_secs(20), move |rank, comm| {
+    let results = with_group(2, Duration::from_secs(20), move |rank, comm| {
         let (params, buffers) = state(rank);
-        let ddp = Ddp::new(comm, params, buffers, DdpOptions::default()).unwrap();
-        let meta = Meta::for_program(5, comm.world_size(), "sgd", 5, serde_json::json!({"epoch": 3, "note": "mine"}));
+        let ddp = Ddp::new(&comm, params, buffers, DdpOptions::default()).unwrap();
+        let meta = Meta::for_program(5, comm.lock().world_size(), "sgd", 5, serde_json::json!({"epoch": 3, "note": "mine"}));
         let opt = vec![("used.weight.momentum_buffer".to_string(), Tensor::full([2, 3], 0.25, tch::kind::FLOAT_CPU))];
-        let st = ddp.state();
-        checkpoint::save_shared(comm, &path, 2, CheckpointData { meta, model: &st, optimizer: opt }).unwrap();
-        let c = checkpoint::load_shared(comm, &path, tch::Device::Cpu).unwrap().expect("a checkpoint");
+        let st = ddp.state().unwrap();
+        checkpoint::save_shared(&mut *comm.lock(), &path, 2, CheckpointData { meta, model: &st, optimizer: opt }).unwrap();
+        let c = checkpoint::load_shared(&mut *comm.lock(), &path, tch::Device::Cpu).unwrap().expect("a checkpoint");
         let nbt = c.model.iter().find(|(n, _)| n == "bn.num_batches_tracked").unwrap().1.shallow_clone();
         // Hashes in name order (safetensors files list tensors sorted by name).
         let sorted = |mut v: Vec<(String, Tensor)>| {
             v.sort_by(|a, b| a.0.cmp(&b.0));
             ringtrain::ddp::parameter_hash(&v).unwrap()
         };
-        (c.meta.global_step, c.meta.user.clone(), nbt.kind(), nbt.int64_value(&[]), sorted(c.model), sorted(ddp.state()), c.optimizer.len())
+        (
+            c.meta.global_step,
+            c.meta.user.clone(),
+            nbt.kind(),
+            nbt.int64_value(&[]),
+            sorted(c.model),
+            sorted(ddp.state().unwrap()),
+            c.optimizer.len(),
+        )
     });
     for r in &results {
         assert_eq!(r.0, 5);

@@ -136,3 +136,31 @@ fn a_model_and_a_data_format_added_as_one_file_each_train_under_ringrun() {
     stock.assert_failure();
     assert!(stock.stderr.contains("unknown model `wide_relu` (known: mlp, cnn, gpt"), "{}", stock.report());
 }
+
+/// The README's smallest program is examples/ddp_minimal.rs, word for word, under 40 lines and
+/// five ringtrain names; under ringrun both ranks learn the rule and end with one set of weights.
+#[test]
+fn the_readmes_five_name_program_runs_under_ringrun() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = std::fs::read_to_string(root.join("examples/ddp_minimal.rs")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains(&format!("```rust\n{file}```")), "README's library example differs from examples/ddp_minimal.rs");
+    assert!(file.lines().count() < 40, "{} lines", file.lines().count());
+    let names: std::collections::BTreeSet<&str> =
+        ["ringtrain::init", "InitOptions", "Ddp", "DdpOptions", "DistributedSampler"].into_iter().collect();
+    let imported: Vec<&str> = file.lines().filter(|l| l.starts_with("use ringtrain")).collect();
+    assert_eq!(imported, ["use ringtrain::data::DistributedSampler;", "use ringtrain::{Ddp, DdpOptions, InitOptions};"]);
+    assert_eq!(file.matches("ringtrain::").count(), 3, "only init beyond the imports");
+    assert_eq!(names.len(), 5);
+
+    let out = run(ringrun_example("ddp_minimal", &[]), Duration::from_secs(120));
+    out.assert_success();
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| l.contains("accuracy ")).collect();
+    assert_eq!(lines.len(), 2, "{}", out.report());
+    let hashes: Vec<&str> = lines.iter().map(|l| l.rsplit("parameter hash ").next().unwrap().trim()).collect();
+    assert_eq!(hashes[0], hashes[1], "replicas differ\n{}", out.report());
+    for l in &lines {
+        let acc: f64 = l.split("accuracy ").nth(1).and_then(|s| s.split('%').next()).and_then(|s| s.parse().ok()).unwrap();
+        assert!(acc > 85.0, "{l}\n{}", out.report());
+    }
+}

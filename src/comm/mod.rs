@@ -8,6 +8,7 @@
 //! - Asking for a backend that is not built in is a `CommError::NotBuilt`, never a panic.
 
 mod elem;
+mod handle;
 mod hier;
 mod link;
 pub mod mpi;
@@ -20,6 +21,7 @@ mod shm;
 pub mod strict;
 mod tensor;
 
+pub use handle::{AsComm, CommGuard, CommHandle};
 pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
 pub use strict::StrictDevice;

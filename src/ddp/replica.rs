@@ -14,6 +14,9 @@ pub enum DdpError {
     Comm(#[from] CommError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// An earlier collective failed midway: the replicas may differ.
+    #[error("ddp: an earlier collective failed ({0}); the replicas may differ, so nothing more is computed or saved from them: restart from a checkpoint")]
+    Poisoned(String),
 }
 
 fn describe(name: &str, t: &Tensor) -> String {

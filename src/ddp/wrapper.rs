@@ -2,17 +2,27 @@
 //!
 //! ```text
 //! Ddp::new        replica check (names, shapes, dtypes on every rank) → broadcast rank 0's
-//!                 parameters and buffers → buckets, gradients attached to them
-//! sync_buffers    before each forward: rank 0's buffers to everyone (broadcast_buffers=True)
+//!                 parameters and buffers → buckets, gradients attached to them; keeps the
+//!                 group's communicator handle
 //! backward        re-attach replaced gradients → loss.backward() with each bucket all-reduced
-//!                 as soon as it is ready → averaged gradients on every rank
+//!                 as soon as it is ready → averaged gradients on every rank → rank 0's buffers
+//!                 to everyone (broadcast_buffers=True)
 //! no_sync         backward accumulates locally, no communication (gradient accumulation)
 //! zero_grad       in place; the gradients stay inside the buckets
 //! ```
+//!
+//! DDP broadcasts buffers (BatchNorm's statistics) at the start of each forward that follows a
+//! synchronising backward; sending them right after that backward instead gives the next forward
+//! the same values, and evaluation and checkpoints between steps see rank 0's buffers on every
+//! rank, the ones that get saved.
+//!
+//! A collective that fails poisons the `Ddp`: peers may have written partial sums into its
+//! buckets, so its gradients, parameters and buffers may differ between ranks. Every later call
+//! returns the error instead of computing or saving a mixed state.
 
 use super::reducer::{Reducer, ReducerOptions};
 use super::{parameter_hash, sync_replicas, DdpError};
-use crate::comm::Communicator;
+use crate::comm::{AsComm, CommHandle, Communicator};
 use std::time::Instant;
 use tch::{nn::VarStore, Tensor};
 
@@ -27,7 +37,8 @@ pub struct DdpOptions {
     pub overlap: bool,
     /// Gradients travel as bf16 (half the bytes; less precision).
     pub reduce_bf16: bool,
-    /// `sync_buffers` broadcasts rank 0's buffers (DDP's `broadcast_buffers=True`).
+    /// Rank 0's buffers go to every rank after each synchronising backward (DDP's
+    /// `broadcast_buffers=True`).
     pub broadcast_buffers: bool,
     /// ZeRO-1: gradients are reduce-scattered instead of all-reduced, so each rank holds the
     /// average of its shard only; pair with `Zero` (see `ddp::zero`), which steps the shards.
@@ -59,6 +70,9 @@ impl Default for DdpOptions {
 }
 
 pub struct Ddp {
+    comm: CommHandle,
+    /// Why the replicas can no longer be trusted: a collective failed midway.
+    poisoned: Option<String>,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
     reducer: Reducer,
@@ -86,11 +100,14 @@ impl Ddp {
     /// Wraps `params` (trainable, f32) and `buffers` (any dtype, no gradient), in an order that
     /// must be the same on every rank. Checks the replicas agree and broadcasts rank 0's values.
     pub fn new(
-        comm: &mut dyn Communicator,
+        group: &impl AsComm,
         params: Vec<(String, Tensor)>,
         buffers: Vec<(String, Tensor)>,
         opts: DdpOptions,
     ) -> Result<Ddp, DdpError> {
+        let handle = group.comm_handle();
+        let mut guard = handle.lock();
+        let comm: &mut dyn Communicator = &mut *guard;
         let mut seen = std::collections::HashSet::new();
         if let Some((n, _)) = params.iter().chain(&buffers).find(|(n, _)| !seen.insert(n.as_str())) {
             return Err(DdpError::Unsupported(format!("`{n}` is listed twice (a tied weight must appear once)")));
@@ -114,13 +131,14 @@ impl Ddp {
         };
         let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let reducer = Reducer::new(comm, &params_only, &reducer_opts)?;
-        Ok(Ddp { params, buffers, reducer, opts, sync: true, warned_reattach: false })
+        drop(guard);
+        Ok(Ddp { comm: handle, poisoned: None, params, buffers, reducer, opts, sync: true, warned_reattach: false })
     }
 
     /// Wraps a `tch::nn::VarStore`: trainable variables are parameters, the others buffers
     /// (e.g. BatchNorm's running statistics), each sorted by name — a VarStore keeps them in a
     /// HashMap, whose order differs between processes.
-    pub fn from_var_store(comm: &mut dyn Communicator, vs: &VarStore, opts: DdpOptions) -> Result<Ddp, DdpError> {
+    pub fn from_var_store(group: &impl AsComm, vs: &VarStore, opts: DdpOptions) -> Result<Ddp, DdpError> {
         let mut params = Vec::new();
         let mut buffers = Vec::new();
         for (name, t) in vs.variables() {
@@ -132,12 +150,13 @@ impl Ddp {
         }
         params.sort_by(|a, b| a.0.cmp(&b.0));
         buffers.sort_by(|a, b| a.0.cmp(&b.0));
-        Ddp::new(comm, params, buffers, opts)
+        Ddp::new(group, params, buffers, opts)
     }
 
-    /// Backward of `loss`, then (unless inside `no_sync`) gradients averaged across ranks.
-    pub fn backward(&mut self, comm: &mut dyn Communicator, loss: &Tensor) -> Result<(), DdpError> {
-        self.backward_with(comm, 0.0, || loss.f_backward()).map(|_| ())
+    /// Backward of `loss`, then (unless inside `no_sync`) gradients averaged across ranks and
+    /// rank 0's buffers on every rank.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<(), DdpError> {
+        self.backward_with(0.0, || loss.f_backward()).map(|_| ())
     }
 
     /// As `backward`, with the backward pass given as a closure and a control value every rank
@@ -145,18 +164,42 @@ impl Ddp {
     /// last bucket, so a vote (e.g. "stop after this step") costs no extra collective. The sum
     /// goes through the gradients' pre-division by the world size: read it as a vote (> 0), not
     /// an exact count (and coarsely with bf16 reduction).
-    pub fn backward_with(
-        &mut self,
-        comm: &mut dyn Communicator,
-        control: f32,
-        backward: impl FnOnce() -> Result<(), tch::TchError>,
-    ) -> Result<f32, DdpError> {
+    pub fn backward_with(&mut self, control: f32, backward: impl FnOnce() -> Result<(), tch::TchError>) -> Result<f32, DdpError> {
+        self.healthy()?;
         self.reattach()?;
         if !self.sync {
             backward()?;
             return Ok(0.0);
         }
-        self.reducer.backward_and_reduce(comm, control, backward)
+        let handle = self.comm.clone();
+        let mut comm = handle.lock();
+        let votes = self.reducer.backward_and_reduce(&mut *comm, control, backward);
+        let votes = self.poison_on_failure(votes)?;
+        let synced = self.broadcast_buffers(&mut *comm);
+        self.poison_on_failure(synced)?;
+        Ok(votes)
+    }
+
+    /// The error, unless an earlier collective poisoned this `Ddp`.
+    pub fn healthy(&self) -> Result<(), DdpError> {
+        match &self.poisoned {
+            None => Ok(()),
+            Some(why) => Err(DdpError::Poisoned(why.clone())),
+        }
+    }
+
+    /// A collective's result; its failure (not a libtorch error in the backward closure, which
+    /// communicates nothing) poisons this `Ddp`.
+    fn poison_on_failure<T>(&mut self, r: Result<T, DdpError>) -> Result<T, DdpError> {
+        if let Err(DdpError::Comm(e)) = &r {
+            self.poisoned = Some(e.to_string());
+        }
+        r
+    }
+
+    /// The communicator this `Ddp` talks through (the one it was built with).
+    pub fn comm(&self) -> &CommHandle {
+        &self.comm
     }
 
     /// Runs `f` with gradient synchronisation off (PyTorch's `no_sync()`): backward passes in it
@@ -179,13 +222,21 @@ impl Ddp {
     /// them to None (repaired at the next backward, with a warning, where gradients live in the
     /// buckets).
     pub fn zero_grad(&mut self) -> Result<(), DdpError> {
+        self.healthy()?;
         self.reattach()?;
         self.reducer.zero_grad()
     }
 
     /// Broadcasts rank 0's buffers to every rank (when `broadcast_buffers` is on and there are
-    /// buffers); call before each forward, as DDP does inside its forward.
-    pub fn sync_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+    /// buffers). `backward` does it; call it after changing buffers outside a training step.
+    pub fn sync_buffers(&mut self) -> Result<(), DdpError> {
+        self.healthy()?;
+        let handle = self.comm.clone();
+        let r = self.broadcast_buffers(&mut *handle.lock());
+        self.poison_on_failure(r)
+    }
+
+    fn broadcast_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
         if !self.opts.broadcast_buffers || self.buffers.is_empty() || (comm.world_size() == 1 && !self.opts.force_collectives) {
             return Ok(());
         }
@@ -249,14 +300,16 @@ impl Ddp {
         self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
     }
 
-    /// Parameters then buffers, the order checkpoints and hashes use.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().chain(&self.buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    /// Parameters then buffers, the order checkpoints and hashes use; refused once a failed
+    /// collective has left them possibly different between ranks.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>, DdpError> {
+        self.healthy()?;
+        Ok(self.params.iter().chain(&self.buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
     }
 
     /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas.
-    pub fn state_hash(&self) -> Result<u64, tch::TchError> {
-        parameter_hash(&self.state())
+    pub fn state_hash(&self) -> Result<u64, DdpError> {
+        Ok(parameter_hash(&self.state()?)?)
     }
 
     /// Start and end of each bucket's all-reduce in the last synchronising backward.
@@ -363,9 +416,9 @@ mod tests {
                     let store = &store;
                     s.spawn(move || {
                         let count = Arc::new(AtomicUsize::new(0));
-                        let mut comm = Counting { inner: ring(store, rank, 2), broadcasts: count.clone(), reduces: Arc::default() };
+                        let comm = Counting { inner: ring(store, rank, 2), broadcasts: count.clone(), reduces: Arc::default() };
                         let bufs = buffers(1.0);
-                        let ddp = Ddp::new(&mut comm, params(), bufs, DdpOptions::default()).unwrap();
+                        let mut ddp = Ddp::new(&CommHandle::new(Box::new(comm)), params(), bufs, DdpOptions::default()).unwrap();
                         // Diverge after the replica check: rank 1's statistics drift.
                         if rank == 1 {
                             for (_, b) in &ddp.buffers {
@@ -373,7 +426,7 @@ mod tests {
                             }
                         }
                         count.store(0, Ordering::SeqCst);
-                        ddp.sync_buffers(&mut comm).unwrap();
+                        ddp.sync_buffers().unwrap();
                         let after: Vec<(String, Tensor)> = ddp.buffers.iter().map(|(n, b)| (n.clone(), b.copy())).collect();
                         (count.load(Ordering::SeqCst), after)
                     })
@@ -397,15 +450,17 @@ mod tests {
         for (force, want) in [(false, 0), (true, 2)] {
             let store = MemoryStore::default();
             let (count, reduces) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let mut comm = Counting { inner: ring(&store, 0, 1), broadcasts: count.clone(), reduces: reduces.clone() };
+            let comm = Counting { inner: ring(&store, 0, 1), broadcasts: count.clone(), reduces: reduces.clone() };
             let opts = DdpOptions { force_collectives: force, ..DdpOptions::default() };
-            let mut ddp = Ddp::new(&mut comm, params(), buffers(1.0), opts).unwrap();
+            let mut ddp = Ddp::new(&CommHandle::new(Box::new(comm)), params(), buffers(1.0), opts).unwrap();
             count.store(0, Ordering::SeqCst);
-            ddp.sync_buffers(&mut comm).unwrap();
+            ddp.sync_buffers().unwrap();
             assert_eq!(count.load(Ordering::SeqCst), want, "force_collectives {force}");
             let w = ddp.named_parameters()[0].1.shallow_clone();
             let loss = (&w * &w).sum(Kind::Float);
-            ddp.backward(&mut comm, &loss).unwrap();
+            ddp.backward(&loss).unwrap();
+            // The synchronising backward broadcast the buffers too (forced: one per dtype again).
+            assert_eq!(count.load(Ordering::SeqCst), 2 * want, "buffers after backward, force_collectives {force}");
             assert_eq!(reduces.load(Ordering::SeqCst) > 0, force, "bucket all-reduce with force_collectives {force}");
             assert!(w.grad().equal(&(&w * 2.0)), "force_collectives {force}: gradient {:?}", w.grad());
         }

@@ -52,7 +52,7 @@ impl Trainer<'_> {
 
     /// The sampler's order for this rank from where the position stands.
     fn begin_epoch(&mut self) -> Result<EpochRun, TrainError> {
-        let (rank, world) = (self.rank(), self.comm.world_size());
+        let (rank, world) = (self.rank(), self.comm().world_size());
         let cfg = self.cfg;
         let t = &cfg.train;
         let epoch = self.pos.epoch;
@@ -61,7 +61,7 @@ impl Trainer<'_> {
         let batches_in_shard = indices.len().div_ceil(t.batch_size) as u64;
         // Equal data means equal step counts; a rank that would take a different number of
         // steps would leave the others waiting in a collective, so it is an error here instead.
-        agree(self.comm, "steps in this epoch", batches_in_shard.to_string().as_bytes())?;
+        agree(&mut *self.comm(), "steps in this epoch", batches_in_shard.to_string().as_bytes())?;
         if batches_in_shard == 0 && self.pos.epoch_base == 0 {
             return Err(TrainError::Disagree(format!(
                 "no training batches: {} samples over {world} ranks with drop_last={}",
@@ -130,7 +130,7 @@ impl Trainer<'_> {
         // Every rank's phase means over the logging window: TensorBoard (rank 0) and ringrun's
         // status line (the slowest rank).
         let phases = self.timing.take_window();
-        let rate = (run.window.1 * self.comm.world_size()) as f64 / run.window.0.elapsed().as_secs_f64().max(1e-9);
+        let rate = (run.window.1 * self.comm().world_size()) as f64 / run.window.0.elapsed().as_secs_f64().max(1e-9);
         if self.status_line {
             self.emit_status(out, rate, &phases, run.batches_in_shard);
         }
@@ -201,7 +201,7 @@ impl Trainer<'_> {
 
     /// The epoch's end: its checkpoint, mean loss over all ranks, evaluation, and its line.
     fn end_epoch(&mut self, run: EpochRun) -> Result<EpochSummary, TrainError> {
-        let (rank, world, epoch) = (self.rank(), self.comm.world_size(), run.epoch);
+        let (rank, world, epoch) = (self.rank(), self.comm().world_size(), run.epoch);
         if run.complete {
             self.pos.epoch += 1;
             self.pos.epoch_base = 0;
@@ -219,7 +219,7 @@ impl Trainer<'_> {
         }
         // Mean training loss over all ranks' samples.
         let mut acc = [run.loss_sum as f32, run.samples as f32];
-        self.comm.all_reduce_sum(&mut acc)?;
+        self.comm().all_reduce_sum(&mut acc)?;
         let train_loss = if acc[1] > 0.0 { (acc[0] / acc[1]) as f64 } else { f64::NAN };
         let test = match self.cfg.train.eval && !self.stopped {
             true => Some(self.evaluate_test()?),
@@ -258,7 +258,7 @@ impl Trainer<'_> {
         let ((a, first_a), (b, first_b)) = (self.splits.train.skipped(), self.splits.test.skipped());
         // f32 counts exactly up to 2^24 skipped images.
         let mut total = [(a + b) as f32];
-        self.comm.all_reduce_sum(&mut total)?;
+        self.comm().all_reduce_sum(&mut total)?;
         let total = total[0] as u64;
         if a + b > 0 {
             tracing::warn!(
@@ -274,7 +274,15 @@ impl Trainer<'_> {
 
     /// The test split through the model in evaluation mode, on every rank.
     fn evaluate_test(&mut self) -> Result<super::EvalResult, TrainError> {
-        evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, self.comm, self.device, self.precision, self.cfg.data.workers)
+        evaluate(
+            self.model.as_ref(),
+            self.task.as_ref(),
+            &self.splits.test,
+            &mut *self.comm(),
+            self.device,
+            self.precision,
+            self.cfg.data.workers,
+        )
     }
 }
 
@@ -284,7 +292,7 @@ impl Trainer<'_> {
         let cfg = self.cfg;
         let t = &cfg.train;
         let per_epoch =
-            (batches_in_shard + self.pos.epoch_base / (t.batch_size * self.comm.world_size()).max(1) as u64).div_ceil(t.grad_accum_steps);
+            (batches_in_shard + self.pos.epoch_base / (t.batch_size * self.comm().world_size()).max(1) as u64).div_ceil(t.grad_accum_steps);
         let total = t.max_steps.unwrap_or(per_epoch * t.epochs as u64);
         let (unit, rate) = match self.task.tokens_per_sample() {
             Some(n) => ("tokens/s", rate * n as f64),
@@ -310,7 +318,7 @@ impl Trainer<'_> {
         };
         // The rate is the whole job's: against every rank's peak.
         let achieved = flops * tokens_per_s;
-        let peak = peak.flops * self.comm.world_size() as f64;
+        let peak = peak.flops * self.comm().world_size() as f64;
         line["flops_per_s"] = json!(achieved);
         line["mfu"] = json!(achieved / peak);
         Some(format!(

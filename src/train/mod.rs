@@ -32,7 +32,7 @@ pub mod tasks;
 pub use eval::{evaluate, EvalResult};
 pub use resume::Resume;
 
-use crate::comm::{CommError, Communicator};
+use crate::comm::{CommError, CommGuard, CommHandle, Communicator};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
 use crate::ddp::{Ddp, DdpError};
@@ -73,7 +73,8 @@ pub enum TrainError {
 
 pub struct TrainContext<'a> {
     pub cfg: &'a Config,
-    pub comm: &'a mut dyn Communicator,
+    /// The group's communicator (the handle `Ddp` shares).
+    pub comm: CommHandle,
     pub run_dir: &'a Path,
     pub fault: Option<Fault>,
     pub resume: Resume,
@@ -109,7 +110,7 @@ pub struct Summary {
 /// Everything the loop holds between steps.
 pub(crate) struct Trainer<'a> {
     cfg: &'a Config,
-    comm: &'a mut dyn Communicator,
+    comm: CommHandle,
     run_dir: &'a Path,
     checkpoints: PathBuf,
     fault: Option<Fault>,
@@ -175,8 +176,14 @@ pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
 }
 
 impl Trainer<'_> {
+    /// The communicator for the calls that follow (not held across a `Ddp` call, which borrows
+    /// it itself).
+    fn comm(&self) -> CommGuard<'_> {
+        self.comm.lock()
+    }
+
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.comm().rank()
     }
 
     fn done(&self) -> bool {
@@ -211,7 +218,7 @@ impl Trainer<'_> {
             }
         }
         let mine = serde_json::to_vec(&self.timing.run_means()).expect("json");
-        let all = self.comm.all_gather(&mine)?;
+        let all = self.comm().all_gather(&mine)?;
         if rank == 0 {
             let ranks: Vec<serde_json::Value> = all
                 .iter()
@@ -227,9 +234,9 @@ impl Trainer<'_> {
             return Ok(());
         }
         let mut merged = Vec::new();
-        for r in 0..self.comm.world_size() {
+        for r in 0..self.comm().world_size() {
             let blob = (r == rank).then(|| serde_json::to_vec(self.timing.trace_events()).expect("json"));
-            let got = crate::comm::broadcast_blob(self.comm, r, blob.as_deref())?;
+            let got = crate::comm::broadcast_blob(&mut *self.comm(), r, blob.as_deref())?;
             if rank == 0 {
                 merged.push(json!({"name": "process_name", "ph": "M", "pid": r, "args": {"name": format!("rank {r}")}}));
                 merged.push(json!({"name": "process_sort_index", "ph": "M", "pid": r, "args": {"sort_index": r}}));
@@ -251,9 +258,19 @@ impl Trainer<'_> {
     }
 
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
-        let state = self.ddp.state();
+        let state = self.ddp.state()?;
         let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
-        checkpointing::save(self.comm, self.cfg, &self.checkpoints, &state, &self.opt, self.zero.as_ref(), &self.pos, scaler, reason)?;
+        checkpointing::save(
+            &mut *self.comm(),
+            self.cfg,
+            &self.checkpoints,
+            &state,
+            &self.opt,
+            self.zero.as_ref(),
+            &self.pos,
+            scaler,
+            reason,
+        )?;
         self.last_saved = Some(self.pos.global_step);
         Ok(())
     }
@@ -263,12 +280,11 @@ impl Trainer<'_> {
         if self.last_saved != Some(self.pos.global_step) {
             self.checkpoint("end")?;
         }
-        self.comm.barrier()?;
+        self.comm().barrier()?;
         let rank = self.rank();
-        // Buffers are updated locally after each broadcast; rank 0's are the run's result.
-        self.ddp.sync_buffers(self.comm)?;
+        // The buffers are rank 0's since the last step's backward: the run's result everywhere.
         let param_hash = self.ddp.state_hash()?;
-        finish_outputs(self.run_dir, rank, &self.ddp.state(), param_hash, self.pos.global_step)?;
+        finish_outputs(self.run_dir, rank, &self.ddp.state()?, param_hash, self.pos.global_step)?;
         self.gather_views()?;
         tracing::info!(
             "{} {} steps; parameter hash {param_hash:016x}",

@@ -30,22 +30,25 @@ struct Outputs {
 
 impl<'a> Trainer<'a> {
     pub(crate) fn setup(ctx: TrainContext<'a>) -> Result<Trainer<'a>, TrainError> {
-        let TrainContext { cfg, comm, run_dir, fault, resume, stop, sample_log, device } = ctx;
-        let (rank, world) = (comm.rank(), comm.world_size());
+        let TrainContext { cfg, comm: handle, run_dir, fault, resume, stop, sample_log, device } = ctx;
+        let (rank, world) = {
+            let c = handle.lock();
+            (c.rank(), c.world_size())
+        };
         let t = &cfg.train;
-        let splits = agree_and_load(comm, cfg)?;
+        let splits = agree_and_load(&mut *handle.lock(), cfg)?;
         let Built { model, task, params, buffers } = build(cfg, &splits, device)?;
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let mut opt = Optimizer::new(&cfg.optimizer, &params);
         let checkpoints = run_dir.join("checkpoints");
         let tied = model.tied();
-        let resumed = resume::restore(comm, &resume, &checkpoints, &state, &tied, &mut opt)?;
+        let resumed = resume::restore(&mut *handle.lock(), &resume, &checkpoints, &state, &tied, &mut opt)?;
         if resumed.is_none() {
             if let Some(path) = &cfg.model.init_from {
-                resume::init_from(comm, path, &state, &tied)?;
+                resume::init_from(&mut *handle.lock(), path, &state, &tied)?;
             }
         }
-        let (ddp, opt, zero) = wrap(comm, cfg, params, buffers, opt)?;
+        let (ddp, opt, zero) = wrap(&handle, cfg, params, buffers, opt)?;
         log_layout(cfg, &ddp, world, splits.train.len());
         let scaler = precision(cfg, resumed.as_ref(), device)?;
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
@@ -74,10 +77,10 @@ impl<'a> Trainer<'a> {
         };
         // Every rank's timeline starts as the same barrier ends, so the merged timeline lines
         // the ranks up without trusting their wall clocks (skew: the barrier's exit, microseconds).
-        comm.barrier()?;
+        handle.lock().barrier()?;
         Ok(Trainer {
             cfg,
-            comm,
+            comm: handle,
             run_dir,
             checkpoints,
             fault,
@@ -137,7 +140,7 @@ fn build(cfg: &Config, splits: &data::Splits, device: tch::Device) -> Result<Bui
 /// `Ddp` around the parameters (broadcasting rank 0's), and with `optimizer.shard` the ZeRO-1
 /// wrapper, after which the optimizer holds this rank's slices (and their state) only.
 fn wrap(
-    comm: &mut dyn crate::comm::Communicator,
+    handle: &crate::comm::CommHandle,
     cfg: &Config,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
@@ -152,20 +155,20 @@ fn wrap(
         shard: cfg.optimizer.shard,
         ..DdpOptions::default()
     };
-    if opts.force_collectives && comm.world_size() == 1 {
+    let rank = handle.lock().rank();
+    if opts.force_collectives && handle.lock().world_size() == 1 {
         tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
     }
-    let ddp = Ddp::new(comm, params, buffers, opts)?;
+    let ddp = Ddp::new(handle, params, buffers, opts)?;
     if !cfg.optimizer.shard {
         return Ok((ddp, opt, None));
     }
-    let zero = Zero::new(&ddp, &*comm)?;
+    let zero = Zero::new(&ddp, &*handle.lock())?;
     let slices = zero.slices()?;
     let mine: i64 = slices.iter().map(|s| s.len).sum();
     let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
     tracing::info!(
-        "optimizer sharded (ZeRO-1): rank {} steps {mine} of {total} parameter elements and keeps their {} state only",
-        comm.rank(),
+        "optimizer sharded (ZeRO-1): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only",
         opt.name()
     );
     let opt = opt.shard(slices).map_err(TrainError::Startup)?;

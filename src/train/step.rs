@@ -74,12 +74,10 @@ impl Trainer<'_> {
     /// with the stop vote. Returns the (unscaled) loss and, on the last, the sum of the votes.
     fn forward_backward(&mut self, batch: Batch, m: u64, micro: u64) -> Result<(f64, f32), TrainError> {
         let t = &self.cfg.train;
-        // Buffers from rank 0 before each forward (DDP's broadcast_buffers).
-        self.ddp.sync_buffers(self.comm)?;
         // Dropout draws from libtorch's generator: seeded from (seed, rank, step, micro-batch)
         // so a resumed run draws the same masks (the generator's state is not checkpointed).
         if self.cfg.model.spec.random_in_training() {
-            tch::manual_seed(dropout_seed(t.seed, self.comm.rank(), self.pos.global_step, m));
+            tch::manual_seed(dropout_seed(t.seed, self.comm().rank(), self.pos.global_step, m));
         }
         let started_fwd = Instant::now();
         let batch = batch.to_device(self.device)?;
@@ -100,7 +98,7 @@ impl Trainer<'_> {
         let started_bwd = Instant::now();
         let mut backward_done = started_bwd;
         let vote = if last { f32::from(u8::from(self.stop.load(Ordering::Relaxed))) } else { 0.0 };
-        let votes = self.ddp.backward_with(self.comm, vote, || {
+        let votes = self.ddp.backward_with(vote, || {
             scaled.f_backward()?;
             backward_done = Instant::now();
             Ok(())
@@ -126,7 +124,7 @@ impl Trainer<'_> {
         let started_opt = Instant::now();
         let skipped = self.unscale()?;
         let grad_norm = match (&self.zero, self.cfg.train.clip_grad_norm) {
-            (Some(z), max) if max.is_some() || want_norm => Some(z.clip_grad_norm(self.comm, &self.opt, max)?),
+            (Some(z), max) if max.is_some() || want_norm => Some(z.clip_grad_norm(&mut *self.comm(), &self.opt, max)?),
             (Some(_), _) => None,
             (None, Some(max)) => Some(optim::clip_grad_norm(&self.params, max)?),
             (None, None) if want_norm => Some(optim::grad_norm(&self.params)?),
@@ -143,7 +141,7 @@ impl Trainer<'_> {
         if let Some(z) = &self.zero {
             // ZeRO-1: every rank's updated shards to every rank.
             let started = Instant::now();
-            z.gather_parameters(self.comm)?;
+            z.gather_parameters(&mut *self.comm())?;
             self.timing.record(Phase::Communication, started);
         }
         Ok((grad_norm, skipped))
@@ -156,8 +154,8 @@ impl Trainer<'_> {
         let Some(scaler) = &self.scaler else { return Ok(false) };
         let found = tch::no_grad(|| scaler.unscale_(&self.opt.grads()))?;
         let mut flag = [found.f_double_value(&[])? as f32];
-        if self.comm.world_size() > 1 || self.ddp.collectives_forced() {
-            self.comm.all_reduce_sum(&mut flag)?;
+        if self.comm().world_size() > 1 || self.ddp.collectives_forced() {
+            self.comm().all_reduce_sum(&mut flag)?;
         }
         Ok(flag[0] > 0.0)
     }

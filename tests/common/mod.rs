@@ -266,6 +266,30 @@ pub fn with_ring<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// As `with_ring`, each rank's ring behind a shared handle (what `ringtrain::init` gives a
+/// program and a `Ddp` keeps).
+#[allow(dead_code)]
+pub fn with_group<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, ringtrain::comm::CommHandle) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
+    let addr = server.local_addr().to_string();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addr, f) = (addr.clone(), f.clone());
+            std::thread::spawn(move || {
+                let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
+                let opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+                let comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
+                f(rank, ringtrain::comm::CommHandle::new(Box::new(comm)))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// About 60 KB of simple, learnable English-like text.
 pub fn write_text(dir: &Path) -> PathBuf {
     let src = dir.join("text");

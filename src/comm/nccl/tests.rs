@@ -641,7 +641,7 @@ fn wait_pending_orders_the_compute_stream_even_after_a_failure() {
 }
 
 /// Three parameters, one bucket each (caps of one byte), reduced without overlap.
-fn ddp_of_three(comm: &mut dyn Communicator) -> Ddp {
+fn ddp_of_three(comm: &crate::comm::CommHandle) -> Ddp {
     let params = (0..3).map(|i| (format!("p{i}"), Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true))).collect();
     let opts = DdpOptions {
         bucket_cap_bytes: 1,
@@ -659,14 +659,19 @@ fn ddp_of_three(comm: &mut dyn Communicator) -> Ddp {
 #[test]
 fn reduce_waits_for_launched_buckets_when_a_later_one_fails() {
     let _g = fresh();
-    let mut c = comm(Duration::from_secs(10)).unwrap();
-    let mut ddp = ddp_of_three(&mut c);
+    let c = crate::comm::CommHandle::new(Box::new(comm(Duration::from_secs(10)).unwrap()));
+    let mut ddp = ddp_of_three(&c);
     assert_eq!(ddp.bucket_layout().len(), 3);
     FAIL_ALL_REDUCE_AT.store(2, SeqCst);
     COMPUTE_WAITS.store(0, SeqCst);
-    let err = ddp.backward_with(&mut c, 0.0, || Ok(())).unwrap_err().to_string();
+    let err = ddp.backward_with(0.0, || Ok(())).unwrap_err().to_string();
     assert!(err.contains("all_reduce #") && err.contains("fake NCCL error"), "{err}");
     assert_eq!(COMPUTE_WAITS.load(SeqCst), 1, "bucket 0 was launched but the compute stream never waited for it");
+    // The failed collective poisons the Ddp: nothing more is computed or saved from it.
+    let again = ddp.backward_with(0.0, || Ok(())).unwrap_err().to_string();
+    assert!(again.contains("an earlier collective failed") && again.contains("fake NCCL error"), "{again}");
+    assert!(ddp.state().is_err() && ddp.zero_grad().is_err());
+    drop(ddp);
     drop(c);
     assert_no_misuse();
 }
@@ -714,9 +719,9 @@ impl Communicator for AbortedDuringRead {
 
 #[test]
 fn control_value_read_during_an_abort_is_an_error() {
-    let mut c = AbortedDuringRead { waits: 0 };
-    let mut ddp = ddp_of_three(&mut c);
-    let err = ddp.backward_with(&mut c, 1.0, || Ok(())).unwrap_err().to_string();
+    let c = crate::comm::CommHandle::new(Box::new(AbortedDuringRead { waits: 0 }));
+    let mut ddp = ddp_of_three(&c);
+    let err = ddp.backward_with(1.0, || Ok(())).unwrap_err().to_string();
     assert!(err.contains("all_reduce #3") && err.contains("aborted"), "{err}");
 }
 
