@@ -297,11 +297,15 @@ impl Communicator for MpiComm {
             displs.push(total);
             total += l;
         }
-        let mut out = vec![0u8; total as usize];
-        // SAFETY: counts and displacements describe `out` exactly.
+        // Never an empty Vec's dangling pointer: for bytes that is address 1, Open MPI's
+        // MPI_IN_PLACE, and an empty blob would be taken for "in place" (MPI_ERR_ARG).
+        let mut out = vec![0u8; (total as usize).max(1)];
+        let send: &[u8] = if mine.is_empty() { &[0] } else { mine };
+        // SAFETY: counts and displacements describe `out` (at least as long) exactly; `send`
+        // holds at least `my_len` bytes.
         self.watched(Op::AllGather, || unsafe {
             ffi::MPI_Allgatherv(
-                mine.as_ptr() as *const c_void,
+                send.as_ptr() as *const c_void,
                 my_len,
                 ffi::RSMPI_UINT8_T,
                 out.as_mut_ptr() as *mut c_void,
