@@ -17,7 +17,7 @@
 //! Broadcast, all-gather and barrier go through the same two rings. Errors name the job's ranks.
 
 use super::elem::Elem;
-use super::{shard_bounds, CommError, Communicator, RingComm, RingOptions};
+use super::{shard_bounds, CommError, Communicator, Op, RingComm, RingOptions};
 use crate::rendezvous::{PrefixStore, Store};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,10 +86,12 @@ impl HierComm {
 
     fn all_reduce<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
         let (lr, cr) = (&self.local_ranks, &self.cross_ranks);
-        self.local.reduce_scatter_elems(buf).map_err(|e| e.renumber(lr))?;
+        // The node's ring names its halves all_reduce too: that is what a peer waiting or
+        // mismatched there was asked for.
+        self.local.reduce_scatter_elems(Op::AllReduce, buf).map_err(|e| e.renumber(lr))?;
         let (a, b) = shard_bounds(buf.len(), self.local_ranks.len(), self.local.shard_index());
         self.cross.all_reduce_elems(&mut buf[a..b]).map_err(|e| e.renumber(cr))?;
-        self.local.all_gather_elems(buf).map_err(|e| e.renumber(lr))
+        self.local.all_gather_elems(Op::AllReduce, buf).map_err(|e| e.renumber(lr))
     }
 }
 
@@ -164,7 +166,7 @@ impl Communicator for HierComm {
     /// Across nodes within the root's column, then within every node from that column's member.
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
         if root >= self.world {
-            return Err(CommError::BadArgument { op: super::Op::Broadcast, detail: format!("root {root} >= world size {}", self.world) });
+            return Err(CommError::BadArgument { op: Op::Broadcast, detail: format!("root {root} >= world size {}", self.world) });
         }
         let root_node = self.nodes.iter().position(|n| n.contains(&root)).expect("root is on a node");
         let root_local = self.nodes[root_node].iter().position(|&r| r == root).expect("found above");

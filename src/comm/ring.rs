@@ -274,12 +274,12 @@ impl Communicator for RingComm {
 
     /// The all-reduce's first w-1 steps: each rank ends holding the sum of chunk r + 1.
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        self.reduce_scatter_elems(buf)
+        self.reduce_scatter_elems(Op::ReduceScatter, buf)
     }
 
     /// The all-reduce's last w-1 steps, which start by sending chunk r + 1.
     fn all_gather_shards(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        self.all_gather_elems(buf)
+        self.all_gather_elems(Op::AllGatherShards, buf)
     }
 
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
@@ -337,35 +337,39 @@ impl Communicator for RingComm {
 
 impl RingComm {
     /// The all-reduce, the reduce-scatter and the all-gather of shards for any element type the
-    /// ring sums (the hierarchical all-reduce uses them for f32 and bf16 alike).
+    /// ring sums (the hierarchical all-reduce uses them for f32 and bf16 alike). `op` is the
+    /// collective the caller was asked for, which headers and errors name: the hierarchical
+    /// all-reduce's two halves on the node's ring are parts of an all_reduce.
     pub(crate) fn all_reduce_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::AllReduce, buf, 0..2 * w.saturating_sub(1))
+        self.ring_steps(Op::AllReduce, Phase::AllReduce, buf)
     }
 
-    pub(crate) fn reduce_scatter_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::ReduceScatter, buf, 0..w.saturating_sub(1))
+    pub(crate) fn reduce_scatter_elems<T: Elem>(&mut self, op: Op, buf: &mut [T]) -> Result<(), CommError> {
+        self.ring_steps(op, Phase::ReduceScatter, buf)
     }
 
-    pub(crate) fn all_gather_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
-        let w = self.world;
-        self.ring_steps(Op::AllGatherShards, buf, w.saturating_sub(1)..2 * w.saturating_sub(1))
+    pub(crate) fn all_gather_elems<T: Elem>(&mut self, op: Op, buf: &mut [T]) -> Result<(), CommError> {
+        self.ring_steps(op, Phase::AllGather, buf)
     }
 }
 
 impl RingComm {
-    /// Runs steps `steps` of the ring all-reduce's schedule on `buf`. Of its 2(w-1) steps, step
+    /// Runs `phase`'s steps of the ring all-reduce's schedule on `buf`. Of its 2(w-1) steps, step
     /// t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1 add what
     /// they receive (reduce-scatter, after which rank r holds the sum of chunk r + 1), the rest
     /// store it (all-gather). The all-reduce runs them all; reduce-scatter and all-gather run one
     /// half each, in the same order, so they give the same bits.
-    fn ring_steps<T: Elem>(&mut self, op: Op, buf: &mut [T], steps: Range<usize>) -> Result<(), CommError> {
+    fn ring_steps<T: Elem>(&mut self, op: Op, phase: Phase, buf: &mut [T]) -> Result<(), CommError> {
         let seq = self.next_seq();
         if self.world == 1 {
             return Ok(());
         }
         let (w, r, n) = (self.world, self.rank, buf.len());
+        let steps = match phase {
+            Phase::AllReduce => 0..2 * (w - 1),
+            Phase::ReduceScatter => 0..w - 1,
+            Phase::AllGather => w - 1..2 * (w - 1),
+        };
         let seg = (self.segment_elems * 4 / T::BYTES).max(1);
         let (next, prev) = (self.next(), self.prev());
         let send_chunk = |t: usize| (r + 2 * w * w - t) % w;
@@ -373,11 +377,6 @@ impl RingComm {
         let adds = |t: usize| t < w - 1;
         let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
         if let Some((alloc, offset)) = self.shared.as_ref().and_then(|s| s.locate(buf.as_ptr() as *const u8, n * T::BYTES)) {
-            let phase = match op {
-                Op::ReduceScatter => Phase::ReduceScatter,
-                Op::AllGatherShards => Phase::AllGather,
-                _ => Phase::AllReduce,
-            };
             let entry = Entry { op, seq, len: n as u64, tag: T::TAG, alloc, offset };
             return self.shared_steps::<T>(phase, entry, &bounds);
         }
