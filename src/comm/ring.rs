@@ -444,14 +444,35 @@ impl RingComm {
 
 impl RingComm {
     /// A collective on a shared buffer (`shared_buf`): the same chunks and order of additions as
-    /// the ring's, so the same bits.
+    /// the ring's, so the same bits. Its header still goes round the links, without waiting for
+    /// it: a neighbour in another collective reads it and names the mismatch at once (a rank
+    /// waiting for a broadcast's data would otherwise wait out the timeout). Ours is read back
+    /// after the collective, when the first barrier has made sure it is there; bytes beyond it
+    /// during the collective are a ring message (`stray`), whose header then names what the
+    /// previous rank is in.
     fn shared_steps<T: Elem>(&mut self, phase: Phase, entry: Entry, bounds: &dyn Fn(usize) -> (usize, usize)) -> Result<(), CommError> {
-        let links = self.links.as_ref().expect("world > 1 has links");
-        let stray = || matches!(&links.from_prev, Link::Shm(l) if l.has_unread());
-        let shared = self.shared.as_mut().expect("located in it");
-        let result = shared.run::<T>(phase, entry, bounds, &stray);
-        self.shared_collectives += 1;
-        let result = result.map_err(|f| self.shared_error(entry.op, entry.seq, f)).map_err(|e| self.stall_report(e));
+        let (op, seq, len) = (entry.op, entry.seq, Some(entry.len));
+        let result = match self.send_or_blame(&header(op, seq, entry.len, T::TAG)) {
+            Err(e) => Err(self.peer_error(op, seq, e)),
+            Ok(()) => {
+                let links = self.links.as_ref().expect("world > 1 has links");
+                let stray = || matches!(&links.from_prev, Link::Shm(l) if l.unread() > HEADER_BYTES as u64);
+                let shared = self.shared.as_mut().expect("located in it");
+                let result = shared.run::<T>(phase, entry, bounds, &stray);
+                self.shared_collectives += 1;
+                match result {
+                    Ok(()) => self.expect_header(op, seq, len, T::TAG),
+                    // A header that differs says more than "a ring message"; one that matches
+                    // (the same collective on an ordinary buffer) does not.
+                    Err(Fail::Mismatch(..)) if stray() => match self.expect_header(op, seq, len, T::TAG) {
+                        Err(e @ CommError::Mismatch { .. }) => Err(e),
+                        _ => result.map_err(|f| self.shared_error(op, seq, f)),
+                    },
+                    Err(f) => Err(self.shared_error(op, seq, f)),
+                }
+            }
+        };
+        let result = result.map_err(|e| self.stall_report(e));
         if result.is_err() {
             self.poison();
         }

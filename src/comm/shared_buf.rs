@@ -258,7 +258,7 @@ impl SharedBuffers {
     ) -> Result<(), Fail> {
         let (r, w) = (self.rank, self.world);
         self.announce(&entry);
-        self.barrier(Some(&entry), stray)?;
+        self.barrier(&entry, true, stray)?;
         let ptr = |p: usize| -> *mut T {
             // SAFETY: every rank checked (first barrier) that the same range lies in the same
             // allocation, so it lies in rank p's mapping too.
@@ -295,7 +295,7 @@ impl SharedBuffers {
         }
         // Peers may still be reading our buffer (reduce-scatter) or writing into it: nobody
         // leaves before everybody is done.
-        self.barrier(None, stray)
+        self.barrier(&entry, false, stray)
     }
 
     fn announce(&self, e: &Entry) {
@@ -320,9 +320,10 @@ impl SharedBuffers {
         )
     }
 
-    /// Arrives, then waits for every other rank; after the first barrier of a collective, checks
-    /// each one entered the same collective (its entry cannot change before the second barrier).
-    fn barrier(&mut self, check: Option<&Entry>, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+    /// Arrives, then waits for every other rank; after the first barrier of a collective
+    /// (`check`), checks each one entered the same collective, `e` (its entry cannot change
+    /// before the second barrier).
+    fn barrier(&mut self, e: &Entry, check: bool, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
         self.barriers += 1;
         let target = self.barriers;
         let me = control(&self.controls[self.rank]);
@@ -335,8 +336,8 @@ impl SharedBuffers {
         let deadline = Instant::now() + self.timeout;
         for k in 1..self.world {
             let p = (self.rank + k) % self.world;
-            self.wait_for(p, target, deadline, stray)?;
-            if let Some(e) = check {
+            self.wait_for(p, target, deadline, e, stray)?;
+            if check {
                 let mine = (e.op.code() as u64, e.seq, e.len, e.tag as u32, e.alloc as u64, e.offset as u64);
                 let theirs = self.entry_of(p);
                 if theirs != mine {
@@ -360,7 +361,7 @@ impl SharedBuffers {
     /// communicator failed or closed, a neighbour's socket closed, a ring message arrived instead,
     /// the deadline) is checked against a last look at the arrival, which may have happened just
     /// before it.
-    fn wait_for(&self, p: usize, target: u64, deadline: Instant, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+    fn wait_for(&self, p: usize, target: u64, deadline: Instant, e: &Entry, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
         let ctl = control(&self.controls[p]);
         let arrived = || ctl.arrived.load(Ordering::Acquire) >= target;
         let (next, prev) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
@@ -380,9 +381,9 @@ impl SharedBuffers {
                 Some(Fail::Mismatch(
                     prev,
                     format!(
-                        "rank {prev} sent a ring message while rank {} waits in a collective on a shared buffer (a buffer from \
+                        "rank {prev} sent a ring message while rank {} waits in {} #{} on a shared buffer (a buffer from \
                          alloc_reduce_buffer on some ranks only?)",
-                        self.rank
+                        self.rank, e.op, e.seq
                     ),
                 ))
             } else if peer_gone(&self.from_prev) {

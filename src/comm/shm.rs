@@ -111,10 +111,10 @@ impl ShmLink {
         &self.sock
     }
 
-    /// True when the peer has published bytes this (reading) side has not consumed.
-    pub(super) fn has_unread(&self) -> bool {
+    /// How many bytes the peer has published that this (reading) side has not consumed.
+    pub(super) fn unread(&self) -> u64 {
         let h = self.seg.header();
-        h.head.load(Ordering::Acquire) > h.tail.load(Ordering::Acquire)
+        h.head.load(Ordering::Acquire) - h.tail.load(Ordering::Acquire)
     }
 
     pub fn try_clone(&self) -> ShmLink {
