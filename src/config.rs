@@ -273,10 +273,21 @@ pub struct DdpConfig {
     /// All-reduce each bucket during backward, as soon as its gradients are ready (ring backend).
     #[serde(default = "yes")]
     pub overlap: bool,
-    /// Broadcast rank 0's buffers (e.g. BatchNorm running statistics) before every forward, as
-    /// DDP's `broadcast_buffers=True`.
+    /// Rank 0's buffers (e.g. BatchNorm running statistics) go to every rank after each
+    /// synchronising backward, so the next forward starts from them as under DDP's
+    /// `broadcast_buffers=True`.
     #[serde(default = "yes")]
     pub broadcast_buffers: bool,
+    /// How buffers are made equal on every rank before each evaluation and each checkpoint, so
+    /// the reported metrics are the saved model's: `broadcast` (rank 0's) or `average` (the mean
+    /// over ranks, timm's `distribute_bn`; it differs from broadcast when `broadcast_buffers` is
+    /// off and every rank's statistics follow its own shard).
+    #[serde(default = "default_eval_buffers")]
+    pub eval_buffers: crate::ddp::BufferSync,
+}
+
+fn default_eval_buffers() -> crate::ddp::BufferSync {
+    crate::ddp::BufferSync::Broadcast
 }
 
 impl Default for DdpConfig {
@@ -287,6 +298,7 @@ impl Default for DdpConfig {
             reduce_dtype: default_reduce_dtype(),
             overlap: true,
             broadcast_buffers: true,
+            eval_buffers: default_eval_buffers(),
         }
     }
 }

@@ -122,13 +122,6 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     });
     tch::set_num_threads(threads as i32);
 
-    if rank == 0 {
-        // Written before anything can fail later, so a failed run still says what it ran.
-        let resolved = run_dir.join("config.yaml");
-        std::fs::write(&resolved, cfg.to_yaml()).with_context(|| format!("writing {}", resolved.display()))?;
-    }
-
-    let stop = install_stop_handlers()?;
     // A restarted group continues from its own newest checkpoint, whatever --resume named for
     // the first start (that checkpoint is older than what the group has written since).
     let resume = if launch.restart_count > 0 {
@@ -137,6 +130,16 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     } else {
         args.resume.unwrap_or(train::Resume::No)
     };
+    // In a directory that holds a run's checkpoints, config.yaml is that run's: it is replaced
+    // only once a resume has been accepted (train::setup); a fresh start there is refused.
+    let used = crate::checkpoint::newest_folder(&run_dir.join("checkpoints")).is_some();
+    if rank == 0 && !used {
+        // Written before anything can fail later, so a failed run still says what it ran.
+        let resolved = run_dir.join("config.yaml");
+        std::fs::write(&resolved, cfg.to_yaml()).with_context(|| format!("writing {}", resolved.display()))?;
+    }
+
+    let stop = install_stop_handlers()?;
     // Faults fire in the first generation only, so a restarted group can finish.
     let fault = fault.filter(|_| launch.restart_count == 0);
     // Joins through the library's face (the device is chosen before anyone is joined, so a rank

@@ -56,7 +56,7 @@ comm: {{timeout_secs: 120}}
 
     let reference = dir.join(format!("reference-{precision}.safetensors"));
     let trace = dir.join(format!("trace-{precision}.jsonl"));
-    let port = (29300 + std::process::id() % 300).to_string();
+    let port = free_port().to_string();
     let s = script("reference/amp_ddp.py");
     let mut args: Vec<String> =
         ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", &port].iter().map(|s| s.to_string()).collect();

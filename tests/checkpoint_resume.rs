@@ -264,3 +264,62 @@ fn checkpoint_loads_in_python_safetensors_and_pytorch() {
     out.assert_success();
     assert!(out.stdout.contains("ok 8"), "{}", out.report());
 }
+
+/// Names and bytes of every file under `dir`, to show a refused start changed nothing.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.starts_with(dir.join("logs")) {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn run_id_of(checkpoint: &Path) -> String {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("meta.json")).unwrap()).unwrap();
+    meta["run_id"].as_str().unwrap_or_else(|| panic!("no run_id in {}", checkpoint.display())).to_string()
+}
+
+#[test]
+fn a_fresh_start_in_another_runs_directory_is_refused_and_resume_refuses_another_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &job(""));
+    let run_dir = dir.path().join("run");
+    run(ringrun(2, &cfg, &run_dir, &["--set", "train.epochs=1"]), Duration::from_secs(120)).assert_success();
+    let before = snapshot(&run_dir);
+    let first = run_id_of(&run_dir.join("checkpoints/step-000000060"));
+    assert_eq!(first.len(), 12, "{first}");
+
+    // Another seed, fresh, with restarts allowed: refused before anything is written (it used to
+    // restart from the first run's checkpoint and finish with a model mixed from both).
+    let c = ringrun(2, &cfg, &run_dir, &["--set", "train.epochs=1", "--set", "train.seed=8"]);
+    let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut c = Command::new(RINGRUN);
+    c.args(["--max-restarts", "1"]).args(&args).env("RINGTRAIN_FAULT", "rank=1,step=3,action=kill");
+    let out = run(c, Duration::from_secs(120));
+    out.assert_failure();
+    assert!(out.stderr.contains("already holds another run's checkpoints (newest step-000000060)"), "{}", out.report());
+    assert!(out.stderr.contains("--resume auto"), "{}", out.report());
+    assert_eq!(snapshot(&run_dir), before, "a refused start changed the run directory");
+
+    // Resuming under another seed would continue a different experiment: refused, naming it.
+    let out = run(
+        ringrun(2, &cfg, &run_dir, &["--resume", "auto", "--set", "train.epochs=2", "--set", "train.seed=8"]),
+        Duration::from_secs(120),
+    );
+    out.assert_failure();
+    assert!(out.stderr.contains("configured differently (train.seed: 7 → 8)"), "{}", out.report());
+    assert_eq!(snapshot(&run_dir), before, "a refused resume changed the run directory");
+
+    // More epochs is the same run: it continues, under the same run id.
+    run(ringrun(2, &cfg, &run_dir, &["--resume", "auto", "--set", "train.epochs=2"]), Duration::from_secs(120)).assert_success();
+    assert_eq!(run_id_of(&run_dir.join("checkpoints/step-000000120")), first);
+}

@@ -121,3 +121,26 @@ fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
         assert_eq!(r.6, 1);
     }
 }
+
+/// Item: a parameter whose gradient arrives twice in one synchronising backward is an error
+/// naming it (PyTorch's "marked ready twice"), not a bucket reduced while still accumulating.
+#[test]
+fn a_second_backward_through_a_parameter_is_marked_ready_twice() {
+    let results = with_group(2, Duration::from_secs(10), |rank, comm| {
+        let (params, buffers) = state(rank);
+        let mut ddp = Ddp::new(&comm, params, buffers, DdpOptions::default()).unwrap();
+        let w = ddp.named_parameters()[0].1.shallow_clone();
+        // One backward per step is fine.
+        ddp.backward(&w.sum(Kind::Float)).unwrap();
+        let (a, b) = (w.sum(Kind::Float), (&w * 2.0).sum(Kind::Float));
+        ddp.backward_with(0.0, || {
+            a.f_backward()?;
+            b.f_backward()
+        })
+        .unwrap_err()
+        .to_string()
+    });
+    for e in &results {
+        assert!(e.contains("parameter `used.weight` was marked ready twice") && e.contains("no_sync"), "{e}");
+    }
+}

@@ -136,7 +136,7 @@ fn a_rank_that_never_starts_is_named_by_the_one_that_did() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, ""));
     // Rank 0 of 2 alone, as torchrun's environment would start it; rank 1 never comes.
-    let port = (30500 + std::process::id() % 400).to_string();
+    let port = free_port().to_string();
     let mut c = Command::new(RINGTRAIN);
     c.args(["--config"]).arg(&cfg).arg("--run-dir").arg(dir.path().join("run")).args(["--set", "comm.timeout_secs=2"]);
     for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")] {

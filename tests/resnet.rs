@@ -264,3 +264,52 @@ fn transforms_match_torchvision_on_the_same_images() {
         assert!(mean < if png { 0.2 } else { 0.5 } && max < if png { 1.01 } else { 3.0 }, "{}: max {max}, mean {mean}", f.display());
     }
 }
+
+/// torchvision's (mean test loss, correct) for `weights` on the CIFAR test file under `data`.
+fn torchvision_score(py: &str, weights: &Path, data: &Path) -> (f64, usize) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference/resnet_reference.py");
+    let mut c = Command::new(py);
+    c.arg(&script).arg("accuracy").arg(weights).arg(data);
+    c.args(["--small-stem", "--mean", "0.49", "0.48", "0.45", "--std", "0.25", "0.24", "0.26"]);
+    let o = run(c, Duration::from_secs(120));
+    o.assert_success();
+    let words: Vec<&str> = o.stdout.split_whitespace().collect();
+    assert_eq!((words[0], words[2]), ("loss", "correct"), "{}", o.report());
+    (words[1].parse().unwrap(), words[3].parse().unwrap())
+}
+
+/// The last evaluation's (test loss, test accuracy) from metrics.jsonl.
+fn reported(run_dir: &Path) -> (f64, f64) {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last = text.lines().rev().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v["kind"] == "epoch").unwrap();
+    (last["test_loss"].as_f64().unwrap(), last["test_acc"].as_f64().unwrap())
+}
+
+#[test]
+fn the_reported_test_accuracy_is_the_saved_models_under_torchvision() {
+    let Some(py) = python_with_torch_and("the_reported_test_accuracy_is_the_saved_models_under_torchvision", "torchvision") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_cifar(dir.path(), 24);
+    // Every rank's BatchNorm statistics follow its own shard (no broadcast after backward): the
+    // evaluation used each rank's own, so the reported accuracy was no saved file's.
+    let job =
+        cifar_job(&data, "ddp: {broadcast_buffers: false}").replace("eval: false", "eval: true").replace("max_steps: 8", "max_steps: 6");
+    let mut scores = Vec::new();
+    for how in ["broadcast", "average"] {
+        let cfg = write_config(
+            dir.path(),
+            &format!("{how}.yaml"),
+            &job.replace("broadcast_buffers: false", &format!("broadcast_buffers: false, eval_buffers: {how}")),
+        );
+        let run_dir = dir.path().join(how);
+        go(&cfg, &run_dir, &[]);
+        let (loss, acc) = reported(&run_dir);
+        let (tv_loss, correct) = torchvision_score(&py, &run_dir.join("model.safetensors"), &data);
+        assert_eq!(acc, correct as f64 / 24.0, "{how}: reported accuracy {acc}, torchvision {correct} of 24 on the saved file");
+        assert!((loss - tv_loss).abs() <= 1e-4 * tv_loss.abs().max(1.0), "{how}: reported loss {loss}, torchvision {tv_loss}");
+        assert_eq!(rank_hashes(&run_dir, 2)[0], rank_hashes(&run_dir, 2)[1], "{how}: the ranks end with different buffers");
+        scores.push(tv_loss);
+    }
+    // Averaging gave other statistics than rank 0's.
+    assert_ne!(scores[0], scores[1], "average and broadcast saved the same buffers");
+}

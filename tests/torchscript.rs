@@ -67,7 +67,7 @@ fn batchnorm_and_tied_weight_train_as_pytorch_ddp_and_load_back() {
 
     // PyTorch DDP on the same module file, data, sampler, batch and optimizer.
     let reference = dir.path().join("reference.safetensors");
-    let port = (29600 + std::process::id() % 300).to_string();
+    let port = free_port().to_string();
     let s = script("reference/torchscript_ddp.py");
     python(
         &py,

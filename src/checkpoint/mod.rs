@@ -15,7 +15,7 @@ mod read;
 mod shared;
 mod write;
 
-pub use read::{copy_into, find_resumable, load, LoadedCheckpoint};
+pub use read::{copy_into, find_resumable, load, newest_folder, LoadedCheckpoint};
 pub use shared::{load_shared, save_shared};
 pub use write::{write, CheckpointData};
 
@@ -72,6 +72,10 @@ pub struct Meta {
     pub reason: String,
     /// The resolved config of the run that wrote it, as YAML.
     pub config: String,
+    /// The run it belongs to: drawn when a run starts fresh, kept by every resume and restart
+    /// of that run (empty in checkpoints written before run ids existed, and by programs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub run_id: String,
     /// The program's own metadata (library use), saved and restored as is.
     #[serde(default)]
     pub user: serde_json::Value,
@@ -99,6 +103,7 @@ impl Meta {
             rng: "the program's own".into(),
             reason: "program".into(),
             config: String::new(),
+            run_id: String::new(),
             user,
             grad_scaler: None,
         }

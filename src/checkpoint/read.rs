@@ -45,6 +45,21 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
 /// The newest usable checkpoint in `dir`: the one `latest` names, else the newest folder that
 /// verifies. Each skipped one is returned with its reason, for a warning. `Ok(None)` when there
 /// are no checkpoints at all; an error when there are some and none is usable.
+/// The newest checkpoint folder's name in `dir` (`step-…`), usable or not: a run directory that
+/// has one belongs to a run.
+pub fn newest_folder(dir: &Path) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            step_of(&name).map(|s| (s, name))
+        })
+        .max()
+        .map(|(_, name)| name)
+}
+
 pub fn find_resumable(dir: &Path) -> Result<(Option<LoadedCheckpoint>, Vec<String>), CheckpointError> {
     if !dir.exists() {
         return Ok((None, vec![]));
@@ -131,6 +146,7 @@ mod tests {
             rng: "test".into(),
             reason: "every_steps".into(),
             config: String::new(),
+            run_id: String::new(),
             user: serde_json::Value::Null,
             grad_scaler: None,
         }

@@ -17,5 +17,5 @@ pub mod zero;
 
 pub use buckets::compute_bucket_assignment_by_size;
 pub use replica::{fnv1a, parameter_hash, sync_replicas, DdpError, FNV_OFFSET};
-pub use wrapper::{Ddp, DdpOptions};
+pub use wrapper::{BufferSync, Ddp, DdpOptions};
 pub use zero::Zero;

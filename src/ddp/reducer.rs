@@ -331,6 +331,10 @@ impl Reducer {
         let (backward_result, reduced) = std::thread::scope(|s| {
             let worker = std::thread::Builder::new().name("ddp-comm".into()).spawn_scoped(s, move || {
                 let mut ready = vec![0usize; sizes.len()];
+                // Distinct parameters, not hook firings: a second gradient for one parameter (a
+                // second backward through it, reentrant checkpointing) would complete a bucket
+                // still accumulating, or add into one being reduced.
+                let mut seen = vec![false; bucket_of.len()];
                 let mut next = 0;
                 let mut times = Vec::with_capacity(sizes.len());
                 let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
@@ -343,6 +347,9 @@ impl Reducer {
                 for i in rx.iter() {
                     if i == BACKWARD_DONE {
                         break;
+                    }
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(DdpError::ReadyTwice(i));
                     }
                     ready[bucket_of[i]] += 1;
                     reduce_ready(&mut next, &|b| ready[b] >= sizes[b])?;

@@ -14,6 +14,10 @@ pub enum DdpError {
     Comm(#[from] CommError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Parameter `i` got a second gradient in one synchronising backward (PyTorch: "marked ready
+    /// twice"); `Ddp` names it.
+    #[error("ddp: parameter #{0} was marked ready twice in one backward")]
+    ReadyTwice(usize),
     /// An earlier collective failed midway: the replicas may differ.
     #[error("ddp: an earlier collective failed ({0}); the replicas may differ, so nothing more is computed or saved from them: restart from a checkpoint")]
     Poisoned(String),

@@ -69,6 +69,16 @@ impl Default for DdpOptions {
     }
 }
 
+/// How `Ddp::unify_buffers` makes buffers equal across ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferSync {
+    /// Rank 0's buffers everywhere: what a checkpoint saves.
+    Broadcast,
+    /// The mean over ranks (floating-point buffers; integer ones from rank 0).
+    Average,
+}
+
 pub struct Ddp {
     comm: CommHandle,
     /// Why the replicas can no longer be trusted: a collective failed midway.
@@ -173,7 +183,15 @@ impl Ddp {
         }
         let handle = self.comm.clone();
         let mut comm = handle.lock();
-        let votes = self.reducer.backward_and_reduce(&mut *comm, control, backward);
+        let votes = match self.reducer.backward_and_reduce(&mut *comm, control, backward) {
+            Err(DdpError::ReadyTwice(i)) => Err(DdpError::Unsupported(format!(
+                "parameter `{}` was marked ready twice: it got a second gradient in one synchronising backward (a second \
+                 backward pass through it, or reentrant activation checkpointing), after its bucket may already have been \
+                 reduced. Run one backward per synchronising step (accumulate under no_sync); these gradients are not usable",
+                self.params[i].0
+            ))),
+            other => other,
+        };
         let votes = self.poison_on_failure(votes)?;
         let synced = self.broadcast_buffers(&mut *comm);
         self.poison_on_failure(synced)?;
@@ -236,19 +254,38 @@ impl Ddp {
         self.poison_on_failure(r)
     }
 
-    fn broadcast_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
-        if !self.opts.broadcast_buffers || self.buffers.is_empty() || (comm.world_size() == 1 && !self.opts.force_collectives) {
+    /// Makes every rank's buffers equal before they are evaluated or saved, whatever
+    /// `broadcast_buffers` says: rank 0's (`Broadcast`), or the mean over ranks of the
+    /// floating-point ones with the integer ones (BatchNorm's `num_batches_tracked`) from rank 0
+    /// (`Average`, timm's `distribute_bn` with reduce).
+    pub fn unify_buffers(&mut self, how: BufferSync) -> Result<(), DdpError> {
+        self.healthy()?;
+        let handle = self.comm.clone();
+        let r = self.unify(&mut *handle.lock(), how);
+        self.poison_on_failure(r)
+    }
+
+    fn unify(&self, comm: &mut dyn Communicator, how: BufferSync) -> Result<(), DdpError> {
+        let world = comm.world_size();
+        if self.buffers.is_empty() || (world == 1 && !self.opts.force_collectives) {
             return Ok(());
         }
-        // One flat broadcast per dtype (and device), as PyTorch's `_broadcast_coalesced`: a
+        // One flat collective per dtype (and device), as PyTorch's `_broadcast_coalesced`: a
         // ResNet-50 has about 160 buffers, and one collective each cost more than their bytes.
         tch::no_grad(|| -> Result<(), DdpError> {
             for group in coalesce_groups(&self.buffers) {
                 let flat: Vec<Tensor> = group.iter().map(|b| b.f_reshape([-1])).collect::<Result<_, _>>()?;
                 let mut flat = Tensor::f_cat(&flat, 0)?;
-                comm.broadcast_tensor(&mut flat, 0)?;
-                // Copied back on every rank, root too (its values are unchanged), so one code
-                // path runs wherever the check runs.
+                if how == BufferSync::Average && flat.is_floating_point() {
+                    // Summed in fp32 whatever the buffers' dtype, then divided once.
+                    let mut sum = flat.f_to_kind(tch::Kind::Float)?.f_contiguous()?;
+                    comm.all_reduce_tensor(&mut sum)?;
+                    flat = sum.f_div_scalar(world as f64)?.f_to_kind(flat.kind())?;
+                } else {
+                    comm.broadcast_tensor(&mut flat, 0)?;
+                }
+                // Copied back on every rank, root too (its values are unchanged by a broadcast),
+                // so one code path runs wherever the check runs.
                 let mut off = 0;
                 for b in group {
                     let n = b.numel() as i64;
@@ -258,6 +295,13 @@ impl Ddp {
             }
             Ok(())
         })
+    }
+
+    fn broadcast_buffers(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        match self.opts.broadcast_buffers {
+            true => self.unify(comm, BufferSync::Broadcast),
+            false => Ok(()),
+        }
     }
 
     fn reattach(&mut self) -> Result<(), DdpError> {

@@ -26,6 +26,11 @@ pub enum StoreError {
          program on the port); nothing secret was sent to it"
     )]
     NotOurs { addr: String },
+    #[error(
+        "store at {addr}: the program listening there is not a ringtrain store ({what}): another program holds that \
+         port; choose a free one (--master-port / MASTER_PORT); nothing secret was sent to it"
+    )]
+    Foreign { addr: String, what: String },
     #[error("store at {addr}: {op} failed: {source}")]
     Io { addr: String, op: &'static str, source: std::io::Error },
     #[error("store: cannot serve on {addr}: {source}")]

@@ -3,7 +3,9 @@
 //!
 //! Protocol (little-endian, see `wire`). Handshake, a challenge-response on the job token that
 //! never sends it (`auth`): the client opens with `HELLO_MAGIC` and a nonce c; the server answers
-//! its nonce s and HMAC(token, "store-server" ‖ c ‖ s); the client checks it — a server without
+//! `HELLO_MAGIC` (so a client that reached some other program on the port says so instead of
+//! misreading its bytes), its nonce s and HMAC(token, "store-server" ‖ c ‖ s); the client checks
+//! it — a server without
 //! the token (a stranger on the port) learns nothing — and answers HMAC(token, "store-client" ‖
 //! s ‖ c); the server answers 1 (accepted) or 0 (refused, then closes). Then request/response pairs:
 //! SET key value -> 0; GET key timeout_ms -> 0 value | 1; ADD key delta -> value;
@@ -73,6 +75,7 @@ fn serve_connection(conn: TcpStream, table: &MemoryStore, token: &str) {
         }
         let c = read_blob(&mut r)?;
         let s = auth::nonce()?;
+        write_u64(&mut w, HELLO_MAGIC)?;
         write_blob(&mut w, &s)?;
         write_blob(&mut w, &auth::proof(token, b"store-server", &[&c, &s]))?;
         w.flush()?;
@@ -187,6 +190,14 @@ impl TcpStore {
         write_u64(&mut w, HELLO_MAGIC).map_err(|e| io_err("hello", e))?;
         write_blob(&mut w, &c).map_err(|e| io_err("hello", e))?;
         w.flush().map_err(|e| io_err("hello", e))?;
+        // Whatever answers must first show it speaks this protocol: a foreign server's first bytes
+        // (an HTTP reply, another job's protocol) are not read as a length.
+        match read_u64(&mut r) {
+            Ok(HELLO_MAGIC) => {}
+            Ok(_) => return Err(StoreError::Foreign { addr: addr.to_string(), what: "it answered in another protocol".into() }),
+            Err(e) if is_closed(&e) => return Err(StoreError::Rejected { addr: addr.to_string() }),
+            Err(e) => return Err(StoreError::Foreign { addr: addr.to_string(), what: format!("no answer to the handshake ({e})") }),
+        }
         // The server proves it holds the token before we prove anything to it.
         let (s, server_proof) = match read_blob(&mut r).and_then(|s| Ok((s, read_blob(&mut r)?))) {
             Ok(x) => x,
@@ -313,6 +324,23 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_server_on_the_port_is_named_as_such_not_misread() {
+        // An HTTP server's reply used to be read as a blob length ("blob of 5789751444030890300
+        // bytes exceeds the limit").
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let err = TcpStore::connect(&addr, "tok", Duration::from_secs(5)).err().expect("a foreign server is refused");
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&addr) && text.contains("not a ringtrain store") && text.contains("--master-port"), "{text}");
+    }
+
+    #[test]
     fn wait_timeout_names_missing_keys() {
         let addr = server("tok");
         let a = TcpStore::connect(&addr, "tok", Duration::from_secs(5)).unwrap();
@@ -334,8 +362,11 @@ mod tests {
             conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let mut seen = vec![0u8; 4096];
             let n = std::io::Read::read(&mut conn, &mut seen).unwrap_or(0);
-            let junk = [32u8, 0, 0, 0, 0, 0, 0, 0]
+            // It even imitates the protocol's opening, so the token check is what refuses it.
+            let junk = HELLO_MAGIC
+                .to_le_bytes()
                 .iter()
+                .chain(&[32u8, 0, 0, 0, 0, 0, 0, 0])
                 .chain(&[7u8; 32])
                 .chain(&[32u8, 0, 0, 0, 0, 0, 0, 0])
                 .chain(&[9u8; 32])

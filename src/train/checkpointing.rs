@@ -21,6 +21,7 @@ pub fn save(
     zero: Option<&crate::ddp::Zero>,
     pos: &Position,
     grad_scaler: Option<crate::amp::ScalerState>,
+    run_id: &str,
     reason: &str,
 ) -> Result<Option<PathBuf>, TrainError> {
     if !cfg.checkpoint.enabled {
@@ -45,6 +46,7 @@ pub fn save(
             .into(),
         reason: reason.to_string(),
         config: cfg.to_yaml(),
+        run_id: run_id.to_string(),
         user: serde_json::Value::Null,
         grad_scaler,
     };

@@ -274,6 +274,9 @@ impl Trainer<'_> {
 
     /// The test split through the model in evaluation mode, on every rank.
     fn evaluate_test(&mut self) -> Result<super::EvalResult, TrainError> {
+        // Every rank evaluates the same model, the one a checkpoint saves: each rank's own
+        // BatchNorm statistics would give a test accuracy no saved file reproduces.
+        self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
         evaluate(
             self.model.as_ref(),
             self.task.as_ref(),

@@ -25,6 +25,7 @@ pub mod fault;
 mod peak;
 pub mod position;
 mod resume;
+mod same_run;
 mod setup;
 mod step;
 pub mod tasks;
@@ -142,6 +143,8 @@ pub(crate) struct Trainer<'a> {
     /// ringrun shows a live status line: every rank emits status records.
     status_line: bool,
     last_saved: Option<u64>,
+    /// The run the checkpoints belong to (see `resume::run_id`).
+    run_id: String,
     stopped: bool,
 }
 
@@ -234,7 +237,9 @@ impl Trainer<'_> {
             return Ok(());
         }
         let mut merged = Vec::new();
-        for r in 0..self.comm().world_size() {
+        // Not in the loop's head: a guard there would live through the loop.
+        let world = self.comm().world_size();
+        for r in 0..world {
             let blob = (r == rank).then(|| serde_json::to_vec(self.timing.trace_events()).expect("json"));
             let got = crate::comm::broadcast_blob(&mut *self.comm(), r, blob.as_deref())?;
             if rank == 0 {
@@ -258,6 +263,8 @@ impl Trainer<'_> {
     }
 
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
+        // What is saved is what was (or will be) evaluated: one set of buffers on every rank.
+        self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
         let state = self.ddp.state()?;
         let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
         checkpointing::save(
@@ -269,6 +276,7 @@ impl Trainer<'_> {
             self.zero.as_ref(),
             &self.pos,
             scaler,
+            &self.run_id,
             reason,
         )?;
         self.last_saved = Some(self.pos.global_step);
@@ -282,7 +290,9 @@ impl Trainer<'_> {
         }
         self.comm().barrier()?;
         let rank = self.rank();
-        // The buffers are rank 0's since the last step's backward: the run's result everywhere.
+        // One set of buffers everywhere (rank 0's since the last backward, unless
+        // broadcast_buffers is off): the run's result on every rank.
+        self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
         let param_hash = self.ddp.state_hash()?;
         finish_outputs(self.run_dir, rank, &self.ddp.state()?, param_hash, self.pos.global_step)?;
         self.gather_views()?;

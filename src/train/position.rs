@@ -79,6 +79,7 @@ mod tests {
             rng: String::new(),
             reason: "every_steps".into(),
             config: String::new(),
+            run_id: String::new(),
             user: serde_json::Value::Null,
             grad_scaler: None,
         }

@@ -5,6 +5,7 @@
 use super::TrainError;
 use crate::checkpoint::{self, LoadedCheckpoint, Meta};
 use crate::comm::{broadcast_blob, Communicator};
+use crate::config::Config;
 use crate::optim::Optimizer;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -68,6 +69,7 @@ pub fn init_from(
 /// Restores rank 0's parameters and every rank's optimizer state.
 pub fn restore(
     comm: &mut dyn Communicator,
+    cfg: &Config,
     resume: &Resume,
     checkpoints: &Path,
     params: &[(String, Tensor)],
@@ -75,6 +77,7 @@ pub fn restore(
     opt: &mut Optimizer,
 ) -> Result<Option<Meta>, TrainError> {
     if *resume == Resume::No {
+        refuse_a_used_directory(comm, checkpoints)?;
         return Ok(None);
     }
     let mut loaded: Option<LoadedCheckpoint> = None;
@@ -94,6 +97,7 @@ pub fn restore(
             Resume::No => unreachable!(),
         };
         let Some(c) = found else { return Ok(None) };
+        same_run(&c, cfg)?;
         let model: Vec<(String, Tensor)> = c.model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         checkpoint::copy_into(params, &crate::models::without_aliases(model, tied), &c.path.join(checkpoint::MODEL_FILE))?;
         if c.meta.optimizer != opt.name() {
@@ -133,6 +137,48 @@ pub fn restore(
     }
     tracing::info!("resuming from {path} (global step {}, epoch {}, written at {})", meta.global_step, meta.epoch, meta.reason);
     Ok(Some(meta))
+}
+
+/// A fresh start where another run has checkpoints would mix the two: its restarts and
+/// `--resume auto` would pick the other run's checkpoints, and pruning would delete them. Refused
+/// before anything is written (the run directory is left as it was).
+fn refuse_a_used_directory(comm: &mut dyn Communicator, checkpoints: &Path) -> Result<(), TrainError> {
+    on_rank0(comm, || match checkpoint::newest_folder(checkpoints) {
+        Some(newest) => Err(format!(
+            "{} already holds another run's checkpoints (newest {newest}): continue that run with --resume auto, or start \
+             this one in another --run-dir (nothing was changed)",
+            checkpoints.display()
+        )),
+        None => Ok(()),
+    })
+}
+
+/// Refuses a checkpoint whose run was configured differently in what decides its course.
+fn same_run(c: &LoadedCheckpoint, cfg: &Config) -> Result<(), String> {
+    if c.meta.config.is_empty() {
+        return Ok(()); // written by a program of its own, which keeps its own config
+    }
+    let diffs = super::same_run::differences(&c.meta.config, cfg).map_err(|e| format!("{}: {e}", c.path.display()))?;
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} belongs to a run configured differently ({}): resume it with the config it was written with (its meta.json \
+         holds it), or start a new run in another --run-dir",
+        c.path.display(),
+        diffs.join("; ")
+    ))
+}
+
+/// The run id: the resumed checkpoint's, or one rank 0 draws for a fresh run.
+pub fn run_id(comm: &mut dyn Communicator, resumed: Option<&Meta>) -> Result<String, TrainError> {
+    if let Some(id) = resumed.map(|m| m.run_id.clone()).filter(|id| !id.is_empty()) {
+        return Ok(id);
+    }
+    on_rank0(comm, || {
+        let n = crate::auth::nonce().map_err(|e| format!("drawing a run id from /dev/urandom: {e}"))?;
+        Ok(n[..6].iter().map(|b| format!("{b:02x}")).collect::<String>())
+    })
 }
 
 fn find_newest(dir: &Path) -> Result<Option<LoadedCheckpoint>, String> {

@@ -42,7 +42,16 @@ impl<'a> Trainer<'a> {
         let mut opt = Optimizer::new(&cfg.optimizer, &params);
         let checkpoints = run_dir.join("checkpoints");
         let tied = model.tied();
-        let resumed = resume::restore(&mut *handle.lock(), &resume, &checkpoints, &state, &tied, &mut opt)?;
+        let resumed = resume::restore(&mut *handle.lock(), cfg, &resume, &checkpoints, &state, &tied, &mut opt)?;
+        let run_id = resume::run_id(&mut *handle.lock(), resumed.as_ref())?;
+        match &resumed {
+            Some(_) => tracing::info!("run {run_id} continues"),
+            None => tracing::info!("run {run_id} starts"),
+        }
+        if rank == 0 && resumed.is_some() {
+            let resolved = run_dir.join("config.yaml");
+            std::fs::write(&resolved, cfg.to_yaml()).map_err(io_err(resolved.display().to_string()))?;
+        }
         if resumed.is_none() {
             if let Some(path) = &cfg.model.init_from {
                 resume::init_from(&mut *handle.lock(), path, &state, &tied)?;
@@ -98,6 +107,7 @@ impl<'a> Trainer<'a> {
             zero,
             splits,
             last_saved: resumed.as_ref().map(|m| m.global_step),
+            run_id,
             pos,
             metrics,
             tb,

@@ -290,6 +290,13 @@ pub fn with_group<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// A TCP port free on 127.0.0.1 a moment ago, for a launcher that binds it itself (torchrun's
+/// --master-port): two tests of one binary run at once, so a port from the process id collides.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// About 60 KB of simple, learnable English-like text.
 pub fn write_text(dir: &Path) -> PathBuf {
     let src = dir.join("text");
