@@ -83,10 +83,33 @@ fn install_stop_handlers() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Default run directory: runs/<config file stem>, so re-running a config finds its own outputs.
-pub fn default_run_dir(config: &Path) -> PathBuf {
+/// Default run directory: `runs/<config file stem>`, then `-2`, `-3`, … for later runs of the same
+/// config, so rerunning a config never mixes two runs and `--resume auto` finds the newest.
+/// A fresh start takes the newest of these unless it holds checkpoints (then the next one); a
+/// restart by the launcher takes the newest, which its first start created; a resume takes the
+/// newest that holds checkpoints. (An explicit `--run-dir` is used as given: a fresh start there
+/// is refused when another run has checkpoints in it.)
+pub fn default_run_dir(config: &Path, start: Start) -> PathBuf {
     let stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    Path::new("runs").join(stem)
+    let nth = |k: usize| Path::new("runs").join(if k == 1 { stem.clone() } else { format!("{stem}-{k}") });
+    let existing: Vec<PathBuf> = (1..).map(nth).take_while(|d| d.is_dir()).collect();
+    let holds = |d: &Path| crate::checkpoint::newest_folder(&d.join("checkpoints")).is_some();
+    match (start, existing.last()) {
+        (_, None) => nth(1),
+        (Start::Fresh, Some(last)) if holds(last) => nth(existing.len() + 1),
+        (Start::Fresh | Start::Restart, Some(last)) => last.clone(),
+        (Start::Resume, Some(last)) => existing.iter().rev().find(|d| holds(d)).unwrap_or(last).clone(),
+    }
+}
+
+/// How a worker starts, for `default_run_dir`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Fresh,
+    /// The launcher restarted the group (its first start chose the directory).
+    Restart,
+    /// `--resume`.
+    Resume,
 }
 
 pub fn run(args: WorkerArgs) -> Result<train::Summary> {
@@ -94,7 +117,12 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let launch = LaunchInfo::from_env(&env)?;
     let fault = Fault::from_env().map_err(anyhow::Error::msg)?;
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&args.config));
+    let start = match (launch.restart_count, &args.resume) {
+        (1.., _) => Start::Restart,
+        (0, None | Some(train::Resume::No)) => Start::Fresh,
+        (0, Some(_)) => Start::Resume,
+    };
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&args.config, start));
     let rank = launch.rank;
 
     std::fs::create_dir_all(run_dir.join("logs")).with_context(|| format!("creating run directory {}", run_dir.display()))?;
@@ -115,6 +143,9 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
         launch.local_world_size,
         launch.source.describe()
     );
+    if rank == 0 {
+        tracing::info!("run directory {}", run_dir.display());
+    }
 
     let threads = cfg.train.threads.or_else(|| env.get("OMP_NUM_THREADS").and_then(|v| v.parse().ok())).unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

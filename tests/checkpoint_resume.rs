@@ -323,3 +323,31 @@ fn a_fresh_start_in_another_runs_directory_is_refused_and_resume_refuses_another
     run(ringrun(2, &cfg, &run_dir, &["--resume", "auto", "--set", "train.epochs=2"]), Duration::from_secs(120)).assert_success();
     assert_eq!(run_id_of(&run_dir.join("checkpoints/step-000000120")), first);
 }
+
+#[test]
+fn rerunning_a_config_without_run_dir_starts_a_numbered_directory_and_resume_finds_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &job(""));
+    let default = |extra: &[&str]| {
+        let mut c = Command::new(RINGRUN);
+        c.args(["--nproc-per-node", "2", RINGTRAIN, "--config"]).arg(&cfg).args(["--set", "train.epochs=1"]).args(extra);
+        c.current_dir(dir.path()).env_remove("RINGTRAIN_FAULT");
+        run(c, Duration::from_secs(120))
+    };
+    default(&[]).assert_success();
+    let first = dir.path().join("runs/job");
+    let before = snapshot(&first);
+    // The same command again is a new run in runs/job-2; the first is untouched.
+    let out = default(&["--set", "train.seed=8"]);
+    out.assert_success();
+    assert!(out.stderr.contains("run directory runs/job-2"), "{}", out.report());
+    assert_eq!(snapshot(&first), before);
+    let second = dir.path().join("runs/job-2");
+    assert_ne!(run_id_of(&second.join("checkpoints/step-000000060")), run_id_of(&first.join("checkpoints/step-000000060")));
+    // --resume auto continues the newest.
+    let out = default(&["--set", "train.seed=8", "--set", "train.epochs=2", "--resume", "auto"]);
+    out.assert_success();
+    assert!(out.stderr.contains("run directory runs/job-2"), "{}", out.report());
+    assert!(second.join("checkpoints/step-000000120").is_dir());
+    assert!(!dir.path().join("runs/job-3").exists());
+}
