@@ -15,6 +15,7 @@ fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
     println!("cargo:rerun-if-changed=src/models/torchscript/module.cpp");
     println!("cargo:rerun-if-changed=src/amp/autocast.cpp");
+    println!("cargo:rerun-if-changed=src/comm/blob.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // LIBTORCH (this repo's .cargo/config.toml sets it), else the libtorch torch-sys found (a
     // crate depending on ringtrain: torch-sys exports its lib folder; the headers sit beside it).
@@ -31,6 +32,7 @@ fn ready_hook_shim() {
         .file("src/ddp/hooks/ready_hook.cpp")
         .file("src/models/torchscript/module.cpp")
         .file("src/amp/autocast.cpp")
+        .file("src/comm/blob.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

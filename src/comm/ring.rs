@@ -532,9 +532,8 @@ impl RingComm {
                 .map_err(|f| self.shared_error(Op::Setup, seq, f))?;
             self.shared = Some(s);
         }
-        let ptr = self.shared.as_mut().expect("made above").alloc(numel * elt).map_err(|f| self.shared_error(Op::Setup, seq, f))?;
-        // SAFETY: `numel` elements of `kind` at `ptr`, zeroed, mapped for the process's life.
-        Ok(Some(unsafe { tch::Tensor::from_blob(ptr, &[numel as i64], &[1], kind, tch::Device::Cpu) }))
+        let t = self.shared.as_mut().expect("made above").alloc(numel, elt, kind).map_err(|f| self.shared_error(Op::Setup, seq, f))?;
+        Ok(Some(t))
     }
 }
 

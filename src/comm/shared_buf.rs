@@ -22,7 +22,8 @@ use super::Op;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
@@ -32,9 +33,9 @@ const SPIN: Duration = Duration::from_micros(30);
 /// and the copies out.
 const BLOCK: usize = 4096;
 
-/// A shared mapping (also each shared-memory link's ring). `keep` mappings are never unmapped:
-/// they back tensors libtorch may still hold (gradient views into a bucket) after the communicator
-/// is gone; the kernel frees them at exit.
+/// A shared mapping (also each shared-memory link's ring). `keep` mappings are not unmapped on
+/// drop: a rank's own copy of an allocation backs a tensor libtorch may still hold (gradient views
+/// into a bucket) after the communicator is gone, and that tensor's storage unmaps it when freed.
 pub(super) struct Mapping {
     base: *mut u8,
     len: usize,
@@ -72,9 +73,13 @@ pub(super) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     }
     // SAFETY: fd is ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: resizing our own memfd; the new bytes read as zeros.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-        return Err(io::Error::last_os_error());
+    // Reserved now, not at first touch: under a memory limit a sparse segment (ftruncate) would
+    // kill the process mid-collective when a page is first written; fallocate fails here, with a
+    // reason. SAFETY: sizing our own memfd; the new bytes read as zeros.
+    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("reserving {len} bytes of shared memory: {e} (a memory limit, or /dev/shm full?)")));
     }
     Ok(fd)
 }
@@ -100,6 +105,40 @@ pub(super) fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
         return Err(io::Error::last_os_error());
     }
     Ok(Mapping { base: base as *mut u8, len, keep })
+}
+
+/// One allocation: every rank's segment mapped here, and whether this rank's tensor over its own
+/// copy is still alive.
+struct Alloc {
+    maps: Vec<Mapping>,
+    live: Arc<AtomicBool>,
+}
+
+/// What a shared tensor's storage releases when libtorch frees it.
+struct Release {
+    base: *mut u8,
+    len: usize,
+    live: Arc<AtomicBool>,
+}
+
+extern "C" {
+    fn ringtrain_blob_with_release(
+        data: *mut std::ffi::c_void,
+        numel: i64,
+        scalar_type: std::ffi::c_int,
+        release: extern "C" fn(*mut std::ffi::c_void),
+        ctx: *mut std::ffi::c_void,
+    ) -> *mut std::ffi::c_void;
+}
+
+/// The storage's deleter: marks the allocation freed (so `locate` no longer matches its range),
+/// then unmaps this rank's copy. Runs on whichever thread frees the last view.
+extern "C" fn release_segment(ctx: *mut std::ffi::c_void) {
+    // SAFETY: `ctx` is the Box `alloc` leaked for exactly this one call.
+    let r = unsafe { Box::from_raw(ctx as *mut Release) };
+    r.live.store(false, Ordering::Release);
+    // SAFETY: the mapping nothing refers to any more (its last tensor view is gone).
+    unsafe { libc::munmap(r.base as *mut libc::c_void, r.len) };
 }
 
 /// Each rank's control page: how many barriers it has reached, and what it entered last.
@@ -144,8 +183,9 @@ pub(super) struct SharedBuffers {
     timeout: Duration,
     /// Every rank's control page, by rank.
     controls: Vec<Mapping>,
-    /// Every allocation, each mapped for every rank (by rank).
-    allocs: Vec<Vec<Mapping>>,
+    /// Every allocation, each mapped for every rank (by rank); indices are never reused, so an
+    /// index names the same allocation on every rank.
+    allocs: Vec<Alloc>,
     /// Barriers passed so far; the same count on every rank.
     barriers: u64,
     /// The Unix sockets to the ring neighbours: they carry the segments' descriptors and tell
@@ -191,13 +231,40 @@ impl SharedBuffers {
         Ok(s)
     }
 
-    /// Allocates `bytes` (rounded up to pages, zeroed) in every rank's memory, mapped by all
-    /// (collective); returns this rank's copy.
-    pub fn alloc(&mut self, bytes: usize) -> Result<*mut u8, Fail> {
-        let maps = self.share(bytes.div_ceil(PAGE).max(1) * PAGE, true)?;
+    /// Allocates `numel` elements of `kind` (`elt` bytes each; rounded up to pages, zeroed) in
+    /// every rank's memory, mapped by all (collective); returns this rank's copy as a tensor whose
+    /// storage unmaps it when libtorch frees it. Peers' copies of freed allocations are unmapped
+    /// here, at the next allocation.
+    pub fn alloc(&mut self, numel: usize, elt: usize, kind: tch::Kind) -> Result<tch::Tensor, Fail> {
+        self.sweep();
+        let len = (numel * elt).div_ceil(PAGE).max(1) * PAGE;
+        let maps = self.share(len, true)?;
+        let live = Arc::new(AtomicBool::new(true));
         let base = maps[self.rank].base;
-        self.allocs.push(maps);
-        Ok(base)
+        self.allocs.push(Alloc { maps, live: live.clone() });
+        let release = Box::into_raw(Box::new(Release { base, len, live }));
+        let code = match kind {
+            tch::Kind::BFloat16 => 15,
+            _ => 6, // c10::ScalarType::Float
+        };
+        // SAFETY: `numel` elements at `base`, zeroed and mapped until `release_segment` runs,
+        // which the storage calls once, when it is freed.
+        let t = unsafe { ringtrain_blob_with_release(base.cast(), numel as i64, code, release_segment, release.cast()) };
+        if t.is_null() {
+            release_segment(release.cast());
+            return Err(Fail::Io(self.rank, io::Error::other("libtorch refused a tensor over a shared segment")));
+        }
+        // SAFETY: a fresh at::Tensor the shim allocated; tch takes ownership.
+        Ok(unsafe { tch::Tensor::from_ptr(t.cast()) })
+    }
+
+    /// Drops peers' mappings of allocations whose tensor libtorch has freed.
+    fn sweep(&mut self) {
+        for a in &mut self.allocs {
+            if !a.live.load(Ordering::Acquire) {
+                a.maps.clear();
+            }
+        }
     }
 
     /// Makes a segment of `len` bytes, hands it round the ring and maps every rank's.
@@ -227,10 +294,11 @@ impl SharedBuffers {
         Ok(fds.into_iter().map(|f| f.expect("every rank's descriptor arrived")).collect())
     }
 
-    /// The allocation and byte offset holding `[ptr, ptr + bytes)`, when one does.
+    /// The allocation and byte offset holding `[ptr, ptr + bytes)`, when one does. A freed
+    /// allocation holds nothing (its address range may already be reused by another mapping).
     pub fn locate(&self, ptr: *const u8, bytes: usize) -> Option<(usize, usize)> {
-        self.allocs.iter().enumerate().find_map(|(i, maps)| {
-            let m = &maps[self.rank];
+        self.allocs.iter().enumerate().filter(|(_, a)| a.live.load(Ordering::Acquire)).find_map(|(i, a)| {
+            let m = a.maps.get(self.rank)?;
             let (start, p) = (m.base as usize, ptr as usize);
             (p >= start && p + bytes <= start + m.len).then(|| (i, p - start))
         })
@@ -262,7 +330,7 @@ impl SharedBuffers {
         let ptr = |p: usize| -> *mut T {
             // SAFETY: every rank checked (first barrier) that the same range lies in the same
             // allocation, so it lies in rank p's mapping too.
-            unsafe { self.allocs[entry.alloc][p].base.add(entry.offset) as *mut T }
+            unsafe { self.allocs[entry.alloc].maps[p].base.add(entry.offset) as *mut T }
         };
         let c = (r + 1) % w;
         let (a, b) = bounds(c);
@@ -441,6 +509,20 @@ fn wait_readable(sock: &UnixStream, timeout: Duration) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_segment_is_reserved_when_made_not_at_first_touch() {
+        // ftruncate made sparse segments: no blocks until written, so a size no memory could back
+        // was accepted and the first touch under a memory limit killed the process mid-collective.
+        // (No test of the refusal itself: memfd has no size limit of its own, so only a cgroup
+        // limit refuses, and without one the kernel would try.)
+        let fd = memfd("reserve-test", 1 << 20).unwrap();
+        // SAFETY: fstat into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(st.st_size, 1 << 20);
+        assert!(st.st_blocks * 512 >= 1 << 20, "{} bytes reserved of 1 MiB", st.st_blocks * 512);
+    }
+
     fn x(rank: usize, i: usize, round: usize) -> f32 {
         0.1f32 * (i % 7) as f32 + rank as f32 * 1e-3 + (i as f32).sqrt() + round as f32 * 0.37
     }
@@ -462,7 +544,8 @@ mod tests {
                 std::thread::spawn(move || {
                     let t = Duration::from_secs(10);
                     let mut s = SharedBuffers::new(r, w, t, &to_next, &from_prev, "test").unwrap_or_else(|_| panic!("setup"));
-                    let base = s.alloc((off + n + 3) * 4).unwrap_or_else(|_| panic!("alloc")) as *mut f32;
+                    let tensor = s.alloc(off + n + 3, 4, tch::Kind::Float).unwrap_or_else(|_| panic!("alloc"));
+                    let base = tensor.data_ptr() as *mut f32;
                     // SAFETY: off + n + 3 floats were allocated.
                     let whole = unsafe { std::slice::from_raw_parts_mut(base, off + n + 3) };
                     whole.fill(-1.0);

@@ -274,6 +274,18 @@ pub fn with_group<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, ringtrain::comm::CommHandle) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    with_group_over(world, timeout, false, f)
+}
+
+/// `with_group` whose ranks, one node's, link over shared memory (`shm`), where buckets become
+/// segments every rank maps; else over TCP.
+#[allow(dead_code)]
+pub fn with_group_over<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    shm: bool,
+    f: impl Fn(usize, ringtrain::comm::CommHandle) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let server = TcpStoreServer::start("127.0.0.1:0", "tok").unwrap();
     let addr = server.local_addr().to_string();
     let handles: Vec<_> = (0..world)
@@ -281,7 +293,10 @@ pub fn with_group<T: Send + 'static>(
             let (addr, f) = (addr.clone(), f.clone());
             std::thread::spawn(move || {
                 let store = TcpStore::connect(&addr, "tok", Duration::from_secs(10)).unwrap();
-                let opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+                let mut opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
+                if shm {
+                    (opts.node_id, opts.shm) = (Some("this-node".into()), true);
+                }
                 let comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
                 f(rank, ringtrain::comm::CommHandle::new(Box::new(comm)))
             })
