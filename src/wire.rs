@@ -1,4 +1,5 @@
-//! Little-endian framing shared by the store protocol and the ring handshake.
+//! Little-endian framing shared by the store protocol and the ring handshake, and the hash ranks
+//! compare what they hold with.
 
 use std::io::{self, Read, Write};
 
@@ -65,4 +66,13 @@ pub fn is_closed(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
     )
+}
+
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Continues an FNV-1a hash `h` over `bytes`: small, dependency-free, and the same everywhere,
+/// which is all comparing replicas, configs or tokens across ranks needs.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }

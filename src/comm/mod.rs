@@ -16,6 +16,7 @@ pub mod nccl;
 pub mod ring;
 mod ring_sender;
 mod ring_setup;
+mod segment;
 mod shared_buf;
 mod shm;
 pub mod strict;

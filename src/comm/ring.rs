@@ -127,6 +127,17 @@ impl RingComm {
     /// records. Ranks that never record are the ones that did not arrive (hung or lost), in the
     /// spirit of Horovod's stall inspector. Falls back to the plain timeout error when the store
     /// cannot be reached.
+    /// A collective's end: a failure is first reported with who stalled (before the ring breaks:
+    /// our open sockets keep the ranks behind us from reporting a closed connection instead of
+    /// the stall), then the ring is poisoned, since ranks may be out of step in it.
+    fn conclude<T>(&mut self, result: Result<T, CommError>) -> Result<T, CommError> {
+        let result = result.map_err(|e| self.stall_report(e));
+        if result.is_err() {
+            self.poison();
+        }
+        result
+    }
+
     fn stall_report(&self, err: CommError) -> CommError {
         let (CommError::Timeout { op, seq, secs, .. }, Some(store)) = (&err, &self.stall_store) else {
             return err;
@@ -313,12 +324,8 @@ impl Communicator for RingComm {
             }
             Ok(())
         })()
-        .map_err(|e| self.peer_error(Op::Broadcast, seq, e))
-        .map_err(|e| self.stall_report(e));
-        if result.is_err() {
-            self.poison();
-        }
-        result
+        .map_err(|e| self.peer_error(Op::Broadcast, seq, e));
+        self.conclude(result)
     }
 
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
@@ -435,10 +442,7 @@ impl RingComm {
             (Ok(()), Err(io)) => Err(self.io_error(op, seq, next, io)),
             (Ok(()), Ok(())) => Ok(()),
         };
-        if result.is_err() {
-            self.poison();
-        }
-        result.map_err(|e| self.stall_report(e))
+        self.conclude(result)
     }
 }
 
@@ -472,11 +476,7 @@ impl RingComm {
                 }
             }
         };
-        let result = result.map_err(|e| self.stall_report(e));
-        if result.is_err() {
-            self.poison();
-        }
-        result
+        self.conclude(result)
     }
 
     fn shared_error(&self, op: Op, seq: u64, f: Fail) -> CommError {
@@ -604,12 +604,8 @@ impl RingComm {
             }
             Ok(())
         })()
-        .map_err(|e| self.peer_error(op, seq, e))
-        .map_err(|e| self.stall_report(e));
-        if result.is_err() {
-            self.poison();
-        }
-        result
+        .map_err(|e| self.peer_error(op, seq, e));
+        self.conclude(result)
     }
 
     /// Ring all-gather of small byte strings: w-1 steps, each forwarding the blob received last.
@@ -635,12 +631,8 @@ impl RingComm {
                 }
                 Ok(())
             })()
-            .map_err(|e| self.peer_error(op, seq, e))
-            .map_err(|e| self.stall_report(e));
-            if result.is_err() {
-                self.poison();
-            }
-            return result.map(|()| out);
+            .map_err(|e| self.peer_error(op, seq, e));
+            return self.conclude(result).map(|()| out);
         }
         let mut to_next = self.links.as_ref().unwrap().to_next.try_clone().map_err(|e| self.io_error(op, seq, next, e))?;
         let (tx, rx): (_, Receiver<Vec<u8>>) = bounded(w);
@@ -679,10 +671,7 @@ impl RingComm {
                 (Ok(()), Ok(())) => Ok(()),
             }
         });
-        if result.is_err() {
-            self.poison();
-        }
-        result.map(|()| out).map_err(|e| self.stall_report(e))
+        self.conclude(result).map(|()| out)
     }
 }
 

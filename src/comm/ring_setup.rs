@@ -156,7 +156,7 @@ fn accept_prev(
 /// so any token works (a byte slice of a non-ASCII token would split a character) and the token
 /// itself is not shown in /proc.
 pub(super) fn token_tag(token: &str) -> String {
-    format!("{:016x}", crate::ddp::fnv1a(crate::ddp::FNV_OFFSET, token.as_bytes()))
+    format!("{:016x}", crate::wire::fnv1a(crate::wire::FNV_OFFSET, token.as_bytes()))
 }
 
 #[cfg(test)]

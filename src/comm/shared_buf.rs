@@ -17,95 +17,19 @@
 //! results are the ring's bits, and a run is bitwise the same with or without shared buffers.
 
 use super::elem::Elem;
-use super::shm::{futex_wait, futex_wake, peer_gone, recv_fd, send_fd};
+use super::segment::{futex_wake, map, memfd, peer_gone, recv_fd, send_fd, wait_readable, wait_until, Mapping};
 use super::Op;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
-/// How long a waiter spins before sleeping on the futex (as the shared-memory links do).
-const SPIN: Duration = Duration::from_micros(30);
 /// Elements summed per pass over the sources: the partial sum stays in L1 between the additions
 /// and the copies out.
 const BLOCK: usize = 4096;
-
-/// A shared mapping (also each shared-memory link's ring). `keep` mappings are not unmapped on
-/// drop: a rank's own copy of an allocation backs a tensor libtorch may still hold (gradient views
-/// into a bucket) after the communicator is gone, and that tensor's storage unmaps it when freed.
-pub(super) struct Mapping {
-    base: *mut u8,
-    len: usize,
-    keep: bool,
-}
-
-// SAFETY: shared memory touched through atomics (control pages, link headers) and protocols that
-// give each byte one writer at a time: the collectives' (between the barriers each rank writes
-// only its own chunk) and the links' (the writer touches free space, the reader published bytes).
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    pub(super) fn base(&self) -> *mut u8 {
-        self.base
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        if !self.keep {
-            // SAFETY: unmapping our own mapping, which nothing else refers to.
-            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-        }
-    }
-}
-
-/// A memfd of `len` zero bytes named `name` (close-on-exec); the shared-memory links use it too.
-pub(super) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("bad segment name"))?;
-    // SAFETY: memfd_create with a valid name.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Reserved now, not at first touch: under a memory limit a sparse segment (ftruncate) would
-    // kill the process mid-collective when a page is first written; fallocate fails here, with a
-    // reason. SAFETY: sizing our own memfd; the new bytes read as zeros.
-    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("reserving {len} bytes of shared memory: {e} (a memory limit, or /dev/shm full?)")));
-    }
-    Ok(fd)
-}
-
-/// Maps a memfd of at least `len` bytes, shared.
-pub(super) fn map(fd: &OwnedFd, len: usize, keep: bool) -> io::Result<Mapping> {
-    // A segment shorter than expected (ranks out of step in their allocations) would map, then
-    // fault (SIGBUS) on the first touch past its end: refuse it here.
-    // SAFETY: fstat into a zeroed struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (st.st_size as u64) < len as u64 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a shared segment of {} bytes where {len} were expected (ranks allocating out of step?)", st.st_size),
-        ));
-    }
-    // SAFETY: mapping `len` bytes of a memfd of at least that size, shared.
-    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Mapping { base: base as *mut u8, len, keep })
-}
 
 /// One allocation: every rank's segment mapped here, and whether this rank's tensor over its own
 /// copy is still alive.
@@ -434,17 +358,11 @@ impl SharedBuffers {
         let arrived = || ctl.arrived.load(Ordering::Acquire) >= target;
         let (next, prev) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
         let closed = || (0..self.world).find(|&q| q != self.rank && control(&self.controls[q]).closed.load(Ordering::Acquire) != 0);
-        let started = Instant::now();
-        loop {
-            let seq = ctl.word.load(Ordering::Acquire);
-            if arrived() {
-                return Ok(());
-            }
-            let failure = if let Some(q) = closed() {
+        wait_until(&ctl.word, &ctl.sleepers, arrived, Instant::now(), |spinning| {
+            if let Some(q) = closed() {
                 Some(Fail::Io(q, io::Error::new(io::ErrorKind::BrokenPipe, format!("rank {q} left the collective"))))
-            } else if started.elapsed() < SPIN {
-                std::hint::spin_loop();
-                continue;
+            } else if spinning {
+                None
             } else if stray() {
                 Some(Fail::Mismatch(
                     prev,
@@ -462,16 +380,8 @@ impl SharedBuffers {
                 Some(Fail::Io(p, io::Error::from(io::ErrorKind::TimedOut)))
             } else {
                 None
-            };
-            if let Some(f) = failure {
-                return if arrived() { Ok(()) } else { Err(f) };
             }
-            ctl.sleepers.fetch_add(1, Ordering::SeqCst);
-            if !arrived() {
-                futex_wait(&ctl.word, seq, Duration::from_millis(50));
-            }
-            ctl.sleepers.fetch_sub(1, Ordering::SeqCst);
-        }
+        })
     }
 }
 
@@ -485,24 +395,6 @@ fn control(m: &Mapping) -> &Control {
     // SAFETY: a control page is a zero-initialised page, large enough for `Control`, whose
     // fields are all atomics (any bits valid).
     unsafe { &*(m.base as *const Control) }
-}
-
-/// Waits up to `timeout` for `sock` to have something to read.
-fn wait_readable(sock: &UnixStream, timeout: Duration) -> io::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: polling one valid descriptor.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        match n {
-            0 => return Err(io::Error::from(io::ErrorKind::TimedOut)),
-            // A signal (a profiler's, a child's exit) is no failure: wait on.
-            n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
-            n if n < 0 => return Err(io::Error::last_os_error()),
-            _ => return Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]

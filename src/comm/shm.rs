@@ -5,9 +5,9 @@
 //! when both processes have gone. Waiting uses futexes on the shared counters (no busy loops on a
 //! machine where every core computes); the Unix socket stays open only to notice a dead peer.
 
-use super::shared_buf::{map, memfd, Mapping};
+use super::segment::{futex_wake, map, memfd, peer_gone, recv_fd, send_fd, wait_until, Mapping};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,10 +34,6 @@ struct Header {
     tail_sleepers: AtomicU32,
 }
 
-/// How long a waiter spins before sleeping: the peer usually answers within microseconds when it
-/// has a core, and a futex sleep and wake-up cost ~10 µs of latency.
-const SPIN: Duration = Duration::from_micros(30);
-
 /// One ring's mapping; the descriptor stays open so it can be handed over again if needed.
 struct Segment {
     map: Mapping,
@@ -62,25 +58,6 @@ impl Segment {
         // SAFETY: within the mapping.
         unsafe { self.map.base().add(HEADER) }
     }
-}
-
-pub(super) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
-    // SAFETY: a shared (not private) futex wait on a word in our mapping.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec) };
-}
-
-pub(super) fn futex_wake(word: &AtomicU32) {
-    // SAFETY: waking waiters on a word in our mapping.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
-}
-
-/// True when the peer has closed its end of the Unix socket (it exited or crashed).
-pub(super) fn peer_gone(sock: &UnixStream) -> bool {
-    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
-    // SAFETY: polling one valid descriptor without waiting.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// One direction of a link: this side either writes or reads.
@@ -134,35 +111,21 @@ impl ShmLink {
     /// in `sleepers`) between checks.
     fn wait(&self, word: &AtomicU32, sleepers: &AtomicU32, ready: impl Fn() -> bool, started: Instant) -> io::Result<()> {
         let h = self.seg.header();
-        loop {
-            let seq = word.load(Ordering::Acquire);
-            if ready() {
-                return Ok(());
-            }
-            // A peer that published its last bytes and then left: those bytes still count. Its
-            // writes happen before its close, so a look after seeing the close finds them.
+        wait_until(word, sleepers, ready, started, |spinning| {
+            // A peer that published its last bytes and then left: those bytes still count (its
+            // writes happen before its close, so the last look after seeing the close finds them).
             if h.closed.load(Ordering::Acquire) != 0 {
-                return if ready() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed")) };
+                Some(io::Error::new(io::ErrorKind::BrokenPipe, "shared-memory link closed"))
+            } else if spinning {
+                None
+            } else if peer_gone(&self.sock) {
+                Some(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed its connection"))
+            } else if started.elapsed() > self.timeout {
+                Some(io::Error::new(io::ErrorKind::TimedOut, "shared-memory link timed out"))
+            } else {
+                None
             }
-            if started.elapsed() < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
-            if peer_gone(&self.sock) {
-                return if ready() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed its connection")) };
-            }
-            if started.elapsed() > self.timeout {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "shared-memory link timed out"));
-            }
-            // Announce the sleep before the last look: a publisher that bumps `word` after our
-            // look sees the count (SeqCst on both sides) and wakes us; one that bumped it before
-            // changed `seq`, so FUTEX_WAIT returns at once.
-            sleepers.fetch_add(1, Ordering::SeqCst);
-            if !ready() {
-                futex_wait(word, seq, Duration::from_millis(50));
-            }
-            sleepers.fetch_sub(1, Ordering::SeqCst);
-        }
+        })
     }
 }
 
@@ -255,74 +218,6 @@ impl Read for ShmLink {
             futex_wake(&h.tail_seq);
         }
         Ok(n)
-    }
-}
-
-/// A one-byte message with room for one SCM_RIGHTS descriptor; `iov` and `control` must outlive it.
-fn fd_message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
-    // SAFETY: an all-zero msghdr is valid; the pointers set below stay valid while it is used.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = control.len();
-    msg
-}
-
-fn fd_control_space() -> usize {
-    // SAFETY: pure size computation.
-    unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize }
-}
-
-pub(super) fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
-    let mut byte = [1u8];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
-    let mut control = vec![0u8; fd_control_space()];
-    let msg = fd_message(&mut iov, &mut control);
-    // SAFETY: filling the one control message the buffer was sized for, then sending it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
-        loop {
-            if libc::sendmsg(sock.as_raw_fd(), &msg, 0) == 1 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(super) fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr() as *mut libc::c_void, iov_len: 1 };
-    let mut control = vec![0u8; fd_control_space()];
-    let mut msg = fd_message(&mut iov, &mut control);
-    // SAFETY: receiving into the sized control buffer, then reading one descriptor from it.
-    unsafe {
-        let mut n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        // A signal before anything arrived: try again (nothing was consumed).
-        while n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        }
-        if n != 1 {
-            return Err(if n < 0 {
-                io::Error::last_os_error()
-            } else {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "no segment received")
-            });
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "peer sent no shared-memory segment"));
-        }
-        Ok(OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const RawFd)))
     }
 }
 

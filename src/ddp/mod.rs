@@ -15,7 +15,8 @@ mod replica;
 mod wrapper;
 pub mod zero;
 
+pub use crate::wire::{fnv1a, FNV_OFFSET};
 pub use buckets::compute_bucket_assignment_by_size;
-pub use replica::{fnv1a, parameter_hash, sync_replicas, DdpError, FNV_OFFSET};
+pub use replica::{parameter_hash, sync_replicas, DdpError};
 pub use wrapper::{BufferSync, Ddp, DdpOptions};
 pub use zero::Zero;

@@ -2,6 +2,7 @@
 //! order); then rank 0's parameters and buffers are broadcast so replicas start bit-identical.
 
 use crate::comm::{CommError, Communicator};
+use crate::wire::{fnv1a, FNV_OFFSET};
 use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +61,6 @@ pub fn first_difference(a: &[&str], b: &[&str]) -> Option<String> {
         std::cmp::Ordering::Equal => None,
         _ => Some(format!("{} parameters vs {}", a.len(), b.len())),
     }
-}
-
-/// FNV-1a's starting value.
-pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Continues an FNV-1a hash `h` over `bytes`: small, dependency-free, and the same everywhere,
-/// which is all comparing replicas or configs across ranks needs.
-pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// FNV-1a over every parameter's bytes in order: equal hashes mean bitwise-equal replicas.
