@@ -175,3 +175,23 @@ fn a_rebuilt_ddp_releases_its_shared_buckets() {
     // At most one generation not yet unmapped (a peer unmaps at its next allocation).
     assert!(counts.iter().all(|&c| c <= 2 * counts[0]), "shared mappings grow with every rebuild: {counts:?}");
 }
+
+#[test]
+fn a_sharded_ddp_without_zero_refuses_to_leave_partial_gradients() {
+    // Reduce-scattered gradients are averaged on their owner's shard only; stepping an ordinary
+    // optimizer on them used to drift the replicas apart without a word.
+    let results = with_group(2, Duration::from_secs(10), |rank, comm| {
+        let (params, buffers) = state(rank);
+        let opts = DdpOptions { shard: true, ..DdpOptions::default() };
+        let mut ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
+        let w = ddp.named_parameters()[0].1.shallow_clone();
+        let refused = ddp.backward(&w.sum(Kind::Float)).unwrap_err().to_string();
+        let _zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        ddp.zero_grad().unwrap();
+        ddp.backward(&w.sum(Kind::Float)).unwrap();
+        refused
+    });
+    for e in &results {
+        assert!(e.contains("DdpOptions::shard") && e.contains("ddp::Zero"), "{e}");
+    }
+}

@@ -90,6 +90,8 @@ pub struct Ddp {
     /// False inside `no_sync`: backward accumulates without communicating.
     sync: bool,
     warned_reattach: bool,
+    /// A `Zero` was built from this (sharded) Ddp: its optimizer steps the shards.
+    pub(super) zero_attached: std::sync::atomic::AtomicBool,
 }
 
 /// Buffers grouped by dtype and device, each group in the buffers' order: what one flat
@@ -142,7 +144,17 @@ impl Ddp {
         let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let reducer = Reducer::new(comm, &params_only, &reducer_opts)?;
         drop(guard);
-        Ok(Ddp { comm: handle, poisoned: None, params, buffers, reducer, opts, sync: true, warned_reattach: false })
+        Ok(Ddp {
+            comm: handle,
+            poisoned: None,
+            params,
+            buffers,
+            reducer,
+            opts,
+            sync: true,
+            warned_reattach: false,
+            zero_attached: false.into(),
+        })
     }
 
     /// Wraps a `tch::nn::VarStore`: trainable variables are parameters, the others buffers
@@ -180,6 +192,16 @@ impl Ddp {
         if !self.sync {
             backward()?;
             return Ok(0.0);
+        }
+        if self.opts.shard && !self.zero_attached.load(std::sync::atomic::Ordering::Relaxed) {
+            // Reduce-scattered, the gradients outside this rank's shards are partial sums: an
+            // ordinary optimizer would step on them and the replicas would drift apart.
+            return Err(DdpError::Unsupported(
+                "DdpOptions::shard leaves each rank the average of its own shard of the gradients only: build a \
+                 ddp::Zero from this Ddp and step through it (Optimizer::shard(zero.slices()?), then \
+                 zero.gather_parameters), or turn shard off"
+                    .into(),
+            ));
         }
         let handle = self.comm.clone();
         let mut comm = handle.lock();

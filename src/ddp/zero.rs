@@ -56,6 +56,7 @@ impl Zero {
         if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()) {
             return Err(DdpError::Unsupported(format!("parameter `{n}` is not contiguous: its shards cannot be flat views")));
         }
+        ddp.zero_attached.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut place = HashMap::new();
         let buckets = ddp
             .reducer_buckets()
