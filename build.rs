@@ -30,7 +30,8 @@ fn ready_hook_shim() {
     cc::Build::new()
         .cpp(true)
         .file("src/ddp/hooks/ready_hook.cpp")
-        .file("src/models/torchscript/module.cpp")
+        // TorchScript models belong to the trainer (`models`); the DDP core alone does not build them.
+        .files(cfg!(feature = "trainer").then_some("src/models/torchscript/module.cpp"))
         .file("src/amp/autocast.cpp")
         .file("src/comm/blob.cpp")
         .include(libtorch.join("include"))
@@ -49,7 +50,7 @@ fn mpi_shim() {
         Ok(lib) => lib,
         Err(errs) => panic!(
             "the `mpi` feature needs an MPI installation (Debian: apt-get install libopenmpi-dev openmpi-bin, \
-             or run scripts/setup.sh); build without it: cargo build --no-default-features. Probe errors: {errs:?}"
+             or run scripts/setup.sh); build without it: cargo build --no-default-features --features trainer. Probe errors: {errs:?}"
         ),
     };
     let mut build = cc::Build::new();

@@ -36,14 +36,6 @@ pub struct Config {
     pub device: DeviceChoice,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda,
-    Auto,
-}
-
 fn default_device() -> DeviceChoice {
     DeviceChoice::Cpu
 }
@@ -53,6 +45,11 @@ pub use crate::data::images::{CorruptImages, TransformsConfig};
 pub use crate::data::synthetic::SyntheticConfig;
 pub use crate::data::DataConfig;
 pub use crate::models::ModelConfig;
+// The sections the DDP core takes (it builds without this module) live beside the code they
+// configure; the config names them here too.
+pub use crate::device::DeviceChoice;
+pub use crate::optim::{OptimizerConfig, OptimizerName, ScheduleConfig};
+pub use crate::process_group::{Backend, CommConfig, LocalTransport};
 
 fn default_precision() -> Precision {
     Precision::Fp32
@@ -178,86 +175,6 @@ pub struct TrainConfig {
     pub peak_tflops: Option<f64>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerName {
-    Sgd,
-    Adam,
-    /// Adam with decoupled weight decay (torch.optim.AdamW).
-    Adamw,
-}
-
-/// The learning rate as a function of the optimizer step (0-based, as nanoGPT's `iter_num`), so a
-/// resumed run continues the same curve.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ScheduleConfig {
-    /// `optimizer.lr` throughout.
-    Constant,
-    /// torch.optim.lr_scheduler.StepLR: lr · gamma^⌊step / step_size⌋.
-    Step { step_size: u64, gamma: f64 },
-    /// nanoGPT's `get_lr`: linear warmup over `warmup_steps`, cosine decay to `min_lr` at
-    /// `decay_steps`, `min_lr` after.
-    WarmupCosine { warmup_steps: u64, decay_steps: u64, min_lr: f64 },
-}
-
-impl Default for ScheduleConfig {
-    fn default() -> Self {
-        ScheduleConfig::Constant
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimizerConfig {
-    pub name: OptimizerName,
-    pub lr: f64,
-    #[serde(default)]
-    pub momentum: f64,
-    #[serde(default)]
-    pub dampening: f64,
-    #[serde(default)]
-    pub nesterov: bool,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "default_betas")]
-    pub betas: [f64; 2],
-    #[serde(default = "default_eps")]
-    pub eps: f64,
-    /// Apply `weight_decay` to 1-d parameters too (biases, norm weights), as PyTorch does for
-    /// `model.parameters()`. `false`: only tensors of 2+ dimensions decay, nanoGPT's
-    /// `configure_optimizers` groups.
-    #[serde(default = "yes")]
-    pub weight_decay_1d: bool,
-    #[serde(default)]
-    pub schedule: ScheduleConfig,
-    /// ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`): gradients are reduce-scattered, each
-    /// rank steps and keeps optimizer state for 1/N of the parameters, then the parameters are
-    /// all-gathered. Checkpoints hold the whole state, as without sharding.
-    #[serde(default)]
-    pub shard: bool,
-}
-
-impl OptimizerConfig {
-    /// PyTorch's defaults for `name` with learning rate `lr` (AdamW: weight_decay 0.01, as
-    /// torch.optim.AdamW).
-    pub fn new(name: OptimizerName, lr: f64) -> Self {
-        OptimizerConfig {
-            name,
-            lr,
-            momentum: 0.0,
-            dampening: 0.0,
-            nesterov: false,
-            weight_decay: if name == OptimizerName::Adamw { 0.01 } else { 0.0 },
-            betas: default_betas(),
-            eps: default_eps(),
-            weight_decay_1d: true,
-            schedule: ScheduleConfig::Constant,
-            shard: false,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DdpConfig {
@@ -303,63 +220,6 @@ impl Default for DdpConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// MPI when started by mpirun (and built with MPI), else the ring.
-    Auto,
-    /// Built-in TCP ring.
-    Ring,
-    /// MPI collectives (needs an MPI launcher and the `mpi` feature).
-    Mpi,
-    /// NCCL on CUDA devices (`auto` picks it when the device is cuda).
-    Nccl,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommConfig {
-    #[serde(default = "default_backend")]
-    pub backend: Backend,
-    /// Bound on every store wait and collective; a rank that does not answer within it is named
-    /// in the error.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-    /// Ring links between ranks on the same node: `shm`, `unix` sockets, or `tcp` like links
-    /// between nodes.
-    #[serde(default = "default_local_transport")]
-    pub local_transport: LocalTransport,
-    /// Ring backend across nodes: all-reduce within each node, then across nodes (one ring per
-    /// local index), then within the node again. Used when every node has the same number (> 1)
-    /// of ranks; else the flat ring.
-    #[serde(default)]
-    pub hierarchical: bool,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LocalTransport {
-    /// Shared-memory rings (set up over Unix sockets).
-    Shm,
-    Unix,
-    Tcp,
-}
-
-fn default_local_transport() -> LocalTransport {
-    LocalTransport::Shm
-}
-
-impl Default for CommConfig {
-    fn default() -> Self {
-        Self {
-            backend: default_backend(),
-            timeout_secs: default_timeout(),
-            local_transport: default_local_transport(),
-            hierarchical: false,
-        }
-    }
-}
-
 fn one() -> usize {
     1
 }
@@ -372,23 +232,11 @@ fn yes() -> bool {
 fn default_log_every() -> u64 {
     50
 }
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.999]
-}
-fn default_eps() -> f64 {
-    1e-8
-}
 fn default_bucket_cap() -> f64 {
     25.0
 }
 fn default_first_bucket_cap() -> f64 {
     1.0
-}
-fn default_backend() -> Backend {
-    Backend::Auto
-}
-fn default_timeout() -> u64 {
-    300
 }
 
 impl Config {

@@ -6,9 +6,18 @@
 //! `tch::manual_seed`), and keeps the answer. `load_cuda` must run before any other tch call;
 //! `ringtrain::init` does it first, and a late load is reported, not silently run on the CPU.
 
-use crate::config::DeviceChoice;
-use std::sync::OnceLock;
+use serde::{Deserialize, Serialize};
 use tch::Device;
+
+/// Where a rank computes (`device:` in the config): `cpu`, `cuda` (local rank r on cuda:r), or
+/// `auto` (CUDA when a GPU is visible).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    Auto,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("device: {0}")]
@@ -17,23 +26,7 @@ pub struct DeviceError(pub String);
 /// Loads libtorch's CUDA backend once; the error says what is missing. Call it before any other
 /// tch call in a program that uses CUDA (see the module docs).
 pub fn load_cuda() -> Result<(), DeviceError> {
-    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
-    LOADED
-        .get_or_init(|| {
-            let name = std::ffi::CString::new("libtorch_cuda.so").unwrap();
-            // SAFETY: dlopen/dlerror with a valid C string; the handle is kept for the process.
-            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            if handle.is_null() {
-                let why = unsafe { std::ffi::CStr::from_ptr(libc::dlerror()) }.to_string_lossy().into_owned();
-                return Err(format!(
-                    "CUDA was asked for but libtorch's CUDA backend could not be loaded ({why}); it needs the NVIDIA driver and \
-                     the CUDA libraries of the torch wheel (nvidia-* packages) on the library path — see the README's GPU section"
-                ));
-            }
-            Ok(())
-        })
-        .clone()
-        .map_err(DeviceError)
+    crate::cuda::load_torch_cuda().map_err(DeviceError)
 }
 
 /// Pure: libtorch's device count, checked against the CUDA runtime's. libtorch seeing none

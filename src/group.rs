@@ -12,8 +12,8 @@
 use crate::comm::mpi::{self, MpiComm, MpiRuntime};
 use crate::comm::nccl::NcclComm;
 use crate::comm::{Communicator, HierComm, RingComm, RingOptions};
-use crate::config::{Backend, CommConfig, LocalTransport};
 use crate::launch::{LaunchInfo, LaunchSource};
+use crate::process_group::{Backend, CommConfig, LocalTransport};
 use crate::rendezvous::{MemoryStore, PrefixStore, Store, TcpStore, TcpStoreServer};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;

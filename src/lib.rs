@@ -74,28 +74,61 @@
 //!
 //! The binaries are thin: `worker/main.rs` (`ringtrain`), `launcher/main.rs` (`ringrun`),
 //! `bench/main.rs` (`ringbench`).
+//!
+//! # Features
+//! - `trainer` (default) — the `ringtrain` trainer and the binaries: [`config`] (YAML),
+//!   [`data`]'s formats and loader, [`models`], [`train`], [`registry`], [`worker`], plots and
+//!   the progress bar in [`telemetry`]; with them serde_yaml, image, plotters, indicatif, clap and
+//!   the rest of the binaries' dependencies.
+//! - `mpi` (default) — the MPI backend; needs an MPI installation to build.
+//!
+//! `default-features = false` is the DDP core alone: [`init`], [`Ddp`], [`comm`], [`optim`],
+//! [`checkpoint`], [`amp`], [`device`], [`launch`], [`rendezvous`], [`telemetry`]'s logging and
+//! metrics, and [`data::DistributedSampler`]. The options the core takes live beside it
+//! ([`process_group::Backend`], [`device::DeviceChoice`], [`optim::OptimizerConfig`]); [`config`]
+//! re-exports them under their old paths.
 
+// The DDP core (every build).
 pub mod amp;
 pub mod auth;
 pub mod checkpoint;
 pub mod comm;
-pub mod config;
-pub mod data;
+mod cuda;
 pub mod ddp;
 pub mod device;
 mod group;
-#[doc(hidden)]
-pub mod internal;
 pub mod launch;
-pub mod models;
 pub mod optim;
 pub mod process_group;
-pub mod registry;
 pub mod rendezvous;
 pub mod telemetry;
-pub mod train;
 mod wire;
+
+// The trainer (feature `trainer`, on by default).
+#[cfg(feature = "trainer")]
+pub mod config;
+#[cfg(feature = "trainer")]
+pub mod data;
+#[cfg(feature = "trainer")]
+#[doc(hidden)]
+pub mod internal;
+#[cfg(feature = "trainer")]
+pub mod models;
+#[cfg(feature = "trainer")]
+pub mod registry;
+#[cfg(feature = "trainer")]
+pub mod train;
+#[cfg(feature = "trainer")]
 pub mod worker;
+
+/// Without the `trainer` feature: the distributed sampler alone (the data formats and the loader
+/// come with `trainer`).
+#[cfg(not(feature = "trainer"))]
+pub mod data {
+    #[path = "sampler.rs"]
+    pub mod sampler;
+    pub use sampler::DistributedSampler;
+}
 
 pub use ddp::{Ddp, DdpOptions};
 pub use process_group::{init, init_from_env, InitError, InitOptions, ProcessGroup};

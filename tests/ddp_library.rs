@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use ringtrain::checkpoint::{self, CheckpointData, Meta};
+use ringtrain::optim::{Optimizer, OptimizerConfig, OptimizerName};
 use ringtrain::{Ddp, DdpOptions};
 use std::time::Duration;
 use tch::{Kind, Tensor};
@@ -194,4 +195,36 @@ fn a_sharded_ddp_without_zero_refuses_to_leave_partial_gradients() {
     for e in &results {
         assert!(e.contains("DdpOptions::shard") && e.contains("ddp::Zero"), "{e}");
     }
+}
+
+/// One ZeRO-1 step of AdamW over `state(rank)`'s parameters with the optimizer built over them in
+/// `order`; the parameters after the step (rank 0's view).
+fn zero_step(order: &[usize]) -> Result<Vec<Vec<f32>>, String> {
+    let order = order.to_vec();
+    let results = with_group(2, Duration::from_secs(10), move |rank, comm| {
+        let (params, buffers) = state(rank);
+        let opts = DdpOptions { shard: true, ..DdpOptions::default() };
+        let mut ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
+        let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let listed: Vec<(String, Tensor)> = order.iter().map(|&i| (named[i].0.clone(), named[i].1.shallow_clone())).collect();
+        // Weight decay on 2-D weights only: the groups differ between the two parameters.
+        let cfg = OptimizerConfig { weight_decay: 0.5, weight_decay_1d: false, ..OptimizerConfig::new(OptimizerName::Adamw, 0.1) };
+        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &listed)).map_err(|e| e.to_string())?;
+        let loss: Tensor = named.iter().map(|(_, p)| (p * p).sum(Kind::Float)).sum();
+        ddp.backward(&loss).unwrap();
+        opt.step().unwrap();
+        zero.gather_parameters(&mut *comm.lock()).unwrap();
+        Ok(named.iter().map(|(_, p)| Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()).collect())
+    });
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn zero_takes_the_optimizers_parameters_by_name_not_by_position() {
+    // An optimizer listing the parameters in another order used to get the other's weight-decay
+    // group and state names, silently.
+    assert_eq!(zero_step(&[1, 0]).unwrap(), zero_step(&[0, 1]).unwrap());
+    let err = zero_step(&[0]).unwrap_err();
+    assert!(err.contains("the Ddp's [\"unused.weight\"] are not in the optimizer"), "{err}");
 }

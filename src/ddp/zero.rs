@@ -83,6 +83,7 @@ impl Zero {
                 let Some((lo, hi)) = b.owned_part(off, n) else { continue };
                 out.push(ShardSlice {
                     index: i,
+                    name: self.params[i].0.clone(),
                     lo,
                     len: hi - lo,
                     param: flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?,
@@ -92,6 +93,23 @@ impl Zero {
         }
         out.sort_by_key(|s| s.index);
         Ok(out)
+    }
+
+    /// `opt` (built over the Ddp's parameters, in any order) turned into the optimizer of this
+    /// rank's slices. Its parameters must be the Ddp's, by name and shape: a parameter only one
+    /// side has would be stepped without averaged gradients, or never.
+    pub fn shard_optimizer(&self, opt: Optimizer) -> Result<Optimizer, DdpError> {
+        let theirs: Vec<(String, Vec<i64>)> = opt.named_shapes();
+        let mine: Vec<(String, Vec<i64>)> = self.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        let missing: Vec<&str> = mine.iter().filter(|m| !theirs.contains(m)).map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&str> = theirs.iter().filter(|t| !mine.contains(t)).map(|(n, _)| n.as_str()).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Err(DdpError::Unsupported(format!(
+                "the optimizer's parameters are not the Ddp's (by name and shape): the Ddp's {missing:?} are not in the \
+                 optimizer, the optimizer's {extra:?} are not in the Ddp"
+            )));
+        }
+        opt.shard(self.slices()?).map_err(DdpError::Unsupported)
     }
 
     /// After the optimizer stepped this rank's slices: every rank's updated slices to every

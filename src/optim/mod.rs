@@ -13,11 +13,82 @@ mod schedule;
 mod shard;
 
 pub use clip::{clip_grad_norm, grad_norm};
-pub use schedule::lr_at;
+pub use schedule::{lr_at, ScheduleConfig};
 pub use shard::ShardSlice;
 
-use crate::config::{OptimizerConfig, OptimizerName};
+use serde::{Deserialize, Serialize};
 use tch::{TchError, Tensor};
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    Sgd,
+    Adam,
+    /// Adam with decoupled weight decay (torch.optim.AdamW).
+    Adamw,
+}
+
+/// The optimizer and its hyperparameters (the config's `optimizer:` section).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub name: OptimizerName,
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub dampening: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Apply `weight_decay` to 1-d parameters too (biases, norm weights), as PyTorch does for
+    /// `model.parameters()`. `false`: only tensors of 2+ dimensions decay, nanoGPT's
+    /// `configure_optimizers` groups.
+    #[serde(default = "yes")]
+    pub weight_decay_1d: bool,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`): gradients are reduce-scattered, each
+    /// rank steps and keeps optimizer state for 1/N of the parameters, then the parameters are
+    /// all-gathered. Checkpoints hold the whole state, as without sharding.
+    #[serde(default)]
+    pub shard: bool,
+}
+
+impl OptimizerConfig {
+    /// PyTorch's defaults for `name` with learning rate `lr` (AdamW: weight_decay 0.01, as
+    /// torch.optim.AdamW).
+    pub fn new(name: OptimizerName, lr: f64) -> Self {
+        OptimizerConfig {
+            name,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: if name == OptimizerName::Adamw { 0.01 } else { 0.0 },
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay_1d: true,
+            schedule: ScheduleConfig::Constant,
+            shard: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
 
 pub struct Optimizer {
     cfg: OptimizerConfig,
@@ -187,6 +258,15 @@ impl Optimizer {
         self.step
     }
 
+    /// Every parameter's name and full shape, as built (sharded: the whole parameters, not the
+    /// slices this rank steps).
+    pub fn named_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        match &self.shard {
+            Some(sh) => sh.full.clone(),
+            None => self.names.iter().cloned().zip(self.params.iter().map(|p| p.size())).collect(),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self.cfg.name {
             OptimizerName::Sgd => "sgd",
@@ -250,7 +330,6 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ScheduleConfig;
     use tch::Kind;
 
     fn cfg(name: OptimizerName, momentum: f64) -> OptimizerConfig {

@@ -1,7 +1,27 @@
 //! Learning-rate schedules: the rate is a pure function of the optimizer step, so a resumed run
 //! (which knows its step) continues the same curve with no scheduler state to save.
 
-use crate::config::ScheduleConfig;
+use serde::{Deserialize, Serialize};
+
+/// The learning rate as a function of the optimizer step (0-based, as nanoGPT's `iter_num`), so a
+/// resumed run continues the same curve.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ScheduleConfig {
+    /// `optimizer.lr` throughout.
+    Constant,
+    /// torch.optim.lr_scheduler.StepLR: lr · gamma^⌊step / step_size⌋.
+    Step { step_size: u64, gamma: f64 },
+    /// nanoGPT's `get_lr`: linear warmup over `warmup_steps`, cosine decay to `min_lr` at
+    /// `decay_steps`, `min_lr` after.
+    WarmupCosine { warmup_steps: u64, decay_steps: u64, min_lr: f64 },
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig::Constant
+    }
+}
 
 /// The learning rate for optimizer step `step` (0-based: the first step is 0, as nanoGPT's
 /// `iter_num`), given the configured peak `lr`.

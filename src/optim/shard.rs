@@ -9,8 +9,11 @@ use tch::Tensor;
 
 /// One parameter's slice owned by this rank.
 pub struct ShardSlice {
-    /// Index of the parameter in the unsharded optimizer.
+    /// Index of the parameter in the `Ddp` (the order slices come in).
     pub index: usize,
+    /// The parameter's name: the optimizer's parameter of that name is the one sliced, whatever
+    /// order the optimizer was built in.
+    pub name: String,
     /// Where the slice starts in the flattened parameter, and its length.
     pub lo: i64,
     pub len: i64,
@@ -34,7 +37,7 @@ impl Optimizer {
     /// of any state already loaded (a resumed checkpoint's).
     pub fn shard(self, slices: Vec<ShardSlice>) -> Result<Optimizer, String> {
         let full: Vec<(String, Vec<i64>)> = self.names.iter().cloned().zip(self.params.iter().map(|p| p.size())).collect();
-        let take = |t: &Option<Tensor>, s: &ShardSlice| -> Result<Option<Tensor>, String> {
+        let take = |t: &Option<Tensor>, s: &ShardSlice, i: usize| -> Result<Option<Tensor>, String> {
             t.as_ref()
                 .map(|t| {
                     t.f_reshape([-1])
@@ -43,21 +46,31 @@ impl Optimizer {
                         .and_then(|f| f.f_detach_copy())
                 })
                 .transpose()
-                .map_err(|e| format!("slicing optimizer state of `{}`: {e}", full[s.index].0))
+                .map_err(|e| format!("slicing optimizer state of `{}`: {e}", full[i].0))
         };
+        // Each slice's parameter in this optimizer, by name: weight-decay groups and state are
+        // the optimizer's, and its order need not be the Ddp's.
+        let mut at = Vec::with_capacity(slices.len());
+        for s in &slices {
+            let i = self.names.iter().position(|n| *n == s.name).ok_or_else(|| {
+                format!("the optimizer has no parameter `{}` (it must be built over the same parameters as the Ddp)", s.name)
+            })?;
+            let numel: i64 = full[i].1.iter().product();
+            if s.lo + s.len > numel {
+                return Err(format!("parameter `{}` has {numel} elements in the optimizer, fewer than its shard needs", s.name));
+            }
+            at.push(i);
+        }
         let mut state_a = Vec::with_capacity(slices.len());
         let mut state_b = Vec::with_capacity(slices.len());
-        for s in &slices {
-            if s.index >= full.len() {
-                return Err(format!("shard slice names parameter {} of {}", s.index, full.len()));
-            }
-            state_a.push(take(&self.state_a[s.index], s)?);
-            state_b.push(take(&self.state_b[s.index], s)?);
+        for (s, &i) in slices.iter().zip(&at) {
+            state_a.push(take(&self.state_a[i], s, i)?);
+            state_b.push(take(&self.state_b[i], s, i)?);
         }
         Ok(Optimizer {
             cfg: self.cfg,
-            names: slices.iter().map(|s| self.names[s.index].clone()).collect(),
-            weight_decay: slices.iter().map(|s| self.weight_decay[s.index]).collect(),
+            names: at.iter().map(|&i| self.names[i].clone()).collect(),
+            weight_decay: at.iter().map(|&i| self.weight_decay[i]).collect(),
             lr: self.lr,
             state_a,
             state_b,
@@ -91,7 +104,7 @@ impl Optimizer {
     pub fn state_kinds(&self) -> Vec<&'static str> {
         let (a, b) = self.suffixes();
         let stateful_a = match self.cfg.name {
-            crate::config::OptimizerName::Sgd => self.cfg.momentum != 0.0,
+            super::OptimizerName::Sgd => self.cfg.momentum != 0.0,
             _ => true,
         };
         let mut kinds = Vec::new();

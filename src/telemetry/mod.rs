@@ -5,9 +5,11 @@
 //! Every rank also writes INFO to its own file in the run directory. RUST_LOG overrides the
 //! stderr level.
 
+#[cfg(feature = "trainer")]
 pub mod plot;
 pub mod tensorboard;
 
+#[cfg(feature = "trainer")]
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -99,10 +101,12 @@ impl Metrics {
 
 /// Rank 0's progress: a bar on a terminal; under a launcher (output piped) the periodic log
 /// lines carry the same figures.
+#[cfg(feature = "trainer")]
 pub struct Progress {
     bar: Option<ProgressBar>,
 }
 
+#[cfg(feature = "trainer")]
 impl Progress {
     pub fn new(show: bool, epoch: usize, steps: u64) -> Self {
         if !show || !std::io::stderr().is_terminal() {

@@ -66,7 +66,8 @@ pub fn init_from(
 }
 
 /// The checkpoint to resume from, chosen and verified by rank 0; `None` to start fresh.
-/// Restores rank 0's parameters and every rank's optimizer state.
+/// Restores rank 0's parameters; the optimizer state is handed out afterwards
+/// (`PendingState::load_into`), once the optimizer has its final (possibly sharded) form.
 pub fn restore(
     comm: &mut dyn Communicator,
     cfg: &Config,
@@ -74,8 +75,8 @@ pub fn restore(
     checkpoints: &Path,
     params: &[(String, Tensor)],
     tied: &[(String, String)],
-    opt: &mut Optimizer,
-) -> Result<Option<Meta>, TrainError> {
+    optimizer: &str,
+) -> Result<Option<(Meta, PendingState)>, TrainError> {
     if *resume == Resume::No {
         refuse_a_used_directory(comm, checkpoints)?;
         return Ok(None);
@@ -100,43 +101,59 @@ pub fn restore(
         same_run(&c, cfg)?;
         let model: Vec<(String, Tensor)> = c.model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         checkpoint::copy_into(params, &crate::models::without_aliases(model, tied), &c.path.join(checkpoint::MODEL_FILE))?;
-        if c.meta.optimizer != opt.name() {
-            return Err(format!("{}: written with optimizer {}, config asks for {}", c.path.display(), c.meta.optimizer, opt.name()));
+        if c.meta.optimizer != optimizer {
+            return Err(format!("{}: written with optimizer {}, config asks for {optimizer}", c.path.display(), c.meta.optimizer));
         }
-        opt.load_state(&c.optimizer, c.meta.optimizer_steps).map_err(|e| format!("{}: {e}", c.path.display()))?;
         let state_names = c.optimizer.iter().map(|(n, _)| n.clone()).collect();
         let out = (c.meta.clone(), state_names, c.path.display().to_string());
         loaded = Some(c);
         Ok(Some(out))
     })?;
-    let Some((meta, state_names, path)) = shared else {
+    let Some((meta, names, path)) = shared else {
         tracing::info!("no checkpoint to resume from: starting fresh");
         return Ok(None);
     };
-    // Optimizer state travels from rank 0 (parameters follow in the replica broadcast), on the
-    // model's device for a backend that reduces device memory (NCCL), else through the host.
-    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-    let wire = if comm.device_native() { device } else { tch::Device::Cpu };
-    let mut state: Vec<(String, Tensor)> = Vec::with_capacity(state_names.len());
-    for n in &state_names {
-        let t = match &loaded {
-            Some(c) => c.optimizer.iter().find(|(m, _)| m == n).map(|(_, t)| t.shallow_clone()),
-            None => {
-                let param = n.rsplit_once('.').map(|(p, _)| p).unwrap_or(n);
-                let shape = params.iter().find(|(m, _)| m == param).map(|(_, t)| t.size()).unwrap_or_default();
-                Some(Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, wire))?)
-            }
-        };
-        let t = t.ok_or_else(|| TrainError::Startup(format!("optimizer state `{n}` vanished from rank 0's checkpoint")))?;
-        let mut c = t.f_to_device(wire)?.f_contiguous()?;
-        comm.broadcast_tensor(&mut c, 0)?;
-        state.push((n.clone(), c));
-    }
-    if comm.rank() != 0 {
-        opt.load_state(&state, meta.optimizer_steps).map_err(TrainError::Startup)?;
-    }
     tracing::info!("resuming from {path} (global step {}, epoch {}, written at {})", meta.global_step, meta.epoch, meta.reason);
-    Ok(Some(meta))
+    let pending = PendingState { names, loaded: loaded.map(|c| c.optimizer), steps: meta.optimizer_steps, path };
+    Ok(Some((meta, pending)))
+}
+
+/// The resumed checkpoint's optimizer state, still on rank 0.
+pub struct PendingState {
+    names: Vec<String>,
+    /// Rank 0's tensors (none elsewhere).
+    loaded: Option<Vec<(String, Tensor)>>,
+    steps: u64,
+    path: String,
+}
+
+impl PendingState {
+    /// Hands the state out one tensor at a time from rank 0, each loaded as it arrives: a sharded
+    /// optimizer keeps its slice and lets the rest go, so no rank holds the whole state beyond
+    /// one parameter's (rank 0 also holds the checkpoint it read). Every rank checks every tensor
+    /// the same way, so a bad one stops every rank with the same message.
+    pub fn load_into(self, comm: &mut dyn Communicator, params: &[(String, Tensor)], opt: &mut Optimizer) -> Result<(), TrainError> {
+        // On the model's device for a backend that reduces device memory (NCCL), else the host.
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        let wire = if comm.device_native() { device } else { tch::Device::Cpu };
+        // The step count even where there is no state (SGD without momentum).
+        opt.load_state(&[], self.steps).map_err(TrainError::Startup)?;
+        for n in &self.names {
+            let t = match &self.loaded {
+                Some(state) => state.iter().find(|(m, _)| m == n).map(|(_, t)| t.shallow_clone()),
+                None => {
+                    let param = n.rsplit_once('.').map(|(p, _)| p).unwrap_or(n);
+                    let shape = params.iter().find(|(m, _)| m == param).map(|(_, t)| t.size()).unwrap_or_default();
+                    Some(Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, wire))?)
+                }
+            };
+            let t = t.ok_or_else(|| TrainError::Startup(format!("optimizer state `{n}` vanished from rank 0's checkpoint")))?;
+            let mut c = t.f_to_device(wire)?.f_contiguous()?;
+            comm.broadcast_tensor(&mut c, 0)?;
+            opt.load_state(&[(n.clone(), c)], self.steps).map_err(|e| TrainError::Startup(format!("{}: {e}", self.path)))?;
+        }
+        Ok(())
+    }
 }
 
 /// A fresh start where another run has checkpoints would mix the two: its restarts and

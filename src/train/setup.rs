@@ -39,10 +39,11 @@ impl<'a> Trainer<'a> {
         let splits = agree_and_load(&mut *handle.lock(), cfg)?;
         let Built { model, task, params, buffers } = build(cfg, &splits, device)?;
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
-        let mut opt = Optimizer::new(&cfg.optimizer, &params);
+        let opt = Optimizer::new(&cfg.optimizer, &params);
         let checkpoints = run_dir.join("checkpoints");
         let tied = model.tied();
-        let resumed = resume::restore(&mut *handle.lock(), cfg, &resume, &checkpoints, &state, &tied, &mut opt)?;
+        let restored = resume::restore(&mut *handle.lock(), cfg, &resume, &checkpoints, &state, &tied, opt.name())?;
+        let (resumed, pending) = restored.unzip();
         let run_id = resume::run_id(&mut *handle.lock(), resumed.as_ref())?;
         match &resumed {
             Some(_) => tracing::info!("run {run_id} continues"),
@@ -57,7 +58,11 @@ impl<'a> Trainer<'a> {
                 resume::init_from(&mut *handle.lock(), path, &state, &tied)?;
             }
         }
-        let (ddp, opt, zero) = wrap(&handle, cfg, params, buffers, opt)?;
+        let (ddp, mut opt, zero) = wrap(&handle, cfg, params, buffers, opt)?;
+        if let Some(p) = pending {
+            // After sharding: each rank keeps its slices only (ZeRO-1's memory, from the start).
+            p.load_into(&mut *handle.lock(), &state, &mut opt)?;
+        }
         log_layout(cfg, &ddp, world, splits.train.len());
         let scaler = precision(cfg, resumed.as_ref(), device)?;
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
@@ -181,7 +186,7 @@ fn wrap(
         "optimizer sharded (ZeRO-1): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only",
         opt.name()
     );
-    let opt = opt.shard(slices).map_err(TrainError::Startup)?;
+    let opt = zero.shard_optimizer(opt)?;
     Ok((ddp, opt, Some(zero)))
 }
 

@@ -49,6 +49,9 @@ impl Output {
 pub fn run(mut cmd: Command, timeout: Duration) -> Output {
     let shown = format!("{cmd:?}");
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group, so a timeout ends what it started too (a script's workers would
+    // otherwise hold the output pipes open, and the test would wait on them past its timeout).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let started = Instant::now();
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
     let mut out = child.stdout.take().unwrap();
@@ -68,6 +71,8 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Output {
             break s;
         }
         if started.elapsed() > timeout {
+            // SAFETY: signalling the process group the child leads.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.kill();
             let status = child.wait().unwrap();
             let o = Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap(), elapsed: started.elapsed(), shown };

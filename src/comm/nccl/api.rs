@@ -290,7 +290,7 @@ pub(crate) fn cudart() -> Result<&'static CudartFns, String> {
             // The answer is kept for the process: look only once libtorch_cuda, and the libcudart
             // it brings, is mapped, or a different runtime from the library path would be kept.
             // Where it cannot be loaded there is no libtorch runtime to find, and any will do.
-            let _ = crate::device::load_cuda();
+            let _ = crate::cuda::load_torch_cuda();
             let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
             let mut tried = Vec::new();
             for c in cudart_candidates(&maps) {
