@@ -13,13 +13,80 @@ use crate::comm::mpi::{self, MpiComm, MpiRuntime};
 use crate::comm::nccl::NcclComm;
 use crate::comm::{Communicator, HierComm, RingComm, RingOptions};
 use crate::launch::{LaunchInfo, LaunchSource};
-use crate::process_group::{Backend, CommConfig, LocalTransport};
 use crate::rendezvous::{MemoryStore, PrefixStore, Store, TcpStore, TcpStoreServer};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The communicator (`comm.backend` in the config).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// MPI when started by mpirun (and built with MPI), else the ring.
+    Auto,
+    /// Built-in TCP ring.
+    Ring,
+    /// MPI collectives (needs an MPI launcher and the `mpi` feature).
+    Mpi,
+    /// NCCL on CUDA devices (`auto` picks it when the device is cuda).
+    Nccl,
+}
+
+/// How the group communicates (the config's `comm:` section); `InitOptions` carries the same.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommConfig {
+    #[serde(default = "default_backend")]
+    pub backend: Backend,
+    /// Bound on every store wait and collective; a rank that does not answer within it is named
+    /// in the error.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Ring links between ranks on the same node: `shm`, `unix` sockets, or `tcp` like links
+    /// between nodes.
+    #[serde(default = "default_local_transport")]
+    pub local_transport: LocalTransport,
+    /// Ring backend across nodes: all-reduce within each node, then across nodes (one ring per
+    /// local index), then within the node again. Used when every node has the same number (> 1)
+    /// of ranks; else the flat ring.
+    #[serde(default)]
+    pub hierarchical: bool,
+}
+
+/// How ring links between ranks on one node are made (`comm.local_transport`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalTransport {
+    /// Shared-memory rings (set up over Unix sockets).
+    Shm,
+    Unix,
+    Tcp,
+}
+
+fn default_local_transport() -> LocalTransport {
+    LocalTransport::Shm
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        Self {
+            backend: default_backend(),
+            timeout_secs: default_timeout(),
+            local_transport: default_local_transport(),
+            hierarchical: false,
+        }
+    }
+}
+
+fn default_backend() -> Backend {
+    Backend::Auto
+}
+fn default_timeout() -> u64 {
+    300
+}
 
 /// The backend `auto` resolves to: NCCL on CUDA devices, MPI under an MPI launcher (when built
 /// in), else the ring.
