@@ -63,6 +63,8 @@ impl<'a> Trainer<'a> {
             // After sharding: each rank keeps its slices only (ZeRO-1's memory, from the start).
             p.load_into(&mut *handle.lock(), &state, &mut opt)?;
         }
+        // What setting up cost (a resumed ZeRO-1 run must not hold the whole optimizer state).
+        tracing::info!("set up: peak resident memory {:.0} MiB", super::breakdown::peak_rss_mib());
         log_layout(cfg, &ddp, world, splits.train.len());
         let scaler = precision(cfg, resumed.as_ref(), device)?;
         let pos: Position = position::start(resumed.as_ref(), world, t.batch_size, splits.train.len());
