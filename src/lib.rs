@@ -13,7 +13,7 @@
 //! use tch::{Kind, Tensor};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // Rank, world size and rendezvous from ringrun, torchrun, mpirun or srun (alone: a group of one).
+//!     // Rank, world size and rendezvous from ringrun, mpirun or srun (alone: a group of one).
 //!     let pg = ringtrain::init(InitOptions::default())?;
 //!     let dev = pg.device();
 //!     tch::manual_seed(0); // the same 4096 points on every rank, labelled by a fixed linear rule

@@ -198,7 +198,7 @@ impl Ddp {
             // ordinary optimizer would step on them and the replicas would drift apart.
             return Err(DdpError::Unsupported(
                 "DdpOptions::shard leaves each rank the average of its own shard of the gradients only: build a \
-                 ddp::Zero from this Ddp and step through it (Optimizer::shard(zero.slices()?), then \
+                 ddp::Zero from this Ddp and step through it (zero.shard_optimizer(opt), then \
                  zero.gather_parameters), or turn shard off"
                     .into(),
             ));

@@ -78,7 +78,6 @@ pub fn restore(
     optimizer: &str,
 ) -> Result<Option<(Meta, PendingState)>, TrainError> {
     if *resume == Resume::No {
-        refuse_a_used_directory(comm, checkpoints)?;
         return Ok(None);
     }
     let mut loaded: Option<LoadedCheckpoint> = None;
@@ -158,8 +157,8 @@ impl PendingState {
 
 /// A fresh start where another run has checkpoints would mix the two: its restarts and
 /// `--resume auto` would pick the other run's checkpoints, and pruning would delete them. Refused
-/// before anything is written (the run directory is left as it was).
-fn refuse_a_used_directory(comm: &mut dyn Communicator, checkpoints: &Path) -> Result<(), TrainError> {
+/// first, before the data is read or anything written (the run directory is left as it was).
+pub fn refuse_a_used_directory(comm: &mut dyn Communicator, checkpoints: &Path) -> Result<(), TrainError> {
     on_rank0(comm, || match checkpoint::newest_folder(checkpoints) {
         Some(newest) => Err(format!(
             "{} already holds another run's checkpoints (newest {newest}): continue that run with --resume auto, or start \

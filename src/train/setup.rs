@@ -36,11 +36,14 @@ impl<'a> Trainer<'a> {
             (c.rank(), c.world_size())
         };
         let t = &cfg.train;
+        let checkpoints = run_dir.join("checkpoints");
+        if resume == resume::Resume::No {
+            resume::refuse_a_used_directory(&mut *handle.lock(), &checkpoints)?;
+        }
         let splits = agree_and_load(&mut *handle.lock(), cfg)?;
         let Built { model, task, params, buffers } = build(cfg, &splits, device)?;
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let opt = Optimizer::new(&cfg.optimizer, &params);
-        let checkpoints = run_dir.join("checkpoints");
         let tied = model.tied();
         let restored = resume::restore(&mut *handle.lock(), cfg, &resume, &checkpoints, &state, &tied, opt.name())?;
         let (resumed, pending) = restored.unzip();
