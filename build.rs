@@ -16,6 +16,7 @@ fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/models/torchscript/module.cpp");
     println!("cargo:rerun-if-changed=src/amp/autocast.cpp");
     println!("cargo:rerun-if-changed=src/comm/blob.cpp");
+    println!("cargo:rerun-if-changed=src/autograd/function.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // LIBTORCH (this repo's .cargo/config.toml sets it), else the libtorch torch-sys found (a
     // crate depending on ringtrain: torch-sys exports its lib folder; the headers sit beside it).
@@ -34,6 +35,7 @@ fn ready_hook_shim() {
         .files(cfg!(feature = "trainer").then_some("src/models/torchscript/module.cpp"))
         .file("src/amp/autocast.cpp")
         .file("src/comm/blob.cpp")
+        .file("src/autograd/function.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

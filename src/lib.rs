@@ -54,6 +54,7 @@
 //! - [`comm`] — the `Communicator` trait; backends: the built-in ring (shared memory, Unix, TCP),
 //!   MPI, NCCL.
 //! - [`ddp`] — `Ddp`: replica check + broadcast, gradient buckets, the overlapped reducer.
+//! - [`autograd`] — collectives inside autograd (`all_gather`, `all_reduce`) and SyncBatchNorm.
 //! - [`amp`] — mixed precision: autocast at bf16 or fp16 on CUDA and the CPU, `GradScaler`.
 //! - [`optim`] — optimizers, learning-rate schedules, gradient clipping.
 //! - [`checkpoint`] — checkpoint folders: atomic writes, checksums, `latest`, verified loading,
@@ -91,6 +92,7 @@
 // The DDP core (every build).
 pub mod amp;
 pub mod auth;
+pub mod autograd;
 pub mod checkpoint;
 pub mod comm;
 mod cuda;

@@ -2,13 +2,31 @@
 //! same handle, so a `Ddp` always talks through the communicator it was built with and a loop
 //! passes no communicator around. One caller at a time: a collective is a sequence every rank
 //! must run in the same order, so calls never interleave.
+//!
+//! While a `Ddp`'s backward overlaps its all-reduces with the autograd engine, the communicator
+//! is lent to its communication thread. A collective called meanwhile (the backward of a
+//! differentiable all-gather, SyncBatchNorm's) goes through `run`, which then hands it to that
+//! thread as a job: it runs between bucket all-reduces, in the order the engine reached it,
+//! which is the same on every rank.
 
-use super::Communicator;
+use super::{CommError, Communicator};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Work for the communicator, run by whoever holds it.
+pub type CommJob = Box<dyn FnOnce(&mut dyn Communicator) + Send>;
+
+/// Where jobs go while the communicator is lent: a sender that returns false once its thread
+/// stopped taking them, and how long a job may take there.
+struct Lent {
+    send: Box<dyn Fn(CommJob) -> bool + Send>,
+    timeout: Duration,
+}
 
 #[derive(Clone)]
 pub struct CommHandle {
     inner: Arc<Mutex<Option<Box<dyn Communicator>>>>,
+    lent: Arc<Mutex<Option<Lent>>>,
 }
 
 /// The communicator, borrowed for one or more calls.
@@ -18,7 +36,60 @@ pub struct CommGuard<'a> {
 
 impl CommHandle {
     pub fn new(comm: Box<dyn Communicator>) -> CommHandle {
-        CommHandle { inner: Arc::new(Mutex::new(Some(comm))) }
+        CommHandle { inner: Arc::new(Mutex::new(Some(comm))), lent: Arc::new(Mutex::new(None)) }
+    }
+
+    /// Runs `f` on the communicator: here, or, while it is lent (`lend`), on the thread holding
+    /// it, waiting for the result. `what` names the call in errors.
+    pub fn run<R: Send + 'static>(&self, what: &str, f: impl FnOnce(&mut dyn Communicator) -> R + Send + 'static) -> Result<R, CommError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job: CommJob = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        let lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(l) = lent.as_ref() else {
+            drop(lent);
+            let mut guard = self.lock();
+            return Ok(job_result(job, &mut *guard, rx).expect("a job run here answers"));
+        };
+        // Sent under the lock: `stop_lending` takes the same lock before it drops what is
+        // queued, so a job is either run, or dropped (closing `rx`), never stranded.
+        if !(l.send)(job) {
+            return Err(lent_stopped(what));
+        }
+        let timeout = l.timeout;
+        drop(lent);
+        // The job's own collective times out after `timeout`; behind the bucket all-reduces
+        // queued before it, it may wait for a few of those first.
+        match rx.recv_timeout(3 * timeout) {
+            Ok(r) => Ok(r),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(lent_stopped(what)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Err(CommError::Lent(format!("{what}: waited {:.0}s for DDP's communication thread to run it", (3 * timeout).as_secs_f64())))
+            }
+        }
+    }
+
+    /// Lends the communicator to a thread that runs jobs sent through `send` (false: it has
+    /// stopped). Until `reclaim`, `run` hands its work there.
+    pub fn lend(&self, send: Box<dyn Fn(CommJob) -> bool + Send>, timeout: Duration) {
+        *self.lent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Lent { send, timeout });
+    }
+
+    /// Called by the borrowing thread as it stops taking jobs: later ones are refused (an error
+    /// for their caller: the communicator is still borrowed), and `drain` drops those queued but
+    /// not run (their callers get an error instead of waiting), under the lock `run` sends under.
+    pub fn stop_lending(&self, drain: impl FnOnce()) {
+        let mut lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = lent.as_mut() {
+            l.send = Box::new(|_| false);
+        }
+        drain();
+    }
+
+    /// Ends a `lend`: `run` uses the communicator directly again.
+    pub fn reclaim(&self) {
+        *self.lent.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The communicator for the calls that follow. Panics when it is already borrowed on this
@@ -50,6 +121,15 @@ impl CommHandle {
             Err(p) => p.into_inner().take(),
         }
     }
+}
+
+fn job_result<R>(job: CommJob, comm: &mut dyn Communicator, rx: crossbeam_channel::Receiver<R>) -> Option<R> {
+    job(comm);
+    rx.try_recv().ok()
+}
+
+fn lent_stopped(what: &str) -> CommError {
+    CommError::Lent(format!("{what}: DDP's communication thread stopped before running it (an earlier collective of this backward failed)"))
 }
 
 impl std::ops::Deref for CommGuard<'_> {

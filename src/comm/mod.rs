@@ -22,7 +22,7 @@ mod shm;
 pub mod strict;
 mod tensor;
 
-pub use handle::{AsComm, CommGuard, CommHandle};
+pub use handle::{AsComm, CommGuard, CommHandle, CommJob};
 pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
 pub use strict::StrictDevice;
@@ -107,6 +107,10 @@ pub enum CommError {
     NotBuilt { backend: &'static str, hint: &'static str },
     #[error("{op}: {detail}")]
     BadArgument { op: Op, detail: String },
+    /// A collective handed to the thread holding the communicator (`CommHandle::run` during an
+    /// overlapped backward) that it did not run.
+    #[error("{0}")]
+    Lent(String),
 }
 
 impl CommError {

@@ -12,9 +12,9 @@
 //! each bucket is converted to bf16 for its all-reduce and back: the buckets themselves stay f32.
 
 use super::buckets::compute_bucket_assignment_by_size;
-use super::hooks::{set_grad, ReadyHooks};
+use super::hooks::{set_grad, Event, ReadyHooks};
 use super::DdpError;
-use crate::comm::Communicator;
+use crate::comm::{CommHandle, Communicator};
 use crossbeam_channel::Receiver;
 use std::time::Instant;
 use tch::{Kind, TchError, Tensor};
@@ -57,7 +57,7 @@ pub struct Reducer {
     views: Option<Vec<Tensor>>,
     overlap: bool,
     force_collectives: bool,
-    hooks: Option<(ReadyHooks, Receiver<usize>)>,
+    hooks: Option<(ReadyHooks, Receiver<Event>)>,
     /// Bucket of each parameter.
     bucket_of: Vec<usize>,
     /// Gradients found replaced (and re-attached) since the reducer was built.
@@ -67,9 +67,6 @@ pub struct Reducer {
     /// Every bucket is the communicator's own memory (`alloc_reduce_buffer`).
     shared_buckets: bool,
 }
-
-/// Marks the end of backward on the ready channel.
-const BACKWARD_DONE: usize = usize::MAX;
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
 /// (e.g. "a stop was requested here") whose sum every rank learns with no extra collective.
@@ -294,22 +291,25 @@ impl Reducer {
         Ok(())
     }
 
+    /// Whether `backward_and_reduce` overlaps: otherwise run backward, then `reduce`.
+    pub fn can_overlap(&self, comm: &dyn Communicator) -> bool {
+        self.overlap && self.views.is_some() && (comm.world_size() > 1 || self.force_collectives) && comm.supports_overlap()
+    }
+
     /// Runs `backward` and averages the gradients; returns the sum of every rank's `control`.
-    /// With overlap, a communication thread all-reduces each bucket, in bucket order on every
-    /// rank, as soon as backward has accumulated all of its gradients; the step then waits only
-    /// for what backward did not hide. Results are bitwise the same as without overlap.
+    /// A communication thread all-reduces each bucket, in bucket order on every rank, as soon as
+    /// backward has accumulated all of its gradients; the step then waits only for what backward
+    /// did not hide. Results are bitwise the same as without overlap. `handle` (whose
+    /// communicator `comm` is) is lent to that thread meanwhile, so a collective inside backward
+    /// (`autograd::all_gather`'s) runs there, between the buckets, in the engine's order.
+    /// Call only when `can_overlap`.
     pub fn backward_and_reduce(
         &mut self,
         comm: &mut dyn Communicator,
+        handle: &CommHandle,
         control: f32,
         backward: impl FnOnce() -> Result<(), tch::TchError>,
     ) -> Result<f32, DdpError> {
-        let can_overlap =
-            self.overlap && self.views.is_some() && (comm.world_size() > 1 || self.force_collectives) && comm.supports_overlap();
-        if !can_overlap {
-            backward()?;
-            return self.reduce(comm, control);
-        }
         if self.hooks.is_none() {
             self.hooks = Some(ReadyHooks::install(&self.params).map_err(DdpError::Unsupported)?);
         }
@@ -326,10 +326,21 @@ impl Reducer {
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
+        let jobs = hooks.sender();
+        handle.lend(Box::new(move |job| jobs.send(Event::Job(job)).is_ok()), comm.timeout());
         // Lent to the communication thread for the scope, back here for the control sum.
         let comm_lent: &mut dyn Communicator = &mut *comm;
         let (backward_result, reduced) = std::thread::scope(|s| {
             let worker = std::thread::Builder::new().name("ddp-comm".into()).spawn_scoped(s, move || {
+                // However this thread ends, a job sent later is refused and one queued but not
+                // run is dropped: its caller gets an error, not a wait.
+                struct Stop<'a>(&'a CommHandle, &'a Receiver<Event>);
+                impl Drop for Stop<'_> {
+                    fn drop(&mut self) {
+                        self.0.stop_lending(|| while self.1.try_recv().is_ok() {});
+                    }
+                }
+                let _stop = Stop(handle, rx);
                 let mut ready = vec![0usize; sizes.len()];
                 // Distinct parameters, not hook firings: a second gradient for one parameter (a
                 // second backward through it, reentrant checkpointing) would complete a bucket
@@ -337,34 +348,40 @@ impl Reducer {
                 let mut seen = vec![false; bucket_of.len()];
                 let mut next = 0;
                 let mut times = Vec::with_capacity(sizes.len());
-                let mut reduce_ready = |next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
-                    while *next < sizes.len() && upto(*next) {
-                        times.push(reduce_bucket(comm_lent, &flats[*next], lows[*next].as_ref(), world, how, true)?);
-                        *next += 1;
-                    }
-                    Ok(())
-                };
-                for i in rx.iter() {
-                    if i == BACKWARD_DONE {
-                        break;
-                    }
+                let mut reduce_ready =
+                    |comm: &mut dyn Communicator, next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
+                        while *next < sizes.len() && upto(*next) {
+                            times.push(reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true)?);
+                            *next += 1;
+                        }
+                        Ok(())
+                    };
+                for event in rx.iter() {
+                    let i = match event {
+                        Event::Done => break,
+                        Event::Job(job) => {
+                            job(&mut *comm_lent);
+                            continue;
+                        }
+                        Event::Ready(i) => i,
+                    };
                     if std::mem::replace(&mut seen[i], true) {
                         return Err(DdpError::ReadyTwice(i));
                     }
                     ready[bucket_of[i]] += 1;
-                    reduce_ready(&mut next, &|b| ready[b] >= sizes[b])?;
+                    reduce_ready(&mut *comm_lent, &mut next, &|b| ready[b] >= sizes[b])?;
                 }
                 // Parameters that got no gradient this step still take part (zeros), as with
                 // DDP's find_unused_parameters: no rank waits for a hook that never fires.
-                reduce_ready(&mut next, &|_| true)?;
+                reduce_ready(&mut *comm_lent, &mut next, &|_| true)?;
                 Ok(times)
             });
             // The end marker goes out even if `backward` panics (a drop guard), so the
             // communication thread never waits forever for it.
-            struct Done(crossbeam_channel::Sender<usize>);
+            struct Done(crossbeam_channel::Sender<Event>);
             impl Drop for Done {
                 fn drop(&mut self) {
-                    let _ = self.0.send(BACKWARD_DONE);
+                    let _ = self.0.send(Event::Done);
                 }
             }
             let guard = Done(done);
@@ -376,6 +393,7 @@ impl Reducer {
             };
             (backward_result, reduced)
         });
+        handle.reclaim();
         // Whatever failed, the next backward must not write into buckets still being reduced.
         let pending = comm.wait_pending();
         backward_result?;

@@ -204,8 +204,19 @@ impl Ddp {
             ));
         }
         let handle = self.comm.clone();
+        let overlap = self.reducer.can_overlap(&*handle.lock());
+        let result = if overlap {
+            self.reducer.backward_and_reduce(&mut *handle.lock(), &handle, control, backward)
+        } else {
+            // The communicator is not borrowed during backward, so a collective inside it
+            // (`autograd::all_gather`'s backward) can run.
+            match backward() {
+                Ok(()) => self.reducer.reduce(&mut *handle.lock(), control),
+                Err(e) => Err(e.into()),
+            }
+        };
         let mut comm = handle.lock();
-        let votes = match self.reducer.backward_and_reduce(&mut *comm, control, backward) {
+        let votes = match result {
             Err(DdpError::ReadyTwice(i)) => Err(DdpError::Unsupported(format!(
                 "parameter `{}` was marked ready twice: it got a second gradient in one synchronising backward (a second \
                  backward pass through it, or reentrant activation checkpointing), after its bucket may already have been \

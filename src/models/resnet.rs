@@ -25,6 +25,18 @@ pub struct ResNetSpec {
     /// ImageNet's (7×7 stride-2 `conv1`, 3×3 max-pool).
     #[serde(default)]
     pub small_stem: bool,
+    /// Channels of the first stage (torchvision: 64); each stage doubles them. Narrower
+    /// networks keep torchvision's layout and names, for small images on few cores.
+    #[serde(default = "default_width")]
+    pub width: i64,
+    /// Every BatchNorm normalises with the statistics of all ranks' batches (SyncBatchNorm,
+    /// as `nn.SyncBatchNorm.convert_sync_batchnorm`); the checkpoint's names stay torchvision's.
+    #[serde(default)]
+    pub sync_batchnorm: bool,
+}
+
+fn default_width() -> i64 {
+    64
 }
 
 fn parse(keys: serde_yaml::Mapping, depth: Depth) -> Result<Box<dyn ModelSpec>, String> {
@@ -33,18 +45,54 @@ fn parse(keys: serde_yaml::Mapping, depth: Depth) -> Result<Box<dyn ModelSpec>, 
 
 impl ModelSpec for ResNetSpec {
     fn validate(&self, data: &DataConfig) -> Result<(), String> {
+        if self.width < 1 {
+            return Err(format!("model.width: {} channels; at least 1", self.width));
+        }
         needs_labelled("resnet", data)
     }
 
     fn build(&self, inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
+        Ok(Box::new(ResNet::with(&self.options(inputs)?, device)?))
+    }
+}
+
+impl ResNetSpec {
+    /// The network these keys describe for the data's images, with `classes` outputs.
+    pub fn options(&self, inputs: &Inputs) -> Result<ResNetOptions, TchError> {
         let [channels, _, _] = inputs.sample_shape else {
             return Err(TchError::Torch(format!(
                 "model resnet needs images (channels, height, width); the data's samples have shape {:?}",
                 inputs.sample_shape
             )));
         };
-        Ok(Box::new(ResNet::new(self.depth, *channels, inputs.classes as i64, self.small_stem, device)?))
+        let sync = match (self.sync_batchnorm, inputs.comm) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c.clone()),
+            (true, None) => return Err(TchError::Torch("model.sync_batchnorm needs a process group (run it under ringtrain)".into())),
+        };
+        Ok(ResNetOptions {
+            depth: self.depth,
+            in_channels: *channels,
+            classes: inputs.classes as i64,
+            small_stem: self.small_stem,
+            width: self.width,
+            sync,
+        })
     }
+}
+
+/// How a ResNet is built.
+#[derive(Clone)]
+pub struct ResNetOptions {
+    pub depth: Depth,
+    pub in_channels: i64,
+    /// Outputs of `fc`; 0: no `fc`, the output is the pooled features (torchvision's
+    /// `fc = nn.Identity()`, as an encoder).
+    pub classes: i64,
+    pub small_stem: bool,
+    pub width: i64,
+    /// SyncBatchNorm over this group's ranks instead of BatchNorm.
+    pub sync: Option<crate::comm::CommHandle>,
 }
 
 /// BatchNorm's defaults in PyTorch.
@@ -70,20 +118,26 @@ impl Depth {
     }
 }
 
-struct BatchNorm {
+pub(crate) struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+    /// SyncBatchNorm over this group.
+    sync: Option<crate::comm::CommHandle>,
 }
 
 impl BatchNorm {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
         if train {
             // PyTorch's BatchNorm counts batches in training mode (momentum is fixed, so the count
             // only travels in checkpoints).
             let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().f_add_scalar_(1))?;
+        }
+        if let Some(comm) = &self.sync {
+            let running = Some((&self.running_mean, &self.running_var));
+            return crate::autograd::sync_batch_norm(x, Some(&self.weight), Some(&self.bias), running, train, BN_MOMENTUM, BN_EPS, comm);
         }
         // In training mode libtorch updates the running statistics in place (momentum 0.1,
         // unbiased batch variance), as PyTorch does.
@@ -141,16 +195,18 @@ pub struct ResNet {
     bn1: BatchNorm,
     max_pool: bool,
     stages: Vec<Vec<Block>>,
-    fc: (Tensor, Tensor),
+    /// None: the output is the pooled features.
+    fc: Option<(Tensor, Tensor)>,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
 }
 
 /// Registers parameters and buffers in torchvision's `state_dict` order while building.
-struct Builder {
-    device: Device,
-    params: Vec<(String, Tensor)>,
-    buffers: Vec<(String, Tensor)>,
+pub(crate) struct Builder {
+    pub(crate) device: Device,
+    pub(crate) params: Vec<(String, Tensor)>,
+    pub(crate) buffers: Vec<(String, Tensor)>,
+    pub(crate) sync: Option<crate::comm::CommHandle>,
 }
 
 impl Builder {
@@ -168,7 +224,7 @@ impl Builder {
         Ok(Conv { weight: self.param(format!("{name}.weight"), w)?, stride, padding: k / 2 })
     }
 
-    fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
+    pub(crate) fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
         let weight = self.param(format!("{name}.weight"), Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?;
         let bias = self.param(format!("{name}.bias"), Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?;
         let mut buffer = |n: &str, t: Tensor| -> Result<Tensor, TchError> {
@@ -182,21 +238,28 @@ impl Builder {
             running_mean: buffer("running_mean", Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?,
             running_var: buffer("running_var", Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?,
             num_batches_tracked: buffer("num_batches_tracked", Tensor::f_zeros([], (Kind::Int64, Device::Cpu))?)?,
+            sync: self.sync.clone(),
         })
     }
 }
 
 impl ResNet {
+    /// torchvision's network: width 64, BatchNorm.
     pub fn new(depth: Depth, in_channels: i64, classes: i64, small_stem: bool, device: Device) -> Result<ResNet, TchError> {
+        ResNet::with(&ResNetOptions { depth, in_channels, classes, small_stem, width: 64, sync: None }, device)
+    }
+
+    pub fn with(o: &ResNetOptions, device: Device) -> Result<ResNet, TchError> {
+        let (depth, in_channels, classes, small_stem, w) = (o.depth, o.in_channels, o.classes, o.small_stem, o.width);
         let (blocks, bottleneck) = depth.layout();
         let expansion = if bottleneck { 4 } else { 1 };
-        let mut b = Builder { device, params: vec![], buffers: vec![] };
-        let conv1 = if small_stem { b.conv("conv1", in_channels, 64, 3, 1)? } else { b.conv("conv1", in_channels, 64, 7, 2)? };
-        let bn1 = b.bn("bn1", 64)?;
-        let mut inplanes = 64;
+        let mut b = Builder { device, params: vec![], buffers: vec![], sync: o.sync.clone() };
+        let conv1 = if small_stem { b.conv("conv1", in_channels, w, 3, 1)? } else { b.conv("conv1", in_channels, w, 7, 2)? };
+        let bn1 = b.bn("bn1", w)?;
+        let mut inplanes = w;
         let mut stages = vec![];
         for (s, &n) in blocks.iter().enumerate() {
-            let planes = 64 << s;
+            let planes = w << s;
             let mut stage = vec![];
             for i in 0..n {
                 let stride = if s > 0 && i == 0 { 2 } else { 1 };
@@ -225,11 +288,15 @@ impl ResNet {
             stages.push(stage);
         }
         // nn.Linear's default: weight and bias U(±1/√fan_in).
-        let fan_in = 512 * expansion;
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let w = Tensor::f_empty([classes, fan_in], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
-        let bias = Tensor::f_empty([classes], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
-        let fc = (b.param("fc.weight".into(), w)?, b.param("fc.bias".into(), bias)?);
+        let fan_in = 8 * w * expansion;
+        let fc = if classes > 0 {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let w = Tensor::f_empty([classes, fan_in], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
+            let bias = Tensor::f_empty([classes], (Kind::Float, Device::Cpu))?.f_uniform_(-bound, bound)?;
+            Some((b.param("fc.weight".into(), w)?, b.param("fc.bias".into(), bias)?))
+        } else {
+            None
+        };
         Ok(ResNet { conv1, bn1, max_pool: !small_stem, stages, fc, params: b.params, buffers: b.buffers })
     }
 }
@@ -246,7 +313,10 @@ impl Model for ResNet {
             }
         }
         let x = x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
-        x.f_linear(&self.fc.0, Some(&self.fc.1))
+        match &self.fc {
+            Some((w, b)) => x.f_linear(w, Some(b)),
+            None => Ok(x),
+        }
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

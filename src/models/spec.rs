@@ -17,6 +17,9 @@ pub struct Inputs<'a> {
     pub sample_shape: &'a [i64],
     /// Classes of labelled data; the vocabulary of token data.
     pub classes: usize,
+    /// The group's communicator, for layers that communicate (SyncBatchNorm); `None` outside a
+    /// group (`ringtrain sample`).
+    pub comm: Option<&'a crate::comm::CommHandle>,
 }
 
 /// A model's parsed keys: its checks, its builder, and the task it implies.

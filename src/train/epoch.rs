@@ -3,6 +3,7 @@
 
 use super::position;
 use super::step::StepOutcome;
+use super::tasks::EvalContext;
 use super::{agree, evaluate, io_err, EpochSummary, TrainError, Trainer};
 use crate::data::Loader;
 use crate::telemetry::Progress;
@@ -277,15 +278,19 @@ impl Trainer<'_> {
         // Every rank evaluates the same model, the one a checkpoint saves: each rank's own
         // BatchNorm statistics would give a test accuracy no saved file reproduces.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        evaluate(
-            self.model.as_ref(),
-            self.task.as_ref(),
-            &self.splits.test,
-            &mut *self.comm(),
-            self.device,
-            self.precision,
-            self.cfg.data.workers,
-        )
+        let mut comm = self.comm();
+        let mut ctx = EvalContext {
+            train: &self.splits.train,
+            test: &self.splits.test,
+            comm: &mut *comm,
+            device: self.device,
+            precision: self.precision,
+            workers: self.cfg.data.workers,
+        };
+        if let Some(result) = self.task.evaluate(self.model.as_ref(), &mut ctx) {
+            return result;
+        }
+        evaluate(self.model.as_ref(), self.task.as_ref(), &self.splits.test, ctx.comm, self.device, self.precision, self.cfg.data.workers)
     }
 }
 

@@ -41,7 +41,7 @@ impl<'a> Trainer<'a> {
             resume::refuse_a_used_directory(&mut *handle.lock(), &checkpoints)?;
         }
         let splits = agree_and_load(&mut *handle.lock(), cfg)?;
-        let Built { model, task, params, buffers } = build(cfg, &splits, device)?;
+        let Built { model, task, params, buffers } = build(cfg, &splits, device, &handle)?;
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let opt = Optimizer::new(&cfg.optimizer, &params);
         let tied = model.tied();
@@ -146,11 +146,11 @@ fn agree_and_load(comm: &mut dyn crate::comm::Communicator, cfg: &Config) -> Res
 
 /// The replica from the seed, its task, and its named tensors; its output checked against the
 /// task before anything trains.
-fn build(cfg: &Config, splits: &data::Splits, device: tch::Device) -> Result<Built, TrainError> {
+fn build(cfg: &Config, splits: &data::Splits, device: tch::Device, comm: &crate::comm::CommHandle) -> Result<Built, TrainError> {
     tch::manual_seed(cfg.train.seed as i64);
-    let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes };
+    let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes, comm: Some(comm) };
     let model = cfg.model.build(&inputs, device).map_err(model_error)?;
-    let task = tasks::build(cfg).map_err(TrainError::Startup)?;
+    let task = tasks::build(cfg, comm).map_err(TrainError::Startup)?;
     check_output(&*model, &*task, splits, device)?;
     let named = |v: &[(String, Tensor)]| v.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
     let (params, buffers) = (named(model.named_parameters()), named(model.named_buffers()));

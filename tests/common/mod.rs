@@ -301,6 +301,9 @@ pub fn with_group_over<T: Send + 'static>(
                 let mut opts = RingOptions::new("tok", IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);
                 if shm {
                     (opts.node_id, opts.shm) = (Some("this-node".into()), true);
+                    // Socket names carry the pid: groups of one test binary running at once
+                    // need a label of their own (the store's port).
+                    opts.label = format!("-g{}", addr.rsplit(':').next().unwrap_or(""));
                 }
                 let comm = RingComm::connect(&store as &dyn Store, rank, world, &opts).unwrap();
                 f(rank, ringtrain::comm::CommHandle::new(Box::new(comm)))

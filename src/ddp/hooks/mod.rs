@@ -1,5 +1,7 @@
 //! Gradient-ready notifications from libtorch's autograd engine (the C++ shim beside this file):
 //! each parameter's index is sent on a channel as soon as backward has accumulated its .grad.
+//! The same channel carries the collectives that run inside backward (`Event::Job`), so the
+//! communication thread sees both in the order the engine produced them.
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::ffi::{c_int, c_void};
@@ -23,22 +25,32 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
     }
 }
 
+/// What the communication thread receives during an overlapped backward.
+pub enum Event {
+    /// Parameter `i`'s gradient is accumulated.
+    Ready(usize),
+    /// A collective issued inside backward, to run on the lent communicator.
+    Job(crate::comm::CommJob),
+    /// Backward has returned.
+    Done,
+}
+
 extern "C" fn on_ready(ctx: *mut c_void, index: c_int) {
     // SAFETY: ctx is the boxed Sender owned by ReadyHooks, which clears the hooks before dropping it.
-    let tx = unsafe { &*(ctx as *const Sender<usize>) };
-    let _ = tx.send(index as usize);
+    let tx = unsafe { &*(ctx as *const Sender<Event>) };
+    let _ = tx.send(Event::Ready(index as usize));
 }
 
 pub struct ReadyHooks {
     params: Vec<Tensor>,
-    tx: Box<Sender<usize>>,
+    tx: Box<Sender<Event>>,
 }
 
 impl ReadyHooks {
-    pub fn install(params: &[Tensor]) -> Result<(ReadyHooks, Receiver<usize>), String> {
+    pub fn install(params: &[Tensor]) -> Result<(ReadyHooks, Receiver<Event>), String> {
         let (tx, rx) = unbounded();
         let mut hooks = ReadyHooks { params: params.iter().map(|p| p.shallow_clone()).collect(), tx: Box::new(tx) };
-        let ctx = hooks.tx.as_ref() as *const Sender<usize> as *mut c_void;
+        let ctx = hooks.tx.as_ref() as *const Sender<Event> as *mut c_void;
         for (i, p) in hooks.params.iter_mut().enumerate() {
             // SAFETY: a live tch tensor handle; the shim only attaches a hook to its autograd meta.
             if unsafe { ringtrain_set_ready_hook(p.as_mut_ptr() as *mut c_void, on_ready, ctx, i as c_int) } != 0 {
@@ -48,8 +60,8 @@ impl ReadyHooks {
         Ok((hooks, rx))
     }
 
-    /// A sender on the same channel (for the end-of-backward marker).
-    pub fn sender(&self) -> Sender<usize> {
+    /// A sender on the same channel (for the end-of-backward marker and jobs).
+    pub fn sender(&self) -> Sender<Event> {
         (*self.tx).clone()
     }
 }
@@ -75,7 +87,7 @@ mod tests {
         let (hooks, rx) = ReadyHooks::install(&[a.shallow_clone(), b.shallow_clone()]).unwrap();
         let loss = (&a * 2.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float) + (&a * 3.0).sum(Kind::Float);
         loss.backward();
-        let mut got: Vec<usize> = rx.try_iter().collect();
+        let mut got: Vec<usize> = rx.try_iter().map(|e| if let Event::Ready(i) = e { i } else { usize::MAX }).collect();
         got.sort();
         assert_eq!(got, vec![0, 1]);
         assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![5.0, 5.0]);

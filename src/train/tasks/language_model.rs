@@ -8,7 +8,8 @@ use tch::{Kind, Reduction, TchError, Tensor};
 
 pub const KIND: super::TaskKind = super::TaskKind {
     name: "language_model",
-    build: |model| {
+    build: |ctx| {
+        let model = ctx.model;
         let block_size =
             model.spec.context_length().ok_or_else(|| format!("model {} has no context length for language modelling", model.name))?;
         Ok(Box::new(LanguageModel { block_size }))

@@ -4,14 +4,18 @@
 
 mod classification;
 mod language_model;
+pub mod views;
 
 pub use classification::Classification;
 pub use language_model::LanguageModel;
 
+use super::{EvalResult, TrainError};
+use crate::comm::{CommHandle, Communicator};
 use crate::config::Config;
-use crate::data::Batch;
+use crate::data::{Batch, Dataset};
 use crate::models::{Model, ModelConfig};
 use crate::registry::{Named, Registry};
+use std::sync::Arc;
 use tch::{TchError, Tensor};
 
 fn builtin() -> Vec<TaskKind> {
@@ -25,7 +29,26 @@ pub static TASKS: Registry<TaskKind> = Registry::new("task", builtin);
 #[derive(Clone, Copy)]
 pub struct TaskKind {
     pub name: &'static str,
-    pub build: fn(&ModelConfig) -> Result<Box<dyn Task>, String>,
+    pub build: fn(&TaskContext) -> Result<Box<dyn Task>, String>,
+}
+
+/// What a task is made from: the model's config and the group (for a loss that communicates,
+/// e.g. one comparing with every rank's samples).
+pub struct TaskContext<'a> {
+    pub model: &'a ModelConfig,
+    pub comm: &'a CommHandle,
+}
+
+/// What a task's own evaluation (`Task::evaluate`) works with.
+pub struct EvalContext<'a> {
+    pub train: &'a Arc<dyn Dataset>,
+    pub test: &'a Arc<dyn Dataset>,
+    /// The group's communicator, borrowed for the evaluation.
+    pub comm: &'a mut dyn Communicator,
+    pub device: tch::Device,
+    pub precision: crate::amp::Precision,
+    /// Loader threads.
+    pub workers: usize,
 }
 
 impl Named for TaskKind {
@@ -49,11 +72,17 @@ pub trait Task {
     fn tokens_per_sample(&self) -> Option<usize> {
         None
     }
+    /// The whole evaluation, when it is more than sums over test batches (a linear probe trains
+    /// a classifier on features of the training set first). `None`: the usual per-batch
+    /// evaluation with `eval_sums`. Every rank calls it; it may communicate through `ctx.comm`.
+    fn evaluate(&self, _model: &dyn Model, _ctx: &mut EvalContext) -> Option<Result<EvalResult, TrainError>> {
+        None
+    }
 }
 
 /// The task the model names for the configured data.
-pub fn build(cfg: &Config) -> Result<Box<dyn Task>, String> {
+pub fn build(cfg: &Config, comm: &CommHandle) -> Result<Box<dyn Task>, String> {
     let name = cfg.model.spec.task(cfg.data.samples());
     let kind = TASKS.get(name).map_err(|e| format!("model {}: {e}", cfg.model.name))?;
-    (kind.build)(&cfg.model)
+    (kind.build)(&TaskContext { model: &cfg.model, comm })
 }

@@ -1,0 +1,89 @@
+//! `all_gather` and `all_reduce` as differentiable functions (see the module's notes).
+
+use super::function::{apply, Differentiable};
+use crate::comm::{AsComm, CommError, CommHandle};
+use tch::{Kind, TchError, Tensor};
+
+/// Every rank's `x` concatenated along dimension 0 in rank order; the other dimensions must
+/// agree. Backward gives this rank the sum, over ranks, of the gradient of its own rows.
+pub fn all_gather(x: &Tensor, group: &impl AsComm) -> Result<Tensor, TchError> {
+    let handle = group.comm_handle();
+    let shape = x.size();
+    if shape.is_empty() {
+        return Err(TchError::Torch("all_gather: a tensor of rows is needed, not a scalar".into()));
+    }
+    // Every rank's shape, so that ranks may hold different numbers of rows, and a difference in
+    // the other dimensions is a clear error rather than a mismatched collective.
+    let mine: Vec<u8> = shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let all = handle.run("all_gather (shapes)", move |c| c.all_gather(&mine)).and_then(|r| r).map_err(comm_error)?;
+    let shapes: Vec<Vec<i64>> =
+        all.iter().map(|b| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()).collect();
+    let rank = handle.run("all_gather", |c| c.rank()).map_err(comm_error)?;
+    for (r, s) in shapes.iter().enumerate() {
+        if s.len() != shape.len() || s[1..] != shape[1..] {
+            return Err(TchError::Torch(format!(
+                "all_gather: rank {rank} holds shape {shape:?}, rank {r} {s:?}: all but the first dimension must agree"
+            )));
+        }
+    }
+    let offset = shapes[..rank].iter().map(|s| s[0]).sum();
+    let total = shapes.iter().map(|s| s[0]).sum();
+    apply(x, Box::new(Gather { handle, offset, rows: shape[0], total }))
+}
+
+/// The sum of every rank's `x` (same shape everywhere). Backward: the sum over ranks of the
+/// gradient.
+pub fn all_reduce(x: &Tensor, group: &impl AsComm) -> Result<Tensor, TchError> {
+    apply(x, Box::new(Reduce { handle: group.comm_handle() }))
+}
+
+/// `x`'s rows at `offset` of a `total`-row buffer every rank sums.
+struct Gather {
+    handle: CommHandle,
+    offset: i64,
+    rows: i64,
+    total: i64,
+}
+
+impl Differentiable for Gather {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
+        let mut size = x.size();
+        size[0] = self.total;
+        let buf = Tensor::f_zeros(size.as_slice(), (Kind::Float, x.device())).map_err(|e| e.to_string())?;
+        buf.f_narrow(0, self.offset, self.rows).and_then(|mut s| s.f_copy_(x)).map_err(|e| e.to_string())?;
+        let buf = sum_over_ranks(&self.handle, "all_gather", buf)?;
+        buf.f_to_kind(x.kind()).map_err(|e| e.to_string())
+    }
+
+    fn backward(&self, grad: &Tensor) -> Result<Tensor, String> {
+        let buf = grad.f_to_kind(Kind::Float).and_then(|g| g.f_contiguous()).and_then(|g| g.f_detach_copy()).map_err(|e| e.to_string())?;
+        let buf = sum_over_ranks(&self.handle, "all_gather backward", buf)?;
+        buf.f_narrow(0, self.offset, self.rows).and_then(|s| s.f_to_kind(grad.kind())).map_err(|e| e.to_string())
+    }
+}
+
+struct Reduce {
+    handle: CommHandle,
+}
+
+impl Differentiable for Reduce {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
+        let buf = x.f_to_kind(Kind::Float).and_then(|t| t.f_contiguous()).and_then(|t| t.f_detach_copy()).map_err(|e| e.to_string())?;
+        sum_over_ranks(&self.handle, "all_reduce", buf)?.f_to_kind(x.kind()).map_err(|e| e.to_string())
+    }
+
+    fn backward(&self, grad: &Tensor) -> Result<Tensor, String> {
+        self.forward(grad).map_err(|e| e.replace("all_reduce", "all_reduce backward"))
+    }
+}
+
+/// Sums an f32 tensor (this function's own copy) over ranks in place and returns it.
+pub(super) fn sum_over_ranks(handle: &CommHandle, what: &'static str, buf: Tensor) -> Result<Tensor, String> {
+    let mut t = buf.shallow_clone();
+    handle.run(what, move |c| c.all_reduce_tensor(&mut t)).and_then(|r| r).map_err(|e| format!("{what}: {e}"))?;
+    Ok(buf)
+}
+
+fn comm_error(e: CommError) -> TchError {
+    TchError::Torch(e.to_string())
+}
