@@ -150,9 +150,9 @@ struct Encoder {
 
 impl Encoder {
     fn new(comm: &CommHandle) -> Encoder {
-        tch::manual_seed(3);
-        let conv = (Tensor::randn([6, 1, 3, 3], (Kind::Float, Device::Cpu)) * 0.5).set_requires_grad(true);
-        let fc = (Tensor::randn([5, 6], (Kind::Float, Device::Cpu)) * 0.5).set_requires_grad(true);
+        // Fixed values, not the global generator: ranks are threads drawing at once.
+        let conv = (values(&[6, 1, 3, 3], 30) * 0.25).set_requires_grad(true);
+        let fc = (values(&[5, 6], 31) * 0.25).set_requires_grad(true);
         Encoder { conv, bn: SyncBatchNorm::new(comm, 6, Device::Cpu), fc }
     }
 
