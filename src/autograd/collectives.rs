@@ -15,10 +15,10 @@ pub fn all_gather(x: &Tensor, group: &impl AsComm) -> Result<Tensor, TchError> {
     // Every rank's shape, so that ranks may hold different numbers of rows, and a difference in
     // the other dimensions is a clear error rather than a mismatched collective.
     let mine: Vec<u8> = shape.iter().flat_map(|d| d.to_le_bytes()).collect();
-    let all = handle.run("all_gather (shapes)", move |c| c.all_gather(&mine)).and_then(|r| r).map_err(comm_error)?;
+    let (rank, all) =
+        handle.run("all_gather (shapes)", move |c| c.all_gather(&mine).map(|all| (c.rank(), all))).and_then(|r| r).map_err(comm_error)?;
     let shapes: Vec<Vec<i64>> =
         all.iter().map(|b| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()).collect();
-    let rank = handle.run("all_gather", |c| c.rank()).map_err(comm_error)?;
     for (r, s) in shapes.iter().enumerate() {
         if s.len() != shape.len() || s[1..] != shape[1..] {
             return Err(TchError::Torch(format!(
@@ -56,9 +56,8 @@ impl Differentiable for Gather {
     }
 
     fn backward(&self, grad: &Tensor) -> Result<Tensor, String> {
-        let buf = grad.f_to_kind(Kind::Float).and_then(|g| g.f_contiguous()).and_then(|g| g.f_detach_copy()).map_err(|e| e.to_string())?;
-        let buf = sum_over_ranks(&self.handle, "all_gather backward", buf)?;
-        buf.f_narrow(0, self.offset, self.rows).and_then(|s| s.f_to_kind(grad.kind())).map_err(|e| e.to_string())
+        let all = summed_copy(&self.handle, "all_gather backward", grad)?;
+        all.f_narrow(0, self.offset, self.rows).map_err(|e| e.to_string())
     }
 }
 
@@ -68,13 +67,18 @@ struct Reduce {
 
 impl Differentiable for Reduce {
     fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
-        let buf = x.f_to_kind(Kind::Float).and_then(|t| t.f_contiguous()).and_then(|t| t.f_detach_copy()).map_err(|e| e.to_string())?;
-        sum_over_ranks(&self.handle, "all_reduce", buf)?.f_to_kind(x.kind()).map_err(|e| e.to_string())
+        summed_copy(&self.handle, "all_reduce", x)
     }
 
     fn backward(&self, grad: &Tensor) -> Result<Tensor, String> {
-        self.forward(grad).map_err(|e| e.replace("all_reduce", "all_reduce backward"))
+        summed_copy(&self.handle, "all_reduce backward", grad)
     }
+}
+
+/// The sum over ranks of `t` (an f32 copy, so `t` itself is untouched), in `t`'s dtype.
+fn summed_copy(handle: &CommHandle, what: &'static str, t: &Tensor) -> Result<Tensor, String> {
+    let buf = t.f_to_kind(Kind::Float).and_then(|t| t.f_contiguous()).and_then(|t| t.f_detach_copy()).map_err(|e| e.to_string())?;
+    sum_over_ranks(handle, what, buf)?.f_to_kind(t.kind()).map_err(|e| e.to_string())
 }
 
 /// Sums an f32 tensor (this function's own copy) over ranks in place and returns it.

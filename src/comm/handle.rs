@@ -42,16 +42,15 @@ impl CommHandle {
     /// Runs `f` on the communicator: here, or, while it is lent (`lend`), on the thread holding
     /// it, waiting for the result. `what` names the call in errors.
     pub fn run<R: Send + 'static>(&self, what: &str, f: impl FnOnce(&mut dyn Communicator) -> R + Send + 'static) -> Result<R, CommError> {
+        let lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(l) = lent.as_ref() else {
+            drop(lent);
+            return Ok(f(&mut *self.lock()));
+        };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job: CommJob = Box::new(move |c| {
             let _ = tx.send(f(c));
         });
-        let lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(l) = lent.as_ref() else {
-            drop(lent);
-            let mut guard = self.lock();
-            return Ok(job_result(job, &mut *guard, rx).expect("a job run here answers"));
-        };
         // Sent under the lock: `stop_lending` takes the same lock before it drops what is
         // queued, so a job is either run, or dropped (closing `rx`), never stranded.
         if !(l.send)(job) {
@@ -121,11 +120,6 @@ impl CommHandle {
             Err(p) => p.into_inner().take(),
         }
     }
-}
-
-fn job_result<R>(job: CommJob, comm: &mut dyn Communicator, rx: crossbeam_channel::Receiver<R>) -> Option<R> {
-    job(comm);
-    rx.try_recv().ok()
 }
 
 fn lent_stopped(what: &str) -> CommError {

@@ -118,7 +118,7 @@ impl Depth {
     }
 }
 
-pub(crate) struct BatchNorm {
+struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
     running_mean: Tensor,
@@ -129,7 +129,7 @@ pub(crate) struct BatchNorm {
 }
 
 impl BatchNorm {
-    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
         if train {
             // PyTorch's BatchNorm counts batches in training mode (momentum is fixed, so the count
             // only travels in checkpoints).
@@ -202,11 +202,11 @@ pub struct ResNet {
 }
 
 /// Registers parameters and buffers in torchvision's `state_dict` order while building.
-pub(crate) struct Builder {
-    pub(crate) device: Device,
-    pub(crate) params: Vec<(String, Tensor)>,
-    pub(crate) buffers: Vec<(String, Tensor)>,
-    pub(crate) sync: Option<crate::comm::CommHandle>,
+struct Builder {
+    device: Device,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    sync: Option<crate::comm::CommHandle>,
 }
 
 impl Builder {
@@ -224,7 +224,7 @@ impl Builder {
         Ok(Conv { weight: self.param(format!("{name}.weight"), w)?, stride, padding: k / 2 })
     }
 
-    pub(crate) fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
+    fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
         let weight = self.param(format!("{name}.weight"), Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?;
         let bias = self.param(format!("{name}.bias"), Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?;
         let mut buffer = |n: &str, t: Tensor| -> Result<Tensor, TchError> {
