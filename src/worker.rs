@@ -63,7 +63,7 @@ pub fn print_summary(summary: &train::Summary) {
         let shown: String = last
             .test
             .iter()
-            .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss" || t.get("perplexity").is_some()))
+            .flat_map(|t| t.metrics.iter().filter(|(k, _)| *k != "loss" || t.get("acc").is_none()))
             .map(|(k, v)| if *k == "acc" { format!("test_acc {:.2}%, ", v * 100.0) } else { format!("test_{k} {v:.4}, ") })
             .collect();
         println!("final: {shown}{:.0} samples/s, {} steps", last.samples_per_s, summary.global_steps);

@@ -253,3 +253,74 @@ fn sync_batch_norm_in_evaluation_mode_uses_the_running_statistics_without_commun
         assert!(max_rel(&y, &want) < 1e-7);
     });
 }
+
+/// SimCLR's NT-Xent written out for one process: `z` = [view 1 of N images; view 2], cosine
+/// similarities / t, each row's own entry excluded, cross-entropy towards its other view.
+fn nt_xent_formula(z: &Tensor, t: f64) -> Tensor {
+    let n2 = z.size()[0];
+    let z = z / z.norm_scalaropt_dim(2, [1], true);
+    let sim = z.matmul(&z.tr()) / t;
+    let sim = sim.masked_fill(&Tensor::eye(n2, (Kind::Bool, Device::Cpu)), f64::NEG_INFINITY);
+    let target = (Tensor::arange(n2, (Kind::Int64, Device::Cpu)) + n2 / 2).remainder(n2);
+    sim.cross_entropy_for_logits(&target)
+}
+
+#[test]
+fn nt_xent_over_ranks_equals_one_process_on_the_global_batch() {
+    use ringtrain::train::tasks::contrastive::nt_xent;
+    for world in [2usize, 3] {
+        let (per, d) = (3i64, 5i64);
+        let n = per * world as i64;
+        let global = values(&[2 * n, d], 21);
+        let reference = global.copy().set_requires_grad(true);
+        let want_loss = nt_xent_formula(&reference, 0.3);
+        want_loss.backward();
+        let want_grad = reference.grad();
+        let results = common::with_group_over(world, T, world == 2, move |rank, comm| {
+            // This rank's images: rows [r·B, (r+1)·B) of each view.
+            let mine = |v: i64| values(&[2 * n, d], 21).narrow(0, v * n + rank as i64 * per, per);
+            let z = Tensor::cat(&[mine(0), mine(1)], 0).set_requires_grad(true);
+            let loss = nt_xent(&z, 0.3, &comm).unwrap();
+            loss.backward();
+            (loss.double_value(&[]), Vec::<f32>::try_from(z.grad().view(-1)).unwrap())
+        });
+        let mean_loss = results.iter().map(|r| r.0).sum::<f64>() / world as f64;
+        assert!((mean_loss - want_loss.double_value(&[])).abs() < 1e-5, "world {world}: loss {mean_loss} vs {want_loss:?}");
+        for (rank, (_, g)) in results.iter().enumerate() {
+            // Each rank's gradient is that of the sum of every rank's loss (the gather's backward
+            // brings the others' share); DDP's average divides by the world size.
+            let g = Tensor::from_slice(g).view([2 * per, d]) / world as f64;
+            let at = |v: i64| want_grad.narrow(0, v * n + rank as i64 * per, per);
+            let want = Tensor::cat(&[at(0), at(1)], 0);
+            assert!(max_rel(&g, &want) < 1e-5, "world {world}: rank {rank}'s gradient {g:?} vs {want:?}");
+        }
+    }
+}
+
+fn resident_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096.0 / (1 << 20) as f64
+}
+
+#[test]
+fn sync_batchnorm_frees_each_steps_graph() {
+    // Each step's input and saved tensors are 4 MiB apiece; a graph kept alive by the
+    // operation's own state (a cycle through the node) would add them up step after step.
+    common::with_group_over(1, T, false, |_, comm| {
+        let bn = SyncBatchNorm::new(&comm, 16, Device::Cpu);
+        let step = || {
+            let x = Tensor::randn([64, 16, 32, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            bn.forward_t(&x, true).unwrap().square().sum(Kind::Float).backward();
+        };
+        for _ in 0..20 {
+            step();
+        }
+        let before = resident_mib();
+        for _ in 0..150 {
+            step();
+        }
+        let grown = resident_mib() - before;
+        assert!(grown < 150.0, "resident memory grew {grown:.0} MiB over 150 steps");
+    });
+}

@@ -7,6 +7,13 @@ use tch::{Kind, TchError, Tensor};
 /// Every rank's `x` concatenated along dimension 0 in rank order; the other dimensions must
 /// agree. Backward gives this rank the sum, over ranks, of the gradient of its own rows.
 pub fn all_gather(x: &Tensor, group: &impl AsComm) -> Result<Tensor, TchError> {
+    all_gather_at(x, group).map(|(all, _)| all)
+}
+
+/// `all_gather`, and the row where this rank's own rows start in the result (ranks may hold
+/// different numbers of rows): a loss that pairs each local row with its place in the global
+/// batch (a contrastive loss's positives) needs it.
+pub fn all_gather_at(x: &Tensor, group: &impl AsComm) -> Result<(Tensor, i64), TchError> {
     let handle = group.comm_handle();
     let shape = x.size();
     if shape.is_empty() {
@@ -28,7 +35,7 @@ pub fn all_gather(x: &Tensor, group: &impl AsComm) -> Result<Tensor, TchError> {
     }
     let offset = shapes[..rank].iter().map(|s| s[0]).sum();
     let total = shapes.iter().map(|s| s[0]).sum();
-    apply(x, Box::new(Gather { handle, offset, rows: shape[0], total }))
+    Ok((apply(x, Box::new(Gather { handle, offset, rows: shape[0], total }))?, offset))
 }
 
 /// The sum of every rank's `x` (same shape everywhere). Backward: the sum over ranks of the

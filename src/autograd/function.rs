@@ -10,7 +10,10 @@ use tch::{TchError, Tensor};
 /// One differentiable operation on one tensor. `Send + Sync`: libtorch may run the backward on
 /// another thread than the forward, and frees the node wherever the graph is dropped.
 pub trait Differentiable: Send + Sync {
-    /// The output, computed with gradient recording off.
+    /// The output, computed with gradient recording off. To keep the output for backward,
+    /// keep `output.detach()`, never the output's own handle: libtorch makes this operation's
+    /// node the output's grad_fn, and the node owns this state, so holding the output would be a
+    /// reference cycle that keeps every step's graph alive.
     fn forward(&self, input: &Tensor) -> Result<Tensor, String>;
     /// The gradient of the input from the gradient of the output.
     fn backward(&self, grad_output: &Tensor) -> Result<Tensor, String>;

@@ -23,7 +23,7 @@ mod collectives;
 mod function;
 mod sync_batchnorm;
 
-pub use collectives::{all_gather, all_reduce};
+pub use collectives::{all_gather, all_gather_at, all_reduce};
 pub use function::{apply, Differentiable};
 pub use sync_batchnorm::{sync_batch_norm, SyncBatchNorm};
 

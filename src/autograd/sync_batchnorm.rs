@@ -166,7 +166,10 @@ impl Differentiable for Normalize {
     fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
         let mut saved = self.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let xhat = (x - &saved.mean).f_mul(&saved.invstd).map_err(|e| e.to_string())?;
-        saved.xhat = Some(xhat.shallow_clone());
+        // A detached alias, not the output itself: the output's handle gets this node as its
+        // grad_fn, and the node holds this state, so keeping the output would be a cycle that
+        // leaks every step's graph.
+        saved.xhat = Some(xhat.f_detach().map_err(|e| e.to_string())?);
         Ok(xhat)
     }
 

@@ -9,6 +9,7 @@ pub mod prepare;
 pub mod sampler;
 pub mod synthetic;
 pub mod tokens;
+pub mod views;
 
 /// The built-in data formats. A new format is one file in this folder (its config keys, checks and
 /// loader: a `DataSpec`) and one entry here; a program using the library calls

@@ -43,3 +43,18 @@ pub fn generate(
     }
     Ok(tokens.split_off(start))
 }
+
+/// `n` images from a binary autoregressive model in natural order (MADE): pixel d is drawn from
+/// Bernoulli(sigmoid(logit d)) given the pixels already drawn, one forward pass per pixel.
+/// Returns [n, pixels] of 0/1 floats on the CPU; the same seed gives the same images.
+pub fn binary_images(model: &dyn Model, n: i64, pixels: i64, device: tch::Device, seed: u64) -> Result<Tensor, TchError> {
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed((seed >> 1) as i64);
+    let x = Tensor::f_zeros([n, pixels], (Kind::Float, device))?;
+    for d in 0..pixels {
+        let p = model.forward_t(&x, false)?.f_select(1, d)?.f_to_kind(Kind::Float)?.f_sigmoid()?;
+        let drawn = p.f_to_device(tch::Device::Cpu)?.f_bernoulli()?.f_to_device(device)?;
+        x.f_select(1, d)?.f_copy_(&drawn)?;
+    }
+    x.f_to_device(tch::Device::Cpu)
+}

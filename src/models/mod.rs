@@ -1,11 +1,14 @@
 //! Models, with parameters named and ordered as PyTorch names them in `state_dict()`, so
 //! checkpoints load into the equivalent `nn.Module`.
 
+mod batchnorm;
 mod cnn;
 pub mod generate;
 pub mod gpt;
+pub mod made;
 mod mlp;
 pub mod resnet;
+pub mod simclr;
 mod spec;
 pub mod torchscript;
 
@@ -23,7 +26,7 @@ use tch::{Device, Kind, TchError, Tensor};
 /// and task: a `ModelSpec`) and one entry here; a program using the library calls
 /// `MODELS.register` instead.
 fn builtin() -> Vec<ModelKind> {
-    vec![mlp::KIND, cnn::KIND, gpt::KIND, resnet::RESNET18, resnet::RESNET34, resnet::RESNET50, torchscript::KIND]
+    vec![mlp::KIND, cnn::KIND, gpt::KIND, resnet::RESNET18, resnet::RESNET34, resnet::RESNET50, simclr::KIND, made::KIND, torchscript::KIND]
 }
 
 /// Every model, by `model.name`.
@@ -49,6 +52,11 @@ pub trait Model {
     /// alias instead loads too.
     fn tied(&self) -> Vec<(String, String)> {
         vec![]
+    }
+    /// The representation a linear probe reads, in evaluation mode: an encoder's output before
+    /// its projection head (SimCLR). `None`: the model has no such features.
+    fn features(&self, _input: &Tensor) -> Option<Result<Tensor, TchError>> {
+        None
     }
     /// Training FLOPs per token (forward + backward), for the achieved-FLOP/s estimate.
     fn flops_per_token(&self) -> Option<f64> {

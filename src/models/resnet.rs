@@ -5,6 +5,7 @@
 //! kaiming-normal (fan_out, ReLU gain), BatchNorm weight 1 and bias 0, `fc` as PyTorch's Linear.
 //! `small_stem`: the CIFAR variant (3×3 stride-1 `conv1`, no max-pool), for 28–32 px images.
 
+use super::batchnorm::BatchNorm;
 use super::{needs_labelled, Inputs, Model, ModelKind, ModelSpec};
 use crate::data::DataConfig;
 use crate::registry;
@@ -95,10 +96,6 @@ pub struct ResNetOptions {
     pub sync: Option<crate::comm::CommHandle>,
 }
 
-/// BatchNorm's defaults in PyTorch.
-const BN_MOMENTUM: f64 = 0.1;
-const BN_EPS: f64 = 1e-5;
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Depth {
     #[default]
@@ -115,42 +112,6 @@ impl Depth {
             Depth::R34 => ([3, 4, 6, 3], false),
             Depth::R50 => ([3, 4, 6, 3], true),
         }
-    }
-}
-
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor,
-    /// SyncBatchNorm over this group.
-    sync: Option<crate::comm::CommHandle>,
-}
-
-impl BatchNorm {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        if train {
-            // PyTorch's BatchNorm counts batches in training mode (momentum is fixed, so the count
-            // only travels in checkpoints).
-            let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().f_add_scalar_(1))?;
-        }
-        if let Some(comm) = &self.sync {
-            let running = Some((&self.running_mean, &self.running_var));
-            return crate::autograd::sync_batch_norm(x, Some(&self.weight), Some(&self.bias), running, train, BN_MOMENTUM, BN_EPS, comm);
-        }
-        // In training mode libtorch updates the running statistics in place (momentum 0.1,
-        // unbiased batch variance), as PyTorch does.
-        x.f_batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            train,
-            BN_MOMENTUM,
-            BN_EPS,
-            true,
-        )
     }
 }
 
@@ -197,6 +158,9 @@ pub struct ResNet {
     stages: Vec<Vec<Block>>,
     /// None: the output is the pooled features.
     fc: Option<(Tensor, Tensor)>,
+    /// Width of the pooled features (`fc`'s input).
+    features: i64,
+    sync: Option<crate::comm::CommHandle>,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
 }
@@ -225,21 +189,7 @@ impl Builder {
     }
 
     fn bn(&mut self, name: &str, c: i64) -> Result<BatchNorm, TchError> {
-        let weight = self.param(format!("{name}.weight"), Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?;
-        let bias = self.param(format!("{name}.bias"), Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?;
-        let mut buffer = |n: &str, t: Tensor| -> Result<Tensor, TchError> {
-            let t = t.f_to_device(self.device)?;
-            self.buffers.push((format!("{name}.{n}"), t.shallow_clone()));
-            Ok(t)
-        };
-        Ok(BatchNorm {
-            weight,
-            bias,
-            running_mean: buffer("running_mean", Tensor::f_zeros([c], (Kind::Float, Device::Cpu))?)?,
-            running_var: buffer("running_var", Tensor::f_ones([c], (Kind::Float, Device::Cpu))?)?,
-            num_batches_tracked: buffer("num_batches_tracked", Tensor::f_zeros([], (Kind::Int64, Device::Cpu))?)?,
-            sync: self.sync.clone(),
-        })
+        BatchNorm::new(name, c, self.device, self.sync.clone(), &mut self.params, &mut self.buffers)
     }
 }
 
@@ -297,7 +247,19 @@ impl ResNet {
         } else {
             None
         };
-        Ok(ResNet { conv1, bn1, max_pool: !small_stem, stages, fc, params: b.params, buffers: b.buffers })
+        Ok(ResNet { conv1, bn1, max_pool: !small_stem, stages, fc, features: fan_in, sync: b.sync, params: b.params, buffers: b.buffers })
+    }
+}
+
+impl ResNet {
+    /// Width of the pooled features: the output when built without `fc`.
+    pub fn feature_width(&self) -> i64 {
+        self.features
+    }
+
+    /// The group its SyncBatchNorm layers normalise over, if they do.
+    pub fn sync(&self) -> Option<&crate::comm::CommHandle> {
+        self.sync.as_ref()
     }
 }
 

@@ -6,6 +6,8 @@
 //! stderr level.
 
 #[cfg(feature = "trainer")]
+pub mod grid;
+#[cfg(feature = "trainer")]
 pub mod plot;
 pub mod tensorboard;
 

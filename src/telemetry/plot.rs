@@ -74,7 +74,13 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
                 steps.insert(step, (step as f64, f("loss"), f("lr"), rate));
             }
             Some(kind @ ("eval" | "epoch")) => {
-                if let Some(loss) = v["test_loss"].as_f64() {
+                // A linear probe (contrastive pretraining) reports its accuracy without a loss
+                // comparable to the training loss: the point goes to the accuracy panel only.
+                if v["test_probe_loss"].is_f64() {
+                    run.metric = "linear-probe accuracy";
+                }
+                let loss = v["test_loss"].as_f64();
+                if loss.is_some() || v["test_acc"].is_f64() {
                     let metric = match v["test_perplexity"].as_f64() {
                         Some(p) => {
                             run.metric = "perplexity";
@@ -82,7 +88,7 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
                         }
                         None => v["test_acc"].as_f64(),
                     };
-                    evals.insert(step, (step as f64, loss, metric));
+                    evals.insert(step, (step as f64, loss.unwrap_or(f64::NAN), metric));
                 }
                 if kind == "epoch" {
                     last_epoch_ms = v["step_ms"].as_object().cloned();
@@ -287,7 +293,7 @@ pub fn plot(runs: &[RunSeries], out: &Path) -> Result<(), PlotError> {
     let (left, right) = bottom.split_horizontally(600);
     let xs = bounds(runs.iter().flat_map(|r| r.steps.iter().map(|s| s.0).chain(r.evals.iter().map(|e| e.0))));
     line_chart(&upper[0], "loss (line: train, points: eval)", runs, xs, |r| {
-        (r.steps.iter().map(|s| (s.0, s.1)).collect(), r.evals.iter().map(|e| (e.0, e.1)).collect())
+        (r.steps.iter().map(|s| (s.0, s.1)).collect(), r.evals.iter().filter(|e| e.1.is_finite()).map(|e| (e.0, e.1)).collect())
     })?;
     let metric = runs.first().map_or("accuracy", |r| r.metric);
     line_chart(&upper[1], &format!("eval {metric}"), runs, xs, |r| {

@@ -285,6 +285,7 @@ impl Trainer<'_> {
             comm: &mut *comm,
             device: self.device,
             precision: self.precision,
+            classes: self.splits.classes,
             workers: self.cfg.data.workers,
         };
         if let Some(result) = self.task.evaluate(self.model.as_ref(), &mut ctx) {
@@ -339,7 +340,7 @@ impl Trainer<'_> {
 
     /// Evaluation in the middle of an epoch (`train.eval_every_steps`): logged and written as an
     /// `eval` line of metrics.jsonl.
-    fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
+    pub(super) fn evaluate_now(&mut self, epoch: usize) -> Result<(), TrainError> {
         let r = self.evaluate_test()?;
         let shown: String = r.metrics.iter().map(|(k, v)| format!(" {k} {}", fmt_metric(k, *v))).collect();
         tracing::info!("eval at step {}:{shown}", self.pos.global_step);

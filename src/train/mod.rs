@@ -168,6 +168,9 @@ fn agree(comm: &mut dyn Communicator, what: &str, mine: &[u8]) -> Result<(), Tra
 
 pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     let mut t = Trainer::setup(ctx)?;
+    if t.cfg.train.eval_at_start && t.pos.global_step == 0 {
+        t.evaluate_now(0)?;
+    }
     let mut epochs = Vec::new();
     while !t.done() {
         epochs.push(t.run_epoch()?);
@@ -305,6 +308,12 @@ impl Trainer<'_> {
             (Some(s), true) if self.task.tokens_per_sample().is_some() => Some(self.sample_text(s)?),
             _ => None,
         };
+        if rank == 0 {
+            match self.task.finish(self.model.as_ref(), &self.splits.sample_shape, self.run_dir, self.device) {
+                Ok(files) => files.iter().for_each(|f| tracing::info!("wrote {}", f.display())),
+                Err(e) => tracing::warn!("the task's end-of-training output: {e}"),
+            }
+        }
         if rank == 0 && self.cfg.train.plot {
             let out = self.run_dir.join("plot.png");
             match crate::telemetry::plot::plot_dirs(&[self.run_dir.to_path_buf()], &out) {

@@ -2,11 +2,14 @@
 //! evaluation call only this trait. A model names its task (`ModelSpec::task`); a new kind of work
 //! is one new file here plus a line in `builtin`, or `TASKS.register` from a program.
 
+pub mod binary_density;
 mod classification;
+pub mod contrastive;
 mod language_model;
-pub mod views;
+pub mod probe;
 
 pub use classification::Classification;
+pub use contrastive::Contrastive;
 pub use language_model::LanguageModel;
 
 use super::{EvalResult, TrainError};
@@ -19,7 +22,7 @@ use std::sync::Arc;
 use tch::{TchError, Tensor};
 
 fn builtin() -> Vec<TaskKind> {
-    vec![classification::KIND, language_model::KIND]
+    vec![classification::KIND, language_model::KIND, contrastive::KIND, binary_density::KIND]
 }
 
 /// Every task, by the name a model gives.
@@ -47,6 +50,8 @@ pub struct EvalContext<'a> {
     pub comm: &'a mut dyn Communicator,
     pub device: tch::Device,
     pub precision: crate::amp::Precision,
+    /// Classes of the labelled data.
+    pub classes: usize,
     /// Loader threads.
     pub workers: usize,
 }
@@ -77,6 +82,17 @@ pub trait Task {
     /// evaluation with `eval_sums`. Every rank calls it; it may communicate through `ctx.comm`.
     fn evaluate(&self, _model: &dyn Model, _ctx: &mut EvalContext) -> Option<Result<EvalResult, TrainError>> {
         None
+    }
+    /// What the task leaves in the run directory at the end of training, on rank 0 (a generative
+    /// model's samples); the files written. A failure is a warning: the weights are saved.
+    fn finish(
+        &self,
+        _model: &dyn Model,
+        _sample_shape: &[i64],
+        _run_dir: &std::path::Path,
+        _device: tch::Device,
+    ) -> Result<Vec<std::path::PathBuf>, String> {
+        Ok(vec![])
     }
 }
 
