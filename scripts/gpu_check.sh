@@ -24,6 +24,9 @@
 #   (m) NCCL's device contract at world size 2: the ring wrapped in the strict device check
 #       (RINGTRAIN_STRICT_DEVICE=1, refuses tensors off cuda:0), Adam, checkpoints, evaluation,
 #       30 + resume to 60 and init_from: equal to the plain ring's 60 straight
+#   (n) SimCLR (SyncBatchNorm, the differentiable all-gather, whose backward libtorch runs on its
+#       CUDA engine thread): NCCL at world size 1, loss falls and the linear probe runs; 2 workers
+#       on the GPU with the ring: replicas identical
 # A part whose PyTorch reference fails fails. Prints one summary table; exits non-zero if any failed.
 #   gpu_check.sh --dry-run: the same parts on the CPU (ring instead of NCCL, a tenth of the steps,
 #   small batches), so a broken script shows without a GPU; its figures mean nothing.
@@ -259,12 +262,25 @@ if two "${strict[@]}" --set train.max_steps=$(s 60) --run-dir "$runs/m-plain" 2>
     else result[m]="FAIL strict $x, resumed $y, plain $p"; fi
 else result[m]="FAIL (a tensor off the device? see the log above)"; fi
 
+echo "== (n) SimCLR: SyncBatchNorm and the differentiable all-gather on the GPU"
+simclr=(--config "$here/configs/simclr_fashion_mnist.yaml" --set "data.dir=$data" --set device=$dev --set train.batch_size=$(b 64)
+        --set train.max_steps=$(s 60) --set train.log_every_steps=$(s 10) --set train.eval_every_steps=0 --set train.eval_at_start=false
+        --set model.probe_train_samples=$(s 5000) --set checkpoint.enabled=false)
+if bin ringtrain "${simclr[@]}" --set comm.backend=$nccl --run-dir "$runs/n-nccl" 2>&1 | tail -n 2 &&
+   two "${simclr[@]}" --set comm.backend=ring --set train.max_steps=$(s 20) --set train.eval=false --run-dir "$runs/n-two" 2>&1 | tail -n 2; then
+    f=$(first_loss "$runs/n-nccl"); l=$(metric "$runs/n-nccl" train_loss)
+    x=$(hash_of "$runs/n-two"); y=$("$py" -c "import json; print(json.load(open('$runs/n-two/ranks/rank1.json'))['param_hash'])")
+    if ! falls "$f" "$l" && ((!dry)); then result[n]="FAIL loss did not fall ($f -> $l)"
+    elif [ "$x" != "$y" ]; then result[n]="FAIL the 2 workers' replicas differ ($x, $y)"
+    else result[n]="PASS loss $f -> $l, probe test_acc $(metric "$runs/n-nccl" test_acc); 2 workers identical ($x)"; fi
+else result[n]="FAIL"; fi
+
 echo
 if ((dry)); then echo "DRY RUN on the CPU (ring for NCCL, a tenth of the steps): plumbing only, the figures mean nothing"; fi
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e f g h i j k l m; do
+for k in a b c d e f g h i j k l m n; do
     echo "| ($k) | ${result[$k]:-FAIL did not run} |"
     case "${result[$k]:-FAIL}" in FAIL*) status=1 ;; esac
 done

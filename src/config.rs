@@ -470,6 +470,11 @@ optimizer: {name: sgd, lr: 0.1}
             ("data={format: idx}", "data.dir"),
             ("comm.timeout_secs=0", "comm.timeout_secs"),
             ("model={name: cnn}", "1x28x28"),
+            ("model={name: torchscript, path: m.pt, sync_batchnorm: true}", "cannot be replaced by SyncBatchNorm"),
+            ("model={name: simclr, temperature: 0}", "model.temperature"),
+            ("model={name: simclr, encoder: vgg}", "model.encoder"),
+            ("model={name: simclr, views: {flip: 2}}", "model.views.flip"),
+            ("model={name: made, hidden: []}", "model.hidden"),
         ] {
             let e = parse(BASE, &[over]).unwrap_err().to_string();
             assert!(e.contains(field), "{over}: {e}");

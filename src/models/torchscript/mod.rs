@@ -27,12 +27,21 @@ pub struct TorchScriptSpec {
     /// On token data: the context length the module takes (training windows are this long).
     #[serde(default)]
     pub block_size: Option<usize>,
+    /// Accepted only as false: a scripted module's BatchNorm layers run inside its compiled
+    /// forward, which cannot call ringtrain's SyncBatchNorm (the key is here to say so clearly).
+    #[serde(default)]
+    pub sync_batchnorm: bool,
 }
 
 impl ModelSpec for TorchScriptSpec {
     fn validate(&self, data: &DataConfig) -> Result<(), String> {
         if self.path.is_none() {
             return Err("model torchscript needs model.path: the module saved by torch.jit.save".into());
+        }
+        if self.sync_batchnorm {
+            return Err("model.sync_batchnorm: a TorchScript module's BatchNorm runs inside its compiled forward and cannot be \
+                        replaced by SyncBatchNorm; the built-in resnet18/34/50 and simclr have it"
+                .into());
         }
         match (data.samples(), self.block_size) {
             (Samples::Tokens, None) => Err("model torchscript on token data needs model.block_size: the context length it takes".into()),
