@@ -308,7 +308,8 @@ impl Trainer<'_> {
             (Some(s), true) if self.task.tokens_per_sample().is_some() => Some(self.sample_text(s)?),
             _ => None,
         };
-        if rank == 0 {
+        // Not after a stop request: the grace period is for the checkpoint.
+        if rank == 0 && !self.stopped {
             match self.task.finish(self.model.as_ref(), &self.splits.sample_shape, self.run_dir, self.device) {
                 Ok(files) => files.iter().for_each(|f| tracing::info!("wrote {}", f.display())),
                 Err(e) => tracing::warn!("the task's end-of-training output: {e}"),
