@@ -270,9 +270,11 @@ if bin ringtrain "${simclr[@]}" --set comm.backend=$nccl --run-dir "$runs/n-nccl
    two "${simclr[@]}" --set comm.backend=ring --set train.max_steps=$(s 20) --set train.eval=false --run-dir "$runs/n-two" 2>&1 | tail -n 2; then
     f=$(first_loss "$runs/n-nccl"); l=$(metric "$runs/n-nccl" train_loss)
     x=$(hash_of "$runs/n-two"); y=$("$py" -c "import json; print(json.load(open('$runs/n-two/ranks/rank1.json'))['param_hash'])")
+    acc=$(metric "$runs/n-nccl" test_acc 2>/dev/null)
     if ! falls "$f" "$l" && ((!dry)); then result[n]="FAIL loss did not fall ($f -> $l)"
+    elif ! "$py" -c "import sys; sys.exit(0 if float('$acc') > 0.1 else 1)" 2>/dev/null; then result[n]="FAIL no linear-probe accuracy above chance ('$acc')"
     elif [ "$x" != "$y" ]; then result[n]="FAIL the 2 workers' replicas differ ($x, $y)"
-    else result[n]="PASS loss $f -> $l, probe test_acc $(metric "$runs/n-nccl" test_acc); 2 workers identical ($x)"; fi
+    else result[n]="PASS loss $f -> $l, probe test_acc $acc; 2 workers identical ($x)"; fi
 else result[n]="FAIL"; fi
 
 echo

@@ -164,7 +164,7 @@ pub struct TrainConfig {
     pub eval_every_steps: u64,
     /// Also evaluate the initial model, before the first step (nanoGPT's eval at iteration 0):
     /// the baseline the curve starts from, e.g. a linear probe on the random encoder. Not on
-    /// resume.
+    /// resume, and not with `eval: false`.
     #[serde(default)]
     pub eval_at_start: bool,
     /// Write TensorBoard event files to `<run dir>/tb/` (rank 0).

@@ -49,7 +49,8 @@ pub fn generate(
 /// Returns [n, pixels] of 0/1 floats on the CPU; the same seed gives the same images.
 pub fn binary_images(model: &dyn Model, n: i64, pixels: i64, device: tch::Device, seed: u64) -> Result<Tensor, TchError> {
     let _guard = tch::no_grad_guard();
-    tch::manual_seed((seed >> 1) as i64);
+    // Every u64 seed distinct (the top bit cleared, not shifted out).
+    tch::manual_seed((seed & i64::MAX as u64) as i64);
     let x = Tensor::f_zeros([n, pixels], (Kind::Float, device))?;
     for d in 0..pixels {
         let p = model.forward_t(&x, false)?.f_select(1, d)?.f_to_kind(Kind::Float)?.f_sigmoid()?;

@@ -168,7 +168,7 @@ fn agree(comm: &mut dyn Communicator, what: &str, mine: &[u8]) -> Result<(), Tra
 
 pub fn run(ctx: TrainContext<'_>) -> Result<Summary, TrainError> {
     let mut t = Trainer::setup(ctx)?;
-    if t.cfg.train.eval_at_start && t.pos.global_step == 0 {
+    if t.cfg.train.eval && t.cfg.train.eval_at_start && t.pos.global_step == 0 {
         t.evaluate_now(0)?;
     }
     let mut epochs = Vec::new();

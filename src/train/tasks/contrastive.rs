@@ -6,7 +6,9 @@
 //! not used in training; evaluation is a linear probe on the encoder's features.
 //!
 //! The keys (`temperature`, `views`, `probe_*`) are the model's (`model: {name: simclr, …}`), so
-//! any model that names this task with them can use it.
+//! any model that names this task with them can use it; such a model must also say
+//! `random_in_training` (as simclr does), so the loop seeds the views per (seed, rank, step) and a
+//! resumed run draws the same ones.
 
 use super::probe::{linear_probe, ProbeOptions};
 use super::{EvalContext, Task, TaskContext};
