@@ -7,6 +7,7 @@ pub mod images;
 pub mod loader;
 pub mod prepare;
 pub mod sampler;
+pub mod splitmix;
 pub mod synthetic;
 pub mod tokens;
 pub mod views;

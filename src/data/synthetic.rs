@@ -1,6 +1,7 @@
 //! A deterministic, learnable synthetic classification task for tests and benchmarks: samples are
 //! standard normal, labels the argmax of a fixed random linear "teacher".
 
+use super::splitmix::SplitMix;
 use super::{ArrayDataset, DataError, DataKind, DataSpec, LoadContext, Pixels, Splits};
 use serde::{Deserialize, Serialize};
 
@@ -63,27 +64,6 @@ impl DataSpec for SyntheticSpec {
             d
         };
         Ok(Splits::arrays(split(0), split(1)))
-    }
-}
-
-/// splitmix64: tiny, fast, and the same on every platform, so every rank generates equal data.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        // Box–Muller; 1 - u keeps the log argument in (0, 1].
-        let (u, v) = (1.0 - self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
     }
 }
 

@@ -7,6 +7,7 @@
 //! rebuild has the same masks without drawing from libtorch's generator.
 
 use super::{layer, needs_labelled, Inputs, Model, ModelKind, ModelSpec};
+use crate::data::splitmix::SplitMix;
 use crate::data::{DataConfig, Samples};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -77,13 +78,13 @@ impl Made {
 /// from [min degree of the layer below, d − 2]; a hidden unit sees units below of degree ≤ its
 /// own; output d sees the last hidden layer's units of degree < d.
 fn masks(d: i64, hidden: &[usize], seed: u64) -> Vec<Vec<f32>> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix(seed);
     let mut below: Vec<i64> = (0..d).collect();
     let mut out = vec![];
     for &h in hidden {
         let lo = below.iter().copied().min().unwrap_or(0);
         let span = (d - 1 - lo).max(1) as u64;
-        let degrees: Vec<i64> = (0..h).map(|_| lo + (rng.next() % span) as i64).collect();
+        let degrees: Vec<i64> = (0..h).map(|_| lo + (rng.next_u64() % span) as i64).collect();
         out.push(mask(&below, &degrees, |b, u| b <= u));
         below = degrees;
     }
@@ -95,19 +96,6 @@ fn masks(d: i64, hidden: &[usize], seed: u64) -> Vec<Vec<f32>> {
 fn mask(below: &[i64], units: &[i64], sees: impl Fn(i64, i64) -> bool) -> Vec<f32> {
     let sees = &sees;
     units.iter().flat_map(|&u| below.iter().map(move |&b| if sees(b, u) { 1.0 } else { 0.0 })).collect()
-}
-
-/// A small fixed generator (Steele et al.'s splitmix64): the same degrees on every platform.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 impl Model for Made {

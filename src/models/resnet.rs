@@ -66,11 +66,7 @@ impl ResNetSpec {
                 inputs.sample_shape
             )));
         };
-        let sync = match (self.sync_batchnorm, inputs.comm) {
-            (false, _) => None,
-            (true, Some(c)) => Some(c.clone()),
-            (true, None) => return Err(TchError::Torch("model.sync_batchnorm needs a process group (run it under ringtrain)".into())),
-        };
+        let sync = sync_group(self.sync_batchnorm, inputs)?;
         Ok(ResNetOptions {
             depth: self.depth,
             in_channels: *channels,
@@ -79,6 +75,15 @@ impl ResNetSpec {
             width: self.width,
             sync,
         })
+    }
+}
+
+/// The group SyncBatchNorm normalises over when `sync_batchnorm` is on (`model.sync_batchnorm`).
+pub fn sync_group(sync_batchnorm: bool, inputs: &Inputs) -> Result<Option<crate::comm::CommHandle>, TchError> {
+    match (sync_batchnorm, inputs.comm) {
+        (false, _) => Ok(None),
+        (true, Some(c)) => Ok(Some(c.clone())),
+        (true, None) => Err(TchError::Torch("model.sync_batchnorm needs a process group (run it under ringtrain)".into())),
     }
 }
 

@@ -6,7 +6,7 @@
 //! encoder's features (`Model::features`). Training means `task: contrastive`.
 
 use super::batchnorm::BatchNorm;
-use super::resnet::{Depth, ResNet, ResNetOptions};
+use super::resnet::{sync_group, Depth, ResNet, ResNetOptions};
 use super::{layer, needs_labelled, Inputs, Model, ModelKind, ModelSpec};
 use crate::data::views::ViewOptions;
 use crate::data::{DataConfig, Samples};
@@ -120,14 +120,9 @@ impl ModelSpec for SimClrSpec {
                 inputs.sample_shape
             )));
         };
-        let sync = match (self.sync_batchnorm, inputs.comm) {
-            (false, _) => None,
-            (true, Some(c)) => Some(c.clone()),
-            (true, None) => return Err(TchError::Torch("model.sync_batchnorm needs a process group (run it under ringtrain)".into())),
-        };
+        let sync = sync_group(self.sync_batchnorm, inputs)?;
         let depth = self.depth().map_err(TchError::Torch)?;
-        let opts =
-            ResNetOptions { depth, in_channels: *channels, classes: 0, small_stem: self.small_stem, width: self.width, sync: sync.clone() };
+        let opts = ResNetOptions { depth, in_channels: *channels, classes: 0, small_stem: self.small_stem, width: self.width, sync };
         Ok(Box::new(SimClr::new(&opts, self.proj_hidden, self.proj_dim, device)?))
     }
 
