@@ -81,6 +81,8 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Travels in the header, so ranks that disagree on the dtype fail with a `Mismatch`.
     const TAG: u8;
     fn add(a: Self, b: Self) -> Self;
+    /// `a / d`, as libtorch divides a tensor of this type by a scalar (DDP's average).
+    fn div(a: Self, d: f32) -> Self;
 }
 
 impl Elem for f32 {
@@ -88,6 +90,10 @@ impl Elem for f32 {
     const TAG: u8 = 0;
     fn add(a: f32, b: f32) -> f32 {
         a + b
+    }
+    #[inline(always)]
+    fn div(a: f32, d: f32) -> f32 {
+        a / d
     }
 }
 
@@ -99,12 +105,27 @@ impl Elem for half::bf16 {
     /// The same bits as `bf16::from_f32(a.to_f32() + b.to_f32())` (unit test).
     #[inline(always)]
     fn add(a: half::bf16, b: half::bf16) -> half::bf16 {
-        let sum = f32::from_bits(u32::from(a.to_bits()) << 16) + f32::from_bits(u32::from(b.to_bits()) << 16);
-        let bits = sum.to_bits();
-        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-        // A NaN stays a (quiet) NaN; rounding its bits could carry it into infinity.
-        half::bf16::from_bits(if sum.is_nan() { ((bits >> 16) as u16) | 0x40 } else { rounded })
+        round_bf16(widen(a) + widen(b))
     }
+    /// In f32, rounded once, as libtorch's bf16 division.
+    #[inline(always)]
+    fn div(a: half::bf16, d: f32) -> half::bf16 {
+        round_bf16(widen(a) / d)
+    }
+}
+
+#[inline(always)]
+fn widen(a: half::bf16) -> f32 {
+    f32::from_bits(u32::from(a.to_bits()) << 16)
+}
+
+/// Round to nearest even on the bits.
+#[inline(always)]
+fn round_bf16(x: f32) -> half::bf16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    // A NaN stays a (quiet) NaN; rounding its bits could carry it into infinity.
+    half::bf16::from_bits(if x.is_nan() { ((bits >> 16) as u16) | 0x40 } else { rounded })
 }
 
 #[cfg(test)]
@@ -191,6 +212,28 @@ mod tests {
             let want = bf16::from_f32(a.to_f32() + b.to_f32());
             let got = <bf16 as Elem>::add(a, b);
             assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{a} + {b}: {got} vs {want}");
+        }
+    }
+
+    /// The division the shared all-reduce fuses into its reads gives libtorch's bits for DDP's
+    /// average (`div_scalar_(world)`), at world sizes that are not powers of two too.
+    #[test]
+    fn division_matches_libtorch() {
+        let xs: Vec<f32> = (0..100_003).map(|i| ((i as f32) * 0.618_034).sin() * 10f32.powi(i % 11 - 5)).collect();
+        for world in [2.0, 3.0, 5.0, 7.0] {
+            let t = tch::Tensor::from_slice(&xs).divide_scalar(world);
+            let want = Vec::<f32>::try_from(&t).unwrap();
+            for (x, w) in xs.iter().zip(&want) {
+                assert_eq!(<f32 as Elem>::div(*x, world as f32).to_bits(), w.to_bits(), "{x} / {world}");
+            }
+            let b = tch::Tensor::from_slice(&xs).to_kind(tch::Kind::BFloat16);
+            let want = b.divide_scalar(world).to_kind(tch::Kind::Float);
+            let want = Vec::<f32>::try_from(&want).unwrap();
+            let have = Vec::<f32>::try_from(&b.to_kind(tch::Kind::Float)).unwrap();
+            for (x, w) in have.iter().zip(&want) {
+                let got = <half::bf16 as Elem>::div(half::bf16::from_f32(*x), world as f32).to_f32();
+                assert_eq!(got.to_bits(), w.to_bits(), "bf16 {x} / {world}");
+            }
         }
     }
 }

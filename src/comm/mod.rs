@@ -221,6 +221,21 @@ pub trait Communicator: Send {
     fn all_reduce_tensor_async(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         self.all_reduce_tensor(t)
     }
+    /// DDP's average: `t` divided by `divisor` on this rank, then `all_reduce_tensor_async`, with
+    /// exactly those bits (each rank's share is divided before the sum, as PyTorch's reducer
+    /// does). The ring on a shared buffer divides as it reads the ranks' buffers, which saves a
+    /// whole pass over the bucket.
+    fn all_reduce_divided_tensor_async(&mut self, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
+        tensor::divide(t, divisor)?;
+        self.all_reduce_tensor_async(t)
+    }
+    /// A hint, until reset: this rank has nothing else to run while it waits in the coming
+    /// collectives (its backward has finished; the step waits for the last bucket), so a backend
+    /// may keep the core busy-waiting for the peers instead of sleeping. Backends that always
+    /// block ignore it.
+    fn set_idle_waits(&mut self, idle: bool) {
+        let _ = idle;
+    }
     /// `reduce_scatter_tensor`, in flight as `all_reduce_tensor_async`.
     fn reduce_scatter_tensor_async(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         self.reduce_scatter_tensor(t)

@@ -17,6 +17,7 @@ use super::elem::{receive, Elem};
 use super::link::Link;
 use super::ring_sender::SendEngine;
 use super::ring_setup as setup;
+use super::segment::{IDLE_SPIN, SPIN};
 use super::shared_buf::{Entry, Fail, Phase, SharedBuffers};
 use super::{CommError, Communicator, Op};
 use crate::rendezvous::Store;
@@ -75,6 +76,10 @@ pub struct RingComm {
     shared: Option<SharedBuffers>,
     /// Collectives that ran on shared buffers (tests and benchmarks read it).
     shared_collectives: u64,
+    /// `set_idle_waits`: the caller has nothing else to run while it waits.
+    idle_waits: bool,
+    /// Cores this process may run on: spinning long only pays when every rank has one.
+    cores: usize,
     label: String,
 }
 
@@ -100,6 +105,8 @@ impl RingComm {
             sender: None,
             shared: None,
             shared_collectives: 0,
+            idle_waits: false,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             label: format!("{}{}", setup::token_tag(&opts.token), opts.label),
         };
         if world <= 1 {
@@ -336,6 +343,21 @@ impl Communicator for RingComm {
         self.alloc_shared(numel, kind)
     }
 
+    fn all_reduce_divided_tensor_async(&mut self, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
+        if t.kind() != tch::Kind::Float || t.device() != tch::Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
+            super::tensor::divide(t, divisor)?;
+            return self.all_reduce_tensor_async(t);
+        }
+        // SAFETY: a contiguous CPU f32 tensor of numel elements; the caller lends it for the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) };
+        // libtorch divides an f32 tensor by the scalar converted to f32 (world sizes are exact).
+        self.ring_steps(Op::AllReduce, Phase::AllReduce, buf, Some(divisor as f32))
+    }
+
+    fn set_idle_waits(&mut self, idle: bool) {
+        self.idle_waits = idle;
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         // After a ring all-gather every rank has heard (transitively) from every other.
         self.gather(Op::Barrier, &[]).map(|_| ())
@@ -348,15 +370,15 @@ impl RingComm {
     /// collective the caller was asked for, which headers and errors name: the hierarchical
     /// all-reduce's two halves on the node's ring are parts of an all_reduce.
     pub(crate) fn all_reduce_elems<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
-        self.ring_steps(Op::AllReduce, Phase::AllReduce, buf)
+        self.ring_steps(Op::AllReduce, Phase::AllReduce, buf, None)
     }
 
     pub(crate) fn reduce_scatter_elems<T: Elem>(&mut self, op: Op, buf: &mut [T]) -> Result<(), CommError> {
-        self.ring_steps(op, Phase::ReduceScatter, buf)
+        self.ring_steps(op, Phase::ReduceScatter, buf, None)
     }
 
     pub(crate) fn all_gather_elems<T: Elem>(&mut self, op: Op, buf: &mut [T]) -> Result<(), CommError> {
-        self.ring_steps(op, Phase::AllGather, buf)
+        self.ring_steps(op, Phase::AllGather, buf, None)
     }
 }
 
@@ -365,9 +387,19 @@ impl RingComm {
     /// t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1 add what
     /// they receive (reduce-scatter, after which rank r holds the sum of chunk r + 1), the rest
     /// store it (all-gather). The all-reduce runs them all; reduce-scatter and all-gather run one
-    /// half each, in the same order, so they give the same bits.
-    fn ring_steps<T: Elem>(&mut self, op: Op, phase: Phase, buf: &mut [T]) -> Result<(), CommError> {
+    /// half each, in the same order, so they give the same bits. `divide` (all-reduce only)
+    /// divides every element by it first; a shared buffer does that as it reads.
+    fn ring_steps<T: Elem>(&mut self, op: Op, phase: Phase, buf: &mut [T], divide: Option<f32>) -> Result<(), CommError> {
         let seq = self.next_seq();
+        let located = match self.world {
+            1 => None,
+            _ => self.shared.as_ref().and_then(|s| s.locate(buf.as_ptr() as *const u8, std::mem::size_of_val(buf))),
+        };
+        if let (Some(d), None) = (divide, located) {
+            for x in buf.iter_mut() {
+                *x = T::div(*x, d);
+            }
+        }
         if self.world == 1 {
             return Ok(());
         }
@@ -383,9 +415,9 @@ impl RingComm {
         let recv_chunk = |t: usize| (r + 2 * w * w - t - 1) % w;
         let adds = |t: usize| t < w - 1;
         let bounds = |c: usize| (chunk_start(n, w, c), chunk_start(n, w, c + 1));
-        if let Some((alloc, offset)) = self.shared.as_ref().and_then(|s| s.locate(buf.as_ptr() as *const u8, n * T::BYTES)) {
+        if let Some((alloc, offset)) = located {
             let entry = Entry { op, seq, len: n as u64, tag: T::TAG, alloc, offset };
-            return self.shared_steps::<T>(phase, entry, &bounds);
+            return self.shared_steps::<T>(phase, entry, &bounds, divide);
         }
         if n * T::BYTES <= self.sequential_limit() {
             return self.ring_steps_small(op, buf, seq, steps, &send_chunk, &recv_chunk, &bounds);
@@ -454,15 +486,25 @@ impl RingComm {
     /// after the collective, when the first barrier has made sure it is there; bytes beyond it
     /// during the collective are a ring message (`stray`), whose header then names what the
     /// previous rank is in.
-    fn shared_steps<T: Elem>(&mut self, phase: Phase, entry: Entry, bounds: &dyn Fn(usize) -> (usize, usize)) -> Result<(), CommError> {
+    /// Waits spin long only when this rank has nothing else to run (`set_idle_waits`) and the
+    /// node has a core for every rank: otherwise a spinning waiter holds a core that a peer (or
+    /// this rank's own backward) needs to arrive at all.
+    fn shared_steps<T: Elem>(
+        &mut self,
+        phase: Phase,
+        entry: Entry,
+        bounds: &dyn Fn(usize) -> (usize, usize),
+        divide: Option<f32>,
+    ) -> Result<(), CommError> {
         let (op, seq, len) = (entry.op, entry.seq, Some(entry.len));
+        let spin = if self.idle_waits && self.world <= self.cores { IDLE_SPIN } else { SPIN };
         let result = match self.send_or_blame(&header(op, seq, entry.len, T::TAG)) {
             Err(e) => Err(self.peer_error(op, seq, e)),
             Ok(()) => {
                 let links = self.links.as_ref().expect("world > 1 has links");
                 let stray = || matches!(&links.from_prev, Link::Shm(l) if l.unread() > HEADER_BYTES as u64);
                 let shared = self.shared.as_mut().expect("located in it");
-                let result = shared.run::<T>(phase, entry, bounds, &stray);
+                let result = shared.run::<T>(phase, entry, bounds, &stray, divide, spin);
                 self.shared_collectives += 1;
                 match result {
                     Ok(()) => self.expect_header(op, seq, len, T::TAG),

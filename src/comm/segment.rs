@@ -12,7 +12,15 @@ use std::time::{Duration, Instant};
 /// has a core, and a futex sleep and wake-up cost ~10 µs of latency.
 pub(super) const SPIN: Duration = Duration::from_micros(30);
 
-/// Waits until `ready()`: spinning for `SPIN`, then sleeping on the futex `word` (its publisher
+/// How long a waiter spins when its caller has nothing else to run (`Communicator::set_idle_waits`:
+/// backward has finished and the step waits for the last bucket) and every rank of the node has a
+/// core of its own. The wait is then for a peer still computing, often milliseconds; a sleeping
+/// core in a virtual machine is handed back to the host, and the rank that wakes on it computes
+/// its next forward measurably slower (README, "Where a DDP worker's time goes"). Past this the
+/// waiter sleeps as usual: a peer that is checkpointing or evaluating is not worth a busy core.
+pub(super) const IDLE_SPIN: Duration = Duration::from_millis(20);
+
+/// Waits until `ready()`: spinning for `spin`, then sleeping on the futex `word` (its publisher
 /// bumps it and wakes sleepers it counts in `sleepers`). `failed(spinning)` is asked on every turn
 /// (while spinning, it should only look at shared memory: a syscall per turn would defeat the
 /// spin) and ends the wait with its error, unless a last look finds `ready()` after all: a peer
@@ -22,6 +30,7 @@ pub(super) fn wait_until<E>(
     sleepers: &AtomicU32,
     ready: impl Fn() -> bool,
     started: Instant,
+    spin: Duration,
     mut failed: impl FnMut(bool) -> Option<E>,
 ) -> Result<(), E> {
     loop {
@@ -29,7 +38,7 @@ pub(super) fn wait_until<E>(
         if ready() {
             return Ok(());
         }
-        let spinning = started.elapsed() < SPIN;
+        let spinning = started.elapsed() < spin;
         if let Some(e) = failed(spinning) {
             return if ready() { Ok(()) } else { Err(e) };
         }

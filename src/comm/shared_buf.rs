@@ -240,17 +240,24 @@ impl SharedBuffers {
 
     /// Runs one collective on `entry.len` elements at `entry.offset` of allocation `entry.alloc`.
     /// `bounds(c)` is chunk c's element range (the ring's chunks); `stray()` says the previous rank
-    /// has sent a ring message instead (its buffer was not a shared one).
+    /// has sent a ring message instead (its buffer was not a shared one). `divide` (all-reduce
+    /// only) divides every rank's element by it as it is read, before the additions: the bits of
+    /// dividing each buffer first (DDP's average) without that extra pass over it. Waits spin for
+    /// `spin` before they sleep.
     pub fn run<T: Elem>(
         &mut self,
         phase: Phase,
         entry: Entry,
         bounds: &dyn Fn(usize) -> (usize, usize),
         stray: &dyn Fn() -> bool,
+        divide: Option<f32>,
+        spin: Duration,
     ) -> Result<(), Fail> {
         let (r, w) = (self.rank, self.world);
+        // A reduce-scatter leaves the chunks a rank does not own as they were: undivided.
+        assert!(divide.is_none() || phase == Phase::AllReduce, "only an all-reduce divides as it reads");
         self.announce(&entry);
-        self.barrier(&entry, true, stray)?;
+        self.barrier(&entry, true, stray, spin)?;
         let ptr = |p: usize| -> *mut T {
             // SAFETY: every rank checked (first barrier) that the same range lies in the same
             // allocation, so it lies in rank p's mapping too.
@@ -269,14 +276,29 @@ impl SharedBuffers {
                 // x_c, then each next rank's value added as the ring's receiver adds it:
                 // add(own value, partial sum). The last is this rank's own (c + w - 1 = r).
                 acc.clear();
-                acc.extend_from_slice(slice(c));
-                for k in 1..w - 1 {
-                    for (s, x) in acc.iter_mut().zip(slice((c + k) % w).iter()) {
-                        *s = T::add(*x, *s);
+                match divide {
+                    None => {
+                        acc.extend_from_slice(slice(c));
+                        for k in 1..w - 1 {
+                            for (s, x) in acc.iter_mut().zip(slice((c + k) % w).iter()) {
+                                *s = T::add(*x, *s);
+                            }
+                        }
+                        for (o, s) in own.iter_mut().zip(&acc) {
+                            *o = T::add(*o, *s);
+                        }
                     }
-                }
-                for (o, s) in own.iter_mut().zip(&acc) {
-                    *o = T::add(*o, *s);
+                    Some(d) => {
+                        acc.extend(slice(c).iter().map(|&x| T::div(x, d)));
+                        for k in 1..w - 1 {
+                            for (s, x) in acc.iter_mut().zip(slice((c + k) % w).iter()) {
+                                *s = T::add(T::div(*x, d), *s);
+                            }
+                        }
+                        for (o, s) in own.iter_mut().zip(&acc) {
+                            *o = T::add(T::div(*o, d), *s);
+                        }
+                    }
                 }
             }
             if phase != Phase::ReduceScatter {
@@ -287,7 +309,7 @@ impl SharedBuffers {
         }
         // Peers may still be reading our buffer (reduce-scatter) or writing into it: nobody
         // leaves before everybody is done.
-        self.barrier(&entry, false, stray)
+        self.barrier(&entry, false, stray, spin)
     }
 
     fn announce(&self, e: &Entry) {
@@ -315,7 +337,7 @@ impl SharedBuffers {
     /// Arrives, then waits for every other rank; after the first barrier of a collective
     /// (`check`), checks each one entered the same collective, `e` (its entry cannot change
     /// before the second barrier).
-    fn barrier(&mut self, e: &Entry, check: bool, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+    fn barrier(&mut self, e: &Entry, check: bool, stray: &dyn Fn() -> bool, spin: Duration) -> Result<(), Fail> {
         self.barriers += 1;
         let target = self.barriers;
         let me = control(&self.controls[self.rank]);
@@ -328,7 +350,7 @@ impl SharedBuffers {
         let deadline = Instant::now() + self.timeout;
         for k in 1..self.world {
             let p = (self.rank + k) % self.world;
-            self.wait_for(p, target, deadline, e, stray)?;
+            self.wait_for(p, target, deadline, e, stray, spin)?;
             if check {
                 let mine = (e.op.code() as u64, e.seq, e.len, e.tag as u32, e.alloc as u64, e.offset as u64);
                 let theirs = self.entry_of(p);
@@ -349,16 +371,16 @@ impl SharedBuffers {
     }
 
     /// Waits until rank `p` has arrived at barrier `target` (by `deadline`, the barrier's):
-    /// spinning briefly, then sleeping on its futex word. Whatever else is noticed (any rank's
+    /// spinning for `spin`, then sleeping on its futex word. Whatever else is noticed (any rank's
     /// communicator failed or closed, a neighbour's socket closed, a ring message arrived instead,
     /// the deadline) is checked against a last look at the arrival, which may have happened just
     /// before it.
-    fn wait_for(&self, p: usize, target: u64, deadline: Instant, e: &Entry, stray: &dyn Fn() -> bool) -> Result<(), Fail> {
+    fn wait_for(&self, p: usize, target: u64, deadline: Instant, e: &Entry, stray: &dyn Fn() -> bool, spin: Duration) -> Result<(), Fail> {
         let ctl = control(&self.controls[p]);
         let arrived = || ctl.arrived.load(Ordering::Acquire) >= target;
         let (next, prev) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
         let closed = || (0..self.world).find(|&q| q != self.rank && control(&self.controls[q]).closed.load(Ordering::Acquire) != 0);
-        wait_until(&ctl.word, &ctl.sleepers, arrived, Instant::now(), |spinning| {
+        wait_until(&ctl.word, &ctl.sleepers, arrived, Instant::now(), spin, |spinning| {
             if let Some(q) = closed() {
                 Some(Fail::Io(q, io::Error::new(io::ErrorKind::BrokenPipe, format!("rank {q} left the collective"))))
             } else if spinning {
@@ -399,6 +421,7 @@ fn control(m: &Mapping) -> &Control {
 
 #[cfg(test)]
 mod tests {
+    use super::super::segment::{IDLE_SPIN, SPIN};
     use super::*;
 
     #[test]
@@ -450,14 +473,19 @@ mod tests {
                             *v = x(r, i, round);
                         }
                         seq += 1;
-                        s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, seq), &bounds, &|| false)
+                        // The last round averages as DDP does: each rank's value divided by w
+                        // (as read), then the same sum; the bits of dividing every buffer first.
+                        let divide = (round == 2).then_some(w as f32);
+                        let spin = if round == 1 { IDLE_SPIN } else { SPIN };
+                        s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, seq), &bounds, &|| false, divide, spin)
                             .unwrap_or_else(|_| panic!("all_reduce"));
+                        let term = |q: usize, i: usize| divide.map_or(x(q, i, round), |d| x(q, i, round) / d);
                         for (i, v) in buf.iter().enumerate() {
                             let c = (0..w).find(|&c| bounds(c).0 <= i && i < bounds(c).1).unwrap();
                             // The ring's order: x_c, then add(x_{c+1}, partial), ...
-                            let mut sum = x(c, i, round);
+                            let mut sum = term(c, i);
                             for k in 1..w {
-                                sum = x((c + k) % w, i, round) + sum;
+                                sum = term((c + k) % w, i) + sum;
                             }
                             assert_eq!(v.to_bits(), sum.to_bits(), "w {w} rank {r} round {round} element {i}");
                         }
@@ -467,14 +495,16 @@ mod tests {
                         *v = (i * w + r) as f32;
                     }
                     seq += 1;
-                    s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, seq), &bounds, &|| false).unwrap_or_else(|_| panic!("rs"));
+                    s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, seq), &bounds, &|| false, None, SPIN)
+                        .unwrap_or_else(|_| panic!("rs"));
                     let (a, b) = bounds((r + 1) % w);
                     for (i, v) in buf.iter().enumerate() {
                         let want = if (a..b).contains(&i) { (0..w).map(|q| (i * w + q) as f32).sum::<f32>() } else { (i * w + r) as f32 };
                         assert_eq!(*v, want, "w {w} rank {r}: element {i} after reduce-scatter");
                     }
                     seq += 1;
-                    s.run::<f32>(Phase::AllGather, entry(Op::AllGatherShards, seq), &bounds, &|| false).unwrap_or_else(|_| panic!("ag"));
+                    s.run::<f32>(Phase::AllGather, entry(Op::AllGatherShards, seq), &bounds, &|| false, None, SPIN)
+                        .unwrap_or_else(|_| panic!("ag"));
                     for (i, v) in buf.iter().enumerate() {
                         assert_eq!(*v, (0..w).map(|q| (i * w + q) as f32).sum::<f32>(), "w {w} rank {r}: element {i} gathered");
                     }
@@ -483,7 +513,7 @@ mod tests {
                     // is at it, names it; the others fail too, naming it or a rank that already
                     // failed and left.
                     let other = if r == w - 1 { seq + 2 } else { seq + 1 };
-                    match s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, other), &bounds, &|| false) {
+                    match s.run::<f32>(Phase::AllReduce, entry(Op::AllReduce, other), &bounds, &|| false, None, SPIN) {
                         Err(Fail::Mismatch(p, d)) => {
                             assert!(r == w - 1 || (p == w - 1 && d.contains(&format!("#{}", seq + 2))), "rank {r}: {d}");
                         }

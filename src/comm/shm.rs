@@ -5,7 +5,7 @@
 //! when both processes have gone. Waiting uses futexes on the shared counters (no busy loops on a
 //! machine where every core computes); the Unix socket stays open only to notice a dead peer.
 
-use super::segment::{futex_wake, map, memfd, peer_gone, recv_fd, send_fd, wait_until, Mapping};
+use super::segment::{futex_wake, map, memfd, peer_gone, recv_fd, send_fd, wait_until, Mapping, SPIN};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -111,7 +111,7 @@ impl ShmLink {
     /// in `sleepers`) between checks.
     fn wait(&self, word: &AtomicU32, sleepers: &AtomicU32, ready: impl Fn() -> bool, started: Instant) -> io::Result<()> {
         let h = self.seg.header();
-        wait_until(word, sleepers, ready, started, |spinning| {
+        wait_until(word, sleepers, ready, started, SPIN, |spinning| {
             // A peer that published its last bytes and then left: those bytes still count (its
             // writes happen before its close, so the last look after seeing the close finds them).
             if h.closed.load(Ordering::Acquire) != 0 {

@@ -78,6 +78,9 @@ impl Communicator for StrictDevice {
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         self.inner.all_gather(mine)
     }
+    fn set_idle_waits(&mut self, idle: bool) {
+        self.inner.set_idle_waits(idle)
+    }
     fn barrier(&mut self) -> Result<(), CommError> {
         self.inner.barrier()
     }

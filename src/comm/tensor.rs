@@ -20,6 +20,11 @@ pub fn all_reduce_staged<C: Communicator + ?Sized>(comm: &mut C, t: &mut Tensor)
     }
 }
 
+/// `t /= divisor` in place, as DDP averages a bucket before its all-reduce.
+pub fn divide(t: &mut Tensor, divisor: f64) -> Result<(), CommError> {
+    tch::no_grad(|| t.f_div_scalar_(divisor)).map(|_| ()).map_err(|e| CommError::BadArgument { op: Op::AllReduce, detail: e.to_string() })
+}
+
 pub fn reduce_scatter_staged<C: Communicator + ?Sized>(comm: &mut C, t: &mut Tensor) -> Result<(), CommError> {
     expect_f32(t, Op::ReduceScatter)?;
     staged(comm, t, Op::ReduceScatter, |c, buf: &mut [f32]| c.reduce_scatter_sum(buf))

@@ -109,9 +109,15 @@ fn reduce_bucket(
 ) -> Result<(Instant, Instant), DdpError> {
     let started = Instant::now();
     let mut flat = flat.shallow_clone();
-    let _ = flat.f_div_scalar_(world)?;
+    // Averaged as PyTorch's reducer does: each rank's bucket divided by the world size, then
+    // summed. The deferred all-reduce leaves the division to the backend, which may fold it into
+    // its reads (the same bits).
+    let fused = matches!((how, deferred), (Reduction::AllReduce, true));
+    if !fused {
+        let _ = flat.f_div_scalar_(world)?;
+    }
     match how {
-        Reduction::AllReduce if deferred => comm.all_reduce_tensor_async(&mut flat)?,
+        Reduction::AllReduce if deferred => comm.all_reduce_divided_tensor_async(&mut flat, world)?,
         Reduction::AllReduce => comm.all_reduce_tensor(&mut flat)?,
         Reduction::AllReduceBf16 => {
             // Copying into a bf16 tensor rounds as `to_kind` does: the same bits either way.
@@ -351,7 +357,12 @@ impl Reducer {
                 let mut reduce_ready =
                     |comm: &mut dyn Communicator, next: &mut usize, upto: &dyn Fn(usize) -> bool| -> Result<(), DdpError> {
                         while *next < sizes.len() && upto(*next) {
-                            times.push(reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true)?);
+                            // The last bucket is ready when backward has (all but) finished:
+                            // this rank then only waits, and may wait busily (`set_idle_waits`).
+                            comm.set_idle_waits(*next + 1 == sizes.len());
+                            let t = reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true);
+                            comm.set_idle_waits(false);
+                            times.push(t?);
                             *next += 1;
                         }
                         Ok(())
@@ -433,6 +444,8 @@ impl Reducer {
         self.bucket_times.clear();
         let attached = self.views.is_some();
         let how = self.reduction();
+        // Backward has finished: this rank only waits for its peers (see `set_idle_waits`).
+        comm.set_idle_waits(true);
         let reduced = (|| -> Result<(), DdpError> {
             for b in &self.buckets {
                 if !attached {
@@ -466,6 +479,7 @@ impl Reducer {
             }
             Ok(())
         })();
+        comm.set_idle_waits(false);
         // Whatever failed, the buckets already launched must be waited for before anything
         // touches them again.
         let pending = comm.wait_pending();
