@@ -234,6 +234,16 @@ impl RingComm {
     }
 }
 
+/// How long a shared-buffer wait spins before it sleeps: long only when the caller has nothing
+/// else to run (`idle`) and every rank of the node has a core (`IDLE_SPIN` says why).
+fn wait_spin(idle: bool, ranks: usize, cores: usize) -> Duration {
+    if idle && ranks <= cores {
+        IDLE_SPIN
+    } else {
+        SPIN
+    }
+}
+
 fn header(op: Op, seq: u64, len: u64, tag: u8) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0] = op.code();
@@ -497,7 +507,7 @@ impl RingComm {
         divide: Option<f32>,
     ) -> Result<(), CommError> {
         let (op, seq, len) = (entry.op, entry.seq, Some(entry.len));
-        let spin = if self.idle_waits && self.world <= self.cores { IDLE_SPIN } else { SPIN };
+        let spin = wait_spin(self.idle_waits, self.world, self.cores);
         let result = match self.send_or_blame(&header(op, seq, entry.len, T::TAG)) {
             Err(e) => Err(self.peer_error(op, seq, e)),
             Ok(()) => {
@@ -758,6 +768,18 @@ mod tests {
         let s: Vec<_> = segments(3, 12, 4).collect();
         assert_eq!(s, vec![(3, 7), (7, 11), (11, 12)]);
         assert_eq!(segments(5, 5, 4).count(), 0);
+    }
+
+    #[test]
+    fn waits_spin_long_only_when_idle_with_a_core_per_rank() {
+        assert_eq!(wait_spin(true, 2, 2), IDLE_SPIN);
+        assert_eq!(wait_spin(true, 2, 16), IDLE_SPIN);
+        // More ranks than cores: a spinner would hold the core a peer needs to arrive.
+        assert_eq!(wait_spin(true, 3, 2), SPIN);
+        assert_eq!(wait_spin(true, 4, 2), SPIN);
+        // During backward the core belongs to the computation.
+        assert_eq!(wait_spin(false, 2, 16), SPIN);
+        assert!(IDLE_SPIN > SPIN);
     }
 
     #[test]
