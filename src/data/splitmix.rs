@@ -1,5 +1,5 @@
 //! A small fixed random generator (Steele et al.'s splitmix64), the same on every platform: for
-//! numbers every rank and every rebuild must draw alike (synthetic data, MADE's masks).
+//! numbers every rank and every rebuild must draw alike (synthetic data, MADE's masks, each sample's augmentation draws).
 
 pub struct SplitMix(pub u64);
 

@@ -4,6 +4,7 @@
 //! sample index), so a sample looks the same in a resumed or restarted run, on any rank, whichever
 //! loader thread makes it.
 
+use crate::data::splitmix::SplitMix;
 use fast_image_resize as fr;
 use serde::{Deserialize, Serialize};
 
@@ -108,22 +109,19 @@ pub struct Img {
     pub data: Vec<u8>,
 }
 
-/// SplitMix64: small, fast, and good enough to place crops and flip coins; one stream per sample.
-pub struct SampleRng(u64);
+/// SplitMix64 (`data::splitmix`): small, fast, and good enough to place crops and flip coins; one
+/// stream per sample.
+pub struct SampleRng(SplitMix);
 
 impl SampleRng {
     pub fn new(seed: u64, epoch: u64, index: u64) -> SampleRng {
-        let mut r = SampleRng(seed ^ 0x9E37_79B9_7F4A_7C15);
-        r.0 ^= r.next().wrapping_add(epoch);
-        r.0 ^= r.next().wrapping_add(index);
-        SampleRng(r.next())
+        let mut r = SplitMix(seed ^ 0x9E37_79B9_7F4A_7C15);
+        r.0 ^= r.next_u64().wrapping_add(epoch);
+        r.0 ^= r.next_u64().wrapping_add(index);
+        SampleRng(SplitMix(r.next_u64()))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in 0..=max.
     pub fn upto(&mut self, max: usize) -> usize {
@@ -131,7 +129,7 @@ impl SampleRng {
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
 }
 
