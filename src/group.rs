@@ -326,10 +326,13 @@ fn node_id(env: &HashMap<String, String>) -> String {
     String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned()
 }
 
-/// The job's store (served by rank 0, or by the multi-node launcher), namespaced by restart
-/// generation, and the address this host reaches it from.
-fn connect_store(launch: &LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Store>, IpAddr)> {
+/// The job's store (served by rank 0, by the multi-node launcher, or by torchrun's agent),
+/// namespaced by restart generation, and the address this host reaches it from.
+fn connect_store(launch: &mut LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Store>, IpAddr)> {
     let addr = launch.store_addr()?;
+    if launch.agent_store {
+        return connect_agent_store(launch, &addr, timeout);
+    }
     if launch.rank == 0 && !launch.store_served {
         let port = launch.master_port.expect("store_addr checked the port");
         let server = TcpStoreServer::start(
@@ -346,15 +349,37 @@ fn connect_store(launch: &LaunchInfo, timeout: Duration) -> Result<(Arc<dyn Stor
     Ok((Arc::new(PrefixStore::new(format!("gen{}", launch.restart_count), store)), local_ip))
 }
 
+/// Under torchrun: its agent's c10d store, under the prefix torchrun's own workers use for this
+/// restart attempt (the agent's rendezvous keys live beside it). That store has no token, so
+/// rank 0 makes one for the ring's links and passes it through the store: it keeps strays from
+/// other jobs off the links, though anyone who can reach the store can read it
+/// (RINGTRAIN_JOB_TOKEN, when set on every node, is used as it is).
+fn connect_agent_store(launch: &mut LaunchInfo, addr: &str, timeout: Duration) -> Result<(Arc<dyn Store>, IpAddr)> {
+    let client = crate::rendezvous::C10dStore::connect(addr, timeout)?;
+    let local_ip = client.local_ip();
+    let store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("worker/attempt_{}/ringtrain", launch.restart_count), Arc::new(client)));
+    if launch.job_token.is_empty() {
+        if launch.rank == 0 {
+            launch.job_token = crate::auth::new_job_token()?;
+            store.set("job_token", launch.job_token.as_bytes())?;
+        } else {
+            let token = store.get("job_token", timeout).context("waiting for rank 0's job token in torchrun's store")?;
+            launch.job_token = String::from_utf8(token).context("the job token in torchrun's store is not text")?;
+        }
+    }
+    tracing::info!("rendezvous through torchrun's agent store at {addr}");
+    Ok((store, local_ip))
+}
+
 /// NCCL on this rank's GPU; the unique id travels through the store.
-fn nccl(launch: &LaunchInfo, timeout: Duration, device: tch::Device) -> Result<Box<dyn Communicator>> {
+fn nccl(launch: &mut LaunchInfo, timeout: Duration, device: tch::Device) -> Result<Box<dyn Communicator>> {
     let tch::Device::Cuda(index) = device else { bail!("NCCL needs a CUDA device") };
     let store: Arc<dyn Store> = if launch.world_size == 1 { Arc::new(MemoryStore::new()) } else { connect_store(launch, timeout)?.0 };
     Ok(Box::new(NcclComm::new(store.as_ref(), launch.rank, launch.world_size, index, timeout)?))
 }
 
 /// The ring, with the store on rank 0 (or the multi-node launcher's).
-fn ring(launch: &LaunchInfo, timeout: Duration, cfg: &CommConfig, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
+fn ring(launch: &mut LaunchInfo, timeout: Duration, cfg: &CommConfig, env: &HashMap<String, String>) -> Result<Box<dyn Communicator>> {
     let local = cfg.local_transport;
     if launch.world_size == 1 {
         let opts = RingOptions::new(launch.job_token.clone(), IpAddr::V4(Ipv4Addr::LOCALHOST), timeout);

@@ -44,6 +44,10 @@ pub struct LaunchInfo {
     /// The store is already served: by the multi-node launcher, or by rank 0 itself after it
     /// shared its address over MPI.
     pub store_served: bool,
+    /// torchrun's agent serves a c10d TCPStore on MASTER_ADDR:MASTER_PORT for its workers
+    /// (TORCHELASTIC_USE_AGENT_STORE=True): rank 0 must not serve one there; every rank is its
+    /// client.
+    pub agent_store: bool,
     /// Started by srun as a job step (SLURM_STEP_ID): Slurm's variables find rank 0, so the ring
     /// needs no MPI even where srun's PMI plugin also set PMI_RANK.
     pub under_srun: bool,
@@ -136,6 +140,8 @@ impl LaunchInfo {
             restart_count,
             // A multi-node ringrun serves the store itself (on node 0's launcher).
             store_served: env.get("RINGTRAIN_STORE_HOSTED").is_some_and(|v| v == "1"),
+            // torchrun writes Python's str(bool).
+            agent_store: env.get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| matches!(v.as_str(), "True" | "true" | "1")),
             under_srun,
         })
     }
@@ -151,6 +157,19 @@ impl LaunchInfo {
                 self.world_size
             ))),
         }
+    }
+}
+
+/// Under torchrun: the error for its failure summary, in the file its agent names
+/// (TORCHELASTIC_ERROR_FILE; the `{"message", "timestamp"}` form torch.distributed.elastic
+/// reads), so the summary shows the cause instead of `<N/A>`. Best effort: the same line is on
+/// stderr.
+pub fn write_torchelastic_error(message: &str) {
+    let Ok(path) = std::env::var("TORCHELASTIC_ERROR_FILE") else { return };
+    let timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let body = serde_json::json!({ "message": message, "timestamp": timestamp });
+    if let Err(e) = std::fs::write(&path, body.to_string()) {
+        eprintln!("ringtrain: could not write torchrun's error file {path}: {e}");
     }
 }
 

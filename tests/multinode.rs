@@ -285,3 +285,44 @@ fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traf
     // cross-node rings (2 ranks each, half the gradient each) send 2 · 2·(1/2)·(1/2) of it: 2/3.
     assert!((hier_bytes as f64) < 0.8 * flat_bytes as f64, "hierarchical sent {hier_bytes} bytes across nodes, the flat ring {flat_bytes}");
 }
+
+#[test]
+fn torchrun_with_c10d_rendezvous_across_two_nodes_matches_ringrun() {
+    let Some(py) = python_with_torch("multi-node torchrun") else { return };
+    let Some(nodes) = Nodes::up(37, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
+    let endpoint = format!("{}:29637", nodes.addr(0));
+    let handles: Vec<_> = (0..2)
+        .map(|k| {
+            let mut args: Vec<String> = [py.as_str(), "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            // Namespaces share the host's name, so torchrun cannot tell which node hosts the
+            // rendezvous, nor what address the others reach it at: both are said.
+            args.extend(["--rdzv-backend", "c10d", "--rdzv-id", "mn37", "--rdzv-endpoint", &endpoint].map(String::from));
+            args.extend(["--rdzv-conf".into(), format!("is_host={}", k == 0), "--local-addr".into(), nodes.addr(k)]);
+            let run_dir = dir.path().join(format!("node{k}"));
+            args.extend(["--no-python".into(), RINGTRAIN.into(), "--config".into(), cfg.display().to_string()]);
+            args.extend(["--run-dir".into(), run_dir.display().to_string()]);
+            let mut c = nodes.exec(k, &args);
+            c.env_remove("RINGTRAIN_FAULT").env_remove("RINGTRAIN_JOB_TOKEN");
+            std::thread::spawn(move || run(c, Duration::from_secs(180)))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().assert_success();
+    }
+    // torchrun assigns node ranks by arrival; whichever node got ranks 0–1 wrote their reports.
+    let got: Vec<String> = (0..4)
+        .map(|r| {
+            let on = |k: usize| dir.path().join(format!("node{k}")).join("ranks").join(format!("rank{r}.json"));
+            let k = if on(0).exists() { 0 } else { 1 };
+            rank_hash(&dir.path().join(format!("node{k}")), r)
+        })
+        .collect();
+    assert_eq!(got, rank_hashes(&one_node, 4));
+}

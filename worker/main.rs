@@ -127,7 +127,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringtrain: error: {}", ringtrain::telemetry::error_text(&e));
+            let text = format!("ringtrain: error: {}", ringtrain::telemetry::error_text(&e));
+            eprintln!("{text}");
+            ringtrain::launch::write_torchelastic_error(&text);
             ExitCode::FAILURE
         }
     }

@@ -3,10 +3,12 @@
 //! Mirrors c10d's `Store`: `set`, `get` (waits for the key), `add` (atomic counter) and `wait`.
 //! Every blocking call takes a timeout, and a timeout names the keys it waited for.
 
+mod c10d;
 mod memory;
 mod prefix;
 mod tcp;
 
+pub use c10d::C10dStore;
 pub use memory::MemoryStore;
 pub use prefix::PrefixStore;
 pub use tcp::{TcpStore, TcpStoreServer};
@@ -31,6 +33,11 @@ pub enum StoreError {
          port; choose a free one (--master-port / MASTER_PORT); nothing secret was sent to it"
     )]
     Foreign { addr: String, what: String },
+    #[error(
+        "store at {addr}: no c10d TCPStore answers there ({what}); torchrun's variables (TORCHELASTIC_USE_AGENT_STORE=True) \
+         say its agent serves one at MASTER_ADDR:MASTER_PORT"
+    )]
+    NotC10d { addr: String, what: String },
     #[error("store at {addr}: {op} failed: {source}")]
     Io { addr: String, op: &'static str, source: std::io::Error },
     #[error("store: cannot serve on {addr}: {source}")]

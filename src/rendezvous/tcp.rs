@@ -147,6 +147,33 @@ fn serve_connection(conn: TcpStream, table: &MemoryStore, token: &str) {
     }
 }
 
+/// A TCP connection to `addr`, retrying until `connect_timeout` (the server may still be
+/// starting): every address the name resolves to, IPv4 first (a server binds one of them).
+pub(super) fn connect_retrying(addr: &str, connect_timeout: Duration) -> Result<TcpStream, StoreError> {
+    let deadline = Instant::now() + connect_timeout;
+    loop {
+        let attempt = addr.to_socket_addrs().and_then(|it| {
+            let mut all: Vec<_> = it.collect();
+            all.sort_by_key(|a| !a.is_ipv4());
+            let mut last = std::io::Error::other("address resolves to nothing");
+            for sa in all {
+                match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        });
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(StoreError::Connect { addr: addr.to_string(), secs: connect_timeout.as_secs_f64(), source })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// A client connection to the store.
 pub struct TcpStore {
     addr: String,
@@ -157,29 +184,7 @@ pub struct TcpStore {
 impl TcpStore {
     /// Connects, retrying until `connect_timeout` (rank 0 may still be starting its server).
     pub fn connect(addr: &str, token: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
-        let deadline = Instant::now() + connect_timeout;
-        let stream = loop {
-            // Every address the name resolves to, IPv4 first (the server binds one of them).
-            let attempt = addr.to_socket_addrs().and_then(|it| {
-                let mut all: Vec<_> = it.collect();
-                all.sort_by_key(|a| !a.is_ipv4());
-                let mut last = std::io::Error::other("address resolves to nothing");
-                for sa in all {
-                    match TcpStream::connect_timeout(&sa, Duration::from_secs(2)) {
-                        Ok(s) => return Ok(s),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            });
-            match attempt {
-                Ok(s) => break s,
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(StoreError::Connect { addr: addr.to_string(), secs: connect_timeout.as_secs_f64(), source })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
+        let stream = connect_retrying(addr, connect_timeout)?;
         let io_err = |op, source| StoreError::Io { addr: addr.to_string(), op, source };
         stream.set_nodelay(true).map_err(|e| io_err("connect", e))?;
         let local_ip = stream.local_addr().map_err(|e| io_err("connect", e))?.ip();
