@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use ringtrain::internal::nodes::NodeCoordinator;
+use ringtrain::internal::pet;
 use ringtrain::internal::supervise::{self, GroupOptions, Outcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,14 +18,15 @@ use std::time::Duration;
     after_help = "Examples:\n  ringrun --nproc-per-node 2 ringtrain --config configs/fashion_mnist_cnn.yaml\n  ringrun --nproc-per-node 2 --config configs/fashion_mnist_cnn.yaml   (worker omitted: the ringtrain beside ringrun)"
 )]
 struct Args {
-    /// Workers on this node.
-    #[arg(long, default_value_t = 1)]
+    /// Workers on this node: a count, or `auto` (one per visible GPU, else 1). Also
+    /// PET_NPROC_PER_NODE, as torchrun.
+    #[arg(long, env = "PET_NPROC_PER_NODE", default_value = "1", value_parser = pet::parse_nproc_per_node)]
     nproc_per_node: usize,
-    /// Nodes in the job (one ringrun per node).
-    #[arg(long, default_value_t = 1)]
+    /// Nodes in the job (one ringrun per node); torchrun's `N:N` is accepted. Also PET_NNODES.
+    #[arg(long, env = "PET_NNODES", default_value = "1", value_parser = pet::parse_nnodes)]
     nnodes: usize,
-    /// This node's index, 0..nnodes; node 0 serves the job's store.
-    #[arg(long, default_value_t = 0)]
+    /// This node's index, 0..nnodes; node 0 serves the job's store. Also PET_NODE_RANK.
+    #[arg(long, env = "PET_NODE_RANK", default_value_t = 0)]
     node_rank: usize,
     /// Address other nodes should use to reach this node's workers (default: the address this
     /// node reaches the master from). Also RINGTRAIN_LOCAL_ADDR.
@@ -33,11 +35,13 @@ struct Args {
     /// Multi-node: how long to wait for every node to join (and node 0 to come up).
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     join_timeout_secs: u64,
-    /// Address of rank 0's store.
-    #[arg(long, default_value = "127.0.0.1")]
-    master_addr: String,
+    /// Address of rank 0's store (default 127.0.0.1). Also PET_MASTER_ADDR, or in a pod of
+    /// Kubernetes' v1 PyTorchJob operator its MASTER_ADDR.
+    #[arg(long, env = "PET_MASTER_ADDR")]
+    master_addr: Option<String>,
     /// Port of the job's store (default on one node: a free port; required with --nnodes > 1).
-    #[arg(long)]
+    /// Also PET_MASTER_PORT, or in a v1 PyTorchJob pod its MASTER_PORT.
+    #[arg(long, env = "PET_MASTER_PORT")]
     master_port: Option<u16>,
     /// Also write each worker's output to DIR/rank<N>.log.
     #[arg(long, value_name = "DIR")]
@@ -47,7 +51,8 @@ struct Args {
     threads_per_worker: Option<usize>,
     /// Restart the whole group up to N times when a worker fails; workers resume from the latest
     /// checkpoint.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// Also PET_MAX_RESTARTS.
+    #[arg(long, env = "PET_MAX_RESTARTS", default_value_t = 0, value_name = "N")]
     max_restarts: u32,
     /// After SIGINT/SIGTERM, seconds workers get to finish the step and checkpoint before they
     /// are killed (a second signal kills them at once).
@@ -60,6 +65,13 @@ struct Args {
     /// this launcher is run with them.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "WORKER ARGS")]
     command: Vec<String>,
+}
+
+impl Args {
+    /// Rank 0's store address: the flag, PET_MASTER_ADDR, the operator's MASTER_ADDR, or loopback.
+    fn master(&self) -> &str {
+        self.master_addr.as_deref().unwrap_or("127.0.0.1")
+    }
 }
 
 /// Resolves the worker: a bare name that exists beside ringrun (the matching build) wins over
@@ -96,7 +108,7 @@ fn join_nodes(args: &Args, master_port: u16, job_token: &str) -> Result<Option<N
         return Ok(None);
     }
     let n = NodeCoordinator::start(
-        &args.master_addr,
+        args.master(),
         master_port,
         job_token,
         args.nnodes,
@@ -147,7 +159,16 @@ fn report(job: supervise::JobOutcome) -> ExitCode {
 }
 
 fn try_main() -> Result<ExitCode> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    if args.master_addr.is_none() {
+        args.master_addr = pet::operator_fallback(&env, "MASTER_ADDR");
+    }
+    if args.master_port.is_none() {
+        if let Some(p) = pet::operator_fallback(&env, "MASTER_PORT") {
+            args.master_port = Some(p.trim().parse().map_err(|_| anyhow::anyhow!("MASTER_PORT={p:?} is not a port number"))?);
+        }
+    }
     check(&args)?;
     let multi_node = args.nnodes > 1;
     let (program, worker_args) = worker_command(&args.command)?;
@@ -158,12 +179,12 @@ fn try_main() -> Result<ExitCode> {
         .unwrap_or((cores / args.nproc_per_node).max(1));
     let master_port = match args.master_port {
         Some(p) if p != 0 => p,
-        _ => supervise::free_port(&args.master_addr).with_context(|| format!("finding a free port on {}", args.master_addr))?,
+        _ => supervise::free_port(args.master()).with_context(|| format!("finding a free port on {}", args.master()))?,
     };
     let job_token = match std::env::var("RINGTRAIN_JOB_TOKEN") {
         Ok(t) if !t.is_empty() => t,
         // Nodes must agree on the token; export RINGTRAIN_JOB_TOKEN on every node for a secret one.
-        _ if multi_node => format!("ringrun-{}-{master_port}", args.master_addr),
+        _ if multi_node => format!("ringrun-{}-{master_port}", args.master()),
         _ => ringtrain::auth::new_job_token().context("making a job token")?,
     };
     let nodes = join_nodes(&args, master_port, &job_token)?;
@@ -171,6 +192,7 @@ fn try_main() -> Result<ExitCode> {
     if let Some(d) = &args.log_dir {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--log-dir {}: {e}", d.display()))?;
     }
+    let master_addr = args.master().to_string();
     let opts = GroupOptions {
         program,
         args: worker_args,
@@ -179,7 +201,7 @@ fn try_main() -> Result<ExitCode> {
         node_rank: args.node_rank,
         store_hosted: multi_node,
         local_addr: args.local_addr,
-        master_addr: args.master_addr,
+        master_addr,
         master_port,
         threads_per_worker: threads,
         log_dir: args.log_dir,

@@ -312,12 +312,13 @@ fn first_non_loopback_ipv4() -> Option<IpAddr> {
 }
 
 /// This rank's node, for choosing Unix sockets between neighbours on the same node:
-/// RINGTRAIN_NODE_ID, else the launcher's node rank (GROUP_RANK), else the host name.
+/// RINGTRAIN_NODE_ID, else the launcher's node rank (GROUP_RANK, or the Kubernetes operator's
+/// PET_NODE_RANK for a worker it started directly), else the host name.
 fn node_id(env: &HashMap<String, String>) -> String {
     if let Some(id) = env.get("RINGTRAIN_NODE_ID") {
         return id.clone();
     }
-    if let Some(g) = env.get("GROUP_RANK") {
+    if let Some(g) = env.get("GROUP_RANK").or_else(|| env.get("PET_NODE_RANK")) {
         return format!("group-{g}");
     }
     let mut buf = [0u8; 256];

@@ -74,7 +74,12 @@ impl LaunchInfo {
     pub fn from_env(env: &HashMap<String, String>) -> Result<LaunchInfo, LaunchError> {
         let n = |k: &str| get_num(env, k);
         let (source, rank, world, local_rank, local_world) = if let (Some(r), Some(w)) = (n("RANK")?, n("WORLD_SIZE")?) {
-            (LaunchSource::Torchrun, r, w, n("LOCAL_RANK")?.unwrap_or(r), n("LOCAL_WORLD_SIZE")?.unwrap_or(w))
+            match (n("LOCAL_RANK")?, n("LOCAL_WORLD_SIZE")?) {
+                // Kubernetes' operator, one process per pod: RANK and WORLD_SIZE, no local ones,
+                // and its PET_NODE_RANK: each process is alone on its node.
+                (None, None) if env.contains_key("PET_NODE_RANK") => (LaunchSource::Torchrun, r, w, 0, 1),
+                (lr, lw) => (LaunchSource::Torchrun, r, w, lr.unwrap_or(r), lw.unwrap_or(w)),
+            }
         } else if let (Some(r), Some(w)) = (n("OMPI_COMM_WORLD_RANK")?, n("OMPI_COMM_WORLD_SIZE")?) {
             (LaunchSource::OpenMpi, r, w, n("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(r), n("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(w))
         } else if let (Some(r), Some(w)) = (n("PMI_RANK")?, n("PMI_SIZE")?) {
@@ -186,6 +191,10 @@ mod tests {
         let cases: &[(&[(&str, &str)], LaunchSource, usize, usize, usize, usize)] = &[
             (&[], LaunchSource::Standalone, 0, 1, 0, 1),
             (&[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")], LaunchSource::Torchrun, 1, 4, 1, 2),
+            // By hand on one host: RANK and WORLD_SIZE alone mean one node.
+            (&[("RANK", "2"), ("WORLD_SIZE", "3")], LaunchSource::Torchrun, 2, 3, 2, 3),
+            // A PyTorchJob pod running the worker directly: one process per pod.
+            (&[("RANK", "2"), ("WORLD_SIZE", "3"), ("PET_NODE_RANK", "2"), ("PET_NNODES", "3")], LaunchSource::Torchrun, 2, 3, 0, 1),
             (
                 &[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3"), ("RANK", "0"), ("WORLD_SIZE", "1")],
                 LaunchSource::Torchrun,

@@ -326,3 +326,112 @@ fn torchrun_with_c10d_rendezvous_across_two_nodes_matches_ringrun() {
         .collect();
     assert_eq!(got, rank_hashes(&one_node, 4));
 }
+
+/// Kubernetes pods on emulated nodes: node k resolves the PyTorchJob's service names
+/// (`<job>-master-0`, `<job>-worker-<i>`) as cluster DNS would (`ip netns exec` mounts
+/// /etc/netns/<namespace>/hosts over /etc/hosts); removed on drop.
+struct PodNames(Vec<PathBuf>);
+
+impl PodNames {
+    fn new(nodes: &Nodes, n: usize, job: &str) -> PodNames {
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for k in 0..n {
+            let name = if k == 0 { format!("{job}-master-0") } else { format!("{job}-worker-{}", k - 1) };
+            hosts.push_str(&format!("{} {name}\n", nodes.addr(k)));
+        }
+        let dirs: Vec<PathBuf> = (0..n).map(|k| PathBuf::from(format!("/etc/netns/rt{}n{k}", nodes.id))).collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("hosts"), &hosts).unwrap();
+        }
+        PodNames(dirs)
+    }
+}
+
+impl Drop for PodNames {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// What Kubeflow's training operator (v1 PyTorchJob, `pkg/controller.v1/pytorch/envvar.go` and
+/// `master.go`) sets in replica k's container: MASTER_ADDR/MASTER_PORT (the master's service and
+/// its `pytorchjob-port`), WORLD_SIZE = replicas × nprocPerNode, RANK = the replica's index (the
+/// master 0, worker i i + 1), PET_NPROC_PER_NODE, PET_NODE_RANK = RANK, PET_NNODES = replicas
+/// (no elastic policy), PYTHONUNBUFFERED=0. Nothing else: the test's own variables of that kind
+/// are removed.
+fn operator_pod(nodes: &Nodes, k: usize, replicas: usize, nproc: &str, job: &str, cmd: &[String]) -> Command {
+    let mut c = nodes.exec(k, cmd);
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RINGTRAIN_FAULT"] {
+        c.env_remove(v);
+    }
+    c.env_remove("RINGTRAIN_JOB_TOKEN").env_remove("RINGTRAIN_LOCAL_ADDR").env_remove("OMP_NUM_THREADS");
+    let per_node: usize = nproc.parse().unwrap_or(1);
+    c.envs([
+        ("PYTHONUNBUFFERED", "0".to_string()),
+        ("MASTER_PORT", "23456".to_string()),
+        ("MASTER_ADDR", format!("{job}-master-0")),
+        ("WORLD_SIZE", (replicas * per_node).to_string()),
+        ("RANK", k.to_string()),
+        ("PET_NPROC_PER_NODE", nproc.to_string()),
+        ("PET_NODE_RANK", k.to_string()),
+        ("PET_NNODES", replicas.to_string()),
+    ]);
+    c
+}
+
+#[test]
+fn pytorchjob_pods_running_ringrun_train_as_ringrun_on_one_node() {
+    let Some(nodes) = Nodes::up(38, 2) else { return };
+    let _names = PodNames::new(&nodes, 2, "pj");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
+    let handles: Vec<_> = (0..2)
+        .map(|k| {
+            // deploy/pytorchjob-ringrun.yaml's command: no flags, all from the operator's variables.
+            let run_dir = dir.path().join(format!("pod{k}"));
+            let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
+            let cmd = [RINGRUN, RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
+            let c = operator_pod(&nodes, k, 2, "2", "pj", &cmd);
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().assert_success();
+    }
+    let got: Vec<String> = (0..4).map(|r| rank_hash(&dir.path().join(format!("pod{}", r / 2)), r)).collect();
+    assert_eq!(got, rank_hashes(&one_node, 4));
+}
+
+#[test]
+fn pytorchjob_pods_running_one_worker_each_train_as_ringrun_on_one_node() {
+    let Some(nodes) = Nodes::up(39, 2) else { return };
+    let _names = PodNames::new(&nodes, 2, "pj");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let one_node = dir.path().join("one-node");
+    // Alone in its pod, a worker computes with all the node's cores: the same thread count here.
+    let cores = std::thread::available_parallelism().unwrap().get().to_string();
+    let mut reference = ringrun(2, &cfg, &one_node, &[]);
+    reference.env("OMP_NUM_THREADS", &cores);
+    run(reference, Duration::from_secs(120)).assert_success();
+    let handles: Vec<_> = (0..2)
+        .map(|k| {
+            // deploy/pytorchjob-one-per-pod.yaml: the worker itself, nprocPerNode left at auto.
+            let run_dir = dir.path().join(format!("pod{k}"));
+            let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
+            let cmd = [RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
+            let c = operator_pod(&nodes, k, 2, "auto", "pj", &cmd);
+            std::thread::spawn(move || run(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().assert_success();
+    }
+    let got: Vec<String> = (0..2).map(|r| rank_hash(&dir.path().join(format!("pod{r}")), r)).collect();
+    assert_eq!(got, rank_hashes(&one_node, 2));
+}

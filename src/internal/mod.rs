@@ -5,9 +5,11 @@
 //! - `bench` — the all-reduce benchmark behind `ringbench`.
 //! - `status` — ringrun's live status line on a terminal.
 //! - `sample` — `ringtrain sample`: text from a trained GPT.
+//! - `pet` — ringrun's reading of torchrun's `PET_*` variables (Kubernetes' training operator).
 
 pub mod bench;
 pub mod nodes;
+pub mod pet;
 pub mod sample;
 pub mod status;
 pub mod supervise;
