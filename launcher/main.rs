@@ -102,6 +102,14 @@ fn check(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// How often Slurm has requeued this job (SLURM_RESTART_COUNT; 0 outside Slurm).
+fn slurm_restart_count() -> Result<u32> {
+    match std::env::var("SLURM_RESTART_COUNT") {
+        Ok(v) => v.trim().parse().map_err(|_| anyhow::anyhow!("SLURM_RESTART_COUNT={v:?} is not a count")),
+        Err(_) => Ok(0),
+    }
+}
+
 /// With several nodes: this node's launcher joined with the others.
 fn join_nodes(args: &Args, master_port: u16, job_token: &str) -> Result<Option<NodeCoordinator>> {
     if args.nnodes == 1 {
@@ -206,7 +214,8 @@ fn try_main() -> Result<ExitCode> {
         threads_per_worker: threads,
         log_dir: args.log_dir,
         job_token,
-        restart_count: 0,
+        // In a requeued Slurm job the workers start as a restart: they resume.
+        restart_count: slurm_restart_count()?,
         stop_grace: Duration::from_secs(2),
         graceful_stop: Duration::from_secs(args.stop_timeout_secs),
     };

@@ -39,7 +39,8 @@ pub struct LaunchInfo {
     pub master_port: Option<u16>,
     /// Shared secret every connection to the store and the ring must present.
     pub job_token: String,
-    /// How many times the launcher restarted the group (TORCHELASTIC_RESTART_COUNT).
+    /// How many times the launcher restarted the group (TORCHELASTIC_RESTART_COUNT), or Slurm
+    /// requeued the job (SLURM_RESTART_COUNT).
     pub restart_count: u32,
     /// The store is already served: by the multi-node launcher, or by rank 0 itself after it
     /// shared its address over MPI.
@@ -129,9 +130,11 @@ impl LaunchInfo {
             None => None,
             Some(p) => Some(p.trim().parse::<u16>().map_err(|_| LaunchError(format!("MASTER_PORT={p:?} is not a port number")))?),
         };
-        let restart_count = match env.get("TORCHELASTIC_RESTART_COUNT") {
+        // A launcher's restarts, else Slurm's requeues (`--requeue`, `scontrol requeue`): either
+        // way the job has run before and resumes from its newest checkpoint.
+        let restart_count = match ["TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"].iter().find_map(|k| env.get(*k).map(|v| (k, v))) {
             None => 0,
-            Some(v) => v.parse().map_err(|_| LaunchError(format!("TORCHELASTIC_RESTART_COUNT={v:?} is not a count")))?,
+            Some((k, v)) => v.trim().parse().map_err(|_| LaunchError(format!("{k}={v:?} is not a count")))?,
         };
         Ok(LaunchInfo {
             source,

@@ -156,7 +156,8 @@ pub fn run(args: WorkerArgs) -> Result<train::Summary> {
     // A restarted group continues from its own newest checkpoint, whatever --resume named for
     // the first start (that checkpoint is older than what the group has written since).
     let resume = if launch.restart_count > 0 {
-        tracing::info!("restart {} of the group: resuming from the latest checkpoint", launch.restart_count);
+        let why = if env.contains_key("TORCHELASTIC_RESTART_COUNT") { "" } else { " (requeued by Slurm)" };
+        tracing::info!("restart {} of the group{why}: resuming from the latest checkpoint", launch.restart_count);
         train::Resume::Auto
     } else {
         args.resume.unwrap_or(train::Resume::No)

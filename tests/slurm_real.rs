@@ -319,3 +319,66 @@ fn pmi2_and_a_missing_srun() {
     assert!(out.stderr.contains("salloc") && out.stderr.contains("srun"), "{}", out.report());
     assert!(!dir.path().join("salloc/model.safetensors").exists(), "it trained alone");
 }
+
+/// `scontrol show job`'s JobState for `job`.
+fn job_state(cluster: &Cluster, job: &str) -> String {
+    let mut c = cluster.command("scontrol");
+    c.args(["show", "job", job]);
+    let out = run(c, Duration::from_secs(30));
+    out.stdout.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).unwrap_or("?").to_string()
+}
+
+#[test]
+fn a_requeued_batch_job_checkpoints_on_sigterm_and_resumes() {
+    let test = "a_requeued_batch_job_checkpoints_on_sigterm_and_resumes";
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = cfg(dir.path(), "auto", 30);
+    let reference = ringrun_reference(dir.path(), &config);
+    let run_dir = dir.path().join("requeued");
+    // deploy/slurm-requeue.sbatch's shape, without the time-limit trap: the test requeues itself.
+    let script = dir.path().join("job.sh");
+    std::fs::write(&script, format!("#!/bin/bash\nsrun -K {RINGTRAIN} --config {} --run-dir {}\n", config.display(), run_dir.display()))
+        .unwrap();
+    let out_file = dir.path().join("job.out");
+    let mut c = cluster.command("sbatch");
+    c.args(["--parsable", "--requeue", "--open-mode=append", "-n", "2", "-t", "5", "-o"]).arg(&out_file).arg(&script);
+    let job = cluster.run_ok(c).stdout.trim().to_string();
+
+    // Requeued once training is under way: Slurm sends SIGTERM to the step's tasks, then kills
+    // them KillWait (5 s here) later.
+    let metrics = run_dir.join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.matches("\"kind\":\"step\"").count()) < 5 {
+        assert!(Instant::now() < deadline, "training did not start\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = cluster.command("scontrol");
+    c.args(["requeue", &job]);
+    cluster.run_ok(c);
+    // A requeued job waits two minutes before it is eligible again; no need to here.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let state = job_state(&cluster, &job);
+        if state == "COMPLETED" {
+            break;
+        }
+        assert!(!["FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"].contains(&state.as_str()), "job {job} {state}\n{}", cluster.logs());
+        assert!(Instant::now() < deadline, "job {job} still {state}\n{}", cluster.logs());
+        if state == "PENDING" {
+            let mut c = cluster.command("scontrol");
+            c.args(["update", &format!("JobId={job}"), "StartTime=now"]);
+            let _ = run(c, Duration::from_secs(30));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let batch_log = std::fs::read_to_string(&out_file).unwrap_or_default();
+    assert!(batch_log.contains("stopped after") && batch_log.contains("on request"), "the first run did not stop cleanly:\n{batch_log}");
+    for r in 0..2 {
+        let log = rank_log(&run_dir, r);
+        assert!(log.contains("(requeued by Slurm): resuming") && log.contains("written at shutdown"), "rank {r}:\n{log}");
+    }
+    assert_eq!(rank_hashes(&run_dir, 2), reference, "requeued vs uninterrupted");
+}
