@@ -105,6 +105,11 @@ fn resume_at_another_world_size_sees_every_sample_of_the_epoch_once() {
         }
         let hashes = rank_hashes(&run_dir, after);
         assert!(hashes.iter().all(|h| h == &hashes[0]));
+        // metrics.jsonl says which world size took each logged step.
+        for line in metrics_lines(&run_dir, "step") {
+            let expected = if line["global_step"].as_u64().unwrap() <= steps { before } else { after };
+            assert_eq!(line["world_size"].as_u64(), Some(expected as u64), "{line}");
+        }
     }
 }
 

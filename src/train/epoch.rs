@@ -139,8 +139,10 @@ impl Trainer<'_> {
             return Ok(());
         }
         run.progress.update(step, out.loss, rate);
+        // The world size too: a resume may change it, and a curve is read against it.
         let mut line = json!({"kind": "step", "epoch": epoch, "step": step, "global_step": self.pos.global_step,
-                              "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate});
+                              "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "samples_per_s": rate,
+                              "world_size": self.comm().world_size()});
         let tokens = self.throughput(rate, &mut line);
         if let Some(s) = &self.scaler {
             // fp16: the scale after this step's update, and the steps skipped so far.
