@@ -28,7 +28,8 @@ pub fn parse_nnodes(v: &str) -> Result<usize, String> {
         Some((lo, hi)) => match (count(lo), count(hi)) {
             (Some(a), Some(b)) if a == b => Ok(a),
             (Some(a), Some(b)) if a < b => Err(format!(
-                "{v:?}: a range of node counts (elastic membership, {a} to {b} nodes) is not supported yet; give a fixed count"
+                "{v:?} (--nnodes, or PET_NNODES from an elastic policy): a range of node counts (elastic membership, {a} to {b} nodes) \
+                 is not supported yet; give a fixed count"
             )),
             _ => Err(format!("{v:?} is not a node count or MIN:MAX range")),
         },

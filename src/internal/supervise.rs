@@ -143,6 +143,9 @@ fn spawn_worker(opts: &GroupOptions, local_rank: usize) -> std::io::Result<Worke
         .env("MASTER_PORT", opts.master_port.to_string())
         .env("OMP_NUM_THREADS", opts.threads_per_worker.to_string())
         .env("TORCHELASTIC_RESTART_COUNT", opts.restart_count.to_string())
+        // ringrun's workers use ringrun's store, even where ringrun itself was started under
+        // torchrun's agent.
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE")
         .env("RINGTRAIN_JOB_TOKEN", &opts.job_token)
         .env("RINGTRAIN_STATUS", if super::status::enabled() { "1" } else { "" })
         .stdin(Stdio::null())
