@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ringtrain::internal::nodes::NodeCoordinator;
+use ringtrain::internal::elastic::ElasticOptions;
+use ringtrain::internal::nodes::{Membership, NodeCoordinator};
 use ringtrain::internal::pet;
 use ringtrain::internal::supervise::{self, GroupOptions, Outcome};
 use std::path::PathBuf;
@@ -22,12 +23,21 @@ struct Args {
     /// PET_NPROC_PER_NODE, as torchrun.
     #[arg(long, env = "PET_NPROC_PER_NODE", default_value = "1", value_parser = pet::parse_nproc_per_node)]
     nproc_per_node: usize,
-    /// Nodes in the job (one ringrun per node); torchrun's `N:N` is accepted. Also PET_NNODES.
+    /// Nodes in the job (one ringrun per node): a count, or MIN:MAX for an elastic job that
+    /// goes on while at least MIN nodes remain and admits nodes up to MAX. Also PET_NNODES.
     #[arg(long, env = "PET_NNODES", default_value = "1", value_parser = pet::parse_nnodes)]
-    nnodes: usize,
-    /// This node's index, 0..nnodes; node 0 serves the job's store. Also PET_NODE_RANK.
+    nnodes: pet::NodeCount,
+    /// This node's index, 0..nnodes; node 0 serves the job's store. Also PET_NODE_RANK. Not used
+    /// by an elastic job: the node whose address is --master-addr is node 0, the others are
+    /// numbered in the order they arrive.
     #[arg(long, env = "PET_NODE_RANK", default_value_t = 0)]
     node_rank: usize,
+    /// Elastic: once MIN nodes are in, how long others may still join before a generation starts.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    rdzv_settle_secs: u64,
+    /// Elastic: a node whose launcher sends no heartbeat through the store this long is lost.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    node_timeout_secs: u64,
     /// Address other nodes should use to reach this node's workers (default: the address this
     /// node reaches the master from). Also RINGTRAIN_LOCAL_ADDR.
     #[arg(long, env = "RINGTRAIN_LOCAL_ADDR")]
@@ -92,10 +102,15 @@ fn worker_command(command: &[String]) -> Result<(PathBuf, Vec<String>)> {
 /// The arguments clap cannot check alone.
 fn check(args: &Args) -> Result<()> {
     anyhow::ensure!(args.nproc_per_node >= 1, "--nproc-per-node must be at least 1");
-    anyhow::ensure!(args.nnodes >= 1, "--nnodes must be at least 1");
-    anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
+    anyhow::ensure!(args.nnodes.min >= 1, "--nnodes must be at least 1");
     anyhow::ensure!(
-        args.nnodes == 1 || args.master_port.is_some_and(|p| p != 0),
+        args.nnodes.is_elastic() || args.node_rank < args.nnodes.min,
+        "--node-rank {} must be below --nnodes {}",
+        args.node_rank,
+        args.nnodes
+    );
+    anyhow::ensure!(
+        args.nnodes.max == 1 || args.master_port.is_some_and(|p| p != 0),
         "--nnodes {} needs --master-port (the same on every node)",
         args.nnodes
     );
@@ -111,25 +126,30 @@ fn slurm_restart_count() -> Result<u32> {
 }
 
 /// With several nodes: this node's launcher joined with the others.
-fn join_nodes(args: &Args, master_port: u16, job_token: &str) -> Result<Option<NodeCoordinator>> {
-    if args.nnodes == 1 {
+fn join_nodes(args: &Args, master_port: u16, job_token: &str, gen: u32) -> Result<Option<NodeCoordinator>> {
+    if args.nnodes.max == 1 {
         return Ok(None);
     }
-    let n = NodeCoordinator::start(
-        args.master(),
-        master_port,
-        job_token,
-        args.nnodes,
-        args.node_rank,
-        Duration::from_secs(args.join_timeout_secs),
-    )
-    .map_err(anyhow::Error::msg)?;
-    eprintln!(
-        "ringrun: node {} of {}; peers reach this node at {}",
-        args.node_rank,
-        args.nnodes,
-        args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string())
-    );
+    let membership = if args.nnodes.is_elastic() {
+        Membership::Elastic(ElasticOptions {
+            min: args.nnodes.min,
+            max: args.nnodes.max,
+            settle: Duration::from_secs(args.rdzv_settle_secs),
+            node_timeout: Duration::from_secs(args.node_timeout_secs),
+        })
+    } else {
+        Membership::Static { nnodes: args.nnodes.min, node_rank: args.node_rank }
+    };
+    let mut n = NodeCoordinator::start(args.master(), master_port, job_token, membership, Duration::from_secs(args.join_timeout_secs), gen)
+        .map_err(anyhow::Error::msg)?;
+    let reach = args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string());
+    if args.nnodes.is_elastic() {
+        n.name_as(&reach);
+        let role = if n.is_host() { "serves the job's store (node 0)" } else { "joins the job" };
+        eprintln!("ringrun: elastic job of {} nodes; this node {role}; peers reach it at {reach}", args.nnodes);
+    } else {
+        eprintln!("ringrun: node {} of {}; peers reach this node at {reach}", args.node_rank, args.nnodes);
+    }
     Ok(Some(n))
 }
 
@@ -150,7 +170,7 @@ fn report(job: supervise::JobOutcome) -> ExitCode {
             eprintln!("ringrun: error: rank {rank} {exit}; stopped the other worker(s){restarts}");
             ExitCode::FAILURE
         }
-        Outcome::RemoteFailed { reason } => {
+        Outcome::RemoteFailed { reason } | Outcome::Reform { reason } | Outcome::StoreLost { reason } => {
             eprintln!("ringrun: error: {reason}; stopped this node's worker(s){restarts}");
             ExitCode::FAILURE
         }
@@ -178,7 +198,7 @@ fn try_main() -> Result<ExitCode> {
         }
     }
     check(&args)?;
-    let multi_node = args.nnodes > 1;
+    let multi_node = args.nnodes.max > 1;
     let (program, worker_args) = worker_command(&args.command)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = args
@@ -195,7 +215,9 @@ fn try_main() -> Result<ExitCode> {
         _ if multi_node => format!("ringrun-{}-{master_port}", args.master()),
         _ => ringtrain::auth::new_job_token().context("making a job token")?,
     };
-    let nodes = join_nodes(&args, master_port, &job_token)?;
+    // In a requeued Slurm job the workers start as a restart: they resume.
+    let restart_count = slurm_restart_count()?;
+    let nodes = join_nodes(&args, master_port, &job_token, restart_count)?;
     // The log folder is ours to make: a failure here names --log-dir, not the worker program.
     if let Some(d) = &args.log_dir {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--log-dir {}: {e}", d.display()))?;
@@ -205,7 +227,8 @@ fn try_main() -> Result<ExitCode> {
         program,
         args: worker_args,
         nproc_per_node: args.nproc_per_node,
-        nnodes: args.nnodes,
+        // Set per generation by the membership.
+        nnodes: args.nnodes.min,
         node_rank: args.node_rank,
         store_hosted: multi_node,
         local_addr: args.local_addr,
@@ -214,8 +237,7 @@ fn try_main() -> Result<ExitCode> {
         threads_per_worker: threads,
         log_dir: args.log_dir,
         job_token,
-        // In a requeued Slurm job the workers start as a restart: they resume.
-        restart_count: slurm_restart_count()?,
+        restart_count,
         stop_grace: Duration::from_secs(2),
         graceful_stop: Duration::from_secs(args.stop_timeout_secs),
     };

@@ -69,13 +69,13 @@ fn resume_mid_epoch_at_the_same_world_size_is_bitwise_equal() {
     }
 }
 
-/// Reads samples/rankN.txt of every rank: (epoch, sample) lines.
+/// Reads samples/rankN.txt of every rank: (epoch, sample) of its "epoch sample step" lines.
 fn seen(run_dir: &Path) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(run_dir.join("samples")).unwrap() {
-        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
-            let (a, b) = line.split_once(' ').unwrap();
-            out.push((a.parse().unwrap(), b.parse().unwrap()));
+        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<usize> = line.split(' ').map(|f| f.parse().unwrap()).collect();
+            out.push((f[0], f[1]));
         }
     }
     out

@@ -63,20 +63,15 @@ fn skip(why: &str) {
 }
 
 fn ringrun_node(nodes: &Nodes, k: usize, port: u16, cfg: &Path, run_dir: &Path, extra: &[&str]) -> Command {
-    let mut args: Vec<String> = vec![
-        RINGRUN.into(),
-        "--nnodes".into(),
-        "2".into(),
-        "--node-rank".into(),
-        k.to_string(),
-        "--nproc-per-node".into(),
-        "2".into(),
-        "--master-addr".into(),
-        nodes.addr(0),
-        "--master-port".into(),
-        port.to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut launcher = ["--nnodes", "2", "--node-rank", &k.to_string(), "--nproc-per-node", "2"].map(String::from).to_vec();
+    launcher.extend(extra.iter().map(|s| s.to_string()));
+    node_command(nodes, k, port, &launcher, cfg, run_dir)
+}
+
+/// ringrun on node k with `launcher` options, node 0's address as the master's.
+fn node_command(nodes: &Nodes, k: usize, port: u16, launcher: &[String], cfg: &Path, run_dir: &Path) -> Command {
+    let mut args: Vec<String> = vec![RINGRUN.into(), "--master-addr".into(), nodes.addr(0), "--master-port".into(), port.to_string()];
+    args.extend(launcher.iter().cloned());
     args.extend([RINGTRAIN.into(), "--config".into(), cfg.display().to_string(), "--run-dir".into(), run_dir.display().to_string()]);
     let mut c = nodes.exec(k, &args);
     c.env_remove("RINGTRAIN_FAULT");
@@ -434,4 +429,173 @@ fn pytorchjob_pods_running_one_worker_each_train_as_ringrun_on_one_node() {
     }
     let got: Vec<String> = (0..2).map(|r| rank_hash(&dir.path().join(format!("pod{r}")), r)).collect();
     assert_eq!(got, rank_hashes(&one_node, 2));
+}
+
+#[test]
+fn killing_the_node_that_serves_the_store_says_so_on_the_others() {
+    let Some(nodes) = Nodes::up(40, 2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(2, "").replace("epochs: 1", "epochs: 100").replace("timeout_secs: 20", "timeout_secs: 8"),
+    );
+    let node1 = ringrun_node(&nodes, 1, 29640, &cfg, &dir.path().join("node1"), &[]);
+    let survivor = std::thread::spawn(move || run(node1, Duration::from_secs(120)));
+    let node0_dir = dir.path().join("node0");
+    let mut node0 = ringrun_node(&nodes, 0, 29640, &cfg, &node0_dir, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let metrics = node0_dir.join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node0.kill().unwrap(); // SIGKILL to node 0's ringrun: the store and rank 0 go with it
+    node0.wait().unwrap();
+    let out = survivor.join().unwrap();
+    out.assert_failure();
+    assert!(out.stderr.contains("ringrun: error: node 0 is gone") && out.stderr.contains("serves the job's store"), "{}", out.report());
+}
+
+/// The global steps a run's node-0 log says each resume started from, in order.
+fn resumed_steps(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("resuming from"))
+        .filter_map(|l| l.split("(global step ").nth(1)?.split(',').next()?.parse().ok())
+        .collect()
+}
+
+/// (epoch, sample) of every sample trained on in the steps that count, from the "epoch sample
+/// step" lines of samples/rank*.txt in `run_dir`: each start of a worker writes "# start after
+/// global step N" first, so what the file logged earlier past step N was work lost to a failure,
+/// and is dropped; `lost_after` drops a file's steps past it when its node left then.
+fn samples_kept(run_dir: &Path, lost_after: Option<u64>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(run_dir.join("samples")).unwrap() {
+        let mut kept: Vec<(u64, u64, u64)> = Vec::new();
+        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+            if let Some(from) = line.strip_prefix("# start after global step ") {
+                let from: u64 = from.parse().unwrap();
+                kept.retain(|l| l.2 <= from);
+                continue;
+            }
+            let f: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
+            kept.push((f[0], f[1], f[2]));
+        }
+        out.extend(kept.into_iter().filter(|l| lost_after.is_none_or(|s| l.2 <= s)).map(|l| (l.0, l.1)));
+    }
+    out
+}
+
+#[test]
+fn an_elastic_job_admits_a_node_then_loses_it_and_ends_as_ringrun_at_each_world_size() {
+    let Some(nodes) = Nodes::up(41, 3) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 1,200 samples, batch 10: 60 steps per epoch at 2 ranks, 40 at 3; a checkpoint every 5 steps.
+    let cfg = write_config(
+        dir.path(),
+        "job.yaml",
+        &mlp_config(10, "checkpoint: {every_steps: 5, keep: 50}")
+            .replace("epochs: 1", "epochs: 2")
+            .replace("timeout_secs: 20", "timeout_secs: 8"),
+    );
+    let elastic = ["--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-settle-secs", "1", "--max-restarts", "3"].map(String::from);
+    let node = |k: usize| {
+        let mut c = node_command(&nodes, k, 29641, &elastic, &cfg, &dir.path().join(format!("node{k}")));
+        // Steps slow enough for nodes to come and go mid-epoch.
+        c.env("RINGTRAIN_TEST_STEP_MS", "60").env("RINGTRAIN_SAMPLE_LOG", "1");
+        c
+    };
+    let metrics = dir.path().join("node0").join("metrics.jsonl");
+    let steps_at = |world: u64| -> u64 {
+        let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let lines = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        lines.filter(|l| l["kind"] == "step" && l["world_size"] == world).count() as u64
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first_two: Vec<_> = [node(0), node(1)].into_iter().map(|c| std::thread::spawn(move || run(c, Duration::from_secs(300)))).collect();
+    wait_for("2 nodes did not start training", &|| steps_at(2) >= 2);
+    // A third node arrives: node 0 has every node stop at a checkpoint and re-forms with it.
+    let mut third = node(2).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("the job did not re-form with 3 nodes", &|| steps_at(3) >= 2);
+    third.kill().unwrap(); // SIGKILL: the node is gone, its worker with it
+    third.wait().unwrap();
+    let outs: Vec<Output> = first_two.into_iter().map(|h| h.join().unwrap()).collect();
+    for o in &outs {
+        o.assert_success();
+    }
+    let log = &outs[0].stderr;
+    let third_addr = nodes.addr(2);
+    assert!(log.contains(&format!("generation 1: 3 node(s) (joined: {third_addr}")), "{}", outs[0].report());
+    assert!(log.contains(&format!("generation 2: 2 node(s) (left: {third_addr}")), "{}", outs[0].report());
+    assert!(log.contains("waiting to join; stopped at a checkpoint to re-form the job"), "{}", outs[0].report());
+    let resumed = resumed_steps(log);
+    assert_eq!(resumed.len(), 2, "{}", outs[0].report());
+    let (s1, s2) = (resumed[0], resumed[1]);
+
+    // Each sample once per epoch, over the work that counts (node 2's steps after s2 were lost).
+    let mut all = samples_kept(&dir.path().join("node0"), None);
+    all.extend(samples_kept(&dir.path().join("node1"), None));
+    all.extend(samples_kept(&dir.path().join("node2"), Some(s2)));
+    for epoch in 0..2 {
+        let mut ids: Vec<u64> = all.iter().filter(|(e, _)| *e == epoch).map(|(_, s)| *s).collect();
+        ids.sort();
+        assert_eq!(ids, (0..1200).collect::<Vec<_>>(), "epoch {epoch} must see each sample once (resumed at {s1}, {s2})");
+    }
+
+    // ringrun on one node through the same world sizes from the same steps: the same bits.
+    let reference = dir.path().join("reference");
+    run(ringrun(2, &cfg, &reference, &["--set", &format!("train.max_steps={s1}")]), Duration::from_secs(120)).assert_success();
+    if s2 > s1 {
+        run(ringrun(3, &cfg, &reference, &["--resume", "auto", "--set", &format!("train.max_steps={s2}")]), Duration::from_secs(120))
+            .assert_success();
+    }
+    run(ringrun(2, &cfg, &reference, &["--resume", "auto"]), Duration::from_secs(120)).assert_success();
+    let got = vec![rank_hash(&dir.path().join("node0"), 0), rank_hash(&dir.path().join("node1"), 1)];
+    assert_eq!(got, rank_hashes(&reference, 2), "resumed at {s1} then {s2}");
+}
+
+#[test]
+fn an_elastic_node_whose_launcher_stops_heartbeating_is_counted_lost_and_the_rest_go_on() {
+    let Some(nodes) = Nodes::up(42, 3) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(10, "checkpoint: {every_steps: 5}").replace("epochs: 1", "epochs: 2"));
+    let elastic =
+        ["--nnodes", "2:3", "--nproc-per-node", "1", "--max-restarts", "1", "--node-timeout-secs", "3", "--rdzv-settle-secs", "1"]
+            .map(String::from);
+    let node = |k: usize| {
+        let mut c = node_command(&nodes, k, 29642, &elastic, &cfg, &dir.path().join(format!("node{k}")));
+        c.env("RINGTRAIN_TEST_STEP_MS", "40");
+        c
+    };
+    // All three in at once: MAX reached, no settle wait.
+    let mut third = node(2).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let first_two: Vec<_> = [node(0), node(1)].into_iter().map(|c| std::thread::spawn(move || run(c, Duration::from_secs(300)))).collect();
+    let metrics = dir.path().join("node0").join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Node 2's launcher freezes (its worker trains on): only its heartbeat says it is gone.
+    unsafe { libc::kill(third.id() as i32, libc::SIGSTOP) };
+    let outs: Vec<Output> = first_two.into_iter().map(|h| h.join().unwrap()).collect();
+    let _ = third.kill();
+    let _ = third.wait();
+    for o in &outs {
+        o.assert_success();
+    }
+    let log = &outs[0].stderr;
+    let lost = format!("node 2 ({} (pid {})) sent no heartbeat for 3s", nodes.addr(2), third.id());
+    assert!(log.contains(&lost) && log.contains("generation 1: 2 node(s) (left: "), "{}", outs[0].report());
+    assert!(outs[1].stderr.contains(&lost), "{}", outs[1].report());
+    let last = metrics_lines(&dir.path().join("node0"), "step").pop().unwrap();
+    assert_eq!(last["world_size"], 2, "{last}");
 }

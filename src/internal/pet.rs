@@ -20,18 +20,36 @@ pub fn parse_nproc_per_node(v: &str) -> Result<usize, String> {
     }
 }
 
-/// `--nnodes`: `N`, or torchrun's `MIN:MAX` with MIN = MAX (a fixed count).
-pub fn parse_nnodes(v: &str) -> Result<usize, String> {
+/// `--nnodes`: a fixed count `N` (or torchrun's `N:N`), or an elastic range `MIN:MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeCount {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl NodeCount {
+    pub fn is_elastic(&self) -> bool {
+        self.min < self.max
+    }
+}
+
+impl std::fmt::Display for NodeCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_elastic() {
+            write!(f, "{}:{}", self.min, self.max)
+        } else {
+            write!(f, "{}", self.min)
+        }
+    }
+}
+
+pub fn parse_nnodes(v: &str) -> Result<NodeCount, String> {
     let count = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| n >= 1);
     match v.split_once(':') {
-        None => count(v).ok_or_else(|| format!("{v:?} is not a node count")),
+        None => count(v).map(|n| NodeCount { min: n, max: n }).ok_or_else(|| format!("{v:?} is not a node count")),
         Some((lo, hi)) => match (count(lo), count(hi)) {
-            (Some(a), Some(b)) if a == b => Ok(a),
-            (Some(a), Some(b)) if a < b => Err(format!(
-                "{v:?} (--nnodes, or PET_NNODES from an elastic policy): a range of node counts (elastic membership, {a} to {b} nodes) \
-                 is not supported yet; give a fixed count"
-            )),
-            _ => Err(format!("{v:?} is not a node count or MIN:MAX range")),
+            (Some(min), Some(max)) if min <= max => Ok(NodeCount { min, max }),
+            _ => Err(format!("{v:?} is not a node count or MIN:MAX range (1 ≤ MIN ≤ MAX)")),
         },
     }
 }
@@ -59,9 +77,10 @@ mod tests {
 
     #[test]
     fn node_counts_and_ranges() {
-        assert_eq!(parse_nnodes("2"), Ok(2));
-        assert_eq!(parse_nnodes("3:3"), Ok(3));
-        assert!(parse_nnodes("1:3").unwrap_err().contains("not supported yet"));
+        assert_eq!(parse_nnodes("2"), Ok(NodeCount { min: 2, max: 2 }));
+        assert_eq!(parse_nnodes("3:3").map(|n| n.is_elastic()), Ok(false));
+        assert_eq!(parse_nnodes("1:3"), Ok(NodeCount { min: 1, max: 3 }));
+        assert_eq!(parse_nnodes("1:3").unwrap().to_string(), "1:3");
         assert!(parse_nnodes("0").is_err() && parse_nnodes("x").is_err() && parse_nnodes("3:1").is_err());
         assert_eq!(parse_nproc_per_node("4"), Ok(4));
         assert!(parse_nproc_per_node("auto").unwrap() >= 1);

@@ -4,6 +4,7 @@
 //! Workers run in their own process group, so a terminal's Ctrl-C reaches them once, through us,
 //! and die with us (PR_SET_PDEATHSIG) if the launcher itself is killed.
 
+use super::nodes::{NodeCoordinator, Remote, RemoteKind};
 use crossbeam_channel::Receiver;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -87,6 +88,10 @@ pub enum Outcome {
     Interrupted { signal: i32, exits: Vec<WorkerExit> },
     /// Another node failed (or was lost); this node's workers were stopped.
     RemoteFailed { reason: String },
+    /// The store (node 0) is gone; this node's workers were stopped and the job cannot go on.
+    StoreLost { reason: String },
+    /// Nodes wait to join (elastic): the workers stopped at a checkpoint so the job re-forms.
+    Reform { reason: String },
 }
 
 struct Worker {
@@ -222,7 +227,7 @@ fn stop_all(workers: &mut [Worker], grace: Duration) {
 
 /// Runs one generation of the group to its end. `signals` delivers SIGINT/SIGTERM received by
 /// the launcher: the first is forwarded to the workers, a second kills them.
-pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn() -> Option<String>) -> std::io::Result<Outcome> {
+pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn() -> Option<Remote>) -> std::io::Result<Outcome> {
     let mut workers = Vec::with_capacity(opts.nproc_per_node);
     for local_rank in 0..opts.nproc_per_node {
         match spawn_worker(opts, local_rank) {
@@ -258,9 +263,17 @@ pub fn run_group(opts: &GroupOptions, signals: &Receiver<i32>, remote: &dyn Fn()
         }
         reap(&mut workers);
         if interrupted.is_none() {
-            if let Some(reason) = remote() {
+            if let Some(Remote { reason, kind }) = remote() {
+                if kind == RemoteKind::Reform {
+                    // SIGTERM: the workers agree on a step, checkpoint there and exit.
+                    stop_all(&mut workers, opts.graceful_stop);
+                    break Outcome::Reform { reason };
+                }
                 stop_all(&mut workers, opts.stop_grace);
-                break Outcome::RemoteFailed { reason };
+                break match kind {
+                    RemoteKind::StoreLost => Outcome::StoreLost { reason },
+                    _ => Outcome::RemoteFailed { reason },
+                };
             }
         }
         if interrupted.is_none() {
@@ -301,53 +314,80 @@ pub struct JobOutcome {
 
 /// Runs the group; when a worker fails (on any node) and restarts remain, stops the rest and
 /// starts the whole group again (TORCHELASTIC_RESTART_COUNT + 1; a new store port on a single
-/// node), and the workers resume from the latest checkpoint. A user's signal never restarts.
+/// node), and the workers resume from the latest checkpoint. With elastic membership each
+/// generation may have other nodes (and so another world size). A user's signal never restarts.
 pub fn run_job(
     opts: &GroupOptions,
     max_restarts: u32,
     signals: &Receiver<i32>,
-    nodes: Option<&crate::internal::nodes::NodeCoordinator>,
+    nodes: Option<&NodeCoordinator>,
 ) -> Result<JobOutcome, String> {
     let mut opts = opts.clone();
     let mut restarts = Vec::new();
+    let base = nodes.map_or(opts.restart_count, |n| n.base());
     loop {
-        let gen = opts.restart_count;
-        if let Some(n) = nodes {
-            n.join(gen)?;
+        let joined = match nodes {
+            Some(n) => match n.join(opts.restart_count)? {
+                Some(j) => Some(j),
+                None => {
+                    super::status::message("ringrun: the job finished while this node waited to join it");
+                    return Ok(JobOutcome { last: Outcome::Success, restarts });
+                }
+            },
+            None => None,
+        };
+        if let Some(j) = &joined {
+            (opts.restart_count, opts.nnodes, opts.node_rank) = (j.gen, j.nnodes, j.node_rank);
         }
-        let watch = nodes.map(|n| n.watch(gen));
+        // Restarts count per job, not per node: a node that joined late has the same budget left.
+        let restarts_left = max_restarts.saturating_sub(opts.restart_count - base);
+        let watch = nodes.zip(joined.as_ref()).map(|(n, j)| n.watch(j, restarts_left > 0));
         let remote = || watch.as_ref().and_then(|w| w.get());
-        let outcome = run_group(&opts, signals, &remote).map_err(|e| e.to_string())?;
+        let mut outcome = run_group(&opts, signals, &remote).map_err(|e| e.to_string())?;
+        if let (Outcome::Failed { .. }, Some(w)) = (&outcome, &watch) {
+            // When node 0 dies, this node's workers may fail before the watcher sees the store
+            // close: the store's loss is the cause.
+            if let Some(reason) = w.store_lost_within(Duration::from_secs(1)) {
+                outcome = Outcome::StoreLost { reason };
+            }
+        }
+        if let (Outcome::Success, Some(n), Some(j)) = (&outcome, nodes, &joined) {
+            if let Some(reason) = n.reform_asked(j) {
+                outcome = Outcome::Reform { reason };
+            }
+        }
         if let Some(w) = &watch {
             w.stop_watching();
         }
         let cause = match &outcome {
             Outcome::Failed { rank, exit } => {
                 let what = format!("rank {rank} {exit}");
-                if let Some(n) = nodes {
-                    n.report_failure(gen, &what);
+                if let Some((n, j)) = nodes.zip(joined.as_ref()) {
+                    n.report_failure(j, &what);
                 }
                 Some(what)
             }
             Outcome::RemoteFailed { reason } => Some(reason.clone()),
+            Outcome::Reform { reason } => Some(format!("{reason}; stopped at a checkpoint to re-form the job")),
+            Outcome::StoreLost { .. } => None,
             Outcome::Success => {
-                if let Some(n) = nodes {
-                    n.finish(gen)?;
+                if let Some((n, j)) = nodes.zip(joined.as_ref()) {
+                    n.finish(j)?;
                 }
                 None
             }
             Outcome::Interrupted { .. } => {
-                if let Some(n) = nodes {
-                    n.report_failure(gen, "interrupted by a signal");
+                if let Some((n, j)) = nodes.zip(joined.as_ref()) {
+                    n.report_failure(j, "interrupted by a signal");
                 }
                 None
             }
         };
         match cause {
-            Some(cause) if (restarts.len() as u32) < max_restarts => {
+            Some(cause) if restarts_left > 0 => {
                 super::status::message(&format!(
                     "ringrun: {cause}; restarting the group ({} of {max_restarts}) from the latest checkpoint",
-                    restarts.len() + 1
+                    opts.restart_count - base + 1
                 ));
                 super::status::reset();
                 restarts.push(cause);

@@ -55,6 +55,13 @@ pub trait Store: Send + Sync {
     fn wait(&self, keys: &[String], timeout: Duration) -> Result<(), StoreError>;
 }
 
+/// Whether `addr` (a name or an address) is one of this host's own: an elastic job's store is
+/// served by the node whose address the master address is.
+pub fn is_local_address(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    (addr, 0).to_socket_addrs().is_ok_and(|mut a| a.any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok()))
+}
+
 /// Where rank 0 (or node 0) serves the store for peers that reach it at `master_addr`: that
 /// address's own interface, so the store is not offered on every network the host is on (c10d
 /// binds all of them). `RINGTRAIN_STORE_BIND` overrides it (e.g. `0.0.0.0` behind NAT, where

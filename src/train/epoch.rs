@@ -106,6 +106,9 @@ impl Trainer<'_> {
         if let Some(f) = &self.fault {
             f.check(self.rank(), self.pos.global_step);
         }
+        if let Some(pause) = super::fault::test_step_pause() {
+            std::thread::sleep(pause);
+        }
         let micro = position::micro_batches_in_step(batches_left, t.grad_accum_steps);
         let log_step = (self.pos.global_step + 1) % t.log_every_steps == 0 || micro == batches_left;
         let log_now = self.rank() == 0 && log_step;

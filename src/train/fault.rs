@@ -5,6 +5,13 @@
 
 use std::time::Duration;
 
+/// Test aid: `RINGTRAIN_TEST_STEP_MS=N` makes every step N ms longer (a sleep), so a test can act
+/// on a run while it trains (nodes joining or leaving it) whatever the machine's speed.
+pub fn test_step_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| std::env::var("RINGTRAIN_TEST_STEP_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis))
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum FaultAction {
     Exit(i32),

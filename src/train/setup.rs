@@ -250,7 +250,12 @@ fn outputs(
             let dir = run_dir.join("samples");
             std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
             let p = dir.join(format!("rank{rank}.txt"));
-            Some(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?)
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?;
+            // Each start marks where it resumed: lines after it from an earlier start, past this
+            // step, were work lost to a failure.
+            std::io::Write::write_all(&mut f, format!("# start after global step {}\n", resumed_step.unwrap_or(0)).as_bytes())
+                .map_err(io_err(p.display().to_string()))?;
+            Some(f)
         }
         false => None,
     };

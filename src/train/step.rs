@@ -63,7 +63,10 @@ impl Trainer<'_> {
         self.timing.record(Phase::DataWait, waited);
         if let Some(f) = &mut self.samples_file {
             let ids = &todo[*taken..(*taken + batch.len).min(todo.len())];
-            let lines: String = ids.iter().map(|id| format!("{} {id}\n", self.pos.epoch)).collect();
+            // With the step it trains in: work lost to a failure (steps after the checkpoint
+            // resumed from) can be told apart.
+            let step = self.pos.global_step + 1;
+            let lines: String = ids.iter().map(|id| format!("{} {id} {step}\n", self.pos.epoch)).collect();
             f.write_all(lines.as_bytes()).map_err(io_err("sample log"))?;
         }
         *taken += self.cfg.train.batch_size;
