@@ -32,6 +32,23 @@ struct Args {
     /// numbered in the order they arrive.
     #[arg(long, env = "PET_NODE_RANK", default_value_t = 0)]
     node_rank: usize,
+    /// How nodes meet: `static` (a fixed --node-rank per node) or `c10d` (numbered as they
+    /// arrive, as with --nnodes MIN:MAX). Also PET_RDZV_BACKEND.
+    #[arg(long, env = "PET_RDZV_BACKEND", default_value = "static", value_parser = pet::parse_rdzv_backend)]
+    rdzv_backend: pet::RdzvBackend,
+    /// HOST[:PORT] of the job's store, torchrun's form (default port 29400); used when
+    /// --master-addr is not given. Also PET_RDZV_ENDPOINT (Kubernetes' elastic policy sets it).
+    #[arg(long, env = "PET_RDZV_ENDPOINT", value_parser = pet::parse_endpoint, value_name = "HOST[:PORT]")]
+    rdzv_endpoint: Option<(String, u16)>,
+    /// torchrun's rendezvous id: part of the job token derived when RINGTRAIN_JOB_TOKEN is unset.
+    /// Also PET_RDZV_ID.
+    #[arg(long, env = "PET_RDZV_ID")]
+    rdzv_id: Option<String>,
+    /// torchrun's rendezvous settings: join_timeout, last_call_timeout (as --join-timeout-secs and
+    /// --rdzv-settle-secs) and is_host (whether this node serves the store); others are ignored
+    /// with a note. Also PET_RDZV_CONF.
+    #[arg(long, env = "PET_RDZV_CONF", value_parser = pet::parse_rdzv_conf, value_name = "KEY=VALUE,…")]
+    rdzv_conf: Option<pet::RdzvConf>,
     /// Elastic: once MIN nodes are in, how long others may still join before a generation starts.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     rdzv_settle_secs: u64,
@@ -82,6 +99,11 @@ impl Args {
     fn master(&self) -> &str {
         self.master_addr.as_deref().unwrap_or("127.0.0.1")
     }
+
+    /// Nodes numbered by the store as they arrive (else each has its --node-rank).
+    fn elastic(&self) -> bool {
+        self.nnodes.is_elastic() || self.rdzv_backend == pet::RdzvBackend::C10d
+    }
 }
 
 /// Resolves the worker: a bare name that exists beside ringrun (the matching build) wins over
@@ -104,7 +126,7 @@ fn check(args: &Args) -> Result<()> {
     anyhow::ensure!(args.nproc_per_node >= 1, "--nproc-per-node must be at least 1");
     anyhow::ensure!(args.nnodes.min >= 1, "--nnodes must be at least 1");
     anyhow::ensure!(
-        args.nnodes.is_elastic() || args.node_rank < args.nnodes.min,
+        args.elastic() || args.node_rank < args.nnodes.min,
         "--node-rank {} must be below --nnodes {}",
         args.node_rank,
         args.nnodes
@@ -130,12 +152,13 @@ fn join_nodes(args: &Args, master_port: u16, job_token: &str, gen: u32) -> Resul
     if args.nnodes.max == 1 {
         return Ok(None);
     }
-    let membership = if args.nnodes.is_elastic() {
+    let membership = if args.elastic() {
         Membership::Elastic(ElasticOptions {
             min: args.nnodes.min,
             max: args.nnodes.max,
             settle: Duration::from_secs(args.rdzv_settle_secs),
             node_timeout: Duration::from_secs(args.node_timeout_secs),
+            host: args.rdzv_conf.as_ref().and_then(|c| c.is_host),
         })
     } else {
         Membership::Static { nnodes: args.nnodes.min, node_rank: args.node_rank }
@@ -143,7 +166,7 @@ fn join_nodes(args: &Args, master_port: u16, job_token: &str, gen: u32) -> Resul
     let mut n = NodeCoordinator::start(args.master(), master_port, job_token, membership, Duration::from_secs(args.join_timeout_secs), gen)
         .map_err(anyhow::Error::msg)?;
     let reach = args.local_addr.clone().unwrap_or_else(|| n.local_ip().to_string());
-    if args.nnodes.is_elastic() {
+    if args.elastic() {
         n.name_as(&reach);
         let role = if n.is_host() { "serves the job's store (node 0)" } else { "joins the job" };
         eprintln!("ringrun: elastic job of {} nodes; this node {role}; peers reach it at {reach}", args.nnodes);
@@ -189,6 +212,17 @@ fn report(job: supervise::JobOutcome) -> ExitCode {
 fn try_main() -> Result<ExitCode> {
     let mut args = Args::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    if let (None, Some((host, port))) = (&args.master_addr, &args.rdzv_endpoint) {
+        args.master_addr = Some(host.clone());
+        args.master_port = args.master_port.or(Some(*port));
+    }
+    if let Some(c) = &args.rdzv_conf {
+        args.join_timeout_secs = c.join_timeout.unwrap_or(args.join_timeout_secs);
+        args.rdzv_settle_secs = c.last_call_timeout.unwrap_or(args.rdzv_settle_secs);
+        if !c.ignored.is_empty() {
+            eprintln!("ringrun: --rdzv-conf: ignoring {} (not used by ringrun's rendezvous)", c.ignored.join(", "));
+        }
+    }
     if args.master_addr.is_none() {
         args.master_addr = pet::operator_fallback(&env, "MASTER_ADDR");
     }
@@ -212,7 +246,7 @@ fn try_main() -> Result<ExitCode> {
     let job_token = match std::env::var("RINGTRAIN_JOB_TOKEN") {
         Ok(t) if !t.is_empty() => t,
         // Nodes must agree on the token; export RINGTRAIN_JOB_TOKEN on every node for a secret one.
-        _ if multi_node => format!("ringrun-{}-{master_port}", args.master()),
+        _ if multi_node => format!("ringrun-{}-{master_port}-{}", args.master(), args.rdzv_id.as_deref().unwrap_or("")),
         _ => ringtrain::auth::new_job_token().context("making a job token")?,
     };
     // In a requeued Slurm job the workers start as a restart: they resume.

@@ -329,9 +329,18 @@ struct PodNames(Vec<PathBuf>);
 
 impl PodNames {
     fn new(nodes: &Nodes, n: usize, job: &str) -> PodNames {
+        Self::named(nodes, n, |k| if k == 0 { format!("{job}-master-0") } else { format!("{job}-worker-{}", k - 1) })
+    }
+
+    /// An elastic job's pods: workers only, `<job>-worker-<k>` on node k.
+    fn workers(nodes: &Nodes, n: usize, job: &str) -> PodNames {
+        Self::named(nodes, n, |k| format!("{job}-worker-{k}"))
+    }
+
+    fn named(nodes: &Nodes, n: usize, name: impl Fn(usize) -> String) -> PodNames {
         let mut hosts = String::from("127.0.0.1 localhost\n");
         for k in 0..n {
-            let name = if k == 0 { format!("{job}-master-0") } else { format!("{job}-worker-{}", k - 1) };
+            let name = name(k);
             hosts.push_str(&format!("{} {name}\n", nodes.addr(k)));
         }
         let dirs: Vec<PathBuf> = (0..n).map(|k| PathBuf::from(format!("/etc/netns/rt{}n{k}", nodes.id))).collect();
@@ -375,6 +384,58 @@ fn operator_pod(nodes: &Nodes, k: usize, replicas: usize, nproc: &str, job: &str
         ("PET_NNODES", replicas.to_string()),
     ]);
     c
+}
+
+/// What the operator sets in a pod of a PyTorchJob with an `elasticPolicy`
+/// (`pkg/controller.v1/pytorch/elastic.go`): PET_RDZV_ENDPOINT = worker 0's service and port,
+/// PET_RDZV_BACKEND = c10d, PET_NNODES = "min:max", PET_MAX_RESTARTS, PET_NPROC_PER_NODE; no
+/// MASTER_*, RANK, WORLD_SIZE or PET_NODE_RANK (there is no master replica).
+fn elastic_operator_pod(nodes: &Nodes, k: usize, nnodes: &str, job: &str, cmd: &[String]) -> Command {
+    let mut c = nodes.exec(k, cmd);
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RINGTRAIN_FAULT"] {
+        c.env_remove(v);
+    }
+    c.env_remove("RINGTRAIN_JOB_TOKEN").env_remove("RINGTRAIN_LOCAL_ADDR").env_remove("OMP_NUM_THREADS");
+    c.envs([
+        ("PYTHONUNBUFFERED", "0".to_string()),
+        ("PET_RDZV_ENDPOINT", format!("{job}-worker-0:23456")),
+        ("PET_RDZV_BACKEND", "c10d".to_string()),
+        ("PET_NNODES", nnodes.to_string()),
+        ("PET_MAX_RESTARTS", "3".to_string()),
+        ("PET_NPROC_PER_NODE", "2".to_string()),
+    ]);
+    c
+}
+
+#[test]
+fn pytorchjob_pods_with_an_elastic_policy_train_as_ringrun_on_one_node() {
+    let Some(nodes) = Nodes::up(43, 2) else { return };
+    let _names = PodNames::workers(&nodes, 2, "pje");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), "ring");
+    let one_node = dir.path().join("one-node");
+    run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
+    // "2:2" (minReplicas = maxReplicas) is a c10d rendezvous too: nodes numbered as they arrive.
+    for nnodes in ["1:2", "2:2"] {
+        let handles: Vec<_> = (0..2)
+            .map(|k| {
+                // deploy/pytorchjob-elastic.yaml's command.
+                let run_dir = dir.path().join(format!("{nnodes}-pod{k}"));
+                let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
+                let cmd = [RINGRUN, RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
+                let c = elastic_operator_pod(&nodes, k, nnodes, "pje", &cmd);
+                std::thread::spawn(move || run(c, Duration::from_secs(120)))
+            })
+            .collect();
+        let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for o in &outs {
+            o.assert_success();
+        }
+        assert!(outs[0].stderr.contains("this node serves the job's store (node 0)"), "{}", outs[0].report());
+        // Worker 0's pod (the endpoint's) is node 0 whatever order the pods came in.
+        let got: Vec<String> = (0..4).map(|r| rank_hash(&dir.path().join(format!("{nnodes}-pod{}", r / 2)), r)).collect();
+        assert_eq!(got, rank_hashes(&one_node, 4), "{nnodes}");
+    }
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub struct ElasticOptions {
     pub settle: Duration,
     /// A member whose heartbeat stops this long is lost.
     pub node_timeout: Duration,
+    /// Whether this node serves the store; `None`: the node whose address the master address is.
+    pub host: Option<bool>,
 }
 
 /// One generation's members: `ids[k]` is node k.

@@ -129,7 +129,7 @@ impl NodeCoordinator {
                 Some(TcpStoreServer::start(&crate::rendezvous::bind_address(master_addr, port), token).map_err(|e| e.to_string())?)
             }
             Membership::Static { .. } => None,
-            Membership::Elastic(_) if crate::rendezvous::is_local_address(master_addr) => {
+            Membership::Elastic(o) if o.host.unwrap_or_else(|| crate::rendezvous::is_local_address(master_addr)) => {
                 match TcpStoreServer::start(&crate::rendezvous::bind_address(master_addr, port), token) {
                     Ok(s) => Some(s),
                     // Another launcher on this host serves it: this one is a client.

@@ -54,6 +54,80 @@ pub fn parse_nnodes(v: &str) -> Result<NodeCount, String> {
     }
 }
 
+/// `--rdzv-backend`: how nodes meet. `static` (torchrun's default): every node has a fixed
+/// `--node-rank`; `c10d`: the store on the rendezvous host numbers nodes as they arrive (with
+/// `--nnodes MIN:MAX` ringrun does so whatever the backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RdzvBackend {
+    Static,
+    C10d,
+}
+
+pub fn parse_rdzv_backend(v: &str) -> Result<RdzvBackend, String> {
+    match v.trim() {
+        "static" => Ok(RdzvBackend::Static),
+        "c10d" => Ok(RdzvBackend::C10d),
+        other => Err(format!(
+            "{other:?}: ringrun's nodes meet through the store its node 0 serves (torchrun's static or c10d backends); \
+             etcd is not supported"
+        )),
+    }
+}
+
+/// `--rdzv-endpoint HOST[:PORT]` (PET_RDZV_ENDPOINT, what the operator sets for an elastic policy):
+/// the store's address; torchrun's default port 29400 when none is given.
+pub fn parse_endpoint(v: &str) -> Result<(String, u16), String> {
+    let v = v.trim();
+    let (host, port) = match v.rsplit_once(':') {
+        // A bare IPv6 address has colons but no port.
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
+        _ => (v, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{v:?} is not a HOST[:PORT] endpoint"));
+    }
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| format!("{v:?}: {p:?} is not a port number"))?,
+        None => 29400,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// `--rdzv-conf key=value,…` (PET_RDZV_CONF): torchrun's rendezvous settings ringrun has a use for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RdzvConf {
+    /// Seconds to wait for the nodes (`--join-timeout-secs`).
+    pub join_timeout: Option<u64>,
+    /// Seconds more nodes may join after the minimum (`--rdzv-settle-secs`).
+    pub last_call_timeout: Option<u64>,
+    /// Whether this node serves the store (else: the node whose address the endpoint is).
+    pub is_host: Option<bool>,
+    /// Keys ringrun does not use (said once at start).
+    pub ignored: Vec<String>,
+}
+
+pub fn parse_rdzv_conf(v: &str) -> Result<RdzvConf, String> {
+    let mut c = RdzvConf::default();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, val) = part.split_once('=').ok_or_else(|| format!("--rdzv-conf {part:?}: expected key=value"))?;
+        let secs = || val.trim().parse::<f64>().map(|s| s.ceil() as u64).map_err(|_| format!("--rdzv-conf {k}={val:?}: not a number of seconds"));
+        match k.trim() {
+            "join_timeout" => c.join_timeout = Some(secs()?),
+            "last_call_timeout" => c.last_call_timeout = Some(secs()?),
+            "is_host" => {
+                c.is_host = Some(match val.trim().to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "y" => true,
+                    "0" | "false" | "no" | "n" => false,
+                    _ => return Err(format!("--rdzv-conf is_host={val:?}: expected true or false")),
+                })
+            }
+            other => c.ignored.push(other.to_string()),
+        }
+    }
+    Ok(c)
+}
+
 /// The master address or port when neither the flag nor its `PET_` variable gave one: the v1
 /// operator's `MASTER_ADDR`/`MASTER_PORT` (`key`) when the operator's `PET_NNODES` or
 /// `PET_NODE_RANK` shows ringrun runs in such a pod; else none (a stray `MASTER_ADDR` in a shell
@@ -85,6 +159,20 @@ mod tests {
         assert_eq!(parse_nproc_per_node("4"), Ok(4));
         assert!(parse_nproc_per_node("auto").unwrap() >= 1);
         assert!(parse_nproc_per_node("0").is_err());
+    }
+
+    #[test]
+    fn rendezvous_endpoints_backends_and_settings_as_torchrun_reads_them() {
+        assert_eq!(parse_endpoint("job-worker-0:23456"), Ok(("job-worker-0".into(), 23456)));
+        assert_eq!(parse_endpoint("10.0.0.1"), Ok(("10.0.0.1".into(), 29400)));
+        assert_eq!(parse_endpoint("[fd00::1]:29500"), Ok(("fd00::1".into(), 29500)));
+        assert!(parse_endpoint("host:port").unwrap_err().contains("not a port number"));
+        assert_eq!(parse_rdzv_backend("c10d"), Ok(RdzvBackend::C10d));
+        assert!(parse_rdzv_backend("etcd").unwrap_err().contains("etcd is not supported"));
+        let c = parse_rdzv_conf("join_timeout=600,last_call_timeout=2.5,is_host=false,read_timeout=60").unwrap();
+        assert_eq!((c.join_timeout, c.last_call_timeout, c.is_host), (Some(600), Some(3), Some(false)));
+        assert_eq!(c.ignored, vec!["read_timeout".to_string()]);
+        assert!(parse_rdzv_conf("is_host=maybe").is_err() && parse_rdzv_conf("join_timeout").is_err());
     }
 
     #[test]
