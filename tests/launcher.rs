@@ -122,3 +122,49 @@ fn a_missing_worker_program_is_an_error() {
     out.assert_failure();
     assert!(out.stderr.contains("/no/such/worker"), "{}", out.report());
 }
+
+/// ringrun as one node of an elastic job whose store is on this host's loopback `port`.
+fn elastic_ringrun(nnodes: &str, port: u16, cfg: &std::path::Path, run_dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(RINGRUN);
+    c.args(["--nnodes", nnodes, "--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{port}")]).args(extra);
+    c.arg(RINGTRAIN).arg("--config").arg(cfg).arg("--run-dir").arg(run_dir);
+    c.env_remove("RINGTRAIN_FAULT");
+    c
+}
+
+#[test]
+fn an_elastic_job_that_never_reaches_its_minimum_says_how_many_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(16, ""));
+    let out =
+        run(elastic_ringrun("2:3", free_port(), &cfg, &dir.path().join("run"), &["--join-timeout-secs", "2"]), Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("ringrun: error: only 1 node(s) of at least 2 joined generation 0 within 2s"), "{}", out.report());
+}
+
+#[test]
+fn a_node_that_arrives_when_no_restarts_are_left_waits_and_leaves_when_the_job_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.yaml", &mlp_config(16, ""));
+    let port = free_port();
+    // The first ringrun binds the port and serves the store, and starts alone after the settle
+    // time; admitting the second would take a restart, and none are allowed (--max-restarts 0).
+    let mut first = elastic_ringrun("1:2", port, &cfg, &dir.path().join("run"), &["--nproc-per-node", "2", "--rdzv-settle-secs", "1"]);
+    first.env("RINGTRAIN_TEST_STEP_MS", "50");
+    let first = std::thread::spawn(move || run(first, Duration::from_secs(120)));
+    let metrics = dir.path().join("run").join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 1 {
+        assert!(std::time::Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = run(elastic_ringrun("1:2", port, &cfg, &dir.path().join("second"), &[]), Duration::from_secs(120));
+    let first = first.join().unwrap();
+    first.assert_success();
+    second.assert_success();
+    assert!(second.stderr.contains("generation 0 runs with 1 node(s); this node waits to join the next"), "{}", second.report());
+    assert!(second.stderr.contains("the job finished while this node waited to join it"), "{}", second.report());
+    assert!(!dir.path().join("second").exists(), "the waiting node started workers");
+    let last = metrics_lines(&dir.path().join("run"), "step").pop().unwrap();
+    assert_eq!(last["world_size"], 2, "{last}");
+}

@@ -111,7 +111,8 @@ pub fn parse_rdzv_conf(v: &str) -> Result<RdzvConf, String> {
     let mut c = RdzvConf::default();
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, val) = part.split_once('=').ok_or_else(|| format!("--rdzv-conf {part:?}: expected key=value"))?;
-        let secs = || val.trim().parse::<f64>().map(|s| s.ceil() as u64).map_err(|_| format!("--rdzv-conf {k}={val:?}: not a number of seconds"));
+        let secs =
+            || val.trim().parse::<f64>().map(|s| s.ceil() as u64).map_err(|_| format!("--rdzv-conf {k}={val:?}: not a number of seconds"));
         match k.trim() {
             "join_timeout" => c.join_timeout = Some(secs()?),
             "last_call_timeout" => c.last_call_timeout = Some(secs()?),
