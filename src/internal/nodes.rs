@@ -102,7 +102,7 @@ pub(super) fn store_lost(e: &StoreError) -> String {
     match e {
         StoreError::Io { addr, source, .. } if crate::wire::is_closed(source) => format!(
             "node 0 is gone: its launcher, which serves the job's store ({addr}), closed the connection; the job cannot go on \
-             without it: start every node again to resume from the latest checkpoint"
+             without it: start every node again, the workers with --resume auto, to go on from the latest checkpoint"
         ),
         e => format!("lost contact with the job's store on node 0: {e}"),
     }
@@ -182,8 +182,8 @@ impl NodeCoordinator {
 
     /// Takes part in generation `gen` (elastic: the newest one at or after it): returns this
     /// node's place once every member is in; `None` when the job finished while this node waited
-    /// to join.
-    pub fn join(&self, gen: u32) -> Result<Option<Joined>, String> {
+    /// to join. Elastic: logs the members and world size (`nproc_per_node` workers each).
+    pub fn join(&self, gen: u32, nproc_per_node: usize) -> Result<Option<Joined>, String> {
         let o = match &self.membership {
             Membership::Static { nnodes, node_rank } => {
                 self.join_static(gen)?;
@@ -203,9 +203,10 @@ impl NodeCoordinator {
         };
         let world_note = if m.news.is_empty() { String::new() } else { format!(" ({})", m.news) };
         super::status::message(&format!(
-            "ringrun: generation {}: {} node(s){world_note}; this is node {node_rank}; nodes: {}",
+            "ringrun: generation {}: {} node(s), world size {}{world_note}; this is node {node_rank}; nodes: {}",
             m.gen,
             m.ids.len(),
+            m.ids.len() * nproc_per_node,
             m.ids.iter().enumerate().map(|(k, id)| format!("{k} = {id}")).collect::<Vec<_>>().join(", ")
         ));
         let joined = Joined { gen: m.gen, nnodes: m.ids.len(), node_rank };
@@ -282,7 +283,32 @@ impl NodeCoordinator {
         self.store.set(&key(j.gen, &format!("done/{}", j.node_rank)), b"1").map_err(|e| e.to_string())?;
         if j.node_rank == 0 {
             let keys: Vec<String> = (0..j.nnodes).map(|n| key(j.gen, &format!("done/{n}"))).collect();
-            self.store.wait(&keys, self.join_timeout).map_err(|e| format!("waiting for the other nodes to finish: {e}"))?;
+            match &self.membership {
+                Membership::Static { .. } => {
+                    self.store.wait(&keys, self.join_timeout).map_err(|e| format!("waiting for the other nodes to finish: {e}"))?
+                }
+                // This node's workers ended well, so the job's work is done: a node that does not
+                // say it ended within the node timeout (frozen, or lost at the very end) is not
+                // waited for.
+                Membership::Elastic(o) => match self.store.wait(&keys, o.node_timeout) {
+                    Ok(()) => {}
+                    Err(StoreError::Timeout { keys, .. }) => {
+                        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+                        let ids = current.as_ref().map(|m| m.ids.clone()).unwrap_or_default();
+                        let silent: Vec<String> = keys
+                            .iter()
+                            .filter_map(|k| k.rsplit('/').next()?.parse::<usize>().ok())
+                            .map(|n| format!("node {n} ({})", ids.get(n).map_or("?", String::as_str)))
+                            .collect();
+                        super::status::message(&format!(
+                            "ringrun: warning: {} did not report its end within {:.0}s; the job finished here",
+                            silent.join(", "),
+                            o.node_timeout.as_secs_f64()
+                        ));
+                    }
+                    Err(e) => return Err(format!("waiting for the other nodes to finish: {e}")),
+                },
+            }
             if matches!(self.membership, Membership::Elastic(_)) {
                 self.store.set("nodes/finished", b"1").map_err(|e| e.to_string())?;
                 let arrived = 1 + self.store.add(&key(j.gen, "arrivals"), 0).map_err(|e| e.to_string())? as usize;

@@ -327,7 +327,7 @@ pub fn run_job(
     let base = nodes.map_or(opts.restart_count, |n| n.base());
     loop {
         let joined = match nodes {
-            Some(n) => match n.join(opts.restart_count)? {
+            Some(n) => match n.join(opts.restart_count, opts.nproc_per_node)? {
                 Some(j) => Some(j),
                 None => {
                     super::status::message("ringrun: the job finished while this node waited to join it");
