@@ -168,3 +168,30 @@ fn a_node_that_arrives_when_no_restarts_are_left_waits_and_leaves_when_the_job_e
     let last = metrics_lines(&dir.path().join("run"), "step").pop().unwrap();
     assert_eq!(last["world_size"], 2, "{last}");
 }
+
+#[test]
+fn a_job_whose_training_state_cannot_fit_is_refused_up_front_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    // About 1.06 M parameters: per rank 4 MiB of gradients and 12 MiB of AdamW state and scratch.
+    let yaml = mlp_config(16, "")
+        .replace("hidden: [32, 16]", "hidden: [1024, 1024]")
+        .replace("optimizer: {name: sgd, lr: 0.1, momentum: 0.9}", "optimizer: {name: adamw, lr: 0.001}");
+    let cfg = write_config(dir.path(), "job.yaml", &yaml);
+    let attempt = |mib: &str, run: &str| {
+        let mut c = ringrun(2, &cfg, &dir.path().join(run), &["--set", "train.max_steps=2"]);
+        c.env("RINGTRAIN_TEST_MEM_AVAILABLE_MIB", mib);
+        common::run(c, Duration::from_secs(120))
+    };
+    let out = attempt("20", "small");
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("the training state does not fit this machine's memory: its 2 rank(s) need at least 32.5 MiB")
+            && out.stderr.contains("(per rank: gradients 4.1 MiB, optimizer state 12.2 MiB for adamw; optimizer.shard: true divides it")
+            && out.stderr.contains("but 20.0 MiB is available"),
+        "{}",
+        out.report()
+    );
+    assert!(!dir.path().join("small").join("checkpoints").exists(), "a refused job wrote checkpoints");
+    // With room (the need is about 32 MiB for both ranks), it trains.
+    attempt("64", "roomy").assert_success();
+}

@@ -22,6 +22,7 @@ mod checkpointing;
 mod epoch;
 mod eval;
 pub mod fault;
+pub mod footprint;
 mod peak;
 pub mod position;
 mod resume;

@@ -42,6 +42,13 @@ impl<'a> Trainer<'a> {
         }
         let splits = agree_and_load(&mut *handle.lock(), cfg)?;
         let Built { model, task, params, buffers } = build(cfg, &splits, device, &handle)?;
+        if device == tch::Device::Cpu {
+            // Before the gradients and optimizer state exist: refuse a job that cannot fit.
+            let elements: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+            let elem = params.first().map_or(4, |(_, p)| p.kind().elt_size_in_bytes() as u64);
+            let need = super::footprint::need(elements as u64, elem, &cfg.optimizer, world as u64);
+            super::footprint::check(&mut *handle.lock(), &need, &cfg.optimizer)?;
+        }
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let opt = Optimizer::new(&cfg.optimizer, &params);
         let tied = model.tied();
