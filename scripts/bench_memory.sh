@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Memory per rank, measured against the formula each layout should follow, in one invocation: a
+# GPT of about 85 M parameters (nanoGPT's layout, 12 layers × 768 wide, byte tokens, context
+# 128) with AdamW at 2 ranks, a few steps each, DDP then ZeRO-1 (optimizer.shard).
+#   scripts/bench_memory.sh [STEPS]        (default 4 steps per run)
+# Columns: peak RSS of each rank (MiB); the training state the formula predicts per rank (P
+# parameters of 4 bytes: parameters 4P, gradients 4P (the buckets they are views of), AdamW's two
+# moments 8P and its scratch 4P, those last two divided by N under ZeRO-1); what the rest is
+# (activations, libtorch, data, communication buffers: the measured peak less the prediction).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps="${1:-4}"
+cargo build --release --quiet
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+export OMP_NUM_THREADS=1
+model='{name: gpt, n_layer: 12, n_head: 12, n_embd: 768, block_size: 128, bias: true, dropout: 0.0}'
+
+runs=("DDP|" "ZeRO-1|--set optimizer.shard=true")
+for i in "${!runs[@]}"; do
+    IFS='|' read -r _ sets <<<"${runs[$i]}"
+    # shellcheck disable=SC2086
+    target/release/ringrun --nproc-per-node 2 --threads-per-worker 1 ringtrain --config configs/gpt_fortunes.yaml \
+        --run-dir "$tmp/$i" --set "model=$model" --set train.max_steps="$steps" --set train.batch_size=2 \
+        --set train.eval=false --set checkpoint.enabled=false --set sample.max_new_tokens=0 $sets \
+        >"$tmp/$i.log" 2>&1 || { cat "$tmp/$i.log"; exit 1; }
+done
+
+echo "# $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); GPT 12×768, AdamW, 2 ranks × batch 2 × 128 tokens, $steps steps per run"
+printf "%-8s %12s %12s %18s %18s %12s\n" layout "params (M)" "formula" "predicted MiB/rank" "peak RSS MiB/rank" "rest MiB"
+for i in "${!runs[@]}"; do
+    IFS='|' read -r name sets <<<"${runs[$i]}"
+    python3 - "$tmp" "$i" "$name" "$sets" <<'PY'
+import json, glob, re, sys
+tmp, i, name, sets = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+log = open(f"{tmp}/{i}.log").read()
+# "model gpt: N tensors, P parameters" from rank 0's log.
+p = int(re.search(r"model gpt: \d+ tensors, (\d+) parameters", log).group(1))
+n = 2
+sharded = "shard" in sets
+per_elem = 4 + 4 + (12 / n if sharded else 12)
+formula = "4+4+12/N" if sharded else "4+4+12"
+predicted = p * per_elem / 2**20
+rss = sorted(json.load(open(f))["peak_rss_mib"] for f in glob.glob(f"{tmp}/{i}/ranks/*.json"))
+shown = "/".join(f"{r:.0f}" for r in rss)
+print(f"{name:<8} {p / 1e6:>12.1f} {formula:>12} {predicted:>18.0f} {shown:>18} {max(rss) - predicted:>12.0f}")
+PY
+done
