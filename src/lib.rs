@@ -112,6 +112,8 @@ pub mod config;
 #[cfg(feature = "trainer")]
 pub mod data;
 #[cfg(feature = "trainer")]
+pub mod detect;
+#[cfg(feature = "trainer")]
 #[doc(hidden)]
 pub mod internal;
 #[cfg(feature = "trainer")]
