@@ -528,23 +528,31 @@ fn resumed_steps(stderr: &str) -> Vec<u64> {
 }
 
 /// (epoch, sample) of every sample trained on in the steps that count, from the "epoch sample
-/// step" lines of samples/rank*.txt in `run_dir`: each start of a worker writes "# start after
-/// global step N" first, so what the file logged earlier past step N was work lost to a failure,
-/// and is dropped; `lost_after` drops a file's steps past it when its node left then.
-fn samples_kept(run_dir: &Path, lost_after: Option<u64>) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(run_dir.join("samples")).unwrap() {
-        let mut kept: Vec<(u64, u64, u64)> = Vec::new();
-        for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
-            if let Some(from) = line.strip_prefix("# start after global step ") {
-                let from: u64 = from.parse().unwrap();
-                kept.retain(|l| l.2 <= from);
-                continue;
+/// step" lines of every samples/rank*.txt under `dirs`. Each start of a worker writes "# start
+/// after global step N (restart R)" first; a rank may log into another file after a restart, so
+/// the starts are gathered from every file: what restart R logged past the step the next restart
+/// resumed from was work lost to a failure, and is dropped.
+fn samples_kept(dirs: &[PathBuf]) -> Vec<(u64, u64)> {
+    // (restart, start step, lines) of every start in every file.
+    let mut segments: Vec<(u64, u64, Vec<(u64, u64, u64)>)> = Vec::new();
+    for d in dirs {
+        for e in std::fs::read_dir(d.join("samples")).unwrap() {
+            for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+                if let Some(rest) = line.strip_prefix("# start after global step ") {
+                    let (step, restart) = rest.trim_end_matches(')').split_once(" (restart ").unwrap();
+                    segments.push((restart.parse().unwrap(), step.parse().unwrap(), Vec::new()));
+                    continue;
+                }
+                let f: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
+                segments.last_mut().expect("a start line first").2.push((f[0], f[1], f[2]));
             }
-            let f: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
-            kept.push((f[0], f[1], f[2]));
         }
-        out.extend(kept.into_iter().filter(|l| lost_after.is_none_or(|s| l.2 <= s)).map(|l| (l.0, l.1)));
+    }
+    let start_of = |r: u64| segments.iter().find(|s| s.0 == r).map(|s| s.1);
+    let mut out = Vec::new();
+    for (restart, _, lines) in &segments {
+        let next = (restart + 1..).take(16).find_map(start_of);
+        out.extend(lines.iter().filter(|l| next.is_none_or(|n| l.2 <= n)).map(|l| (l.0, l.1)));
     }
     out
 }
@@ -601,10 +609,8 @@ fn an_elastic_job_admits_a_node_then_loses_it_and_ends_as_ringrun_at_each_world_
     assert_eq!(resumed.len(), 2, "{}", outs[0].report());
     let (s1, s2) = (resumed[0], resumed[1]);
 
-    // Each sample once per epoch, over the work that counts (node 2's steps after s2 were lost).
-    let mut all = samples_kept(&dir.path().join("node0"), None);
-    all.extend(samples_kept(&dir.path().join("node1"), None));
-    all.extend(samples_kept(&dir.path().join("node2"), Some(s2)));
+    // Each sample once per epoch, over the work that counts (restart 1's steps after s2 were lost).
+    let all = samples_kept(&[0, 1, 2].map(|k| dir.path().join(format!("node{k}"))));
     for epoch in 0..3 {
         let mut ids: Vec<u64> = all.iter().filter(|(e, _)| *e == epoch).map(|(_, s)| *s).collect();
         ids.sort();

@@ -82,7 +82,7 @@ pub struct TrainContext<'a> {
     pub resume: Resume,
     /// Set by a signal handler: finish the step, checkpoint, stop.
     pub stop: Arc<AtomicBool>,
-    /// Test aid: every rank appends "epoch sample step" lines (and a "# start after global step N" line per start) to samples/rankN.txt.
+    /// Test aid: every rank appends "epoch sample step" lines (and a "# start after global step N (restart R)" line per start) to samples/rankN.txt.
     pub sample_log: bool,
     /// Where this rank computes (device::select).
     pub device: tch::Device,

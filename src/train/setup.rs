@@ -258,10 +258,12 @@ fn outputs(
             std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
             let p = dir.join(format!("rank{rank}.txt"));
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(io_err(p.display().to_string()))?;
-            // Each start marks where it resumed: lines after it from an earlier start, past this
-            // step, were work lost to a failure.
-            std::io::Write::write_all(&mut f, format!("# start after global step {}\n", resumed_step.unwrap_or(0)).as_bytes())
-                .map_err(io_err(p.display().to_string()))?;
+            // Each start marks where it resumed, and which restart of the group it is (a rank may
+            // log into another file after a restart): what an earlier start logged past this step
+            // was work lost to a failure.
+            let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|_| "0".into());
+            let mark = format!("# start after global step {} (restart {restart})\n", resumed_step.unwrap_or(0));
+            std::io::Write::write_all(&mut f, mark.as_bytes()).map_err(io_err(p.display().to_string()))?;
             Some(f)
         }
         false => None,
