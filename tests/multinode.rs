@@ -91,14 +91,8 @@ fn two_nodes_by_two_workers_match_four_workers_on_one_node() {
     run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
 
     let before = nodes.link_bytes(1);
-    let handles: Vec<_> = (0..2)
-        .map(|k| {
-            let c = ringrun_node(&nodes, k, 29631, &cfg, &dir.path().join(format!("node{k}")), &[]);
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().assert_success();
+    for out in run_together((0..2).map(|k| ringrun_node(&nodes, k, 29631, &cfg, &dir.path().join(format!("node{k}")), &[]))) {
+        out.assert_success();
     }
     let crossed = nodes.link_bytes(1) - before;
     let expected = rank_hashes(&one_node, 4);
@@ -226,15 +220,12 @@ fn a_failure_on_one_node_restarts_the_whole_job_together() {
     );
     let one_node = dir.path().join("one-node");
     run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
-    let handles: Vec<_> = (0..2)
-        .map(|k| {
-            let mut c = ringrun_node(&nodes, k, 29635, &cfg, &dir.path().join(format!("node{k}")), &["--max-restarts", "1"]);
-            // Rank 3 (on node 1) is killed before step 10; both nodes must restart from step 8.
-            c.env("RINGTRAIN_FAULT", "rank=3,step=10,action=kill");
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect();
-    let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let outs = run_together((0..2).map(|k| {
+        let mut c = ringrun_node(&nodes, k, 29635, &cfg, &dir.path().join(format!("node{k}")), &["--max-restarts", "1"]);
+        // Rank 3 (on node 1) is killed before step 10; both nodes must restart from step 8.
+        c.env("RINGTRAIN_FAULT", "rank=3,step=10,action=kill");
+        c
+    }));
     for (k, out) in outs.iter().enumerate() {
         out.assert_success();
         assert!(out.stderr.contains("finished after 1 restart(s)"), "node {k}\n{}", out.report());
@@ -254,15 +245,11 @@ fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traf
     let cfg = job(dir.path(), "ring");
     let train = |name: &str, port: u16, extra: &[&str]| -> (u64, Vec<Output>) {
         let before = nodes.link_bytes(1);
-        let handles: Vec<_> = (0..2)
-            .map(|k| {
-                let c = ringrun_node(&nodes, k, port, &cfg, &dir.path().join(format!("{name}{k}")), &[]);
-                let mut c = c;
-                c.args(extra);
-                std::thread::spawn(move || run(c, Duration::from_secs(120)))
-            })
-            .collect();
-        let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let outs = run_together((0..2).map(|k| {
+            let mut c = ringrun_node(&nodes, k, port, &cfg, &dir.path().join(format!("{name}{k}")), &[]);
+            c.args(extra);
+            c
+        }));
         for o in &outs {
             o.assert_success();
         }
@@ -360,6 +347,31 @@ impl Drop for PodNames {
     }
 }
 
+/// Runs `cmds` at once (one per node) to their ends, each within 2 minutes.
+fn run_together(cmds: impl Iterator<Item = Command>) -> Vec<Output> {
+    let handles: Vec<_> = cmds.map(|c| std::thread::spawn(move || run(c, Duration::from_secs(120)))).collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The PyTorchJob manifests' command for a pod's run directory: `ringrun ringtrain …` (with
+/// `launcher`) or the worker alone.
+fn manifest_command(launcher: bool, cfg: &Path, run_dir: &Path) -> Vec<String> {
+    let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
+    let worker = [RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
+    launcher.then(|| RINGRUN.to_string()).into_iter().chain(worker).collect()
+}
+
+/// `cmd` in a pod on node k with none of the test's own launch variables: the operator's are
+/// all it gets.
+fn bare_pod(nodes: &Nodes, k: usize, cmd: &[String]) -> Command {
+    let mut c = nodes.exec(k, cmd);
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RINGTRAIN_FAULT"] {
+        c.env_remove(v);
+    }
+    c.env_remove("RINGTRAIN_JOB_TOKEN").env_remove("RINGTRAIN_LOCAL_ADDR").env_remove("OMP_NUM_THREADS");
+    c
+}
+
 /// What Kubeflow's training operator (v1 PyTorchJob, `pkg/controller.v1/pytorch/envvar.go` and
 /// `master.go`) sets in replica k's container: MASTER_ADDR/MASTER_PORT (the master's service and
 /// its `pytorchjob-port`), WORLD_SIZE = replicas × nprocPerNode, RANK = the replica's index (the
@@ -367,11 +379,7 @@ impl Drop for PodNames {
 /// (no elastic policy), PYTHONUNBUFFERED=0. Nothing else: the test's own variables of that kind
 /// are removed.
 fn operator_pod(nodes: &Nodes, k: usize, replicas: usize, nproc: &str, job: &str, cmd: &[String]) -> Command {
-    let mut c = nodes.exec(k, cmd);
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RINGTRAIN_FAULT"] {
-        c.env_remove(v);
-    }
-    c.env_remove("RINGTRAIN_JOB_TOKEN").env_remove("RINGTRAIN_LOCAL_ADDR").env_remove("OMP_NUM_THREADS");
+    let mut c = bare_pod(nodes, k, cmd);
     let per_node: usize = nproc.parse().unwrap_or(1);
     c.envs([
         ("PYTHONUNBUFFERED", "0".to_string()),
@@ -391,11 +399,7 @@ fn operator_pod(nodes: &Nodes, k: usize, replicas: usize, nproc: &str, job: &str
 /// PET_RDZV_BACKEND = c10d, PET_NNODES = "min:max", PET_MAX_RESTARTS, PET_NPROC_PER_NODE; no
 /// MASTER_*, RANK, WORLD_SIZE or PET_NODE_RANK (there is no master replica).
 fn elastic_operator_pod(nodes: &Nodes, k: usize, nnodes: &str, job: &str, cmd: &[String]) -> Command {
-    let mut c = nodes.exec(k, cmd);
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "RINGTRAIN_FAULT"] {
-        c.env_remove(v);
-    }
-    c.env_remove("RINGTRAIN_JOB_TOKEN").env_remove("RINGTRAIN_LOCAL_ADDR").env_remove("OMP_NUM_THREADS");
+    let mut c = bare_pod(nodes, k, cmd);
     c.envs([
         ("PYTHONUNBUFFERED", "0".to_string()),
         ("PET_RDZV_ENDPOINT", format!("{job}-worker-0:23456")),
@@ -417,17 +421,11 @@ fn pytorchjob_pods_with_an_elastic_policy_train_as_ringrun_on_one_node() {
     run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
     // "2:2" (minReplicas = maxReplicas) is a c10d rendezvous too: nodes numbered as they arrive.
     for nnodes in ["1:2", "2:2"] {
-        let handles: Vec<_> = (0..2)
-            .map(|k| {
-                // deploy/pytorchjob-elastic.yaml's command.
-                let run_dir = dir.path().join(format!("{nnodes}-pod{k}"));
-                let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
-                let cmd = [RINGRUN, RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
-                let c = elastic_operator_pod(&nodes, k, nnodes, "pje", &cmd);
-                std::thread::spawn(move || run(c, Duration::from_secs(120)))
-            })
-            .collect();
-        let outs: Vec<Output> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        // deploy/pytorchjob-elastic.yaml's command.
+        let outs = run_together((0..2).map(|k| {
+            let cmd = manifest_command(true, &cfg, &dir.path().join(format!("{nnodes}-pod{k}")));
+            elastic_operator_pod(&nodes, k, nnodes, "pje", &cmd)
+        }));
         for o in &outs {
             o.assert_success();
         }
@@ -446,18 +444,11 @@ fn pytorchjob_pods_running_ringrun_train_as_ringrun_on_one_node() {
     let cfg = job(dir.path(), "ring");
     let one_node = dir.path().join("one-node");
     run(ringrun(4, &cfg, &one_node, &[]), Duration::from_secs(120)).assert_success();
-    let handles: Vec<_> = (0..2)
-        .map(|k| {
-            // deploy/pytorchjob-ringrun.yaml's command: no flags, all from the operator's variables.
-            let run_dir = dir.path().join(format!("pod{k}"));
-            let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
-            let cmd = [RINGRUN, RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
-            let c = operator_pod(&nodes, k, 2, "2", "pj", &cmd);
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().assert_success();
+    // deploy/pytorchjob-ringrun.yaml's command: no flags, all from the operator's variables.
+    for out in run_together(
+        (0..2).map(|k| operator_pod(&nodes, k, 2, "2", "pj", &manifest_command(true, &cfg, &dir.path().join(format!("pod{k}"))))),
+    ) {
+        out.assert_success();
     }
     let got: Vec<String> = (0..4).map(|r| rank_hash(&dir.path().join(format!("pod{}", r / 2)), r)).collect();
     assert_eq!(got, rank_hashes(&one_node, 4));
@@ -475,18 +466,11 @@ fn pytorchjob_pods_running_one_worker_each_train_as_ringrun_on_one_node() {
     let mut reference = ringrun(2, &cfg, &one_node, &[]);
     reference.env("OMP_NUM_THREADS", &cores);
     run(reference, Duration::from_secs(120)).assert_success();
-    let handles: Vec<_> = (0..2)
-        .map(|k| {
-            // deploy/pytorchjob-one-per-pod.yaml: the worker itself, nprocPerNode left at auto.
-            let run_dir = dir.path().join(format!("pod{k}"));
-            let (cfg, run_dir) = (cfg.display().to_string(), run_dir.display().to_string());
-            let cmd = [RINGTRAIN, "--config", &cfg, "--run-dir", &run_dir, "--resume", "auto"].map(String::from);
-            let c = operator_pod(&nodes, k, 2, "auto", "pj", &cmd);
-            std::thread::spawn(move || run(c, Duration::from_secs(120)))
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().assert_success();
+    // deploy/pytorchjob-one-per-pod.yaml: the worker itself, nprocPerNode left at auto.
+    for out in run_together(
+        (0..2).map(|k| operator_pod(&nodes, k, 2, "auto", "pj", &manifest_command(false, &cfg, &dir.path().join(format!("pod{k}"))))),
+    ) {
+        out.assert_success();
     }
     let got: Vec<String> = (0..2).map(|r| rank_hash(&dir.path().join(format!("pod{r}")), r)).collect();
     assert_eq!(got, rank_hashes(&one_node, 2));
@@ -533,26 +517,31 @@ fn resumed_steps(stderr: &str) -> Vec<u64> {
 /// the starts are gathered from every file: what restart R logged past the step the next restart
 /// resumed from was work lost to a failure, and is dropped.
 fn samples_kept(dirs: &[PathBuf]) -> Vec<(u64, u64)> {
-    // (restart, start step, lines) of every start in every file.
-    let mut segments: Vec<(u64, u64, Vec<(u64, u64, u64)>)> = Vec::new();
+    /// One start of a worker: its restart, the step it resumed after, its (epoch, sample, step) lines.
+    struct Start {
+        restart: u64,
+        after: u64,
+        lines: Vec<[u64; 3]>,
+    }
+    let mut starts: Vec<Start> = Vec::new();
     for d in dirs {
         for e in std::fs::read_dir(d.join("samples")).unwrap() {
             for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
                 if let Some(rest) = line.strip_prefix("# start after global step ") {
                     let (step, restart) = rest.trim_end_matches(')').split_once(" (restart ").unwrap();
-                    segments.push((restart.parse().unwrap(), step.parse().unwrap(), Vec::new()));
+                    starts.push(Start { restart: restart.parse().unwrap(), after: step.parse().unwrap(), lines: Vec::new() });
                     continue;
                 }
                 let f: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
-                segments.last_mut().expect("a start line first").2.push((f[0], f[1], f[2]));
+                starts.last_mut().expect("a start line first").lines.push([f[0], f[1], f[2]]);
             }
         }
     }
-    let start_of = |r: u64| segments.iter().find(|s| s.0 == r).map(|s| s.1);
+    let resumed_after = |r: u64| starts.iter().find(|s| s.restart == r).map(|s| s.after);
     let mut out = Vec::new();
-    for (restart, _, lines) in &segments {
-        let next = (restart + 1..).take(16).find_map(start_of);
-        out.extend(lines.iter().filter(|l| next.is_none_or(|n| l.2 <= n)).map(|l| (l.0, l.1)));
+    for s in &starts {
+        let next = (s.restart + 1..).take(16).find_map(resumed_after);
+        out.extend(s.lines.iter().filter(|l| next.is_none_or(|n| l[2] <= n)).map(|l| (l[0], l[1])));
     }
     out
 }

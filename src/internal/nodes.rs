@@ -277,6 +277,17 @@ impl NodeCoordinator {
         let _ = self.store.set(&key(j.gen, "failed"), format!("node {}: {what}", j.node_rank).as_bytes());
     }
 
+    /// Elastic: nodes waiting to join poll for the job's end; give them time to read it before
+    /// the store goes with this launcher.
+    fn tell_waiting_nodes_the_end(&self, j: &Joined) -> Result<(), String> {
+        self.store.set("nodes/finished", b"1").map_err(|e| e.to_string())?;
+        let arrived = 1 + self.store.add(&key(j.gen, "arrivals"), 0).map_err(|e| e.to_string())? as usize;
+        if arrived > j.nnodes {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Ok(())
+    }
+
     /// Marks this node done; node 0 (which serves the store) waits for the others before leaving,
     /// and tells nodes waiting to join that the job is over.
     pub fn finish(&self, j: &Joined) -> Result<(), String> {
@@ -309,13 +320,8 @@ impl NodeCoordinator {
                     Err(e) => return Err(format!("waiting for the other nodes to finish: {e}")),
                 },
             }
-            if matches!(self.membership, Membership::Elastic(_)) {
-                self.store.set("nodes/finished", b"1").map_err(|e| e.to_string())?;
-                let arrived = 1 + self.store.add(&key(j.gen, "arrivals"), 0).map_err(|e| e.to_string())? as usize;
-                if arrived > j.nnodes {
-                    // Waiting nodes poll for the end; give them time to read it before the store goes.
-                    std::thread::sleep(Duration::from_secs(1));
-                }
+            if let Membership::Elastic(_) = self.membership {
+                self.tell_waiting_nodes_the_end(j)?;
             }
         }
         Ok(())

@@ -312,6 +312,24 @@ pub struct JobOutcome {
     pub restarts: Vec<String>,
 }
 
+/// What a generation's end means across nodes, where this node's view alone can mislead.
+fn across_nodes(outcome: Outcome, n: &NodeCoordinator, j: &super::nodes::Joined, watch: &super::nodes::RemoteFailure) -> Outcome {
+    match outcome {
+        // When node 0 dies, this node's workers may fail before the watcher sees the store close:
+        // the store's loss is the cause.
+        Outcome::Failed { .. } => match watch.store_lost_within(Duration::from_secs(1)) {
+            Some(reason) => Outcome::StoreLost { reason },
+            None => outcome,
+        },
+        // Workers that stopped at a checkpoint for a re-formation exit 0, as at the end.
+        Outcome::Success => match n.reform_asked(j) {
+            Some(reason) => Outcome::Reform { reason },
+            None => outcome,
+        },
+        _ => outcome,
+    }
+}
+
 /// Runs the group; when a worker fails (on any node) and restarts remain, stops the rest and
 /// starts the whole group again (TORCHELASTIC_RESTART_COUNT + 1; a new store port on a single
 /// node), and the workers resume from the latest checkpoint. With elastic membership each
@@ -343,19 +361,11 @@ pub fn run_job(
         let restarts_left = max_restarts.saturating_sub(opts.restart_count - base);
         let watch = nodes.zip(joined.as_ref()).map(|(n, j)| n.watch(j, restarts_left > 0));
         let remote = || watch.as_ref().and_then(|w| w.get());
-        let mut outcome = run_group(&opts, signals, &remote).map_err(|e| e.to_string())?;
-        if let (Outcome::Failed { .. }, Some(w)) = (&outcome, &watch) {
-            // When node 0 dies, this node's workers may fail before the watcher sees the store
-            // close: the store's loss is the cause.
-            if let Some(reason) = w.store_lost_within(Duration::from_secs(1)) {
-                outcome = Outcome::StoreLost { reason };
-            }
-        }
-        if let (Outcome::Success, Some(n), Some(j)) = (&outcome, nodes, &joined) {
-            if let Some(reason) = n.reform_asked(j) {
-                outcome = Outcome::Reform { reason };
-            }
-        }
+        let outcome = run_group(&opts, signals, &remote).map_err(|e| e.to_string())?;
+        let outcome = match (nodes.zip(joined.as_ref()), &watch) {
+            (Some((n, j)), Some(w)) => across_nodes(outcome, n, j, w),
+            _ => outcome,
+        };
         if let Some(w) = &watch {
             w.stop_watching();
         }

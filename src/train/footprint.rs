@@ -67,11 +67,10 @@ fn machine_id() -> String {
 /// barrier inside makes the reading of available memory come after all of them).
 pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig) -> Result<(), TrainError> {
     comm.barrier()?;
-    let avail = available();
-    let row = format!("{} {} {} {}", machine_id(), mine.total(), avail.map_or(-1, |a| a as i64), mine.gradients);
+    let me = machine_id();
+    let row = format!("{me} {} {}", mine.total(), available().map_or(-1, |a| a as i64));
     let rows: Vec<String> = comm.all_gather(row.as_bytes())?.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
     let fields: Vec<Vec<&str>> = rows.iter().map(|r| r.split(' ').collect()).collect();
-    let me = machine_id();
     let here: Vec<&Vec<&str>> = fields.iter().filter(|f| f.first() == Some(&me.as_str())).collect();
     let total: u64 = here.iter().filter_map(|f| f.get(1)?.parse::<u64>().ok()).sum();
     // The smallest reading of the machine's ranks: they read it at about the same moment.
