@@ -206,6 +206,11 @@ pub struct DdpConfig {
     /// off and every rank's statistics follow its own shard).
     #[serde(default = "default_eval_buffers")]
     pub eval_buffers: crate::ddp::BufferSync,
+    /// What each rank keeps (DeepSpeed's ZeRO stages): `off` (DDP), `optimizer` (ZeRO-1, as
+    /// `optimizer.shard: true`), `grads` (ZeRO-2: its shard of the averaged gradients as well;
+    /// the rest of each gradient bucket is released as soon as it is reduced).
+    #[serde(default)]
+    pub shard: crate::ddp::Shard,
 }
 
 fn default_eval_buffers() -> crate::ddp::BufferSync {
@@ -221,6 +226,7 @@ impl Default for DdpConfig {
             overlap: true,
             broadcast_buffers: true,
             eval_buffers: default_eval_buffers(),
+            shard: crate::ddp::Shard::Off,
         }
     }
 }
@@ -245,6 +251,14 @@ fn default_first_bucket_cap() -> f64 {
 }
 
 impl Config {
+    /// The ZeRO stage in effect: `ddp.shard`, at least `optimizer` when `optimizer.shard` is set.
+    pub fn shard(&self) -> crate::ddp::Shard {
+        match self.optimizer.shard {
+            true => self.ddp.shard.max(crate::ddp::Shard::Optimizer),
+            false => self.ddp.shard,
+        }
+    }
+
     /// Reads `path`, applies `overrides` (`a.b.c=value`, value parsed as YAML), parses and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
@@ -313,8 +327,9 @@ impl Config {
         if self.comm.backend == Backend::Nccl && self.device == DeviceChoice::Cpu {
             return Err("comm.backend nccl needs device cuda (or auto)".into());
         }
-        if self.ddp.reduce_dtype == ReduceDtype::Bf16 && self.optimizer.shard {
-            return Err("optimizer.shard reduce-scatters f32 gradients: use ddp.reduce_dtype fp32 with it".into());
+        if self.ddp.reduce_dtype == ReduceDtype::Bf16 && self.shard().is_on() {
+            let what = if self.optimizer.shard { "optimizer.shard" } else { "ddp.shard" };
+            return Err(format!("{what} reduce-scatters f32 gradients: use ddp.reduce_dtype fp32 with it"));
         }
         if self.checkpoint.keep == 0 {
             return Err("checkpoint.keep must be at least 1".into());

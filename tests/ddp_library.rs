@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use ringtrain::checkpoint::{self, CheckpointData, Meta};
+use ringtrain::ddp::Shard;
 use ringtrain::optim::{Optimizer, OptimizerConfig, OptimizerName};
 use ringtrain::{Ddp, DdpOptions};
 use std::time::Duration;
@@ -183,7 +184,7 @@ fn a_sharded_ddp_without_zero_refuses_to_leave_partial_gradients() {
     // optimizer on them used to drift the replicas apart without a word.
     let results = with_group(2, Duration::from_secs(10), |rank, comm| {
         let (params, buffers) = state(rank);
-        let opts = DdpOptions { shard: true, ..DdpOptions::default() };
+        let opts = DdpOptions { shard: Shard::Optimizer, ..DdpOptions::default() };
         let mut ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
         let w = ddp.named_parameters()[0].1.shallow_clone();
         let refused = ddp.backward(&w.sum(Kind::Float)).unwrap_err().to_string();
@@ -203,7 +204,7 @@ fn zero_step(order: &[usize]) -> Result<Vec<Vec<f32>>, String> {
     let order = order.to_vec();
     let results = with_group(2, Duration::from_secs(10), move |rank, comm| {
         let (params, buffers) = state(rank);
-        let opts = DdpOptions { shard: true, ..DdpOptions::default() };
+        let opts = DdpOptions { shard: Shard::Optimizer, ..DdpOptions::default() };
         let mut ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
         let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let listed: Vec<(String, Tensor)> = order.iter().map(|&i| (named[i].0.clone(), named[i].1.shallow_clone())).collect();
@@ -227,4 +228,60 @@ fn zero_takes_the_optimizers_parameters_by_name_not_by_position() {
     assert_eq!(zero_step(&[1, 0]).unwrap(), zero_step(&[0, 1]).unwrap());
     let err = zero_step(&[0]).unwrap_err();
     assert!(err.contains("the Ddp's [\"unused.weight\"] are not in the optimizer"), "{err}");
+}
+
+/// Two SGD-momentum steps of a 2M + 3-element model at 2 ranks under `shard`, over shared
+/// memory or TCP; returns rank 0's parameters and the gradient bytes resident after the first
+/// backward, after its step and after the second step's zero_grad, with the bucket's size.
+fn sharded_steps(shard: Shard, shm: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) {
+    let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
+        let params = vec![
+            ("big".to_string(), (Tensor::arange(2_000_000, tch::kind::FLOAT_CPU) * 1e-6).set_requires_grad(true)),
+            ("small".to_string(), Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true)),
+        ];
+        let opts = DdpOptions { shard, ..DdpOptions::default() };
+        let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
+        let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
+        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
+        let mut resident = [0; 3];
+        for step in 0..2 {
+            ddp.zero_grad().unwrap();
+            if step == 1 {
+                resident[2] = ddp.gradient_bytes_resident().unwrap();
+            }
+            // Each rank's loss differs, so the average is not either rank's gradient.
+            let loss: Tensor = named.iter().map(|(_, p)| (p * p * (rank as f64 + 1.0)).sum(Kind::Float)).sum();
+            ddp.backward(&loss).unwrap();
+            if step == 0 {
+                resident[0] = ddp.gradient_bytes_resident().unwrap();
+            }
+            opt.step().unwrap();
+            zero.gather_parameters(&mut *comm.lock()).unwrap();
+            if step == 0 {
+                resident[1] = ddp.gradient_bytes_resident().unwrap();
+            }
+        }
+        let values = named.iter().map(|(_, p)| Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()).collect();
+        (values, resident)
+    });
+    let (values, resident) = results.into_iter().next().unwrap();
+    (values, resident, (2_000_003 + 1) * 4)
+}
+
+#[test]
+fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits() {
+    for shm in [true, false] {
+        let (one, held, bucket) = sharded_steps(Shard::Optimizer, shm);
+        let (two, kept, _) = sharded_steps(Shard::Grads, shm);
+        assert!(one == two, "shm {shm}: ZeRO-2 must step to ZeRO-1's bits");
+        // ZeRO-1 keeps the whole bucket; ZeRO-2 its half, a few pages more at most.
+        for r in held {
+            assert!(r >= bucket, "shm {shm}: ZeRO-1 holds {r} of {bucket} bytes");
+        }
+        for r in kept {
+            assert!(r <= bucket / 2 + 4 * 4096, "shm {shm}: ZeRO-2 holds {r} of {bucket} bytes ({kept:?})");
+        }
+    }
 }

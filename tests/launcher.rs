@@ -186,7 +186,9 @@ fn a_job_whose_training_state_cannot_fit_is_refused_up_front_with_the_numbers() 
     out.assert_failure();
     assert!(
         out.stderr.contains("the training state does not fit this machine's memory: its 2 rank(s) need at least 32.5 MiB")
-            && out.stderr.contains("(per rank: gradients 4.1 MiB, optimizer state 12.2 MiB for adamw; optimizer.shard: true divides it")
+            && out.stderr.contains(
+                "(per rank: gradients 4.1 MiB, optimizer state 12.2 MiB for adamw; ddp.shard: optimizer divides the optimizer state"
+            )
             && out.stderr.contains("but 20.0 MiB is available"),
         "{}",
         out.report()

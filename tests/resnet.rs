@@ -12,34 +12,6 @@ use std::process::Command;
 use std::time::Duration;
 use tch::Tensor;
 
-/// CIFAR-10 files with `per_file` records each: the label is which colour plane is brightest
-/// (0–2, of 10 classes), so a model can learn something in a few steps.
-fn write_cifar(dir: &Path, per_file: usize) -> PathBuf {
-    let d = dir.join("cifar");
-    std::fs::create_dir_all(&d).unwrap();
-    let mut x: u64 = 11;
-    let mut file = |name: &str| {
-        let mut bytes = vec![];
-        for _ in 0..per_file {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let label = ((x >> 33) % 3) as u8;
-            bytes.push(label);
-            for plane in 0..3u8 {
-                for i in 0..1024u64 {
-                    let noise = ((x >> 20).wrapping_add(i * 2654435761) % 64) as u8;
-                    bytes.push(if plane == label { 150 + noise } else { 40 + noise });
-                }
-            }
-        }
-        std::fs::write(d.join(name), bytes).unwrap();
-    };
-    for i in 1..=5 {
-        file(&format!("data_batch_{i}.bin"));
-    }
-    file("test_batch.bin");
-    d
-}
-
 const AUGMENT: &str = "transforms:
     train: [{random_crop: {size: 32, padding: 4}}, {random_horizontal_flip: 0.5}, {normalize: {mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}}]
     test: [{normalize: {mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}}]";

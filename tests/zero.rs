@@ -1,6 +1,7 @@
-//! ZeRO stage 1 (`optimizer.shard: true`) against unsharded training, with real ringrun
-//! processes: the same bits (the ring reduce-scatters in its all-reduce's order), the same
-//! checkpoints, and resumes across sharding and world sizes.
+//! ZeRO stages 1 (`optimizer.shard: true`, `ddp.shard: optimizer`) and 2 (`ddp.shard: grads`)
+//! against unsharded training, with real ringrun processes: the same bits (the ring
+//! reduce-scatters in its all-reduce's order, over DDP's bucket layout), the same checkpoints,
+//! and resumes across sharding and world sizes.
 
 mod common;
 use common::*;
@@ -40,20 +41,76 @@ fn sharded_sgd_and_adam_are_bitwise_equal_to_unsharded_with_the_same_checkpoints
     for (world, optimizer) in [(2usize, "{name: sgd, lr: 0.1, momentum: 0.9}"), (3, "{name: adam, lr: 0.01}")] {
         let cfg = job(dir.path(), "job.yaml", optimizer);
         let plain = dir.path().join(format!("plain{world}"));
-        let sharded = dir.path().join(format!("sharded{world}"));
         train(world, &cfg, &plain, &[]);
-        let out = train(world, &cfg, &sharded, &["optimizer.shard=true"]);
-        // Rank 0 steps (and keeps state for) about 1/world of the elements.
-        let line = out.stderr.lines().find(|l| l.contains("ZeRO-1")).unwrap_or_else(|| panic!("no ZeRO-1 line\n{}", out.report()));
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == "steps").unwrap();
-        let (mine, total): (usize, usize) = (words[at + 1].parse().unwrap(), words[at + 3].parse().unwrap());
-        assert!(mine * world <= total + 16 * world && mine * world + 16 * world >= total, "{line}");
-        let (a, b) = (rank_hashes(&plain, world), rank_hashes(&sharded, world));
-        assert!(b.iter().all(|h| h == &b[0]), "{optimizer}: sharded replicas differ: {b:?}");
-        assert_eq!(a, b, "{optimizer} at {world} ranks: sharded training must give the same bits");
-        // Gathered for the checkpoint, the state is the unsharded optimizer's, byte for byte.
-        assert!(final_optimizer_state(&plain) == final_optimizer_state(&sharded), "{optimizer}: optimizer.safetensors differs");
+        for (set, stage) in [("optimizer.shard=true", "ZeRO-1"), ("ddp.shard=grads", "ZeRO-2")] {
+            let sharded = dir.path().join(format!("sharded{world}-{}", stage.to_lowercase()));
+            let out = train(world, &cfg, &sharded, &[set]);
+            // Rank 0 steps (and keeps state for) about 1/world of the elements.
+            let line = out.stderr.lines().find(|l| l.contains(stage)).unwrap_or_else(|| panic!("no {stage} line\n{}", out.report()));
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "steps").unwrap();
+            let (mine, total): (usize, usize) = (words[at + 1].parse().unwrap(), words[at + 3].parse().unwrap());
+            assert!(mine * world <= total + 16 * world && mine * world + 16 * world >= total, "{line}");
+            let (a, b) = (rank_hashes(&plain, world), rank_hashes(&sharded, world));
+            assert!(b.iter().all(|h| h == &b[0]), "{optimizer}, {stage}: sharded replicas differ: {b:?}");
+            assert_eq!(a, b, "{optimizer} at {world} ranks, {stage}: sharded training must give the same bits");
+            // Gathered for the checkpoint, the state is the unsharded optimizer's, byte for byte.
+            assert!(
+                final_optimizer_state(&plain) == final_optimizer_state(&sharded),
+                "{optimizer}, {stage}: optimizer.safetensors differs"
+            );
+        }
+    }
+}
+
+/// GPT (dropout on) and ResNet-18 (BatchNorm) jobs of 30 steps.
+fn model_job(dir: &Path, model: &str, optimizer: &str) -> PathBuf {
+    let data = match model {
+        "gpt" => format!(
+            "model: {{name: gpt, n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, dropout: 0.1}}
+data: {{format: tokens, dir: {}, eval_windows: 8}}
+train: {{max_steps: 30, batch_size: 4, seed: 3, log_every_steps: 10, eval: false}}
+ddp: {{bucket_cap_mb: 0.01, first_bucket_cap_mb: 0.01}}",
+            prepare_tokens(dir).display()
+        ),
+        _ => format!(
+            "model: {{name: resnet18, small_stem: true}}
+data: {{format: cifar, dir: {}, transforms: {{train: [{{center_crop: 16}}], test: [{{center_crop: 16}}]}}}}
+train: {{epochs: 100, max_steps: 30, batch_size: 2, seed: 5, log_every_steps: 10, eval: false}}
+ddp: {{bucket_cap_mb: 4, first_bucket_cap_mb: 1}}",
+            write_cifar(dir, 16).display()
+        ),
+    };
+    let yaml = format!("{data}\noptimizer: {optimizer}\ncomm: {{timeout_secs: 60}}\n");
+    write_config(dir, &format!("{model}.yaml"), &yaml)
+}
+
+/// The stages' matrix: GPT and ResNet-18, SGD with momentum and AdamW, 2 and 3 ranks, 30 steps;
+/// each stage ends with DDP's bits on every rank and writes DDP's optimizer state.
+#[test]
+fn zero2_on_gpt_and_resnet18_is_bitwise_equal_to_ddp_at_2_and_3_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["gpt", "resnet18"] {
+        for (opt, optimizer) in [("sgd", "{name: sgd, lr: 0.05, momentum: 0.9}"), ("adamw", "{name: adamw, lr: 0.003, weight_decay: 0.1}")]
+        {
+            let cfg = model_job(dir.path(), model, optimizer);
+            for world in [2usize, 3] {
+                let run_dir = |stage: &str| dir.path().join(format!("{model}-{opt}-{world}-{stage}"));
+                let plain = run_dir("ddp");
+                train(world, &cfg, &plain, &["train.threads=1"]);
+                let want = rank_hashes(&plain, world);
+                for stage in ["grads"] {
+                    let sharded = run_dir(stage);
+                    let out = train(world, &cfg, &sharded, &["train.threads=1", &format!("ddp.shard={stage}")]);
+                    assert!(out.stderr.contains("optimizer sharded (ZeRO-2)"), "{}", out.report());
+                    assert_eq!(rank_hashes(&sharded, world), want, "{model}, {opt}, {world} ranks, ddp.shard {stage}");
+                    assert!(
+                        final_optimizer_state(&plain) == final_optimizer_state(&sharded),
+                        "{model}, {opt}, {world} ranks, ddp.shard {stage}: optimizer.safetensors differs"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -118,6 +175,17 @@ fn checkpoints_resume_across_sharding_and_world_sizes() {
     train(3, &cfg, &c, &[stop, shard]);
     resume(2, &c, &[shard]);
     assert_eq!(rank_hashes(&c, 2), rank_hashes(&c_plain, 2), "sharded at 3 → sharded at 2");
+
+    // ZeRO-2 at 3 for 12 steps, then ZeRO-2 at 2, and ZeRO-2 → DDP at the same world size.
+    let grads = "ddp.shard=grads";
+    let d = dir.path().join("d");
+    train(3, &cfg, &d, &[stop, grads]);
+    resume(2, &d, &[grads]);
+    assert_eq!(rank_hashes(&d, 2), rank_hashes(&c_plain, 2), "ZeRO-2 at 3 → ZeRO-2 at 2");
+    let e = dir.path().join("e");
+    train(2, &cfg, &e, &[stop, grads]);
+    resume(2, &e, &[]);
+    assert_eq!(rank_hashes(&e, 2), rank_hashes(&straight, 2), "ZeRO-2 → DDP");
 }
 
 /// The peak resident memory rank `r` logged at the end of each setup in `run_dir`, in MiB.

@@ -10,6 +10,7 @@
 
 pub mod buckets;
 mod hooks;
+mod pages;
 mod reducer;
 mod replica;
 mod wrapper;
@@ -18,5 +19,5 @@ pub mod zero;
 pub use crate::wire::{fnv1a, FNV_OFFSET};
 pub use buckets::compute_bucket_assignment_by_size;
 pub use replica::{parameter_hash, sync_replicas, DdpError};
-pub use wrapper::{BufferSync, Ddp, DdpOptions};
+pub use wrapper::{BufferSync, Ddp, DdpOptions, Shard};
 pub use zero::Zero;

@@ -14,7 +14,7 @@
 use super::buckets::compute_bucket_assignment_by_size;
 use super::hooks::{set_grad, Event, ReadyHooks};
 use super::DdpError;
-use crate::comm::{CommHandle, Communicator};
+use crate::comm::{shard_bounds, CommHandle, Communicator};
 use crossbeam_channel::Receiver;
 use std::time::Instant;
 use tch::{Kind, TchError, Tensor};
@@ -27,6 +27,8 @@ struct Bucket {
     /// With bf16 on the wire: the communicator's own bf16 buffer for this bucket (shared memory
     /// on one node), so the bf16 copy is reduced in place too; `None` converts afresh each time.
     low: Option<Tensor>,
+    /// Sharded: this rank's shard of `flat`, [start, end).
+    own: (i64, i64),
 }
 
 /// How the reducer is built (`DdpOptions` carries the user-facing form).
@@ -40,9 +42,14 @@ pub struct ReducerOptions {
     pub reduce_bf16: bool,
     /// Start each bucket's all-reduce during backward, as soon as its gradients are ready.
     pub overlap: bool,
-    /// ZeRO-1 over this many ranks: buckets are padded to a multiple of it and reduce-scattered
-    /// (each rank gets the average of its shard only).
+    /// ZeRO over this many ranks: buckets are reduce-scattered (each rank gets the average of
+    /// its shard only). Device buckets are padded to a multiple of it (NCCL's reduce-scatter
+    /// wants equal shards); host buckets keep DDP's exact layout, so the ring adds every element
+    /// in the all-reduce's order at any world size.
     pub shard_world: Option<usize>,
+    /// ZeRO-2: after each host bucket is reduce-scattered, everything but this rank's shard is
+    /// zeroed by handing its pages back to the kernel (`pages`).
+    pub release_unowned: bool,
     /// Reduce even at world size 1 (`DdpOptions::force_collectives`).
     pub force_collectives: bool,
 }
@@ -66,6 +73,14 @@ pub struct Reducer {
     shard: bool,
     /// Every bucket is the communicator's own memory (`alloc_reduce_buffer`).
     shared_buckets: bool,
+    /// ZeRO-2 on host buckets: release what is not this rank's after each reduce-scatter.
+    release: bool,
+}
+
+struct NewBucket {
+    bucket: Bucket,
+    /// Its memory is the communicator's.
+    shared: bool,
 }
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
@@ -106,6 +121,7 @@ fn reduce_bucket(
     world: f64,
     how: Reduction,
     deferred: bool,
+    release: Option<Release>,
 ) -> Result<(Instant, Instant), DdpError> {
     let started = Instant::now();
     let mut flat = flat.shallow_clone();
@@ -135,7 +151,19 @@ fn reduce_bucket(
         Reduction::ReduceScatter if deferred => comm.reduce_scatter_tensor_async(&mut flat)?,
         Reduction::ReduceScatter => comm.reduce_scatter_tensor(&mut flat)?,
     }
+    if let Some(r) = release {
+        // Host buckets only: the reduce-scatter has finished on return, and the rest of the
+        // bucket (peers' partial sums) is not needed.
+        super::pages::zero_outside(&flat, r.own.0, r.own.1, r.shared)?;
+    }
     Ok((started, Instant::now()))
+}
+
+/// ZeRO-2: what `reduce_bucket` keeps of a host bucket after reduce-scattering it.
+#[derive(Clone, Copy)]
+struct Release {
+    own: (i64, i64),
+    shared: bool,
 }
 
 /// A zeroed bucket of `numel` f32. On the host, the communicator's own memory when it has some
@@ -191,26 +219,25 @@ impl Reducer {
                     (off - n, n)
                 })
                 .collect();
-            // The control slot rides in the last bucket, except under ZeRO-1 (the sum of a
-            // reduce-scatter reaches one rank only). Sharded buckets are padded with zeros to a
-            // multiple of the world size, so every rank's shard has the same length.
-            let extra = i64::from(bi == last && opts.shard_world.is_none());
+            // The control slot rides in the last bucket (sharded, it stays zero: the sum of a
+            // reduce-scatter reaches one rank only, so the vote travels on its own; the slot keeps
+            // the layout DDP's). Sharded device buckets are padded with zeros to a multiple of the
+            // world size, so every rank's shard has the same length.
+            let extra = i64::from(bi == last);
             let off = match opts.shard_world {
-                Some(w) => (off + extra + w as i64 - 1) / w as i64 * w as i64 - extra,
-                None => off,
+                Some(w) if opts.buffer_device != tch::Device::Cpu => (off + extra + w as i64 - 1) / w as i64 * w as i64 - extra,
+                _ => off,
             };
-            let (flat, shared) = bucket_buffer(comm, off + extra, opts.buffer_device)?;
-            shared_buckets &= shared;
-            let low = wire_buffer(comm, opts, off + extra)?;
-            buckets.push(Bucket { params: idx, spans, flat, low });
+            buckets.push(Self::bucket(comm, opts, idx, spans, off + extra)?);
         }
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
-            let (flat, shared) = bucket_buffer(comm, 1, opts.buffer_device)?;
-            shared_buckets &= shared;
-            let low = wire_buffer(comm, opts, 1)?;
-            buckets.push(Bucket { params: vec![], spans: vec![], flat, low });
+            buckets.push(Self::bucket(comm, opts, vec![], vec![], 1)?);
         }
+        for b in &buckets {
+            shared_buckets &= b.shared;
+        }
+        let buckets: Vec<Bucket> = buckets.into_iter().map(|b| b.bucket).collect();
         let mut reducer = Self {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
             buckets,
@@ -224,11 +251,36 @@ impl Reducer {
             reattached: 0,
             shard: opts.shard_world.is_some(),
             shared_buckets,
+            release: opts.release_unowned && opts.buffer_device == tch::Device::Cpu,
         };
         if params.iter().all(|p| p.device() == opts.buffer_device) {
             reducer.attach()?;
         }
         Ok(reducer)
+    }
+
+    fn bucket(
+        comm: &mut dyn Communicator,
+        opts: &ReducerOptions,
+        params: Vec<usize>,
+        spans: Vec<(i64, i64)>,
+        len: i64,
+    ) -> Result<NewBucket, DdpError> {
+        let (flat, shared) = bucket_buffer(comm, len, opts.buffer_device)?;
+        let low = wire_buffer(comm, opts, len)?;
+        let own = match opts.shard_world {
+            Some(w) => {
+                let (a, b) = shard_bounds(len as usize, w, comm.shard_index());
+                (a as i64, b as i64)
+            }
+            None => (0, len),
+        };
+        Ok(NewBucket { bucket: Bucket { params, spans, flat, low, own }, shared })
+    }
+
+    /// What `reduce_bucket` releases of bucket `b` (ZeRO-2 on host buckets).
+    fn release_of(&self, b: &Bucket) -> Option<Release> {
+        self.release.then_some(Release { own: b.own, shared: self.shared_buckets })
     }
 
     /// Lets every gradient live in its bucket: existing values are copied in, then `.grad`
@@ -284,7 +336,16 @@ impl Reducer {
         if self.views.is_some() {
             self.reattach()?;
             for b in &self.buckets {
-                let _ = b.flat.shallow_clone().f_zero_()?;
+                match self.release_of(b) {
+                    // Only this rank's shard stays resident; the rest is released (zero).
+                    Some(r) => {
+                        let _ = b.flat.f_narrow(0, b.own.0, b.own.1 - b.own.0)?.f_zero_()?;
+                        super::pages::zero_outside(&b.flat, b.own.0, b.own.1, r.shared)?;
+                    }
+                    None => {
+                        let _ = b.flat.shallow_clone().f_zero_()?;
+                    }
+                }
             }
         } else {
             for p in &self.params {
@@ -329,6 +390,7 @@ impl Reducer {
         let how = self.reduction();
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
         let lows: Vec<Option<Tensor>> = self.buckets.iter().map(|b| b.low.as_ref().map(|l| l.shallow_clone())).collect();
+        let releases: Vec<Option<Release>> = self.buckets.iter().map(|b| self.release_of(b)).collect();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
@@ -360,7 +422,7 @@ impl Reducer {
                             // The last bucket is ready when backward has (all but) finished:
                             // this rank then only waits, and may wait busily (`set_idle_waits`).
                             comm.set_idle_waits(*next + 1 == sizes.len());
-                            let t = reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true);
+                            let t = reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true, releases[*next]);
                             comm.set_idle_waits(false);
                             times.push(t?);
                             *next += 1;
@@ -460,7 +522,7 @@ impl Reducer {
                     }
                 }
                 // Copied-out gradients are read right after: only attached buckets may defer.
-                self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached)?);
+                self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached, self.release_of(b))?);
                 if !attached {
                     for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                         let p = &self.params[i];
@@ -509,6 +571,17 @@ impl Reducer {
         // read (and the optimizer would step on) partial sums: its recorded error says so.
         comm.wait_pending()?;
         Ok(sum)
+    }
+
+    /// ZeRO-2 on host buckets: whether they are shared memory (how their pages are released);
+    /// `None` when nothing is released.
+    pub fn releases(&self) -> Option<bool> {
+        self.release.then_some(self.shared_buckets)
+    }
+
+    /// Bytes of the gradient buckets resident in memory (host buckets; `None` on a device).
+    pub fn resident_bytes(&self) -> Option<usize> {
+        self.buckets.iter().map(|b| super::pages::resident_bytes(&b.flat)).sum()
     }
 
     /// Each bucket's flat tensor and its parameters' (index, offset, length) inside it, for

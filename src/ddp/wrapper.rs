@@ -40,9 +40,11 @@ pub struct DdpOptions {
     /// Rank 0's buffers go to every rank after each synchronising backward (DDP's
     /// `broadcast_buffers=True`).
     pub broadcast_buffers: bool,
-    /// ZeRO-1: gradients are reduce-scattered instead of all-reduced, so each rank holds the
+    /// ZeRO: gradients are reduce-scattered instead of all-reduced, so each rank holds the
     /// average of its shard only; pair with `Zero` (see `ddp::zero`), which steps the shards.
-    pub shard: bool,
+    /// `Gradients` (ZeRO-2) also gives the memory of the rest of each bucket back as soon as it
+    /// is reduced.
+    pub shard: Shard,
     /// Issue every collective even at world size 1, where they are no-ops that would otherwise
     /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
     /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
@@ -63,8 +65,39 @@ impl Default for DdpOptions {
             overlap: true,
             reduce_bf16: false,
             broadcast_buffers: true,
-            shard: false,
+            shard: Shard::Off,
             force_collectives: force_collectives_from_env(),
+        }
+    }
+}
+
+/// What each rank keeps of the training state, as DeepSpeed's ZeRO stages: everything (DDP), or
+/// only its shard of the optimizer state (stage 1), or of the averaged gradients too (stage 2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shard {
+    #[default]
+    #[serde(alias = "none")]
+    Off,
+    /// ZeRO-1: the optimizer steps this rank's shard; state for it only.
+    Optimizer,
+    /// ZeRO-2: as `Optimizer`, and of each gradient bucket only this rank's shard stays resident
+    /// between backward passes: the rest is handed back to the kernel as soon as the bucket is
+    /// reduce-scattered (host buckets; device buckets keep their memory).
+    Grads,
+}
+
+impl Shard {
+    pub fn is_on(self) -> bool {
+        self != Shard::Off
+    }
+
+    /// "ZeRO-1"/"ZeRO-2", for logs.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Shard::Off => "DDP",
+            Shard::Optimizer => "ZeRO-1",
+            Shard::Grads => "ZeRO-2",
         }
     }
 }
@@ -126,7 +159,7 @@ impl Ddp {
         }
         let all: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         sync_replicas(comm, &all)?;
-        if opts.shard && opts.reduce_bf16 {
+        if opts.shard.is_on() && opts.reduce_bf16 {
             return Err(DdpError::Unsupported("sharding reduce-scatters f32 gradients: reduce_bf16 cannot be combined with it".into()));
         }
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
@@ -135,10 +168,11 @@ impl Ddp {
             cap_bytes: opts.bucket_cap_bytes,
             // Sharded, the optimizer steps slices of the buckets beside the parameters: they
             // share a device (a host backend stages them).
-            buffer_device: if comm.device_native() || opts.shard { device } else { tch::Device::Cpu },
+            buffer_device: if comm.device_native() || opts.shard.is_on() { device } else { tch::Device::Cpu },
             reduce_bf16: opts.reduce_bf16,
             overlap: opts.overlap,
-            shard_world: opts.shard.then_some(comm.world_size()),
+            shard_world: opts.shard.is_on().then_some(comm.world_size()),
+            release_unowned: opts.shard == Shard::Grads,
             force_collectives: opts.force_collectives,
         };
         let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
@@ -193,7 +227,7 @@ impl Ddp {
             backward()?;
             return Ok(0.0);
         }
-        if self.opts.shard && !self.zero_attached.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.opts.shard.is_on() && !self.zero_attached.load(std::sync::atomic::Ordering::Relaxed) {
             // Reduce-scattered, the gradients outside this rank's shards are partial sums: an
             // ordinary optimizer would step on them and the replicas would drift apart.
             return Err(DdpError::Unsupported(
@@ -403,6 +437,18 @@ impl Ddp {
 
     pub fn bucket_layout(&self) -> Vec<Vec<usize>> {
         self.reducer.bucket_layout()
+    }
+
+    /// ZeRO-2 on host buckets: `Some(shared)` (how `Zero` releases a bucket after gathering
+    /// parameters through it); `None` when buckets keep their memory.
+    pub(crate) fn releases_unowned(&self) -> Option<bool> {
+        self.reducer.releases()
+    }
+
+    /// Bytes of the gradient buckets resident in memory: all of them under DDP and ZeRO-1,
+    /// about this rank's shard between steps under ZeRO-2 (host buckets; `None` on a device).
+    pub fn gradient_bytes_resident(&self) -> Option<usize> {
+        self.reducer.resident_bytes()
     }
 
     /// Each bucket's flat tensor and its parameters' (index, offset, length), for `Zero`.

@@ -1,4 +1,5 @@
-//! ZeRO stage 1 (PyTorch's `ZeroRedundancyOptimizer`, DeepSpeed's stage 1) on the reducer's side.
+//! ZeRO stages 1 and 2 (PyTorch's `ZeroRedundancyOptimizer`, DeepSpeed's stages 1 and 2) on the
+//! reducer's side.
 //!
 //! ```text
 //! backward   each bucket is reduce-scattered: rank r ends with the average of its shard only
@@ -14,6 +15,12 @@
 //! The bucket doubles as the gather buffer: its gradients are spent once the step is taken, and
 //! `zero_grad` clears it before the next backward. On the ring the shards are reduced in the
 //! all-reduce's order, so SGD and Adam are bitwise equal to unsharded training.
+//!
+//! Stage 2 (`Shard::Grads`) keeps the same buckets, in memory handed back to the kernel outside
+//! this rank's shard: the reducer releases the rest of each bucket as soon as it is
+//! reduce-scattered (during backward), and `gather_parameters` again after the bucket carried
+//! the parameters. Between steps only the shard is resident: 4/N bytes per parameter instead of
+//! 4; during backward, a bucket's pages exist from its first gradient to its reduce-scatter.
 
 use super::{Ddp, DdpError};
 use crate::comm::{shard_bounds, Communicator};
@@ -43,6 +50,9 @@ pub struct Zero {
     params: Vec<(String, Tensor)>,
     /// Parameter index → (bucket, offset in it).
     place: HashMap<usize, (usize, i64)>,
+    /// ZeRO-2: after a bucket carried the gathered parameters, all but this rank's shard is
+    /// released again (`Some(shared memory)`).
+    release: Option<bool>,
 }
 
 fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
@@ -71,7 +81,7 @@ impl Zero {
                 Bucket { flat, own: (a as i64, b as i64), members }
             })
             .collect();
-        Ok(Zero { buckets, params, place })
+        Ok(Zero { buckets, params, place, release: ddp.releases_unowned() })
     }
 
     /// This rank's slice of every parameter its shards touch, in parameter order, for
@@ -126,6 +136,11 @@ impl Zero {
             comm.all_gather_shards_tensor(&mut flat)?;
             for &(i, off, n) in &b.members {
                 flat_view(&self.params[i].1)?.f_copy_(&flat.f_narrow(0, off, n)?)?;
+            }
+            if let Some(shared) = self.release {
+                // The next backward accumulates into zeros outside the shard; the shard itself is
+                // this rank's parameters now and is zeroed by zero_grad before then.
+                super::pages::zero_outside(&flat, b.own.0, b.own.1, shared)?;
             }
         }
         Ok(())

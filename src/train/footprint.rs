@@ -4,8 +4,9 @@
 //! Once the model is built its parameters are resident; what training adds per rank before any
 //! activation is known from the parameter count: the gradients (DDP's buckets, which the
 //! gradients are views of) and the optimizer's state and scratch (SGD: a momentum buffer, and a
-//! scratch tensor where weight decay needs one; Adam: two moments and a scratch), divided by the
-//! world size under `optimizer.shard` (ZeRO-1). Ranks on the same machine (the same kernel boot
+//! scratch tensor where weight decay needs one; Adam: two moments and a scratch), the optimizer's
+//! part divided by the world size under ZeRO-1 (`ddp.shard: optimizer`), and the gradients too
+//! under ZeRO-2 (`ddp.shard: grads`). Ranks on the same machine (the same kernel boot
 //! id, so emulated nodes count as one machine, as they share its memory) add up, and their sum
 //! is compared with what the kernel says is available (MemAvailable). This is a lower bound:
 //! activations, data and communication buffers come on top, so only a job that cannot fit is
@@ -13,6 +14,7 @@
 
 use super::TrainError;
 use crate::comm::Communicator;
+use crate::ddp::Shard;
 use crate::optim::{OptimizerConfig, OptimizerName};
 
 /// Bytes one rank adds to its resident parameters once training starts.
@@ -29,13 +31,14 @@ impl Need {
 }
 
 /// What `parameters` elements of `elem_bytes` each need beyond themselves, at `world` ranks.
-pub fn need(parameters: u64, elem_bytes: u64, opt: &OptimizerConfig, world: u64) -> Need {
+pub fn need(parameters: u64, elem_bytes: u64, opt: &OptimizerConfig, shard: Shard, world: u64) -> Need {
     let per_element = match opt.name {
         OptimizerName::Sgd => u64::from(opt.momentum != 0.0) + u64::from(opt.weight_decay != 0.0),
         OptimizerName::Adam | OptimizerName::Adamw => 3,
     };
     let state = parameters * per_element * elem_bytes;
-    Need { gradients: parameters * elem_bytes, optimizer: if opt.shard { state.div_ceil(world.max(1)) } else { state } }
+    let divided = |b: u64, on: bool| if on { b.div_ceil(world.max(1)) } else { b };
+    Need { gradients: divided(parameters * elem_bytes, shard >= Shard::Grads), optimizer: divided(state, shard >= Shard::Optimizer) }
 }
 
 /// Bytes as people read them: MiB below a GiB.
@@ -65,7 +68,7 @@ fn machine_id() -> String {
 /// Every rank's need against its machine's available memory; the same error on every rank when
 /// a machine's ranks together need more than it has. Call once every rank's model is built (the
 /// barrier inside makes the reading of available memory come after all of them).
-pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig) -> Result<(), TrainError> {
+pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig, shard: Shard) -> Result<(), TrainError> {
     comm.barrier()?;
     let me = machine_id();
     let row = format!("{me} {} {}", mine.total(), available().map_or(-1, |a| a as i64));
@@ -78,8 +81,11 @@ pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig) ->
     if total <= avail as u64 {
         return Ok(());
     }
-    let shard =
-        if opt.shard { " (optimizer.shard: already divided over the ranks)" } else { "; optimizer.shard: true divides it over the ranks" };
+    let shard = match shard {
+        Shard::Off => "; ddp.shard: optimizer divides the optimizer state over the ranks, ddp.shard: grads the gradients too",
+        Shard::Optimizer => " (divided over the ranks); ddp.shard: grads divides the gradients too",
+        Shard::Grads => " (both divided over the ranks)",
+    };
     Err(TrainError::Startup(format!(
         "the training state does not fit this machine's memory: its {} rank(s) need at least {} more than their parameters \
          (per rank: gradients {}, optimizer state {} for {}{shard}), but {} is available; use fewer ranks per machine or a \
@@ -101,18 +107,20 @@ pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig) ->
 mod tests {
     use super::*;
 
-    fn opt(name: OptimizerName, momentum: f64, weight_decay: f64, shard: bool) -> OptimizerConfig {
-        OptimizerConfig { momentum, weight_decay, shard, ..OptimizerConfig::new(name, 0.1) }
+    fn opt(name: OptimizerName, momentum: f64, weight_decay: f64) -> OptimizerConfig {
+        OptimizerConfig { momentum, weight_decay, ..OptimizerConfig::new(name, 0.1) }
     }
 
     #[test]
     fn the_need_per_rank_follows_the_optimizer_and_sharding() {
         let p = 1_000_000;
-        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.0, 0.0, false), 2), Need { gradients: 4_000_000, optimizer: 0 });
-        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.9, 0.0, false), 2).optimizer, 4_000_000);
-        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.9, 1e-4, false), 2).optimizer, 8_000_000);
-        assert_eq!(need(p, 4, &opt(OptimizerName::Adamw, 0.0, 0.1, false), 2).optimizer, 12_000_000);
-        // ZeRO-1 divides the optimizer's part, not the gradients.
-        assert_eq!(need(p, 4, &opt(OptimizerName::Adamw, 0.0, 0.1, true), 3), Need { gradients: 4_000_000, optimizer: 4_000_000 });
+        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.0, 0.0), Shard::Off, 2), Need { gradients: 4_000_000, optimizer: 0 });
+        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.9, 0.0), Shard::Off, 2).optimizer, 4_000_000);
+        assert_eq!(need(p, 4, &opt(OptimizerName::Sgd, 0.9, 1e-4), Shard::Off, 2).optimizer, 8_000_000);
+        assert_eq!(need(p, 4, &opt(OptimizerName::Adamw, 0.0, 0.1), Shard::Off, 2).optimizer, 12_000_000);
+        // ZeRO-1 divides the optimizer's part, not the gradients; ZeRO-2 both.
+        let adamw = opt(OptimizerName::Adamw, 0.0, 0.1);
+        assert_eq!(need(p, 4, &adamw, Shard::Optimizer, 3), Need { gradients: 4_000_000, optimizer: 4_000_000 });
+        assert_eq!(need(p, 4, &adamw, Shard::Grads, 3), Need { gradients: 1_333_334, optimizer: 4_000_000 });
     }
 }

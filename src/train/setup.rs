@@ -46,8 +46,8 @@ impl<'a> Trainer<'a> {
             // Before the gradients and optimizer state exist: refuse a job that cannot fit.
             let elements: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
             let elem = params.first().map_or(4, |(_, p)| p.kind().elt_size_in_bytes() as u64);
-            let need = super::footprint::need(elements as u64, elem, &cfg.optimizer, world as u64);
-            super::footprint::check(&mut *handle.lock(), &need, &cfg.optimizer)?;
+            let need = super::footprint::need(elements as u64, elem, &cfg.optimizer, cfg.shard(), world as u64);
+            super::footprint::check(&mut *handle.lock(), &need, &cfg.optimizer, cfg.shard())?;
         }
         let state: Vec<(String, Tensor)> = params.iter().chain(&buffers).map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let opt = Optimizer::new(&cfg.optimizer, &params);
@@ -164,8 +164,9 @@ fn build(cfg: &Config, splits: &data::Splits, device: tch::Device, comm: &crate:
     Ok(Built { model, task, params, buffers })
 }
 
-/// `Ddp` around the parameters (broadcasting rank 0's), and with `optimizer.shard` the ZeRO-1
-/// wrapper, after which the optimizer holds this rank's slices (and their state) only.
+/// `Ddp` around the parameters (broadcasting rank 0's), and with `ddp.shard` (or
+/// `optimizer.shard`) the ZeRO wrapper, after which the optimizer holds this rank's slices (and
+/// their state) only.
 fn wrap(
     handle: &crate::comm::CommHandle,
     cfg: &Config,
@@ -179,7 +180,7 @@ fn wrap(
         overlap: cfg.ddp.overlap,
         reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
         broadcast_buffers: cfg.ddp.broadcast_buffers,
-        shard: cfg.optimizer.shard,
+        shard: cfg.shard(),
         ..DdpOptions::default()
     };
     let rank = handle.lock().rank();
@@ -187,7 +188,7 @@ fn wrap(
         tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
     }
     let ddp = Ddp::new(handle, params, buffers, opts)?;
-    if !cfg.optimizer.shard {
+    if !cfg.shard().is_on() {
         return Ok((ddp, opt, None));
     }
     let zero = Zero::new(&ddp, &*handle.lock())?;
@@ -195,8 +196,10 @@ fn wrap(
     let mine: i64 = slices.iter().map(|s| s.len).sum();
     let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
     tracing::info!(
-        "optimizer sharded (ZeRO-1): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only",
-        opt.name()
+        "optimizer sharded ({}): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only{}",
+        cfg.shard().stage(),
+        opt.name(),
+        if cfg.shard() == crate::ddp::Shard::Grads { " and their averaged gradients between steps" } else { "" }
     );
     let opt = zero.shard_optimizer(opt)?;
     Ok((ddp, opt, Some(zero)))
