@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Memory per rank, measured against the formula each layout should follow, in one invocation: a
 # GPT of about 85 M parameters (nanoGPT's layout, 12 layers × 768 wide, byte tokens, context
-# 128) with AdamW at 2 ranks, a few steps each, DDP then ZeRO-1 (optimizer.shard).
+# 128) with AdamW at 2 ranks, a few steps each: DDP, ZeRO-1 (ddp.shard: optimizer), ZeRO-2
+# (ddp.shard: grads).
 #   scripts/bench_memory.sh [STEPS]        (default 4 steps per run)
 # Columns: peak RSS of each rank (MiB); the training state the formula predicts per rank (P
-# parameters of 4 bytes: parameters 4P, gradients 4P (the buckets they are views of), AdamW's two
-# moments 8P and its scratch 4P, those last two divided by N under ZeRO-1); what the rest is
+# parameters of 4 bytes: parameters 4P, gradients 4P (the buckets they are views of; divided by N
+# under ZeRO-2), AdamW's two moments 8P and its scratch 4P (divided by N under ZeRO-1 and 2)); what the rest is
 # (activations, libtorch, data, communication buffers: the measured peak less the prediction).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ trap 'rm -rf "$tmp"' EXIT
 export OMP_NUM_THREADS=1
 model='{name: gpt, n_layer: 12, n_head: 12, n_embd: 768, block_size: 128, bias: true, dropout: 0.0}'
 
-runs=("DDP|" "ZeRO-1|--set optimizer.shard=true")
+runs=("DDP|" "ZeRO-1|--set ddp.shard=optimizer" "ZeRO-2|--set ddp.shard=grads")
 for i in "${!runs[@]}"; do
     IFS='|' read -r _ sets <<<"${runs[$i]}"
     # shellcheck disable=SC2086
@@ -37,9 +38,9 @@ log = open(f"{tmp}/{i}.log").read()
 # "model gpt: N tensors, P parameters" from rank 0's log.
 p = int(re.search(r"model gpt: \d+ tensors, (\d+) parameters", log).group(1))
 n = 2
-sharded = "shard" in sets
-per_elem = 4 + 4 + (12 / n if sharded else 12)
-formula = "4+4+12/N" if sharded else "4+4+12"
+stage = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2}[name]
+per_elem = 4 + (4 / n if stage >= 2 else 4) + (12 / n if stage >= 1 else 12)
+formula = ["4+4+12", "4+4+12/N", "4+4/N+12/N"][stage]
 predicted = p * per_elem / 2**20
 rss = sorted(json.load(open(f))["peak_rss_mib"] for f in glob.glob(f"{tmp}/{i}/ranks/*.json"))
 shown = "/".join(f"{r:.0f}" for r in rss)

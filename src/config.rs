@@ -142,6 +142,11 @@ pub struct TrainConfig {
     /// Evaluate on the test set at the end of each epoch.
     #[serde(default = "yes")]
     pub eval: bool,
+    /// Keep only each unit's input (GPT's blocks, ResNet's stages) and recompute its
+    /// activations in backward: less memory for about one more forward pass per step; the
+    /// same gradients, bit for bit (dropout's masks are drawn again from the same state).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     /// `fp32`, or autocast at `bf16` or `fp16` (with dynamic loss scaling), on CUDA or the CPU.
     #[serde(default = "default_precision")]
     pub precision: Precision,

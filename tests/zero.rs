@@ -85,10 +85,12 @@ ddp: {{bucket_cap_mb: 4, first_bucket_cap_mb: 1}}",
     write_config(dir, &format!("{model}.yaml"), &yaml)
 }
 
-/// The stages' matrix: GPT and ResNet-18, SGD with momentum and AdamW, 2 and 3 ranks, 30 steps;
-/// each stage ends with DDP's bits on every rank and writes DDP's optimizer state.
+/// The stages' matrix: GPT and ResNet-18, SGD with momentum and AdamW, 2 and 3 ranks, 30 steps,
+/// with and without activation checkpointing; each ends with DDP's bits on every rank (BatchNorm
+/// statistics included: a recomputed stage must not update them twice) and writes DDP's
+/// optimizer state.
 #[test]
-fn zero2_on_gpt_and_resnet18_is_bitwise_equal_to_ddp_at_2_and_3_ranks() {
+fn zero2_and_checkpointing_on_gpt_and_resnet18_are_bitwise_equal_to_ddp_at_2_and_3_ranks() {
     let dir = tempfile::tempdir().unwrap();
     for model in ["gpt", "resnet18"] {
         for (opt, optimizer) in [("sgd", "{name: sgd, lr: 0.05, momentum: 0.9}"), ("adamw", "{name: adamw, lr: 0.003, weight_decay: 0.1}")]
@@ -99,14 +101,21 @@ fn zero2_on_gpt_and_resnet18_is_bitwise_equal_to_ddp_at_2_and_3_ranks() {
                 let plain = run_dir("ddp");
                 train(world, &cfg, &plain, &["train.threads=1"]);
                 let want = rank_hashes(&plain, world);
-                for stage in ["grads"] {
-                    let sharded = run_dir(stage);
-                    let out = train(world, &cfg, &sharded, &["train.threads=1", &format!("ddp.shard={stage}")]);
+                for (stage, checkpointing) in [("grads", false), ("grads", true)] {
+                    let sharded = run_dir(&format!("{stage}-{checkpointing}"));
+                    let sets =
+                        ["train.threads=1", &format!("ddp.shard={stage}"), &format!("train.activation_checkpointing={checkpointing}")];
+                    let out = train(world, &cfg, &sharded, &sets);
                     assert!(out.stderr.contains("optimizer sharded (ZeRO-2)"), "{}", out.report());
-                    assert_eq!(rank_hashes(&sharded, world), want, "{model}, {opt}, {world} ranks, ddp.shard {stage}");
+                    assert_eq!(out.stderr.contains("activation checkpointing: "), checkpointing, "{}", out.report());
+                    assert_eq!(
+                        rank_hashes(&sharded, world),
+                        want,
+                        "{model}, {opt}, {world} ranks, ddp.shard {stage}, checkpointing {checkpointing}"
+                    );
                     assert!(
                         final_optimizer_state(&plain) == final_optimizer_state(&sharded),
-                        "{model}, {opt}, {world} ranks, ddp.shard {stage}: optimizer.safetensors differs"
+                        "{model}, {opt}, {world} ranks, ddp.shard {stage}, checkpointing {checkpointing}: optimizer.safetensors differs"
                     );
                 }
             }

@@ -132,7 +132,9 @@ impl AutocastGuard {
         Self::set(device, false, dtype)
     }
 
-    fn set(device: Device, enabled: bool, dtype: Kind) -> Result<AutocastGuard, AmpError> {
+    /// A region in the given state (what `autocast_state` read earlier, e.g. to run a
+    /// checkpointed forward again as it first ran).
+    pub fn set(device: Device, enabled: bool, dtype: Kind) -> Result<AutocastGuard, AmpError> {
         let t = device_type(device);
         let code = scalar_type(dtype)?;
         let mut prev = (0, 0, 0);

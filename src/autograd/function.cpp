@@ -66,3 +66,61 @@ extern "C" int ringtrain_apply_function(void *input, void *state, ringtrain_appl
         return 1;
     }
 }
+
+// What activation checkpointing needs from libtorch that tch does not offer.
+#include <ATen/Context.h>
+#include <torch/csrc/autograd/autograd.h>
+
+namespace {
+void write_err(const std::exception &e, char *err, size_t errlen) {
+    std::strncpy(err, e.what(), errlen - 1);
+    err[errlen - 1] = 0;
+}
+
+c10::Device device_of(int device_type, int index) {
+    return device_type == 1 ? c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index)) : c10::Device(c10::kCPU);
+}
+}  // namespace
+
+// Whether gradient recording is on for this thread.
+extern "C" int ringtrain_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// Backpropagates `grad` from `tensor` (torch.autograd.backward(tensor, grad)), accumulating into
+// the leaves; callable from inside a backward (reentrant). 0 on success, else 1 and `err`.
+extern "C" int ringtrain_backward_with(void *tensor, void *grad, char *err, size_t errlen) {
+    try {
+        auto *t = static_cast<at::Tensor *>(tensor);
+        auto *g = static_cast<at::Tensor *>(grad);
+        torch::autograd::backward({*t}, {*g}, /*retain_graph=*/false, /*create_graph=*/false);
+        return 0;
+    } catch (const std::exception &e) {
+        write_err(e, err, errlen);
+        return 1;
+    }
+}
+
+// The default generator's state on a device (device_type 0: CPU, 1: CUDA), as a new tensor
+// handle; null with `err` on failure.
+extern "C" void *ringtrain_rng_get_state(int device_type, int index, char *err, size_t errlen) {
+    try {
+        auto gen = at::globalContext().defaultGenerator(device_of(device_type, index));
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        return new at::Tensor(gen.get_state());
+    } catch (const std::exception &e) {
+        write_err(e, err, errlen);
+        return nullptr;
+    }
+}
+
+// Sets the default generator's state on a device from `state` (what get_state gave).
+extern "C" int ringtrain_rng_set_state(int device_type, int index, void *state, char *err, size_t errlen) {
+    try {
+        auto gen = at::globalContext().defaultGenerator(device_of(device_type, index));
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(*static_cast<at::Tensor *>(state));
+        return 0;
+    } catch (const std::exception &e) {
+        write_err(e, err, errlen);
+        return 1;
+    }
+}

@@ -6,6 +6,7 @@
 //!   own rows — what contrastive losses with negatives from the whole global batch need.
 //! - [`all_reduce`]: the sum over ranks. Backward: the sum over ranks of the gradient.
 //! - [`sync_batch_norm`] / [`SyncBatchNorm`]: batch statistics over every rank's batch.
+//! - [`checkpoint`]: activation checkpointing of a unit (recomputed in backward).
 //!
 //! They run on any backend and world size, through the group's [`CommHandle`]. Inside a `Ddp`
 //! backward that overlaps its all-reduces, the communicator belongs to DDP's communication
@@ -19,10 +20,12 @@
 //! buffer and all-reduces it (adding zeros changes no bits, except −0.0 → +0.0), so the
 //! gathered values are bitwise every rank's own. Values travel as f32 whatever the dtype.
 
+pub mod checkpoint;
 mod collectives;
 mod function;
 mod sync_batchnorm;
 
+pub use checkpoint::{checkpoint, recomputing};
 pub use collectives::{all_gather, all_gather_at, all_reduce};
 pub use function::{apply, Differentiable};
 pub use sync_batchnorm::{sync_batch_norm, SyncBatchNorm};

@@ -20,6 +20,20 @@ pub(crate) struct BatchNorm {
     sync: Option<CommHandle>,
 }
 
+/// Shallow: the same tensors (a checkpointed unit's recomputation holds a copy).
+impl Clone for BatchNorm {
+    fn clone(&self) -> BatchNorm {
+        BatchNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            running_mean: self.running_mean.shallow_clone(),
+            running_var: self.running_var.shallow_clone(),
+            num_batches_tracked: self.num_batches_tracked.shallow_clone(),
+            sync: self.sync.clone(),
+        }
+    }
+}
+
 impl BatchNorm {
     /// `c` channels named `name.*`, appended to `params` and `buffers` in `state_dict` order.
     pub(crate) fn new(
@@ -44,6 +58,11 @@ impl BatchNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        if train && crate::autograd::recomputing() {
+            // A checkpointed unit running again in backward: normalised by the same batch
+            // statistics, but the running ones and the count were updated the first time.
+            return x.f_batch_norm(Some(&self.weight), Some(&self.bias), None::<&Tensor>, None::<&Tensor>, true, MOMENTUM, EPS, true);
+        }
         if train {
             // PyTorch's BatchNorm counts batches in training mode (momentum is fixed, so the count
             // only travels in checkpoints).

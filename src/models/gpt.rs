@@ -150,6 +150,20 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
+/// Shallow copies (the same tensors): what a checkpointed block's recomputation holds.
+impl Clone for Norm {
+    fn clone(&self) -> Norm {
+        Norm { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone) }
+    }
+}
+
+impl Clone for Linear {
+    fn clone(&self) -> Linear {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone) }
+    }
+}
+
+#[derive(Clone)]
 struct Block {
     ln_1: Norm,
     c_attn: Linear,
@@ -166,6 +180,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f: Norm,
     params: Vec<(String, Tensor)>,
+    /// Each block's activations are recomputed in backward (`train.activation_checkpointing`).
+    checkpointing: bool,
 }
 
 /// Creates parameters on the CPU from libtorch's default generator (seed it first), so every
@@ -212,6 +228,40 @@ impl Linear {
     }
 }
 
+fn attention(cfg: &GptConfig, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    let (b, t, c) = x.size3()?;
+    let nh = cfg.n_head as i64;
+    let qkv = blk.c_attn.forward(x)?.f_split(c, 2)?;
+    let heads = |m: &Tensor| m.f_view([b, t, nh, c / nh])?.f_transpose(1, 2);
+    let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
+    let p = if train { cfg.dropout } else { 0.0 };
+    let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false);
+    let low = matches!(q.kind(), Kind::BFloat16 | Kind::Half);
+    let y = if q.device() == Device::Cpu && low && t <= MANUAL_ATTENTION_MAX_T {
+        manual_attention(&q, &k, &v, p, train)?
+    } else if q.device() == Device::Cpu && low {
+        // Longer contexts: the fused kernel (no T×T matrix), in f32, where its backward is fast.
+        let _f32 = crate::amp::AutocastGuard::disabled(Device::Cpu).map_err(|e| TchError::Torch(e.to_string()))?;
+        let f = |t: &Tensor| t.f_to_kind(Kind::Float);
+        sdpa(&f(&q)?, &f(&k)?, &f(&v)?)?.f_to_kind(q.kind())?
+    } else {
+        sdpa(&q, &k, &v)?
+    };
+    let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
+    blk.attn_proj.forward(&y)?.f_dropout(cfg.dropout, train)
+}
+
+fn mlp(cfg: &GptConfig, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    let h = blk.c_fc.forward(x)?.f_gelu("none")?;
+    blk.mlp_proj.forward(&h)?.f_dropout(cfg.dropout, train)
+}
+
+/// One transformer block: x + attn(ln_1(x)), then + mlp(ln_2(·)).
+fn block_forward(cfg: &GptConfig, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    let x = x + attention(cfg, blk, &blk.ln_1.forward(x)?, train)?;
+    Ok(&x + mlp(cfg, blk, &blk.ln_2.forward(&x)?, train)?)
+}
+
 impl Gpt {
     pub fn new(cfg: &GptConfig, device: Device) -> Result<Gpt, TchError> {
         let (c, v) = (cfg.n_embd as i64, cfg.vocab_size as i64);
@@ -233,40 +283,11 @@ impl Gpt {
             });
         }
         let ln_f = b.norm("transformer.ln_f", c, cfg.bias)?;
-        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params })
+        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params, checkpointing: false })
     }
 
     pub fn config(&self) -> &GptConfig {
         &self.cfg
-    }
-
-    fn attention(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let (b, t, c) = x.size3()?;
-        let nh = self.cfg.n_head as i64;
-        let qkv = blk.c_attn.forward(x)?.f_split(c, 2)?;
-        let heads = |m: &Tensor| m.f_view([b, t, nh, c / nh])?.f_transpose(1, 2);
-        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
-        let p = if train { self.cfg.dropout } else { 0.0 };
-        let sdpa =
-            |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false);
-        let low = matches!(q.kind(), Kind::BFloat16 | Kind::Half);
-        let y = if q.device() == Device::Cpu && low && t <= MANUAL_ATTENTION_MAX_T {
-            manual_attention(&q, &k, &v, p, train)?
-        } else if q.device() == Device::Cpu && low {
-            // Longer contexts: the fused kernel (no T×T matrix), in f32, where its backward is fast.
-            let _f32 = crate::amp::AutocastGuard::disabled(Device::Cpu).map_err(|e| TchError::Torch(e.to_string()))?;
-            let f = |t: &Tensor| t.f_to_kind(Kind::Float);
-            sdpa(&f(&q)?, &f(&k)?, &f(&v)?)?.f_to_kind(q.kind())?
-        } else {
-            sdpa(&q, &k, &v)?
-        };
-        let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
-        blk.attn_proj.forward(&y)?.f_dropout(self.cfg.dropout, train)
-    }
-
-    fn mlp(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let h = blk.c_fc.forward(x)?.f_gelu("none")?;
-        blk.mlp_proj.forward(&h)?.f_dropout(self.cfg.dropout, train)
     }
 
     /// Hidden states after `ln_f` for token ids `[batch, t]` (t ≤ block_size).
@@ -278,9 +299,15 @@ impl Gpt {
         let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?;
         let tok = Tensor::f_embedding(&self.wte, idx, -1, false, false)?;
         let mut x = (tok + Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?).f_dropout(self.cfg.dropout, train)?;
-        for blk in &self.blocks {
-            x = &x + self.attention(blk, &blk.ln_1.forward(&x)?, train)?;
-            x = &x + self.mlp(blk, &blk.ln_2.forward(&x)?, train)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = match self.checkpointing {
+                true => {
+                    let (cfg, blk) = (self.cfg.clone(), blk.clone());
+                    let forward = Box::new(move |x: &Tensor| block_forward(&cfg, &blk, x, train));
+                    crate::autograd::checkpoint(&format!("transformer.h.{i}"), &x, forward)?
+                }
+                false => block_forward(&self.cfg, blk, &x, train)?,
+            };
         }
         self.ln_f.forward(&x)
     }
@@ -295,6 +322,11 @@ impl Model for Gpt {
     /// Logits `[batch, t, vocab]` for token ids `[batch, t]`.
     fn forward_t(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
         self.hidden(idx, train)?.f_linear::<Tensor>(&self.wte, None)
+    }
+
+    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
+        self.checkpointing = on;
+        Ok((0..self.blocks.len()).map(|i| format!("transformer.h.{i}")).collect())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

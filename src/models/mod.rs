@@ -58,6 +58,15 @@ pub trait Model {
     fn features(&self, _input: &Tensor) -> Option<Result<Tensor, TchError>> {
         None
     }
+    /// Recompute each unit's activations in backward instead of keeping them
+    /// (`train.activation_checkpointing`; units: GPT's blocks, ResNet's stages). Returns the
+    /// units' names; `Err` names why this model cannot.
+    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
+        match on {
+            true => Err("this model has no units to checkpoint (GPT's blocks and ResNet's stages do)".into()),
+            false => Ok(vec![]),
+        }
+    }
     /// Training FLOPs per token (forward + backward), for the achieved-FLOP/s estimate.
     fn flops_per_token(&self) -> Option<f64> {
         None

@@ -126,12 +126,19 @@ struct Conv {
     padding: i64,
 }
 
+impl Clone for Conv {
+    fn clone(&self) -> Conv {
+        Conv { weight: self.weight.shallow_clone(), stride: self.stride, padding: self.padding }
+    }
+}
+
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         x.f_conv2d(&self.weight, None::<&Tensor>, [self.stride; 2], [self.padding; 2], [1, 1], 1)
     }
 }
 
+#[derive(Clone)]
 struct Block {
     /// (conv, bn) pairs: two in a basic block, three in a bottleneck.
     layers: Vec<(Conv, BatchNorm)>,
@@ -168,6 +175,8 @@ pub struct ResNet {
     sync: Option<crate::comm::CommHandle>,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
+    /// Each stage's activations are recomputed in backward (`train.activation_checkpointing`).
+    checkpointing: bool,
 }
 
 /// Registers parameters and buffers in torchvision's `state_dict` order while building.
@@ -252,7 +261,18 @@ impl ResNet {
         } else {
             None
         };
-        Ok(ResNet { conv1, bn1, max_pool: !small_stem, stages, fc, features: fan_in, sync: b.sync, params: b.params, buffers: b.buffers })
+        Ok(ResNet {
+            conv1,
+            bn1,
+            max_pool: !small_stem,
+            stages,
+            fc,
+            features: fan_in,
+            sync: b.sync,
+            params: b.params,
+            buffers: b.buffers,
+            checkpointing: false,
+        })
     }
 }
 
@@ -274,16 +294,30 @@ impl Model for ResNet {
         if self.max_pool {
             x = x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         }
-        for stage in &self.stages {
-            for block in stage {
-                x = block.forward(&x, train)?;
-            }
+        for (i, stage) in self.stages.iter().enumerate() {
+            let run = move |blocks: &[Block], x: &Tensor| blocks.iter().try_fold(x.shallow_clone(), |x, b| b.forward(&x, train));
+            x = match self.checkpointing {
+                true => {
+                    let blocks = stage.clone();
+                    crate::autograd::checkpoint(&format!("layer{}", i + 1), &x, Box::new(move |x: &Tensor| run(&blocks, x)))?
+                }
+                false => run(stage, &x)?,
+            };
         }
         let x = x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
         match &self.fc {
             Some((w, b)) => x.f_linear(w, Some(b)),
             None => Ok(x),
         }
+    }
+
+    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
+        if on && self.sync.is_some() {
+            // Recomputing would run SyncBatchNorm's collectives a second time inside backward.
+            return Err("train.activation_checkpointing cannot be combined with model.sync_batchnorm: recomputing a stage would run its SyncBatchNorm collectives a second time, inside backward".into());
+        }
+        self.checkpointing = on;
+        Ok((1..=self.stages.len()).map(|i| format!("layer{i}")).collect())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

@@ -156,7 +156,13 @@ fn agree_and_load(comm: &mut dyn crate::comm::Communicator, cfg: &Config) -> Res
 fn build(cfg: &Config, splits: &data::Splits, device: tch::Device, comm: &crate::comm::CommHandle) -> Result<Built, TrainError> {
     tch::manual_seed(cfg.train.seed as i64);
     let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes, comm: Some(comm) };
-    let model = cfg.model.build(&inputs, device).map_err(model_error)?;
+    let mut model = cfg.model.build(&inputs, device).map_err(model_error)?;
+    if cfg.train.activation_checkpointing {
+        let units = model
+            .set_activation_checkpointing(true)
+            .map_err(|e| TrainError::Startup(format!("train.activation_checkpointing for model {}: {e}", cfg.model.name)))?;
+        tracing::info!("activation checkpointing: {} unit(s) recomputed in backward ({})", units.len(), units.join(", "));
+    }
     let task = tasks::build(cfg, comm).map_err(TrainError::Startup)?;
     check_output(&*model, &*task, splits, device)?;
     let named = |v: &[(String, Tensor)]| v.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect::<Vec<_>>();
