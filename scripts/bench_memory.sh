@@ -2,12 +2,12 @@
 # Memory per rank, measured against the formula each layout should follow, in one invocation: a
 # GPT of about 85 M parameters (nanoGPT's layout, 12 layers × 768 wide, byte tokens, context
 # 128) with AdamW at 2 ranks, a few steps each: DDP, ZeRO-1 (ddp.shard: optimizer), ZeRO-2
-# (ddp.shard: grads).
+# (ddp.shard: grads), and ZeRO-2 with activation checkpointing.
 #   scripts/bench_memory.sh [STEPS]        (default 4 steps per run)
 # Columns: peak RSS of each rank (MiB); the training state the formula predicts per rank (P
 # parameters of 4 bytes: parameters 4P, gradients 4P (the buckets they are views of; divided by N
 # under ZeRO-2), AdamW's two moments 8P and its scratch 4P (divided by N under ZeRO-1 and 2)); what the rest is
-# (activations, libtorch, data, communication buffers: the measured peak less the prediction).
+# (libtorch, data, communication buffers, temporaries: the measured peak less the prediction).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-4}"
@@ -17,7 +17,8 @@ trap 'rm -rf "$tmp"' EXIT
 export OMP_NUM_THREADS=1
 model='{name: gpt, n_layer: 12, n_head: 12, n_embd: 768, block_size: 128, bias: true, dropout: 0.0}'
 
-runs=("DDP|" "ZeRO-1|--set ddp.shard=optimizer" "ZeRO-2|--set ddp.shard=grads")
+runs=("DDP|" "ZeRO-1|--set ddp.shard=optimizer" "ZeRO-2|--set ddp.shard=grads"
+    "ZeRO-2+ckpt|--set ddp.shard=grads --set train.activation_checkpointing=true")
 for i in "${!runs[@]}"; do
     IFS='|' read -r _ sets <<<"${runs[$i]}"
     # shellcheck disable=SC2086
@@ -28,7 +29,7 @@ for i in "${!runs[@]}"; do
 done
 
 echo "# $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); GPT 12×768, AdamW, 2 ranks × batch 2 × 128 tokens, $steps steps per run"
-printf "%-8s %12s %12s %18s %18s %12s\n" layout "params (M)" "formula" "predicted MiB/rank" "peak RSS MiB/rank" "rest MiB"
+printf "%-12s %10s %20s %18s %18s %10s\n" layout "params (M)" "formula" "predicted MiB/rank" "peak RSS MiB/rank" "rest MiB"
 for i in "${!runs[@]}"; do
     IFS='|' read -r name sets <<<"${runs[$i]}"
     python3 - "$tmp" "$i" "$name" "$sets" <<'PY'
@@ -38,12 +39,19 @@ log = open(f"{tmp}/{i}.log").read()
 # "model gpt: N tensors, P parameters" from rank 0's log.
 p = int(re.search(r"model gpt: \d+ tensors, (\d+) parameters", log).group(1))
 n = 2
-stage = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2}[name]
+stage = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-2+ckpt": 2}[name]
 per_elem = 4 + (4 / n if stage >= 2 else 4) + (12 / n if stage >= 1 else 12)
 formula = ["4+4+12", "4+4+12/N", "4+4/N+12/N"][stage]
-predicted = p * per_elem / 2**20
+# Activations, Megatron-LM's estimate per layer (34·B·T·C + 5·heads·T²·B bytes at 16 bits, so
+# twice that in fp32): every layer's without checkpointing; with it, each block's input (4·B·T·C)
+# and one layer's being recomputed.
+L, B, T, C, H = 12, 2, 128, 768, 12
+layer = 2 * (34 * B * T * C + 5 * H * T * T * B)
+acts = L * 4 * B * T * C + layer if "ckpt" in name else L * layer
+formula += " +acts"
+predicted = (p * per_elem + acts) / 2**20
 rss = sorted(json.load(open(f))["peak_rss_mib"] for f in glob.glob(f"{tmp}/{i}/ranks/*.json"))
 shown = "/".join(f"{r:.0f}" for r in rss)
-print(f"{name:<8} {p / 1e6:>12.1f} {formula:>12} {predicted:>18.0f} {shown:>18} {max(rss) - predicted:>12.0f}")
+print(f"{name:<12} {p / 1e6:>10.1f} {formula:>20} {predicted:>18.0f} {shown:>18} {max(rss) - predicted:>10.0f}")
 PY
 done
