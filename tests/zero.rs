@@ -86,11 +86,12 @@ ddp: {{bucket_cap_mb: 4, first_bucket_cap_mb: 1}}",
 }
 
 /// The stages' matrix: GPT and ResNet-18, SGD with momentum and AdamW, 2 and 3 ranks, 30 steps,
-/// with and without activation checkpointing; each ends with DDP's bits on every rank (BatchNorm
-/// statistics included: a recomputed stage must not update them twice) and writes DDP's
-/// optimizer state.
+/// ZeRO-2 and ZeRO-3, with and without activation checkpointing; each ends with DDP's bits on
+/// every rank (BatchNorm statistics included: a recomputed stage must not update them twice) and
+/// writes DDP's optimizer state. ZeRO-3's parameter buffers follow DDP's buckets, so every
+/// element is summed in DDP's order at 3 ranks too.
 #[test]
-fn zero2_and_checkpointing_on_gpt_and_resnet18_are_bitwise_equal_to_ddp_at_2_and_3_ranks() {
+fn zero2_zero3_and_checkpointing_on_gpt_and_resnet18_equal_ddp_at_2_and_3_ranks() {
     let dir = tempfile::tempdir().unwrap();
     for model in ["gpt", "resnet18"] {
         for (opt, optimizer) in [("sgd", "{name: sgd, lr: 0.05, momentum: 0.9}"), ("adamw", "{name: adamw, lr: 0.003, weight_decay: 0.1}")]
@@ -101,22 +102,19 @@ fn zero2_and_checkpointing_on_gpt_and_resnet18_are_bitwise_equal_to_ddp_at_2_and
                 let plain = run_dir("ddp");
                 train(world, &cfg, &plain, &["train.threads=1"]);
                 let want = rank_hashes(&plain, world);
-                for (stage, checkpointing) in [("grads", false), ("grads", true)] {
+                for (stage, checkpointing) in [("grads", false), ("grads", true), ("params", false), ("params", true)] {
+                    let what = format!("{model}, {opt}, {world} ranks, ddp.shard {stage}, checkpointing {checkpointing}");
                     let sharded = run_dir(&format!("{stage}-{checkpointing}"));
                     let sets =
                         ["train.threads=1", &format!("ddp.shard={stage}"), &format!("train.activation_checkpointing={checkpointing}")];
                     let out = train(world, &cfg, &sharded, &sets);
-                    assert!(out.stderr.contains("optimizer sharded (ZeRO-2)"), "{}", out.report());
+                    let zero = if stage == "grads" { "ZeRO-2" } else { "ZeRO-3" };
+                    assert!(out.stderr.contains(&format!("optimizer sharded ({zero})")), "{}", out.report());
                     assert_eq!(out.stderr.contains("activation checkpointing: "), checkpointing, "{}", out.report());
-                    assert_eq!(
-                        rank_hashes(&sharded, world),
-                        want,
-                        "{model}, {opt}, {world} ranks, ddp.shard {stage}, checkpointing {checkpointing}"
-                    );
-                    assert!(
-                        final_optimizer_state(&plain) == final_optimizer_state(&sharded),
-                        "{model}, {opt}, {world} ranks, ddp.shard {stage}, checkpointing {checkpointing}: optimizer.safetensors differs"
-                    );
+                    let hashes = rank_hashes(&sharded, world);
+                    assert!(hashes.iter().all(|h| h == &hashes[0]), "{what}: replicas differ: {hashes:?}");
+                    assert_eq!(hashes, want, "{what}");
+                    assert!(final_optimizer_state(&plain) == final_optimizer_state(&sharded), "{what}: optimizer.safetensors differs");
                 }
             }
         }

@@ -11,6 +11,7 @@
 pub mod buckets;
 mod hooks;
 mod pages;
+mod params;
 mod reducer;
 mod replica;
 mod wrapper;
@@ -19,5 +20,5 @@ pub mod zero;
 pub use crate::wire::{fnv1a, FNV_OFFSET};
 pub use buckets::compute_bucket_assignment_by_size;
 pub use replica::{parameter_hash, sync_replicas, DdpError};
-pub use wrapper::{BufferSync, Ddp, DdpOptions, Shard};
+pub use wrapper::{BufferSync, Ddp, DdpOptions, FullState, Shard};
 pub use zero::Zero;

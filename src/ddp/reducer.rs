@@ -50,9 +50,15 @@ pub struct ReducerOptions {
     /// ZeRO-2: after each host bucket is reduce-scattered, everything but this rank's shard is
     /// zeroed by handing its pages back to the kernel (`pages`).
     pub release_unowned: bool,
+    /// Called with a bucket's index once it is reduced (ZeRO-3 releases the unit's gathered
+    /// parameters), on the thread that reduced it.
+    pub after_reduce: Option<AfterReduce>,
     /// Reduce even at world size 1 (`DdpOptions::force_collectives`).
     pub force_collectives: bool,
 }
+
+/// See `ReducerOptions::after_reduce`.
+pub type AfterReduce = std::sync::Arc<dyn Fn(usize) -> Result<(), DdpError> + Send + Sync>;
 
 pub struct Reducer {
     params: Vec<Tensor>,
@@ -75,6 +81,7 @@ pub struct Reducer {
     shared_buckets: bool,
     /// ZeRO-2 on host buckets: release what is not this rank's after each reduce-scatter.
     release: bool,
+    after_reduce: Option<AfterReduce>,
 }
 
 struct NewBucket {
@@ -252,6 +259,7 @@ impl Reducer {
             shard: opts.shard_world.is_some(),
             shared_buckets,
             release: opts.release_unowned && opts.buffer_device == tch::Device::Cpu,
+            after_reduce: opts.after_reduce.clone(),
         };
         if params.iter().all(|p| p.device() == opts.buffer_device) {
             reducer.attach()?;
@@ -391,6 +399,7 @@ impl Reducer {
         let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
         let lows: Vec<Option<Tensor>> = self.buckets.iter().map(|b| b.low.as_ref().map(|l| l.shallow_clone())).collect();
         let releases: Vec<Option<Release>> = self.buckets.iter().map(|b| self.release_of(b)).collect();
+        let after_reduce = self.after_reduce.clone();
         let sizes: Vec<usize> = self.buckets.iter().map(|b| b.params.len()).collect();
         let bucket_of = &self.bucket_of;
         let done = hooks.sender();
@@ -425,6 +434,9 @@ impl Reducer {
                             let t = reduce_bucket(comm, &flats[*next], lows[*next].as_ref(), world, how, true, releases[*next]);
                             comm.set_idle_waits(false);
                             times.push(t?);
+                            if let Some(f) = &after_reduce {
+                                f(*next)?;
+                            }
                             *next += 1;
                         }
                         Ok(())
@@ -509,7 +521,7 @@ impl Reducer {
         // Backward has finished: this rank only waits for its peers (see `set_idle_waits`).
         comm.set_idle_waits(true);
         let reduced = (|| -> Result<(), DdpError> {
-            for b in &self.buckets {
+            for (bi, b) in self.buckets.iter().enumerate() {
                 if !attached {
                     for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                         let mut dst = b.flat.f_narrow(0, off, n)?;
@@ -523,6 +535,9 @@ impl Reducer {
                 }
                 // Copied-out gradients are read right after: only attached buckets may defer.
                 self.bucket_times.push(reduce_bucket(comm, &b.flat, b.low.as_ref(), world, how, attached, self.release_of(b))?);
+                if let Some(f) = &self.after_reduce {
+                    f(bi)?;
+                }
                 if !attached {
                     for (&i, &(off, n)) in b.params.iter().zip(&b.spans) {
                         let p = &self.params[i];
@@ -571,6 +586,19 @@ impl Reducer {
         // read (and the optimizer would step on) partial sums: its recorded error says so.
         comm.wait_pending()?;
         Ok(sum)
+    }
+
+    /// Each bucket's length, this rank's shard of it and its parameters' places (ZeRO-3 lays
+    /// the parameters' buffers out the same).
+    pub(crate) fn layout(&self) -> Vec<super::params::BucketLayout> {
+        self.buckets
+            .iter()
+            .map(|b| super::params::BucketLayout {
+                len: b.flat.numel() as i64,
+                own: b.own,
+                members: b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(),
+            })
+            .collect()
     }
 
     /// ZeRO-2 on host buckets: whether they are shared memory (how their pages are released);

@@ -20,9 +20,11 @@
 //! buckets, so its gradients, parameters and buffers may differ between ranks. Every later call
 //! returns the error instead of computing or saving a mixed state.
 
-use super::reducer::{Reducer, ReducerOptions};
+use super::params::{ShardedParams, Zero3Hooks};
+use super::reducer::{AfterReduce, Reducer, ReducerOptions};
 use super::{parameter_hash, sync_replicas, DdpError};
 use crate::comm::{AsComm, CommHandle, Communicator};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tch::{nn::VarStore, Tensor};
 
@@ -42,9 +44,13 @@ pub struct DdpOptions {
     pub broadcast_buffers: bool,
     /// ZeRO: gradients are reduce-scattered instead of all-reduced, so each rank holds the
     /// average of its shard only; pair with `Zero` (see `ddp::zero`), which steps the shards.
-    /// `Gradients` (ZeRO-2) also gives the memory of the rest of each bucket back as soon as it
-    /// is reduced.
+    /// `Grads` (ZeRO-2) also gives the memory of the rest of each bucket back as soon as it
+    /// is reduced; `Params` (ZeRO-3) shards the parameters by unit as well.
     pub shard: Shard,
+    /// ZeRO-3's units: parameter name prefixes (a GPT block's `transformer.h.3`); every
+    /// parameter no unit prefixes is the root unit's (""). The model must run its units through
+    /// the hooks `Ddp::unit_hooks` gives (`models::Units`).
+    pub units: Vec<String>,
     /// Issue every collective even at world size 1, where they are no-ops that would otherwise
     /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
     /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
@@ -66,6 +72,7 @@ impl Default for DdpOptions {
             reduce_bf16: false,
             broadcast_buffers: true,
             shard: Shard::Off,
+            units: Vec::new(),
             force_collectives: force_collectives_from_env(),
         }
     }
@@ -85,6 +92,9 @@ pub enum Shard {
     /// between backward passes: the rest is handed back to the kernel as soon as the bucket is
     /// reduce-scattered (host buckets; device buckets keep their memory).
     Grads,
+    /// ZeRO-3 (FSDP's FULL_SHARD): as `Grads`, and the parameters too: each unit's
+    /// (`DdpOptions::units`) are gathered whole only while it runs (`ddp::params`).
+    Params,
 }
 
 impl Shard {
@@ -98,6 +108,7 @@ impl Shard {
             Shard::Off => "DDP",
             Shard::Optimizer => "ZeRO-1",
             Shard::Grads => "ZeRO-2",
+            Shard::Params => "ZeRO-3",
         }
     }
 }
@@ -125,6 +136,8 @@ pub struct Ddp {
     warned_reattach: bool,
     /// A `Zero` was built from this (sharded) Ddp: its optimizer steps the shards.
     pub(super) zero_attached: std::sync::atomic::AtomicBool,
+    /// ZeRO-3: the parameters' unit buffers.
+    sharded: Option<Arc<ShardedParams>>,
 }
 
 /// Buffers grouped by dtype and device, each group in the buffers' order: what one flat
@@ -163,6 +176,14 @@ impl Ddp {
             return Err(DdpError::Unsupported("sharding reduce-scatters f32 gradients: reduce_bf16 cannot be combined with it".into()));
         }
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        let zero3 = opts.shard == Shard::Params;
+        // Once a unit's gradients are reduced, its parameters are released (set below: the
+        // buffers follow the reducer's layout).
+        let cell: Arc<OnceLock<Arc<ShardedParams>>> = Arc::default();
+        let after_reduce: Option<AfterReduce> = zero3.then(|| {
+            let cell = cell.clone();
+            Arc::new(move |b: usize| cell.get().map_or(Ok(()), |sp| sp.release(b))) as AfterReduce
+        });
         let reducer_opts = ReducerOptions {
             first_cap_bytes: opts.first_bucket_cap_bytes,
             cap_bytes: opts.bucket_cap_bytes,
@@ -172,12 +193,22 @@ impl Ddp {
             reduce_bf16: opts.reduce_bf16,
             overlap: opts.overlap,
             shard_world: opts.shard.is_on().then_some(comm.world_size()),
-            release_unowned: opts.shard == Shard::Grads,
+            release_unowned: opts.shard >= Shard::Grads,
+            after_reduce,
             force_collectives: opts.force_collectives,
         };
         let params_only: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let reducer = Reducer::new(comm, &params_only, &reducer_opts)?;
         drop(guard);
+        let sharded = match zero3 {
+            true => {
+                let layout = reducer.layout();
+                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units)?);
+                let _ = cell.set(sp.clone());
+                Some(sp)
+            }
+            false => None,
+        };
         Ok(Ddp {
             comm: handle,
             poisoned: None,
@@ -188,6 +219,7 @@ impl Ddp {
             sync: true,
             warned_reattach: false,
             zero_attached: false.into(),
+            sharded,
         })
     }
 
@@ -412,15 +444,55 @@ impl Ddp {
     }
 
     /// Parameters then buffers, the order checkpoints and hashes use; refused once a failed
-    /// collective has left them possibly different between ranks.
+    /// collective has left them possibly different between ranks, and under ZeRO-3 unless
+    /// `full_state` holds the parameters whole.
     pub fn state(&self) -> Result<Vec<(String, Tensor)>, DdpError> {
         self.healthy()?;
+        if self.sharded.as_ref().is_some_and(|s| !s.pinned()) {
+            return Err(DdpError::Unsupported(
+                "under ZeRO-3 each rank holds a shard of the parameters: read them through Ddp::full_state".into(),
+            ));
+        }
         Ok(self.params.iter().chain(&self.buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
     }
 
-    /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas.
+    /// The parameters (whole: under ZeRO-3 every unit is gathered, a collective every rank
+    /// calls, and held until the returned value is dropped) then the buffers.
+    pub fn full_state(&self) -> Result<FullState, DdpError> {
+        self.healthy()?;
+        if let Some(s) = &self.sharded {
+            s.pin()?;
+        }
+        // Made before reading, so a failure below still unpins.
+        let mut whole = FullState { pinned: self.sharded.clone(), state: Vec::new() };
+        whole.state = self.state()?;
+        Ok(whole)
+    }
+
+    /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas
+    /// (a collective under ZeRO-3).
     pub fn state_hash(&self) -> Result<u64, DdpError> {
-        Ok(parameter_hash(&self.state()?)?)
+        Ok(parameter_hash(&self.full_state()?)?)
+    }
+
+    /// ZeRO-3: the hooks the model runs its units through (`models::Units::hooks`).
+    pub fn unit_hooks(&self) -> Option<Arc<dyn crate::models::units::UnitHooks>> {
+        self.sharded.as_ref().map(|s| Arc::new(Zero3Hooks(s.clone())) as Arc<dyn crate::models::units::UnitHooks>)
+    }
+
+    /// ZeRO-3: bytes of the parameters' buffers resident in memory (host buffers).
+    pub fn parameter_bytes_resident(&self) -> Option<usize> {
+        self.sharded.as_ref()?.resident_bytes()
+    }
+
+    /// ZeRO-3: parameter all-gathers done so far (units gathered for forward and backward).
+    pub fn parameter_gathers(&self) -> usize {
+        self.sharded.as_ref().map_or(0, |s| s.gathers())
+    }
+
+    /// True under ZeRO-3: the parameters stay sharded after the step (nothing to gather).
+    pub(crate) fn params_sharded(&self) -> bool {
+        self.sharded.is_some()
     }
 
     /// Start and end of each bucket's all-reduce in the last synchronising backward.
@@ -454,6 +526,30 @@ impl Ddp {
     /// Each bucket's flat tensor and its parameters' (index, offset, length), for `Zero`.
     pub(crate) fn reducer_buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
         self.reducer.buckets()
+    }
+}
+
+/// `Ddp::full_state`'s tensors; under ZeRO-3 the parameters stay whole until this is dropped
+/// (every rank's at the same point: releasing is local, but the model's next forward gathers).
+pub struct FullState {
+    pinned: Option<Arc<ShardedParams>>,
+    state: Vec<(String, Tensor)>,
+}
+
+impl std::ops::Deref for FullState {
+    type Target = [(String, Tensor)];
+    fn deref(&self) -> &Self::Target {
+        &self.state
+    }
+}
+
+impl Drop for FullState {
+    fn drop(&mut self) {
+        if let Some(s) = &self.pinned {
+            if let Err(e) = s.unpin() {
+                tracing::warn!("releasing the gathered parameters: {e}");
+            }
+        }
     }
 }
 

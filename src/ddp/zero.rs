@@ -53,6 +53,8 @@ pub struct Zero {
     /// ZeRO-2: after a bucket carried the gathered parameters, all but this rank's shard is
     /// released again (`Some(shared memory)`).
     release: Option<bool>,
+    /// ZeRO-3: the parameters stay sharded after the step.
+    params_sharded: bool,
 }
 
 fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
@@ -81,7 +83,7 @@ impl Zero {
                 Bucket { flat, own: (a as i64, b as i64), members }
             })
             .collect();
-        Ok(Zero { buckets, params, place, release: ddp.releases_unowned() })
+        Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.params_sharded() })
     }
 
     /// This rank's slice of every parameter its shards touch, in parameter order, for
@@ -125,6 +127,10 @@ impl Zero {
     /// After the optimizer stepped this rank's slices: every rank's updated slices to every
     /// rank, so the replicas are identical again.
     pub fn gather_parameters(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        if self.params_sharded {
+            // ZeRO-3: the shards were stepped in place; units are gathered when they run.
+            return Ok(());
+        }
         let _guard = tch::no_grad_guard();
         for b in &self.buckets {
             let mut flat = b.flat.shallow_clone();

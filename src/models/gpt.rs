@@ -20,6 +20,7 @@
 //! here). `model.load_state_dict(load_file(path), strict=False)` works too and reports only the
 //! tied `lm_head.weight` as missing.
 
+use super::units::Units;
 use super::{Inputs, Model, ModelKind, ModelSpec};
 use crate::data::{DataConfig, Samples};
 use serde::{Deserialize, Serialize};
@@ -180,8 +181,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f: Norm,
     params: Vec<(String, Tensor)>,
-    /// Each block's activations are recomputed in backward (`train.activation_checkpointing`).
-    checkpointing: bool,
+    /// How blocks and the root's segments run (checkpointed, ZeRO-3's gathers).
+    units: Units,
 }
 
 /// Creates parameters on the CPU from libtorch's default generator (seed it first), so every
@@ -283,33 +284,34 @@ impl Gpt {
             });
         }
         let ln_f = b.norm("transformer.ln_f", c, cfg.bias)?;
-        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params, checkpointing: false })
+        Ok(Gpt { cfg: cfg.clone(), wte, wpe, blocks, ln_f, params, units: Units::default() })
     }
 
     pub fn config(&self) -> &GptConfig {
         &self.cfg
     }
 
-    /// Hidden states after `ln_f` for token ids `[batch, t]` (t ≤ block_size).
-    fn hidden(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
+    /// Logits for token ids `[batch, t]` (t ≤ block_size).
+    fn logits(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
         let t = idx.size().last().copied().unwrap_or(0);
         if t as usize > self.cfg.block_size {
             return Err(TchError::Shape(format!("cannot forward a sequence of {t} tokens: block_size is {}", self.cfg.block_size)));
         }
-        let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?;
-        let tok = Tensor::f_embedding(&self.wte, idx, -1, false, false)?;
-        let mut x = (tok + Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?).f_dropout(self.cfg.dropout, train)?;
+        // The root's first segment: token and position embeddings.
+        let (wte, wpe, dropout) = (self.wte.shallow_clone(), self.wpe.shallow_clone(), self.cfg.dropout);
+        let embed = Box::new(move |idx: &Tensor| {
+            let pos = Tensor::f_arange(t, (Kind::Int64, idx.device()))?;
+            let tok = Tensor::f_embedding(&wte, idx, -1, false, false)?;
+            (tok + Tensor::f_embedding(&wpe, &pos, -1, false, false)?).f_dropout(dropout, train)
+        });
+        let mut x = self.units.run("", idx, embed)?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = match self.checkpointing {
-                true => {
-                    let (cfg, blk) = (self.cfg.clone(), blk.clone());
-                    let forward = Box::new(move |x: &Tensor| block_forward(&cfg, &blk, x, train));
-                    crate::autograd::checkpoint(&format!("transformer.h.{i}"), &x, forward)?
-                }
-                false => block_forward(&self.cfg, blk, &x, train)?,
-            };
+            let (cfg, blk) = (self.cfg.clone(), blk.clone());
+            x = self.units.run(&format!("transformer.h.{i}"), &x, Box::new(move |x: &Tensor| block_forward(&cfg, &blk, x, train)))?;
         }
-        self.ln_f.forward(&x)
+        // The root's second: ln_f and the head, tied to the token embedding.
+        let (ln_f, wte) = (self.ln_f.clone(), self.wte.shallow_clone());
+        self.units.run("", &x, Box::new(move |x: &Tensor| ln_f.forward(x)?.f_linear::<Tensor>(&wte, None)))
     }
 
     /// nanoGPT's `get_num_params()`: every parameter once, less the position embedding.
@@ -321,12 +323,16 @@ impl Gpt {
 impl Model for Gpt {
     /// Logits `[batch, t, vocab]` for token ids `[batch, t]`.
     fn forward_t(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        self.hidden(idx, train)?.f_linear::<Tensor>(&self.wte, None)
+        self.logits(idx, train)
     }
 
-    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
-        self.checkpointing = on;
-        Ok((0..self.blocks.len()).map(|i| format!("transformer.h.{i}")).collect())
+    fn unit_names(&self) -> Vec<String> {
+        (0..self.blocks.len()).map(|i| format!("transformer.h.{i}")).collect()
+    }
+
+    fn set_units(&mut self, units: Units) -> Result<(), String> {
+        self.units = units;
+        Ok(())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

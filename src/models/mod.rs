@@ -11,6 +11,7 @@ pub mod resnet;
 pub mod simclr;
 mod spec;
 pub mod torchscript;
+pub mod units;
 
 pub use cnn::Cnn;
 pub use gpt::{Gpt, GptConfig, GptSpec};
@@ -21,6 +22,7 @@ pub use torchscript::TorchScript;
 
 use crate::registry::Registry;
 use tch::{Device, Kind, TchError, Tensor};
+pub use units::Units;
 
 /// The built-in models. A new model is one file in this folder (its config keys, checks, builder
 /// and task: a `ModelSpec`) and one entry here; a program using the library calls
@@ -58,14 +60,15 @@ pub trait Model {
     fn features(&self, _input: &Tensor) -> Option<Result<Tensor, TchError>> {
         None
     }
-    /// Recompute each unit's activations in backward instead of keeping them
-    /// (`train.activation_checkpointing`; units: GPT's blocks, ResNet's stages). Returns the
-    /// units' names; `Err` names why this model cannot.
-    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
-        match on {
-            true => Err("this model has no units to checkpoint (GPT's blocks and ResNet's stages do)".into()),
-            false => Ok(vec![]),
-        }
+    /// Its units (GPT's blocks, ResNet's stages), by name; each parameter whose name a unit's
+    /// prefixes belongs to it, the rest to the root (`units::unit_of`).
+    fn unit_names(&self) -> Vec<String> {
+        vec![]
+    }
+    /// How to run its units from now on: activation checkpointing, ZeRO-3's gathers. `Err`
+    /// names why this model cannot.
+    fn set_units(&mut self, _units: Units) -> Result<(), String> {
+        Err("this model has no units (GPT's blocks and ResNet's stages are)".into())
     }
     /// Training FLOPs per token (forward + backward), for the achieved-FLOP/s estimate.
     fn flops_per_token(&self) -> Option<f64> {

@@ -6,6 +6,7 @@
 //! `small_stem`: the CIFAR variant (3×3 stride-1 `conv1`, no max-pool), for 28–32 px images.
 
 use super::batchnorm::BatchNorm;
+use super::units::Units;
 use super::{needs_labelled, Inputs, Model, ModelKind, ModelSpec};
 use crate::data::DataConfig;
 use crate::registry;
@@ -175,8 +176,8 @@ pub struct ResNet {
     sync: Option<crate::comm::CommHandle>,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
-    /// Each stage's activations are recomputed in backward (`train.activation_checkpointing`).
-    checkpointing: bool,
+    /// How stages and the root's segments run (checkpointed, ZeRO-3's gathers).
+    units: Units,
 }
 
 /// Registers parameters and buffers in torchvision's `state_dict` order while building.
@@ -271,7 +272,7 @@ impl ResNet {
             sync: b.sync,
             params: b.params,
             buffers: b.buffers,
-            checkpointing: false,
+            units: Units::default(),
         })
     }
 }
@@ -290,34 +291,45 @@ impl ResNet {
 
 impl Model for ResNet {
     fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let mut x = self.bn1.forward(&self.conv1.forward(input)?, train)?.f_relu()?;
-        if self.max_pool {
-            x = x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
-        }
+        // The root's first segment: the stem.
+        let (conv1, bn1, max_pool) = (self.conv1.clone(), self.bn1.clone(), self.max_pool);
+        let stem = Box::new(move |input: &Tensor| {
+            let x = bn1.forward(&conv1.forward(input)?, train)?.f_relu()?;
+            if max_pool {
+                x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
+            } else {
+                Ok(x)
+            }
+        });
+        let mut x = self.units.run("", input, stem)?;
         for (i, stage) in self.stages.iter().enumerate() {
-            let run = move |blocks: &[Block], x: &Tensor| blocks.iter().try_fold(x.shallow_clone(), |x, b| b.forward(&x, train));
-            x = match self.checkpointing {
-                true => {
-                    let blocks = stage.clone();
-                    crate::autograd::checkpoint(&format!("layer{}", i + 1), &x, Box::new(move |x: &Tensor| run(&blocks, x)))?
-                }
-                false => run(stage, &x)?,
-            };
+            let blocks = stage.clone();
+            let run = Box::new(move |x: &Tensor| blocks.iter().try_fold(x.shallow_clone(), |x, b| b.forward(&x, train)));
+            x = self.units.run(&format!("layer{}", i + 1), &x, run)?;
         }
-        let x = x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
-        match &self.fc {
-            Some((w, b)) => x.f_linear(w, Some(b)),
-            None => Ok(x),
-        }
+        // The root's second: pooling and the classifier.
+        let fc = self.fc.as_ref().map(|(w, b)| (w.shallow_clone(), b.shallow_clone()));
+        let head = Box::new(move |x: &Tensor| {
+            let x = x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
+            match &fc {
+                Some((w, b)) => x.f_linear(w, Some(b)),
+                None => Ok(x),
+            }
+        });
+        self.units.run("", &x, head)
     }
 
-    fn set_activation_checkpointing(&mut self, on: bool) -> Result<Vec<String>, String> {
-        if on && self.sync.is_some() {
+    fn unit_names(&self) -> Vec<String> {
+        (1..=self.stages.len()).map(|i| format!("layer{i}")).collect()
+    }
+
+    fn set_units(&mut self, units: Units) -> Result<(), String> {
+        if units.checkpoint && self.sync.is_some() {
             // Recomputing would run SyncBatchNorm's collectives a second time inside backward.
             return Err("train.activation_checkpointing cannot be combined with model.sync_batchnorm: recomputing a stage would run its SyncBatchNorm collectives a second time, inside backward".into());
         }
-        self.checkpointing = on;
-        Ok((1..=self.stages.len()).map(|i| format!("layer{i}")).collect())
+        self.units = units;
+        Ok(())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

@@ -283,6 +283,9 @@ impl Trainer<'_> {
         // Every rank evaluates the same model, the one a checkpoint saves: each rank's own
         // BatchNorm statistics would give a test accuracy no saved file reproduces.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
+        // ZeRO-3: whole parameters for the evaluation (ranks may run different numbers of
+        // batches, so no unit may be gathered batch by batch).
+        let _whole = self.ddp.full_state()?;
         let mut comm = self.comm();
         let mut ctx = EvalContext {
             train: &self.splits.train,

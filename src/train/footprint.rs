@@ -84,7 +84,7 @@ pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig, sh
     let shard = match shard {
         Shard::Off => "; ddp.shard: optimizer divides the optimizer state over the ranks, ddp.shard: grads the gradients too",
         Shard::Optimizer => " (divided over the ranks); ddp.shard: grads divides the gradients too",
-        Shard::Grads => " (both divided over the ranks)",
+        Shard::Grads | Shard::Params => " (both divided over the ranks)",
     };
     Err(TrainError::Startup(format!(
         "the training state does not fit this machine's memory: its {} rank(s) need at least {} more than their parameters \

@@ -269,7 +269,7 @@ impl Trainer<'_> {
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         // What is saved is what was (or will be) evaluated: one set of buffers on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        let state = self.ddp.state()?;
+        let state = self.ddp.full_state()?;
         let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
         checkpointing::save(
             &mut *self.comm(),
@@ -297,8 +297,11 @@ impl Trainer<'_> {
         // One set of buffers everywhere (rank 0's since the last backward, unless
         // broadcast_buffers is off): the run's result on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        let param_hash = self.ddp.state_hash()?;
-        finish_outputs(self.run_dir, rank, &self.ddp.state()?, param_hash, self.pos.global_step)?;
+        // Whole parameters (ZeRO-3 gathers them) until the end: rank 0 alone samples and runs
+        // the task's outputs through the model below.
+        let whole = self.ddp.full_state()?;
+        let param_hash = crate::ddp::parameter_hash(&whole)?;
+        finish_outputs(self.run_dir, rank, &whole, param_hash, self.pos.global_step)?;
         self.gather_views()?;
         tracing::info!(
             "{} {} steps; parameter hash {param_hash:016x}",
@@ -323,6 +326,7 @@ impl Trainer<'_> {
                 Err(e) => tracing::warn!("no plot.png: {e}"),
             }
         }
+        drop(whole);
         if self.ddp.reattached_grads() > 0 {
             tracing::warn!("{} gradient(s) were found replaced and re-attached during training", self.ddp.reattached_grads());
         }

@@ -41,7 +41,7 @@ impl<'a> Trainer<'a> {
             resume::refuse_a_used_directory(&mut *handle.lock(), &checkpoints)?;
         }
         let splits = agree_and_load(&mut *handle.lock(), cfg)?;
-        let Built { model, task, params, buffers } = build(cfg, &splits, device, &handle)?;
+        let Built { mut model, task, params, buffers } = build(cfg, &splits, device, &handle)?;
         if device == tch::Device::Cpu {
             // Before the gradients and optimizer state exist: refuse a job that cannot fit.
             let elements: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
@@ -68,7 +68,11 @@ impl<'a> Trainer<'a> {
                 resume::init_from(&mut *handle.lock(), path, &state, &tied)?;
             }
         }
-        let (ddp, mut opt, zero) = wrap(&handle, cfg, params, buffers, opt)?;
+        let (ddp, mut opt, zero) = wrap(&handle, cfg, params, buffers, opt, model.unit_names())?;
+        if let Some(hooks) = ddp.unit_hooks() {
+            let units = models::Units { checkpoint: cfg.train.activation_checkpointing, hooks: Some(hooks) };
+            model.set_units(units).map_err(|e| TrainError::Startup(format!("ddp.shard: params for model {}: {e}", cfg.model.name)))?;
+        }
         if let Some(p) = pending {
             // After sharding: each rank keeps its slices only (ZeRO-1's memory, from the start).
             p.load_into(&mut *handle.lock(), &state, &mut opt)?;
@@ -157,10 +161,19 @@ fn build(cfg: &Config, splits: &data::Splits, device: tch::Device, comm: &crate:
     tch::manual_seed(cfg.train.seed as i64);
     let inputs = models::Inputs { sample_shape: &splits.sample_shape, classes: splits.classes, comm: Some(comm) };
     let mut model = cfg.model.build(&inputs, device).map_err(model_error)?;
+    if cfg.shard() == ddp::Shard::Params && model.unit_names().is_empty() {
+        return Err(TrainError::Startup(format!(
+            "ddp.shard: params shards the parameters by unit, and model {} has none (GPT's blocks and ResNet's stages are units); \
+             use ddp.shard: grads",
+            cfg.model.name
+        )));
+    }
     if cfg.train.activation_checkpointing {
-        let units = model
-            .set_activation_checkpointing(true)
+        // Set now (checked before anything else is built); ZeRO-3 adds its hooks after wrapping.
+        model
+            .set_units(models::Units { checkpoint: true, hooks: None })
             .map_err(|e| TrainError::Startup(format!("train.activation_checkpointing for model {}: {e}", cfg.model.name)))?;
+        let units = model.unit_names();
         tracing::info!("activation checkpointing: {} unit(s) recomputed in backward ({})", units.len(), units.join(", "));
     }
     let task = tasks::build(cfg, comm).map_err(TrainError::Startup)?;
@@ -179,6 +192,7 @@ fn wrap(
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
     opt: Optimizer,
+    units: Vec<String>,
 ) -> Result<(Ddp, Optimizer, Option<Zero>), TrainError> {
     let opts = DdpOptions {
         bucket_cap_bytes: (cfg.ddp.bucket_cap_mb * 1048576.0) as usize,
@@ -187,6 +201,7 @@ fn wrap(
         reduce_bf16: cfg.ddp.reduce_dtype == crate::config::ReduceDtype::Bf16,
         broadcast_buffers: cfg.ddp.broadcast_buffers,
         shard: cfg.shard(),
+        units,
         ..DdpOptions::default()
     };
     let rank = handle.lock().rank();
@@ -205,7 +220,11 @@ fn wrap(
         "optimizer sharded ({}): rank {rank} steps {mine} of {total} parameter elements and keeps their {} state only{}",
         cfg.shard().stage(),
         opt.name(),
-        if cfg.shard() == crate::ddp::Shard::Grads { " and their averaged gradients between steps" } else { "" }
+        match cfg.shard() {
+            ddp::Shard::Grads => " and their averaged gradients between steps",
+            ddp::Shard::Params => ", their averaged gradients, and their parameters between uses (each unit gathered while it runs)",
+            _ => "",
+        }
     );
     let opt = zero.shard_optimizer(opt)?;
     Ok((ddp, opt, Some(zero)))

@@ -1,0 +1,246 @@
+//! ZeRO-3 (`Shard::Params`, FSDP's FULL_SHARD) on the parameters' side: the parameters live in
+//! flat buffers laid out as DDP's gradient buckets (the same order, lengths and shards), and are
+//! views into them. Between uses only this rank's shard of each is resident — the optimizer
+//! steps it in place — and the rest is released memory (`pages`). A unit (a GPT block, a ResNet
+//! stage, the root's segments) needs the buffers holding any of its parameters:
+//!
+//! ```text
+//! forward    before a unit runs, its buffers are all-gathered (the parameters are whole), and
+//!            the previous unit's that it does not share are released; its output is wrapped
+//!            so that backward gathers them again first
+//! backward   a bucket is reduce-scattered once all its gradients are in (the reducer, as
+//!            ZeRO-2), and then its parameters' buffer is released
+//! reading    `Ddp::full_state` gathers every buffer and holds them whole until it is dropped
+//! ```
+//!
+//! Keeping DDP's buckets (rather than one bucket per unit) keeps DDP's order of additions: ZeRO-3
+//! is bitwise equal to DDP on the ring at any world size.
+//!
+//! Every rank runs the same forward and backward, so every rank gathers the same units in the
+//! same order. A gather inside backward goes through the communicator's handle to the thread
+//! that holds it during an overlapped backward, between the bucket reductions.
+
+use super::pages;
+use super::DdpError;
+use crate::autograd::Differentiable;
+use crate::comm::CommHandle;
+use crate::models::units::UnitHooks;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tch::{TchError, Tensor};
+
+/// One bucket's parameters.
+struct UnitBuffer {
+    index: usize,
+    flat: Mutex<Tensor>,
+    own: (i64, i64),
+    gathered: AtomicBool,
+}
+
+pub struct ShardedParams {
+    comm: CommHandle,
+    /// One per gradient bucket, by the bucket's index.
+    units: Vec<UnitBuffer>,
+    /// Unit name ("" for the root) → the buckets holding its parameters.
+    by_name: HashMap<String, Vec<usize>>,
+    /// The buckets the unit that ran last in forward needed (released lazily, when the next
+    /// unit does not need them).
+    held: Mutex<Vec<usize>>,
+    /// Buffers are the communicator's shared memory (how pages are released).
+    shared: bool,
+    /// While `Ddp::full_state` holds the parameters whole, nothing is released.
+    pinned: AtomicUsize,
+    /// Gathers done, for the log and tests.
+    gathers: AtomicUsize,
+}
+
+/// What the reducer built, per bucket: its length, this rank's shard, its parameters'
+/// (index, offset, length).
+pub(crate) struct BucketLayout {
+    pub len: i64,
+    pub own: (i64, i64),
+    pub members: Vec<(usize, i64, i64)>,
+}
+
+fn torch(e: DdpError) -> TchError {
+    TchError::Torch(e.to_string())
+}
+
+impl ShardedParams {
+    /// Moves `params` into per-bucket flat buffers, makes each parameter a view into its buffer
+    /// and releases all but this rank's shard. `units`: the model's unit names (parameter name
+    /// prefixes; the rest is the root, "").
+    pub(crate) fn new(
+        comm: CommHandle,
+        params: &[(String, Tensor)],
+        layout: &[BucketLayout],
+        units: &[String],
+    ) -> Result<ShardedParams, DdpError> {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (b, l) in layout.iter().enumerate() {
+            for &(i, _, _) in &l.members {
+                let unit = crate::models::units::unit_of(&params[i].0, units).unwrap_or("").to_string();
+                let list = by_name.entry(unit).or_default();
+                if list.last() != Some(&b) {
+                    list.push(b);
+                }
+            }
+        }
+        let mut buffers = Vec::with_capacity(layout.len());
+        let mut shared = true;
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        for (b, l) in layout.iter().enumerate() {
+            let flat = match device {
+                tch::Device::Cpu => comm.lock().alloc_reduce_buffer(l.len as usize, tch::Kind::Float)?,
+                _ => None,
+            };
+            shared &= flat.is_some();
+            let flat = match flat {
+                Some(f) => f,
+                None => Tensor::f_zeros([l.len], (tch::Kind::Float, device))?,
+            };
+            tch::no_grad(|| -> Result<(), DdpError> {
+                for &(i, off, n) in &l.members {
+                    let p = &params[i].1;
+                    let view = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+                    view.shallow_clone().f_copy_(p)?;
+                    // The parameter itself (the model's tensor) now lives in the buffer.
+                    let _ = p.shallow_clone().f_set_source_tensor_(&view)?;
+                }
+                Ok(())
+            })?;
+            buffers.push(UnitBuffer { index: b, flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true) });
+        }
+        let sp = ShardedParams {
+            comm,
+            units: buffers,
+            by_name,
+            held: Mutex::new(Vec::new()),
+            shared,
+            pinned: AtomicUsize::new(0),
+            gathers: AtomicUsize::new(0),
+        };
+        for b in 0..sp.units.len() {
+            sp.release(b)?;
+        }
+        Ok(sp)
+    }
+
+    fn flat(&self, b: usize) -> Tensor {
+        self.units[b].flat.lock().unwrap_or_else(|p| p.into_inner()).shallow_clone()
+    }
+
+    /// Makes unit `b`'s parameters whole (a collective; every rank calls it at the same point).
+    pub fn gather(&self, b: usize) -> Result<(), DdpError> {
+        let u = &self.units[b];
+        if u.gathered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut flat = self.flat(b);
+        let what = format!("the all-gather of the parameters of bucket {}", u.index);
+        self.comm.run(&what, move |comm| comm.all_gather_shards_tensor(&mut flat))??;
+        u.gathered.store(true, Ordering::Release);
+        self.gathers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Releases unit `b`'s parameters outside this rank's shard (unless pinned whole).
+    pub fn release(&self, b: usize) -> Result<(), DdpError> {
+        let u = &self.units[b];
+        if self.pinned.load(Ordering::Acquire) > 0 || !u.gathered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        pages::zero_outside(&self.flat(b), u.own.0, u.own.1, self.shared)?;
+        u.gathered.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Every unit whole until `unpin` (a collective).
+    pub fn pin(&self) -> Result<(), DdpError> {
+        for b in 0..self.units.len() {
+            self.gather(b)?;
+        }
+        self.pinned.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub fn unpin(&self) -> Result<(), DdpError> {
+        if self.pinned.fetch_sub(1, Ordering::AcqRel) == 1 {
+            for b in 0..self.units.len() {
+                self.release(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Acquire) > 0
+    }
+
+    /// All-gathers done so far.
+    pub fn gathers(&self) -> usize {
+        self.gathers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the parameter buffers resident in memory (host buffers).
+    pub fn resident_bytes(&self) -> Option<usize> {
+        (0..self.units.len()).map(|b| pages::resident_bytes(&self.flat(b))).sum()
+    }
+
+    /// The buckets unit `name` needs.
+    fn buckets_of(&self, name: &str) -> &[usize] {
+        self.by_name.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Before unit `name` runs in forward: its buffers whole, the previous unit's others released.
+    fn enter(&self, name: &str) -> Result<(), DdpError> {
+        let need = self.buckets_of(name);
+        for &b in need {
+            self.gather(b)?;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for &b in held.iter().filter(|b| !need.contains(b)) {
+            self.release(b)?;
+        }
+        *held = need.to_vec();
+        Ok(())
+    }
+}
+
+/// The model's unit hooks over a `ShardedParams`.
+pub struct Zero3Hooks(pub Arc<ShardedParams>);
+
+impl UnitHooks for Zero3Hooks {
+    fn before(&self, name: &str) -> Result<(), TchError> {
+        self.0.enter(name).map_err(torch)
+    }
+
+    fn after(&self, name: &str, output: Tensor) -> Result<Tensor, TchError> {
+        let buckets = self.0.buckets_of(name).to_vec();
+        if buckets.is_empty() || !crate::autograd::checkpoint::grad_enabled() || !output.requires_grad() {
+            return Ok(output);
+        }
+        crate::autograd::apply(&output, Box::new(GatherBeforeBackward { params: self.0.clone(), buckets }))
+    }
+}
+
+/// Identity forward; its backward, which runs before the unit's own (it consumes the unit's
+/// output), makes the unit's parameters whole again.
+struct GatherBeforeBackward {
+    params: Arc<ShardedParams>,
+    buckets: Vec<usize>,
+}
+
+impl Differentiable for GatherBeforeBackward {
+    fn forward(&self, input: &Tensor) -> Result<Tensor, String> {
+        input.f_view_as(input).map_err(|e| e.to_string())
+    }
+
+    fn backward(&self, grad_output: &Tensor) -> Result<Tensor, String> {
+        for &b in &self.buckets {
+            self.params.gather(b).map_err(|e| e.to_string())?;
+        }
+        Ok(grad_output.shallow_clone())
+    }
+}
