@@ -285,3 +285,68 @@ fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits(
         }
     }
 }
+
+/// Two SGD-momentum steps at 2 ranks of a model with units `a` and `b` (512 × 512 each) and a
+/// root head, run through `ringtrain::models::Units` as a model does; returns rank 0's parameters,
+/// the parameter bytes resident after the last step (ZeRO-3), the all-gathers done, and the
+/// parameters' bytes.
+fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
+    let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
+        // Deterministic values: the ranks are threads of one process, sharing libtorch's generator.
+        let w =
+            |n: i64, m: i64, k: f64| ((Tensor::arange(n * m, tch::kind::FLOAT_CPU) * k).sin().view([n, m]) * 0.05).set_requires_grad(true);
+        let params =
+            vec![("a.w".to_string(), w(512, 512, 0.7)), ("b.w".to_string(), w(512, 512, 1.3)), ("head.w".to_string(), w(512, 4, 0.1))];
+        let bytes = params.iter().map(|(_, p)| p.numel() * 4).sum::<usize>();
+        // 1 MiB buckets: [head.w, b.w] and [a.w], so unit b shares a buffer with the root.
+        let opts = DdpOptions {
+            shard,
+            units: vec!["a".into(), "b".into()],
+            bucket_cap_bytes: 1 << 20,
+            first_bucket_cap_bytes: 1 << 20,
+            ..DdpOptions::default()
+        };
+        let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
+        let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let units = ringtrain::models::Units { checkpoint, hooks: ddp.unit_hooks() };
+        let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
+        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
+        let (a, b, head) = (named[0].1.shallow_clone(), named[1].1.shallow_clone(), named[2].1.shallow_clone());
+        for step in 0..2 {
+            ddp.zero_grad().unwrap();
+            let x = (Tensor::arange(8 * 512, tch::kind::FLOAT_CPU) * (0.37 + rank as f64 + step as f64)).cos().view([8, 512]);
+            let a = a.shallow_clone();
+            let h = units.run("a", &x, Box::new(move |x: &Tensor| x.f_matmul(&a)?.f_tanh())).unwrap();
+            let b = b.shallow_clone();
+            let h = units.run("b", &h, Box::new(move |x: &Tensor| x.f_matmul(&b)?.f_tanh())).unwrap();
+            let head = head.shallow_clone();
+            let y = units.run("", &h, Box::new(move |x: &Tensor| x.f_matmul(&head))).unwrap();
+            ddp.backward(&y.square().sum(Kind::Float)).unwrap();
+            opt.step().unwrap();
+            zero.gather_parameters(&mut *comm.lock()).unwrap();
+        }
+        let resident = ddp.parameter_bytes_resident().unwrap_or(bytes);
+        let gathers = ddp.parameter_gathers();
+        let whole = ddp.full_state().unwrap();
+        let values = whole.iter().map(|(_, p)| Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()).collect();
+        (values, resident, gathers, bytes)
+    });
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddps_bits() {
+    for shm in [true, false] {
+        let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm);
+        assert_eq!(none, 0, "DDP gathers nothing");
+        for checkpoint in [false, true] {
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm);
+            assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: ZeRO-3 must step to DDP's bits");
+            assert!(resident <= bytes / 2 + 8 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
+            // Per step: forward gathers a's buffer, then b's (shared with the root's head);
+            // backward gathers a's again (released when b ran, b's buffer is still whole).
+            assert_eq!(gathers, 6, "shm {shm}, checkpointing {checkpoint}: all-gathers in two steps");
+        }
+    }
+}
