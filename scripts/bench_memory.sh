@@ -2,10 +2,10 @@
 # Memory per rank, measured against the formula each layout should follow, in one invocation: a
 # GPT of about 85 M parameters (nanoGPT's layout, 12 layers × 768 wide, byte tokens, context
 # 128) with AdamW at 2 ranks, a few steps each: DDP, ZeRO-1 (ddp.shard: optimizer), ZeRO-2
-# (ddp.shard: grads), and ZeRO-2 with activation checkpointing.
+# (ddp.shard: grads), ZeRO-3 (ddp.shard: params), the last two also with activation checkpointing.
 #   scripts/bench_memory.sh [STEPS]        (default 4 steps per run)
 # Columns: peak RSS of each rank (MiB); the training state the formula predicts per rank (P
-# parameters of 4 bytes: parameters 4P, gradients 4P (the buckets they are views of; divided by N
+# parameters of 4 bytes: parameters 4P (divided by N under ZeRO-3), gradients 4P (the buckets they are views of; divided by N
 # under ZeRO-2), AdamW's two moments 8P and its scratch 4P (divided by N under ZeRO-1 and 2)); what the rest is
 # (libtorch, data, communication buffers, temporaries: the measured peak less the prediction).
 set -euo pipefail
@@ -18,7 +18,8 @@ export OMP_NUM_THREADS=1
 model='{name: gpt, n_layer: 12, n_head: 12, n_embd: 768, block_size: 128, bias: true, dropout: 0.0}'
 
 runs=("DDP|" "ZeRO-1|--set ddp.shard=optimizer" "ZeRO-2|--set ddp.shard=grads"
-    "ZeRO-2+ckpt|--set ddp.shard=grads --set train.activation_checkpointing=true")
+    "ZeRO-2+ckpt|--set ddp.shard=grads --set train.activation_checkpointing=true" "ZeRO-3|--set ddp.shard=params"
+    "ZeRO-3+ckpt|--set ddp.shard=params --set train.activation_checkpointing=true")
 for i in "${!runs[@]}"; do
     IFS='|' read -r _ sets <<<"${runs[$i]}"
     # shellcheck disable=SC2086
@@ -39,9 +40,9 @@ log = open(f"{tmp}/{i}.log").read()
 # "model gpt: N tensors, P parameters" from rank 0's log.
 p = int(re.search(r"model gpt: \d+ tensors, (\d+) parameters", log).group(1))
 n = 2
-stage = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-2+ckpt": 2}[name]
-per_elem = 4 + (4 / n if stage >= 2 else 4) + (12 / n if stage >= 1 else 12)
-formula = ["4+4+12", "4+4+12/N", "4+4/N+12/N"][stage]
+stage = int(name[5]) if name.startswith("ZeRO") else 0
+per_elem = (4 / n if stage >= 3 else 4) + (4 / n if stage >= 2 else 4) + (12 / n if stage >= 1 else 12)
+formula = ["4+4+12", "4+4+12/N", "4+4/N+12/N", "4/N+4/N+12/N"][stage]
 # Activations, Megatron-LM's estimate per layer (34·B·T·C + 5·heads·T²·B bytes at 16 bits, so
 # twice that in fp32): every layer's without checkpointing; with it, each block's input (4·B·T·C)
 # and one layer's being recomputed.

@@ -287,18 +287,22 @@ fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits(
 }
 
 /// Two SGD-momentum steps at 2 ranks of a model with units `a` and `b` (512 × 512 each) and a
-/// root head, run through `ringtrain::models::Units` as a model does; returns rank 0's parameters,
-/// the parameter bytes resident after the last step (ZeRO-3), the all-gathers done, and the
-/// parameters' bytes.
+/// root of two segments (a scale before them, a head after, as GPT's embeddings and head), run
+/// through `ringtrain::models::Units` as a model does; returns rank 0's parameters, the parameter
+/// bytes resident after the last step (ZeRO-3), the all-gathers done, and the parameters' bytes.
 fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
         // Deterministic values: the ranks are threads of one process, sharing libtorch's generator.
         let w =
             |n: i64, m: i64, k: f64| ((Tensor::arange(n * m, tch::kind::FLOAT_CPU) * k).sin().view([n, m]) * 0.05).set_requires_grad(true);
-        let params =
-            vec![("a.w".to_string(), w(512, 512, 0.7)), ("b.w".to_string(), w(512, 512, 1.3)), ("head.w".to_string(), w(512, 4, 0.1))];
+        let params = vec![
+            ("emb.w".to_string(), w(1, 512, 0.3)),
+            ("a.w".to_string(), w(512, 512, 0.7)),
+            ("b.w".to_string(), w(512, 512, 1.3)),
+            ("head.w".to_string(), w(512, 4, 0.1)),
+        ];
         let bytes = params.iter().map(|(_, p)| p.numel() * 4).sum::<usize>();
-        // 1 MiB buckets: [head.w, b.w] and [a.w], so unit b shares a buffer with the root.
+        // 1 MiB buckets: [head.w, b.w], [a.w], [emb.w]: unit b shares a buffer with the root.
         let opts = DdpOptions {
             shard,
             units: vec!["a".into(), "b".into()],
@@ -312,10 +316,13 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>
         let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
         let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
         let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
-        let (a, b, head) = (named[0].1.shallow_clone(), named[1].1.shallow_clone(), named[2].1.shallow_clone());
+        let at = |i: usize| named[i].1.shallow_clone();
+        let (emb, a, b, head) = (at(0), at(1), at(2), at(3));
         for step in 0..2 {
             ddp.zero_grad().unwrap();
             let x = (Tensor::arange(8 * 512, tch::kind::FLOAT_CPU) * (0.37 + rank as f64 + step as f64)).cos().view([8, 512]);
+            let emb = emb.shallow_clone();
+            let x = units.run("", &x, Box::new(move |x: &Tensor| Ok(x * &emb))).unwrap();
             let a = a.shallow_clone();
             let h = units.run("a", &x, Box::new(move |x: &Tensor| x.f_matmul(&a)?.f_tanh())).unwrap();
             let b = b.shallow_clone();
@@ -344,9 +351,11 @@ fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddp
             let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm);
             assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: ZeRO-3 must step to DDP's bits");
             assert!(resident <= bytes / 2 + 8 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
-            // Per step: forward gathers a's buffer, then b's (shared with the root's head);
-            // backward gathers a's again (released when b ran, b's buffer is still whole).
-            assert_eq!(gathers, 6, "shm {shm}, checkpointing {checkpoint}: all-gathers in two steps");
+            // Per step, forward: the root's [head+b] and [emb], a's (releasing both), b's [head+b]
+            // (releasing a's), the root's [emb] again; backward: a's (b's is still whole), and
+            // for the first segment's backward [head+b] again, reduced and released by then
+            // (and released after the step, when it would hold stale values).
+            assert_eq!(gathers, 14, "shm {shm}, checkpointing {checkpoint}: all-gathers in two steps");
         }
     }
 }

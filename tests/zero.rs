@@ -227,3 +227,45 @@ optimizer: {name: adam, lr: 0.001, shard: true}
     eprintln!("rank 1 setup peak: fresh {f:.0} MiB, resumed {r:.0} MiB");
     assert!(r < f + 81.0, "rank 1's setup peaked at {r:.0} MiB resumed, {f:.0} MiB fresh");
 }
+
+#[test]
+fn zero3_checkpoints_resume_under_ddp_and_other_world_sizes_exactly_and_unitless_models_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = model_job(dir.path(), "gpt", "{name: adamw, lr: 0.003, weight_decay: 0.1}");
+    let (stop, zero3, one) = ("train.max_steps=12", "ddp.shard=params", "train.threads=1");
+    let resume = |world: usize, run_dir: &Path, sets: &[&str]| {
+        let mut args = vec!["--resume", "auto", "--set", one];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        run(ringrun(world, &cfg, run_dir, &args), Duration::from_secs(180)).assert_success();
+    };
+    let path = |name: &str| dir.path().join(name);
+
+    // The same switches made under DDP throughout.
+    train(3, &cfg, &path("ddp3"), &[stop, one]);
+    resume(2, &path("ddp3"), &[]);
+    train(2, &cfg, &path("ddp2"), &[stop, one]);
+    resume(3, &path("ddp2"), &[]);
+    let straight = path("straight");
+    train(2, &cfg, &straight, &[one]);
+
+    // ZeRO-3 at 3 ranks, then ZeRO-3 at 2.
+    train(3, &cfg, &path("a"), &[stop, zero3, one]);
+    resume(2, &path("a"), &[zero3]);
+    assert_eq!(rank_hashes(&path("a"), 2), rank_hashes(&path("ddp3"), 2), "ZeRO-3 at 3 → ZeRO-3 at 2");
+    // DDP, then ZeRO-3 at the same size.
+    train(2, &cfg, &path("b"), &[stop, one]);
+    resume(2, &path("b"), &[zero3]);
+    assert_eq!(rank_hashes(&path("b"), 2), rank_hashes(&straight, 2), "DDP → ZeRO-3");
+    // ZeRO-3 at 2, then DDP at 3.
+    train(2, &cfg, &path("c"), &[stop, zero3, one]);
+    resume(3, &path("c"), &[]);
+    assert_eq!(rank_hashes(&path("c"), 3), rank_hashes(&path("ddp2"), 3), "ZeRO-3 at 2 → DDP at 3");
+
+    // A model without units cannot shard its parameters by unit: said before anything trains.
+    let mlp = job(dir.path(), "mlp.yaml", "{name: sgd, lr: 0.1}");
+    let out = run(ringrun(2, &mlp, &path("mlp"), &["--set", zero3]), Duration::from_secs(60));
+    out.assert_failure();
+    assert!(out.stderr.contains("ddp.shard: params shards the parameters by unit, and model mlp has none"), "{}", out.report());
+}

@@ -156,6 +156,17 @@ impl ShardedParams {
         Ok(())
     }
 
+    /// After the optimizer stepped the shards in place: a bucket still whole holds the other
+    /// ranks' parameters from before the step, so every one is released (gathered afresh when
+    /// next needed). A bucket can be whole here: a root segment's backward may gather one after
+    /// its gradients were reduced.
+    pub fn stepped(&self) -> Result<(), DdpError> {
+        for b in 0..self.units.len() {
+            self.release(b)?;
+        }
+        Ok(())
+    }
+
     /// Every unit whole until `unpin` (a collective).
     pub fn pin(&self) -> Result<(), DdpError> {
         for b in 0..self.units.len() {
@@ -186,6 +197,29 @@ impl ShardedParams {
     /// Bytes of the parameter buffers resident in memory (host buffers).
     pub fn resident_bytes(&self) -> Option<usize> {
         (0..self.units.len()).map(|b| pages::resident_bytes(&self.flat(b))).sum()
+    }
+
+    /// Calls `f(i)` for every parameter index in `0..bucket_of.len()` in order with its bucket
+    /// (`bucket_of[i]`) whole, one bucket at a time: a bucket's parameters are consecutive, so
+    /// each is gathered once and released when the walk leaves it (a collective: every rank
+    /// walks). What the walk found whole it leaves whole.
+    pub(crate) fn walk(&self, bucket_of: &[usize], mut f: impl FnMut(usize) -> Result<(), DdpError>) -> Result<(), DdpError> {
+        let mut current: Option<(usize, bool)> = None;
+        for (i, &b) in bucket_of.iter().enumerate() {
+            if current.map(|(c, _)| c) != Some(b) {
+                if let Some((c, false)) = current {
+                    self.release(c)?;
+                }
+                let was_whole = self.units[b].gathered.load(Ordering::Acquire);
+                self.gather(b)?;
+                current = Some((b, was_whole));
+            }
+            f(i)?;
+        }
+        if let Some((c, false)) = current {
+            self.release(c)?;
+        }
+        Ok(())
     }
 
     /// The buckets unit `name` needs.

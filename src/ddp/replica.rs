@@ -65,15 +65,16 @@ pub fn first_difference(a: &[&str], b: &[&str]) -> Option<String> {
 
 /// FNV-1a over every parameter's bytes in order: equal hashes mean bitwise-equal replicas.
 pub fn parameter_hash(params: &[(String, Tensor)]) -> Result<u64, tch::TchError> {
-    let mut h = FNV_OFFSET;
-    for (name, t) in params {
-        let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-        let n = t.numel() * t.kind().elt_size_in_bytes();
-        let mut bytes = vec![0u8; n];
-        t.f_copy_data_u8(&mut bytes, t.numel())?;
-        h = fnv1a(fnv1a(h, name.as_bytes()), &bytes);
-    }
-    Ok(h)
+    params.iter().try_fold(FNV_OFFSET, |h, (name, t)| hash_tensor(h, name, t))
+}
+
+/// `parameter_hash`'s step: `h` extended by one named tensor.
+pub fn hash_tensor(h: u64, name: &str, t: &Tensor) -> Result<u64, tch::TchError> {
+    let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut bytes = vec![0u8; n];
+    t.f_copy_data_u8(&mut bytes, t.numel())?;
+    Ok(fnv1a(fnv1a(h, name.as_bytes()), &bytes))
 }
 
 #[cfg(test)]

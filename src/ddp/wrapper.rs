@@ -469,10 +469,54 @@ impl Ddp {
         Ok(whole)
     }
 
-    /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas
-    /// (a collective under ZeRO-3).
+    /// FNV-1a over every parameter's and buffer's bytes: equal on every rank = identical replicas.
+    /// Under ZeRO-3 a collective that gathers one bucket at a time.
     pub fn state_hash(&self) -> Result<u64, DdpError> {
-        Ok(parameter_hash(&self.full_state()?)?)
+        self.healthy()?;
+        let Some(s) = &self.sharded else { return Ok(parameter_hash(&self.state()?)?) };
+        let mut h = crate::wire::FNV_OFFSET;
+        s.walk(&self.param_buckets(), |i| {
+            h = super::replica::hash_tensor(h, &self.params[i].0, &self.params[i].1)?;
+            Ok(())
+        })?;
+        for (name, t) in &self.buffers {
+            h = super::replica::hash_tensor(h, name, t)?;
+        }
+        Ok(h)
+    }
+
+    /// The parameters then the buffers as `state` orders them, whole, on rank `root` only (a
+    /// collective): what rank 0 writes into a checkpoint or `model.safetensors`. Under ZeRO-3 the
+    /// parameters are gathered one bucket at a time and copied out on `root`, so no other rank
+    /// ever holds the whole model. `None` on the other ranks.
+    pub fn state_on(&self, root: usize) -> Result<Option<Vec<(String, Tensor)>>, DdpError> {
+        self.healthy()?;
+        let here = self.comm.lock().rank() == root;
+        let Some(s) = &self.sharded else { return Ok(here.then(|| self.state()).transpose()?) };
+        let mut out = Vec::new();
+        s.walk(&self.param_buckets(), |i| {
+            if here {
+                let (name, p) = &self.params[i];
+                out.push((name.clone(), p.f_detach_copy()?));
+            }
+            Ok(())
+        })?;
+        if !here {
+            return Ok(None);
+        }
+        out.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        Ok(Some(out))
+    }
+
+    /// The bucket of each parameter.
+    fn param_buckets(&self) -> Vec<usize> {
+        let mut of = vec![0; self.params.len()];
+        for (b, members) in self.reducer.bucket_layout().iter().enumerate() {
+            for &i in members {
+                of[i] = b;
+            }
+        }
+        of
     }
 
     /// ZeRO-3: the hooks the model runs its units through (`models::Units::hooks`).
@@ -490,9 +534,9 @@ impl Ddp {
         self.sharded.as_ref().map_or(0, |s| s.gathers())
     }
 
-    /// True under ZeRO-3: the parameters stay sharded after the step (nothing to gather).
-    pub(crate) fn params_sharded(&self) -> bool {
-        self.sharded.is_some()
+    /// ZeRO-3's parameter buffers (`Zero` marks their gathered copies stale after a step).
+    pub(crate) fn sharded_params(&self) -> Option<Arc<ShardedParams>> {
+        self.sharded.clone()
     }
 
     /// Start and end of each bucket's all-reduce in the last synchronising backward.

@@ -54,7 +54,7 @@ pub struct Zero {
     /// released again (`Some(shared memory)`).
     release: Option<bool>,
     /// ZeRO-3: the parameters stay sharded after the step.
-    params_sharded: bool,
+    params_sharded: Option<std::sync::Arc<super::params::ShardedParams>>,
 }
 
 fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
@@ -83,7 +83,7 @@ impl Zero {
                 Bucket { flat, own: (a as i64, b as i64), members }
             })
             .collect();
-        Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.params_sharded() })
+        Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params() })
     }
 
     /// This rank's slice of every parameter its shards touch, in parameter order, for
@@ -127,9 +127,9 @@ impl Zero {
     /// After the optimizer stepped this rank's slices: every rank's updated slices to every
     /// rank, so the replicas are identical again.
     pub fn gather_parameters(&self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
-        if self.params_sharded {
+        if let Some(sharded) = &self.params_sharded {
             // ZeRO-3: the shards were stepped in place; units are gathered when they run.
-            return Ok(());
+            return sharded.stepped();
         }
         let _guard = tch::no_grad_guard();
         for b in &self.buckets {

@@ -269,7 +269,8 @@ impl Trainer<'_> {
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         // What is saved is what was (or will be) evaluated: one set of buffers on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        let state = self.ddp.full_state()?;
+        // Rank 0 writes; under ZeRO-3 the others only take part in the per-bucket gathers.
+        let state = self.ddp.state_on(0)?.unwrap_or_default();
         let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
         checkpointing::save(
             &mut *self.comm(),
@@ -297,11 +298,16 @@ impl Trainer<'_> {
         // One set of buffers everywhere (rank 0's since the last backward, unless
         // broadcast_buffers is off): the run's result on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        // Whole parameters (ZeRO-3 gathers them) until the end: rank 0 alone samples and runs
-        // the task's outputs through the model below.
-        let whole = self.ddp.full_state()?;
-        let param_hash = crate::ddp::parameter_hash(&whole)?;
-        finish_outputs(self.run_dir, rank, &whole, param_hash, self.pos.global_step)?;
+        let param_hash = self.ddp.state_hash()?;
+        let state = self.ddp.state_on(0)?;
+        finish_outputs(self.run_dir, rank, state.as_deref(), param_hash, self.pos.global_step)?;
+        drop(state);
+        // Rank 0 alone samples through the model: under ZeRO-3 every rank gathers the whole
+        // model for it first (no unit can be gathered by rank 0 alone). The task's outputs below
+        // need no gather: the one task that runs the model there (the density model's samples)
+        // belongs to a model without units, which ZeRO-3 refuses.
+        let samples = !self.stopped && self.cfg.sample.as_ref().is_some_and(|s| s.max_new_tokens > 0);
+        let whole = if samples { Some(self.ddp.full_state()?) } else { None };
         self.gather_views()?;
         tracing::info!(
             "{} {} steps; parameter hash {param_hash:016x}",
@@ -351,13 +357,13 @@ impl Trainer<'_> {
 
 /// Each rank records its parameter hash (equal on all ranks = bitwise-equal replicas); rank 0
 /// writes the final weights (parameters and buffers) as safetensors with PyTorch names, atomically.
-fn finish_outputs(run_dir: &Path, rank: usize, state: &[(String, Tensor)], hash: u64, steps: u64) -> Result<(), TrainError> {
+fn finish_outputs(run_dir: &Path, rank: usize, state: Option<&[(String, Tensor)]>, hash: u64, steps: u64) -> Result<(), TrainError> {
     let ranks_dir = run_dir.join("ranks");
     std::fs::create_dir_all(&ranks_dir).map_err(io_err(ranks_dir.display().to_string()))?;
     let report = json!({"rank": rank, "param_hash": format!("{hash:016x}"), "global_steps": steps, "peak_rss_mib": peak_rss_mib()});
     let path = ranks_dir.join(format!("rank{rank}.json"));
     std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))?;
-    if rank == 0 {
+    if let Some(state) = state {
         let tmp = run_dir.join("model.safetensors.tmp");
         let detached: Vec<(String, Tensor)> =
             state.iter().map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(tch::Device::Cpu)?))).collect::<Result<_, TrainError>>()?;
