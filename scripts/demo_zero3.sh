@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # ZeRO-3 trains a model DDP cannot hold on this machine: a GPT of about 654 M parameters (13
-# layers × 2048 wide, byte tokens, context 64) with AdamW at 2 ranks. Under DDP each rank would
+# layers × 2048 wide, byte tokens, context 64, batch 4 per rank) with AdamW at 2 ranks. Under DDP each rank would
 # hold 4 + 4 + 12 bytes per parameter (parameters, gradients, AdamW's moments and scratch): about
 # 2 × 13 GB, more than a 24 GiB machine has, and ringtrain refuses it up front with the numbers.
 # ZeRO-3 (ddp.shard: params) divides all three by the 2 ranks, and a few steps run; the loss
 # falls. Not part of the test suite: it uses most of the machine's memory.
-#   scripts/demo_zero3.sh [STEPS]          (default 4 steps)
+#   scripts/demo_zero3.sh [STEPS]          (default 5 steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps="${1:-4}"
+steps="${1:-5}"
 cargo build --release --quiet
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 export OMP_NUM_THREADS=1
 model='{name: gpt, n_layer: 13, n_head: 16, n_embd: 2048, block_size: 64, bias: false, dropout: 0.0}'
-common=(--set "model=$model" --set train.max_steps="$steps" --set train.batch_size=1 --set train.eval=false
+common=(--set "model=$model" --set train.max_steps="$steps" --set train.batch_size=4 --set train.eval=false
     --set train.log_every_steps=1 --set checkpoint.enabled=false --set sample.max_new_tokens=0
-    --set optimizer.schedule.warmup_steps=0 --set optimizer.lr=0.001)
+    --set optimizer.schedule.warmup_steps=5 --set optimizer.schedule.min_lr=0.00001 --set optimizer.lr=0.00003)
 run() {
     target/release/ringrun --nproc-per-node 2 --threads-per-worker 1 ringtrain --config configs/gpt_fortunes.yaml \
         --run-dir "$tmp/$1" "${common[@]}" "${@:2}" >"$tmp/$1.log" 2>&1

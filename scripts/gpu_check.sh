@@ -27,6 +27,9 @@
 #   (n) SimCLR (SyncBatchNorm, the differentiable all-gather, whose backward libtorch runs on its
 #       CUDA engine thread): NCCL at world size 1, loss falls and the linear probe runs; 2 workers
 #       on the GPU with the ring: replicas identical
+#   (o) ZeRO-2 and ZeRO-3 with activation checkpointing (dropout on) on NCCL at world size 1 with
+#       the collectives forced: equal to DDP (bitwise, or within 1e-3 where the GPU's attention
+#       backward is not deterministic); ZeRO-3 with 2 workers on the GPU (ring): equal to DDP
 # A part whose PyTorch reference fails fails. Prints one summary table; exits non-zero if any failed.
 #   gpu_check.sh --dry-run: the same parts on the CPU (ring instead of NCCL, a tenth of the steps,
 #   small batches), so a broken script shows without a GPU; its figures mean nothing.
@@ -277,12 +280,44 @@ if bin ringtrain "${simclr[@]}" --set comm.backend=$nccl --run-dir "$runs/n-nccl
     else result[n]="PASS loss $f -> $l, probe test_acc $acc; 2 workers identical ($x)"; fi
 else result[n]="FAIL"; fi
 
+echo "== (o) ZeRO-2 and ZeRO-3 with activation checkpointing"
+z=(--config "$here/configs/gpt_fortunes.yaml" --set "data.dir=$here/data/fortunes" --set "data.prepare_from=[]" --set device=$dev
+   --set train.batch_size=$(b 16) --set train.max_steps=$(s 30) --set train.eval=false --set train.log_every_steps=$(s 10)
+   --set checkpoint.enabled=false --set sample.max_new_tokens=0 --set model.dropout=0.1)
+if bin ringtrain "${z[@]}" --set comm.backend=$nccl --run-dir "$runs/o-ddp" 2>&1 | tail -n 2 &&
+   bin ringtrain "${z[@]}" --set comm.backend=$nccl --set ddp.shard=grads --set train.activation_checkpointing=true \
+        --run-dir "$runs/o-z2" 2>&1 | tail -n 2 &&
+   bin ringtrain "${z[@]}" --set comm.backend=$nccl --set ddp.shard=params --set train.activation_checkpointing=true \
+        --run-dir "$runs/o-z3" 2>&1 | tail -n 2 &&
+   two "${z[@]}" --set comm.backend=ring --set train.max_steps=$(s 10) --run-dir "$runs/o-two" 2>&1 | tail -n 2 &&
+   two "${z[@]}" --set comm.backend=ring --set train.max_steps=$(s 10) --set ddp.shard=params --run-dir "$runs/o-two-z3" 2>&1 | tail -n 2; then
+    close() { # close RUN_A RUN_B: "equal", or the largest relative difference of any tensor
+        "$py" - "$1/model.safetensors" "$2/model.safetensors" <<'PY'
+import json, struct, sys, torch
+def load(path):  # safetensors by hand: the GPU machine's Python may lack the package
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n]); head.pop("__metadata__", None)
+    kinds = {"F32": torch.float32, "I64": torch.int64}
+    return {k: torch.frombuffer(bytearray(raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]), dtype=kinds[v["dtype"]])
+            for k, v in head.items()}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+d = max(float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)) for k in a)
+print("equal" if d == 0 else f"{d:.1e}")
+PY
+    }
+    x=$(close "$runs/o-ddp" "$runs/o-z2"); y=$(close "$runs/o-ddp" "$runs/o-z3"); u=$(close "$runs/o-two" "$runs/o-two-z3")
+    ok() { [ "$1" = equal ] || "$py" -c "import sys; sys.exit(0 if float('$1') <= 1e-3 else 1)"; }
+    if ok "$x" && ok "$y" && [ "$u" = equal ]; then result[o]="PASS vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed); 2 workers ZeRO-3 $u"
+    else result[o]="FAIL vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed); 2 workers ZeRO-3 $u"; fi
+else result[o]="FAIL"; fi
+
 echo
 if ((dry)); then echo "DRY RUN on the CPU (ring for NCCL, a tenth of the steps): plumbing only, the figures mean nothing"; fi
 echo "| part | result |"
 echo "|---|---|"
 status=0
-for k in a b c d e f g h i j k l m n; do
+for k in a b c d e f g h i j k l m n o; do
     echo "| ($k) | ${result[$k]:-FAIL did not run} |"
     case "${result[$k]:-FAIL}" in FAIL*) status=1 ;; esac
 done

@@ -29,11 +29,13 @@ fn the_gpu_check_runs_every_part_on_the_cpu() {
     let out = run(c, Duration::from_secs(900));
     out.assert_success();
     let rows: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("| (")).collect();
-    assert_eq!(rows.len(), 14, "one row per part (a)–(n):\n{}", out.report());
+    assert_eq!(rows.len(), 15, "one row per part (a)–(o):\n{}", out.report());
     assert!(rows.iter().all(|r| r.contains("| PASS")), "{}", rows.join("\n"));
     // The parts compare what they should: overlap in the trace, the autocast dtype read back,
     // GradScaler's scales.
     assert!(rows[0].contains("buckets issued during backward in"), "{}", rows[0]);
     assert!(rows[2].contains("dtype BFloat16"), "{}", rows[2]);
     assert!(rows[3].contains("dtype Half") && rows[3].contains("scales equal: True"), "{}", rows[3]);
+    // On the CPU the sharded runs are DDP's bits.
+    assert!(rows[14].contains("ZeRO-2 equal, ZeRO-3 equal") && rows[14].contains("2 workers ZeRO-3 equal"), "{}", rows[14]);
 }

@@ -82,8 +82,10 @@ pub fn check(comm: &mut dyn Communicator, mine: &Need, opt: &OptimizerConfig, sh
         return Ok(());
     }
     let shard = match shard {
-        Shard::Off => "; ddp.shard: optimizer divides the optimizer state over the ranks, ddp.shard: grads the gradients too",
-        Shard::Optimizer => " (divided over the ranks); ddp.shard: grads divides the gradients too",
+        Shard::Off => {
+            "; ddp.shard: optimizer divides the optimizer state over the ranks, grads the gradients too, params the parameters as well"
+        }
+        Shard::Optimizer => " (divided over the ranks); ddp.shard: grads divides the gradients too, params the parameters as well",
         Shard::Grads | Shard::Params => " (both divided over the ranks)",
     };
     Err(TrainError::Startup(format!(
