@@ -36,6 +36,8 @@ struct UnitBuffer {
     flat: Mutex<Tensor>,
     own: (i64, i64),
     gathered: AtomicBool,
+    /// The communicator's shared memory (how its pages are released).
+    shared: bool,
 }
 
 pub struct ShardedParams {
@@ -47,8 +49,6 @@ pub struct ShardedParams {
     /// The buckets the unit that ran last in forward needed (released lazily, when the next
     /// unit does not need them).
     held: Mutex<Vec<usize>>,
-    /// Buffers are the communicator's shared memory (how pages are released).
-    shared: bool,
     /// While `Ddp::full_state` holds the parameters whole, nothing is released.
     pinned: AtomicUsize,
     /// Gathers done, for the log and tests.
@@ -88,14 +88,13 @@ impl ShardedParams {
             }
         }
         let mut buffers = Vec::with_capacity(layout.len());
-        let mut shared = true;
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         for (b, l) in layout.iter().enumerate() {
             let flat = match device {
                 tch::Device::Cpu => comm.lock().alloc_reduce_buffer(l.len as usize, tch::Kind::Float)?,
                 _ => None,
             };
-            shared &= flat.is_some();
+            let shared = flat.is_some();
             let flat = match flat {
                 Some(f) => f,
                 None => Tensor::f_zeros([l.len], (tch::Kind::Float, device))?,
@@ -110,14 +109,13 @@ impl ShardedParams {
                 }
                 Ok(())
             })?;
-            buffers.push(UnitBuffer { index: b, flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true) });
+            buffers.push(UnitBuffer { index: b, flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true), shared });
         }
         let sp = ShardedParams {
             comm,
             units: buffers,
             by_name,
             held: Mutex::new(Vec::new()),
-            shared,
             pinned: AtomicUsize::new(0),
             gathers: AtomicUsize::new(0),
         };
@@ -151,7 +149,7 @@ impl ShardedParams {
         if self.pinned.load(Ordering::Acquire) > 0 || !u.gathered.load(Ordering::Acquire) {
             return Ok(());
         }
-        pages::zero_outside(&self.flat(b), u.own.0, u.own.1, self.shared)?;
+        pages::zero_outside(&self.flat(b), u.own.0, u.own.1, u.shared)?;
         u.gathered.store(false, Ordering::Release);
         Ok(())
     }

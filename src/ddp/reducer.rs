@@ -29,6 +29,8 @@ struct Bucket {
     low: Option<Tensor>,
     /// Sharded: this rank's shard of `flat`, [start, end).
     own: (i64, i64),
+    /// `flat` is the communicator's shared memory (how its pages are released).
+    shared: bool,
 }
 
 /// How the reducer is built (`DdpOptions` carries the user-facing form).
@@ -57,6 +59,10 @@ pub struct ReducerOptions {
     pub force_collectives: bool,
 }
 
+/// A bucket's flat tensor, its parameters' (index, offset, length), and whether it is shared
+/// memory (`Reducer::buckets`).
+pub type BucketView = (Tensor, Vec<(usize, i64, i64)>, bool);
+
 /// See `ReducerOptions::after_reduce`.
 pub type AfterReduce = std::sync::Arc<dyn Fn(usize) -> Result<(), DdpError> + Send + Sync>;
 
@@ -82,12 +88,6 @@ pub struct Reducer {
     /// ZeRO-2 on host buckets: release what is not this rank's after each reduce-scatter.
     release: bool,
     after_reduce: Option<AfterReduce>,
-}
-
-struct NewBucket {
-    bucket: Bucket,
-    /// Its memory is the communicator's.
-    shared: bool,
 }
 
 /// One extra f32 rides at the end of the last bucket: a control value each rank contributes
@@ -244,7 +244,6 @@ impl Reducer {
         for b in &buckets {
             shared_buckets &= b.shared;
         }
-        let buckets: Vec<Bucket> = buckets.into_iter().map(|b| b.bucket).collect();
         let mut reducer = Self {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
             buckets,
@@ -273,7 +272,7 @@ impl Reducer {
         params: Vec<usize>,
         spans: Vec<(i64, i64)>,
         len: i64,
-    ) -> Result<NewBucket, DdpError> {
+    ) -> Result<Bucket, DdpError> {
         let (flat, shared) = bucket_buffer(comm, len, opts.buffer_device)?;
         let low = wire_buffer(comm, opts, len)?;
         let own = match opts.shard_world {
@@ -283,12 +282,12 @@ impl Reducer {
             }
             None => (0, len),
         };
-        Ok(NewBucket { bucket: Bucket { params, spans, flat, low, own }, shared })
+        Ok(Bucket { params, spans, flat, low, own, shared })
     }
 
     /// What `reduce_bucket` releases of bucket `b` (ZeRO-2 on host buckets).
     fn release_of(&self, b: &Bucket) -> Option<Release> {
-        self.release.then_some(Release { own: b.own, shared: self.shared_buckets })
+        self.release.then_some(Release { own: b.own, shared: b.shared })
     }
 
     /// Lets every gradient live in its bucket: existing values are copied in, then `.grad`
@@ -601,10 +600,9 @@ impl Reducer {
             .collect()
     }
 
-    /// ZeRO-2 on host buckets: whether they are shared memory (how their pages are released);
-    /// `None` when nothing is released.
-    pub fn releases(&self) -> Option<bool> {
-        self.release.then_some(self.shared_buckets)
+    /// ZeRO-2 on host buckets: whether buckets are released outside this rank's shard.
+    pub fn releases(&self) -> bool {
+        self.release
     }
 
     /// Bytes of the gradient buckets resident in memory (host buckets; `None` on a device).
@@ -612,12 +610,12 @@ impl Reducer {
         self.buckets.iter().map(|b| super::pages::resident_bytes(&b.flat)).sum()
     }
 
-    /// Each bucket's flat tensor and its parameters' (index, offset, length) inside it, for
-    /// ZeRO-1's slices and gathers.
-    pub fn buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
+    /// Each bucket's flat tensor, its parameters' (index, offset, length) inside it and whether
+    /// it is shared memory, for ZeRO-1's slices and gathers.
+    pub fn buckets(&self) -> Vec<BucketView> {
         self.buckets
             .iter()
-            .map(|b| (b.flat.shallow_clone(), b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect()))
+            .map(|b| (b.flat.shallow_clone(), b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(), b.shared))
             .collect()
     }
 }

@@ -492,7 +492,7 @@ impl Ddp {
     pub fn state_on(&self, root: usize) -> Result<Option<Vec<(String, Tensor)>>, DdpError> {
         self.healthy()?;
         let here = self.comm.lock().rank() == root;
-        let Some(s) = &self.sharded else { return Ok(here.then(|| self.state()).transpose()?) };
+        let Some(s) = &self.sharded else { return here.then(|| self.state()).transpose() };
         let mut out = Vec::new();
         s.walk(&self.param_buckets(), |i| {
             if here {
@@ -555,9 +555,9 @@ impl Ddp {
         self.reducer.bucket_layout()
     }
 
-    /// ZeRO-2 on host buckets: `Some(shared)` (how `Zero` releases a bucket after gathering
-    /// parameters through it); `None` when buckets keep their memory.
-    pub(crate) fn releases_unowned(&self) -> Option<bool> {
+    /// ZeRO-2 on host buckets: `Zero` releases a bucket again after gathering parameters
+    /// through it.
+    pub(crate) fn releases_unowned(&self) -> bool {
         self.reducer.releases()
     }
 
@@ -567,8 +567,9 @@ impl Ddp {
         self.reducer.resident_bytes()
     }
 
-    /// Each bucket's flat tensor and its parameters' (index, offset, length), for `Zero`.
-    pub(crate) fn reducer_buckets(&self) -> Vec<(Tensor, Vec<(usize, i64, i64)>)> {
+    /// Each bucket's flat tensor, its parameters' (index, offset, length) and whether it is
+    /// shared memory, for `Zero`.
+    pub(crate) fn reducer_buckets(&self) -> Vec<super::reducer::BucketView> {
         self.reducer.buckets()
     }
 }

@@ -34,6 +34,8 @@ struct Bucket {
     own: (i64, i64),
     /// (parameter index, offset, length) of each parameter in the bucket.
     members: Vec<(usize, i64, i64)>,
+    /// The communicator's shared memory (how ZeRO-2 releases its pages).
+    shared: bool,
 }
 
 impl Bucket {
@@ -51,8 +53,8 @@ pub struct Zero {
     /// Parameter index → (bucket, offset in it).
     place: HashMap<usize, (usize, i64)>,
     /// ZeRO-2: after a bucket carried the gathered parameters, all but this rank's shard is
-    /// released again (`Some(shared memory)`).
-    release: Option<bool>,
+    /// released again.
+    release: bool,
     /// ZeRO-3: the parameters stay sharded after the step.
     params_sharded: Option<std::sync::Arc<super::params::ShardedParams>>,
 }
@@ -74,13 +76,13 @@ impl Zero {
             .reducer_buckets()
             .into_iter()
             .enumerate()
-            .map(|(bi, (flat, members))| {
+            .map(|(bi, (flat, members, shared))| {
                 let n = flat.numel();
                 let (a, b) = shard_bounds(n, comm.world_size(), comm.shard_index());
                 for &(i, off, _) in &members {
                     place.insert(i, (bi, off));
                 }
-                Bucket { flat, own: (a as i64, b as i64), members }
+                Bucket { flat, own: (a as i64, b as i64), members, shared }
             })
             .collect();
         Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params() })
@@ -143,10 +145,10 @@ impl Zero {
             for &(i, off, n) in &b.members {
                 flat_view(&self.params[i].1)?.f_copy_(&flat.f_narrow(0, off, n)?)?;
             }
-            if let Some(shared) = self.release {
+            if self.release {
                 // The next backward accumulates into zeros outside the shard; the shard itself is
                 // this rank's parameters now and is zeroed by zero_grad before then.
-                super::pages::zero_outside(&flat, b.own.0, b.own.1, shared)?;
+                super::pages::zero_outside(&flat, b.own.0, b.own.1, b.shared)?;
             }
         }
         Ok(())
