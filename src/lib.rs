@@ -104,6 +104,7 @@ pub mod optim;
 pub mod process_group;
 pub mod rendezvous;
 pub mod telemetry;
+pub mod units;
 mod wire;
 
 // The trainer (feature `trainer`, on by default).

@@ -281,14 +281,15 @@ fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits(
             assert!(r >= bucket, "shm {shm}: ZeRO-1 holds {r} of {bucket} bytes");
         }
         for r in kept {
-            assert!(r <= bucket / 2 + 4 * 4096, "shm {shm}: ZeRO-2 holds {r} of {bucket} bytes ({kept:?})");
+            // Half, plus pages the shard straddles and partial pages zeroed at the ends.
+            assert!(r <= bucket / 2 + 6 * 4096, "shm {shm}: ZeRO-2 holds {r} of {bucket} bytes ({kept:?})");
         }
     }
 }
 
 /// Two SGD-momentum steps at 2 ranks of a model with units `a` and `b` (512 × 512 each) and a
 /// root of two segments (a scale before them, a head after, as GPT's embeddings and head), run
-/// through `ringtrain::models::Units` as a model does; returns rank 0's parameters, the parameter
+/// through `ringtrain::units::Units` as a model does; returns rank 0's parameters, the parameter
 /// bytes resident after the last step (ZeRO-3), the all-gathers done, and the parameters' bytes.
 fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
@@ -312,7 +313,7 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>
         };
         let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
         let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
-        let units = ringtrain::models::Units { checkpoint, hooks: ddp.unit_hooks() };
+        let units = ringtrain::units::Units { checkpoint, hooks: ddp.unit_hooks() };
         let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
         let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
         let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
@@ -350,7 +351,7 @@ fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddp
         for checkpoint in [false, true] {
             let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm);
             assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: ZeRO-3 must step to DDP's bits");
-            assert!(resident <= bytes / 2 + 8 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
+            assert!(resident <= bytes / 2 + 16 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
             // Per step, forward: the root's [head+b] and [emb], a's (releasing both), b's [head+b]
             // (releasing a's), the root's [emb] again; backward: a's (b's is still whole), and
             // for the first segment's backward [head+b] again, reduced and released by then

@@ -97,8 +97,10 @@ mod tests {
         // Measured before anything reads the released pages (a read maps the zero page, which
         // mincore counts though it costs no memory).
         let kept = resident_bytes(&t).unwrap();
-        // The kept range and at most a partial page at each edge.
-        assert!(kept <= (hi - lo) as usize * 4 + 3 * page_size(), "resident {kept} of {full}");
+        // The kept range's pages (one more than it fills when it straddles), and at each end of
+        // the tensor a partial page written with zeros rather than released (the tensor need
+        // not start or end on a page boundary).
+        assert!(kept <= (hi - lo) as usize * 4 + 5 * page_size(), "resident {kept} of {full}");
         let sum = t.sum(Kind::Double).double_value(&[]);
         assert_eq!(sum, (hi - lo) as f64, "only [lo, hi) keeps its ones");
         assert_eq!(t.double_value(&[lo]), 1.0);

@@ -24,7 +24,7 @@ use super::pages;
 use super::DdpError;
 use crate::autograd::Differentiable;
 use crate::comm::CommHandle;
-use crate::models::units::UnitHooks;
+use crate::units::UnitHooks;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,7 +80,7 @@ impl ShardedParams {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (b, l) in layout.iter().enumerate() {
             for &(i, _, _) in &l.members {
-                let unit = crate::models::units::unit_of(&params[i].0, units).unwrap_or("").to_string();
+                let unit = crate::units::unit_of(&params[i].0, units).unwrap_or("").to_string();
                 let list = by_name.entry(unit).or_default();
                 if list.last() != Some(&b) {
                     list.push(b);

@@ -49,7 +49,7 @@ pub struct DdpOptions {
     pub shard: Shard,
     /// ZeRO-3's units: parameter name prefixes (a GPT block's `transformer.h.3`); every
     /// parameter no unit prefixes is the root unit's (""). The model must run its units through
-    /// the hooks `Ddp::unit_hooks` gives (`models::Units`).
+    /// the hooks `Ddp::unit_hooks` gives (`units::Units`).
     pub units: Vec<String>,
     /// Issue every collective even at world size 1, where they are no-ops that would otherwise
     /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
@@ -519,9 +519,9 @@ impl Ddp {
         of
     }
 
-    /// ZeRO-3: the hooks the model runs its units through (`models::Units::hooks`).
-    pub fn unit_hooks(&self) -> Option<Arc<dyn crate::models::units::UnitHooks>> {
-        self.sharded.as_ref().map(|s| Arc::new(Zero3Hooks(s.clone())) as Arc<dyn crate::models::units::UnitHooks>)
+    /// ZeRO-3: the hooks the model runs its units through (`units::Units::hooks`).
+    pub fn unit_hooks(&self) -> Option<Arc<dyn crate::units::UnitHooks>> {
+        self.sharded.as_ref().map(|s| Arc::new(Zero3Hooks(s.clone())) as Arc<dyn crate::units::UnitHooks>)
     }
 
     /// ZeRO-3: bytes of the parameters' buffers resident in memory (host buffers).

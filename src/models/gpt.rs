@@ -20,9 +20,9 @@
 //! here). `model.load_state_dict(load_file(path), strict=False)` works too and reports only the
 //! tied `lm_head.weight` as missing.
 
-use super::units::Units;
 use super::{Inputs, Model, ModelKind, ModelSpec};
 use crate::data::{DataConfig, Samples};
+use crate::units::Units;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 

@@ -11,7 +11,6 @@ pub mod resnet;
 pub mod simclr;
 mod spec;
 pub mod torchscript;
-pub mod units;
 
 pub use cnn::Cnn;
 pub use gpt::{Gpt, GptConfig, GptSpec};
@@ -21,8 +20,8 @@ pub use spec::{needs_labelled, Inputs, ModelConfig, ModelKind, ModelSpec};
 pub use torchscript::TorchScript;
 
 use crate::registry::Registry;
+pub use crate::units::{self, Units};
 use tch::{Device, Kind, TchError, Tensor};
-pub use units::Units;
 
 /// The built-in models. A new model is one file in this folder (its config keys, checks, builder
 /// and task: a `ModelSpec`) and one entry here; a program using the library calls

@@ -6,10 +6,10 @@
 //! `small_stem`: the CIFAR variant (3×3 stride-1 `conv1`, no max-pool), for 28–32 px images.
 
 use super::batchnorm::BatchNorm;
-use super::units::Units;
 use super::{needs_labelled, Inputs, Model, ModelKind, ModelSpec};
 use crate::data::DataConfig;
 use crate::registry;
+use crate::units::Units;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
