@@ -11,10 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-4}"
-cargo build --release --quiet
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1
+source scripts/bench_preamble.sh
 model='{name: gpt, n_layer: 12, n_head: 12, n_embd: 768, block_size: 128, bias: true, dropout: 0.0}'
 
 runs=("DDP|" "ZeRO-1|--set ddp.shard=optimizer" "ZeRO-2|--set ddp.shard=grads"

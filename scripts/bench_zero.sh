@@ -9,10 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-100}"
-cargo build --release --quiet
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1
+source scripts/bench_preamble.sh
 py=python3
 
 runs=("fp32 unsharded|" "fp32 ZeRO-1|--set optimizer.shard=true" "bf16 unsharded|--set ddp.reduce_dtype=bf16")

@@ -9,10 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-5}"
-cargo build --release --quiet
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1
+source scripts/bench_preamble.sh
 model='{name: gpt, n_layer: 13, n_head: 16, n_embd: 2048, block_size: 64, bias: false, dropout: 0.0}'
 common=(--set "model=$model" --set train.max_steps="$steps" --set train.batch_size=4 --set train.eval=false
     --set train.log_every_steps=1 --set checkpoint.enabled=false --set sample.max_new_tokens=0

@@ -21,6 +21,7 @@
 //! that holds it during an overlapped backward, between the bucket reductions.
 
 use super::pages;
+use super::reducer::BucketView;
 use super::DdpError;
 use crate::autograd::Differentiable;
 use crate::comm::CommHandle;
@@ -32,7 +33,6 @@ use tch::{TchError, Tensor};
 
 /// One bucket's parameters.
 struct UnitBuffer {
-    index: usize,
     flat: Mutex<Tensor>,
     own: (i64, i64),
     gathered: AtomicBool,
@@ -55,14 +55,6 @@ pub struct ShardedParams {
     gathers: AtomicUsize,
 }
 
-/// What the reducer built, per bucket: its length, this rank's shard, its parameters'
-/// (index, offset, length).
-pub(crate) struct BucketLayout {
-    pub len: i64,
-    pub own: (i64, i64),
-    pub members: Vec<(usize, i64, i64)>,
-}
-
 fn torch(e: DdpError) -> TchError {
     TchError::Torch(e.to_string())
 }
@@ -74,7 +66,7 @@ impl ShardedParams {
     pub(crate) fn new(
         comm: CommHandle,
         params: &[(String, Tensor)],
-        layout: &[BucketLayout],
+        layout: &[BucketView],
         units: &[String],
     ) -> Result<ShardedParams, DdpError> {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
@@ -89,15 +81,16 @@ impl ShardedParams {
         }
         let mut buffers = Vec::with_capacity(layout.len());
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-        for (b, l) in layout.iter().enumerate() {
+        for l in layout {
+            let len = l.flat.numel() as i64;
             let flat = match device {
-                tch::Device::Cpu => comm.lock().alloc_reduce_buffer(l.len as usize, tch::Kind::Float)?,
+                tch::Device::Cpu => comm.lock().alloc_reduce_buffer(len as usize, tch::Kind::Float)?,
                 _ => None,
             };
             let shared = flat.is_some();
             let flat = match flat {
                 Some(f) => f,
-                None => Tensor::f_zeros([l.len], (tch::Kind::Float, device))?,
+                None => Tensor::f_zeros([len], (tch::Kind::Float, device))?,
             };
             tch::no_grad(|| -> Result<(), DdpError> {
                 for &(i, off, n) in &l.members {
@@ -109,7 +102,7 @@ impl ShardedParams {
                 }
                 Ok(())
             })?;
-            buffers.push(UnitBuffer { index: b, flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true), shared });
+            buffers.push(UnitBuffer { flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true), shared });
         }
         let sp = ShardedParams {
             comm,
@@ -136,7 +129,7 @@ impl ShardedParams {
             return Ok(());
         }
         let mut flat = self.flat(b);
-        let what = format!("the all-gather of the parameters of bucket {}", u.index);
+        let what = format!("the all-gather of the parameters of bucket {b}");
         self.comm.run(&what, move |comm| comm.all_gather_shards_tensor(&mut flat))??;
         u.gathered.store(true, Ordering::Release);
         self.gathers.fetch_add(1, Ordering::Relaxed);

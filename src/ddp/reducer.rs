@@ -59,9 +59,17 @@ pub struct ReducerOptions {
     pub force_collectives: bool,
 }
 
-/// A bucket's flat tensor, its parameters' (index, offset, length), and whether it is shared
-/// memory (`Reducer::buckets`).
-pub type BucketView = (Tensor, Vec<(usize, i64, i64)>, bool);
+/// One bucket as ZeRO sees it (`Reducer::buckets`): ZeRO-1/2 step slices of it and gather
+/// through it, ZeRO-3 lays its parameters' buffer out the same.
+pub struct BucketView {
+    pub flat: Tensor,
+    /// This rank's shard of it (all of it unsharded).
+    pub own: (i64, i64),
+    /// Each parameter's (index, offset, length) inside it.
+    pub members: Vec<(usize, i64, i64)>,
+    /// The communicator's shared memory (how its pages are released).
+    pub shared: bool,
+}
 
 /// See `ReducerOptions::after_reduce`.
 pub type AfterReduce = std::sync::Arc<dyn Fn(usize) -> Result<(), DdpError> + Send + Sync>;
@@ -587,19 +595,6 @@ impl Reducer {
         Ok(sum)
     }
 
-    /// Each bucket's length, this rank's shard of it and its parameters' places (ZeRO-3 lays
-    /// the parameters' buffers out the same).
-    pub(crate) fn layout(&self) -> Vec<super::params::BucketLayout> {
-        self.buckets
-            .iter()
-            .map(|b| super::params::BucketLayout {
-                len: b.flat.numel() as i64,
-                own: b.own,
-                members: b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(),
-            })
-            .collect()
-    }
-
     /// ZeRO-2 on host buckets: whether buckets are released outside this rank's shard.
     pub fn releases(&self) -> bool {
         self.release
@@ -610,12 +605,16 @@ impl Reducer {
         self.buckets.iter().map(|b| super::pages::resident_bytes(&b.flat)).sum()
     }
 
-    /// Each bucket's flat tensor, its parameters' (index, offset, length) inside it and whether
-    /// it is shared memory, for ZeRO-1's slices and gathers.
+    /// Every bucket, for ZeRO's slices and gathers and ZeRO-3's parameter buffers.
     pub fn buckets(&self) -> Vec<BucketView> {
         self.buckets
             .iter()
-            .map(|b| (b.flat.shallow_clone(), b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(), b.shared))
+            .map(|b| BucketView {
+                flat: b.flat.shallow_clone(),
+                own: b.own,
+                members: b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(),
+                shared: b.shared,
+            })
             .collect()
     }
 }

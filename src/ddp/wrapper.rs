@@ -202,7 +202,7 @@ impl Ddp {
         drop(guard);
         let sharded = match zero3 {
             true => {
-                let layout = reducer.layout();
+                let layout = reducer.buckets();
                 let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units)?);
                 let _ = cell.set(sp.clone());
                 Some(sp)

@@ -76,7 +76,8 @@ impl Zero {
             .reducer_buckets()
             .into_iter()
             .enumerate()
-            .map(|(bi, (flat, members, shared))| {
+            .map(|(bi, super::reducer::BucketView { flat, members, shared, .. })| {
+                // Not the reducer's `own`: a Zero over an unsharded Ddp still steps 1/N.
                 let n = flat.numel();
                 let (a, b) = shard_bounds(n, comm.world_size(), comm.shard_index());
                 for &(i, off, _) in &members {
