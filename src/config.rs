@@ -213,9 +213,14 @@ pub struct DdpConfig {
     pub eval_buffers: crate::ddp::BufferSync,
     /// What each rank keeps (DeepSpeed's ZeRO stages): `off` (DDP), `optimizer` (ZeRO-1, as
     /// `optimizer.shard: true`), `grads` (ZeRO-2: its shard of the averaged gradients as well;
-    /// the rest of each gradient bucket is released as soon as it is reduced).
+    /// the rest of each gradient bucket is released as soon as it is reduced), `params` (ZeRO-3,
+    /// FSDP's FULL_SHARD: the parameters too, each unit gathered while it runs).
     #[serde(default)]
     pub shard: crate::ddp::Shard,
+    /// ZeRO-3: gather the next unit's parameters while the current one computes, in forward and
+    /// in backward (FSDP's forward_prefetch and BACKWARD_PRE); off, each unit waits for its own.
+    #[serde(default = "yes")]
+    pub prefetch: bool,
 }
 
 fn default_eval_buffers() -> crate::ddp::BufferSync {
@@ -232,6 +237,7 @@ impl Default for DdpConfig {
             broadcast_buffers: true,
             eval_buffers: default_eval_buffers(),
             shard: crate::ddp::Shard::Off,
+            prefetch: true,
         }
     }
 }

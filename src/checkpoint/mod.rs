@@ -13,11 +13,13 @@
 
 mod read;
 mod shared;
+pub mod stream;
 mod write;
 
 pub use read::{copy_into, find_resumable, load, newest_folder, LoadedCheckpoint};
-pub use shared::{load_shared, save_shared};
-pub use write::{write, CheckpointData};
+pub use shared::{load_shared, save_shared, save_streamed, Sink};
+pub use stream::{Entry, StreamedFile};
+pub use write::{begin, write, CheckpointData, Pending};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

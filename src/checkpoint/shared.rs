@@ -3,7 +3,9 @@
 //! read on rank 0 reaches ranks on other nodes without a shared disk.
 
 use super::*;
-use crate::comm::{broadcast_blob, Communicator};
+use super::stream::Entry;
+use super::write::Pending;
+use crate::comm::{broadcast_blob, CommHandle, Communicator};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -14,6 +16,71 @@ pub fn save_shared(comm: &mut dyn Communicator, dir: &Path, keep: usize, data: C
         Ok(p) => format!("ok:{}", p.display()),
         Err(e) => format!("err:{e}"),
     });
+    outcome(comm, mine)
+}
+
+/// Where a streamed checkpoint's tensors go: on rank 0 into the files being written, elsewhere
+/// nowhere. A write that fails is remembered and the rest are skipped, so that rank 0 goes on
+/// taking part in the collectives that produce the tensors and no rank waits for it.
+pub struct Sink {
+    pending: Option<Pending>,
+    error: Option<CheckpointError>,
+}
+
+impl Sink {
+    /// One tensor of `model.safetensors` (ignored where nothing is written).
+    pub fn model(&mut self, name: &str, t: &Tensor) {
+        if let (Some(p), None) = (self.pending.as_mut(), &self.error) {
+            self.error = p.model(name, t).err();
+        }
+    }
+
+    /// One tensor of `optimizer.safetensors`.
+    pub fn optimizer(&mut self, name: &str, t: &Tensor) {
+        if let (Some(p), None) = (self.pending.as_mut(), &self.error) {
+            self.error = p.optimizer(name, t).err();
+        }
+    }
+}
+
+/// Writes a checkpoint from rank 0 whose tensors `feed` streams in, keeping the newest `keep`
+/// under `dir`: `model` and `optimizer` list what the files will hold, and `feed` runs on every
+/// rank (under ZeRO it gathers the state piece by piece, a collective, and only rank 0's sink
+/// writes). Every rank returns the new folder, or rank 0's error.
+pub fn save_streamed<E: From<CheckpointError>>(
+    comm: &CommHandle,
+    dir: &Path,
+    keep: usize,
+    meta: Meta,
+    model: &[Entry],
+    optimizer: &[Entry],
+    feed: impl FnOnce(&mut Sink) -> Result<(), E>,
+) -> Result<PathBuf, E> {
+    let rank = comm.lock().rank();
+    let mut sink = Sink { pending: None, error: None };
+    if rank == 0 {
+        match begin(dir, meta, model, optimizer) {
+            Ok(p) => sink.pending = Some(p),
+            Err(e) => sink.error = Some(e),
+        }
+    }
+    feed(&mut sink)?;
+    let mine = (rank == 0).then(|| {
+        let written = match (sink.error.take(), sink.pending.take()) {
+            (Some(e), _) => Err(e),
+            (None, Some(p)) => p.commit(keep),
+            (None, None) => unreachable!("rank 0 began a checkpoint or kept why not"),
+        };
+        match written {
+            Ok(p) => format!("ok:{}", p.display()),
+            Err(e) => format!("err:{e}"),
+        }
+    });
+    Ok(outcome(&mut *comm.lock(), mine)?)
+}
+
+/// Rank 0's outcome of a write (`ok:<folder>` or `err:<reason>`) to every rank.
+fn outcome(comm: &mut dyn Communicator, mine: Option<String>) -> Result<PathBuf, CheckpointError> {
     let status = String::from_utf8_lossy(&broadcast_blob(comm, 0, mine.as_deref().map(str::as_bytes))?).into_owned();
     match status.split_once(':') {
         Some(("ok", path)) => Ok(PathBuf::from(path)),

@@ -1,5 +1,6 @@
-//! Writing a checkpoint atomically, then pruning old ones.
+//! Writing a checkpoint atomically (tensors streamed into their files), then pruning old ones.
 
+use super::stream::{Entry, StreamedFile};
 use super::*;
 use std::fs::File;
 use std::io::Write;
@@ -26,34 +27,102 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-fn safetensors_bytes(tensors: &[(String, Tensor)], scratch: &Path) -> Result<Vec<u8>, CheckpointError> {
-    let detached: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu))).collect();
-    Tensor::write_safetensors(&detached, scratch).map_err(|source| match source {
-        // A full disk comes back as safetensors' IoError, whose Display is a debug dump.
-        tch::TchError::SafeTensorError { err: safetensors::SafeTensorError::IoError(e), .. } => io(scratch)(e),
-        tch::TchError::Io(e) => io(scratch)(e),
-        source => CheckpointError::Torch { path: scratch.to_path_buf(), source },
-    })?;
-    let bytes = std::fs::read(scratch).map_err(io(scratch))?;
-    std::fs::remove_file(scratch).map_err(io(scratch))?;
-    Ok(bytes)
-}
-
 /// Writes `data` under `dir` (the checkpoints folder), updates `latest`, keeps the newest `keep`.
 /// Returns the new checkpoint's folder.
 pub fn write(dir: &Path, data: CheckpointData<'_>, keep: usize) -> Result<PathBuf, CheckpointError> {
+    let model: Vec<Entry> = data.model.iter().map(|(n, t)| Entry::of(n, t)).collect();
+    let optimizer: Vec<Entry> = data.optimizer.iter().map(|(n, t)| Entry::of(n, t)).collect();
+    let mut pending = begin(dir, data.meta, &model, &optimizer)?;
+    for (n, t) in data.model {
+        pending.model(n, t)?;
+    }
+    for (n, t) in &data.optimizer {
+        pending.optimizer(n, t)?;
+    }
+    pending.commit(keep)
+}
+
+/// A checkpoint being written: its files are made in a temporary folder with their headers,
+/// the tensors stream in (`model`, `optimizer`) in any order, and `commit` checks, flushes and
+/// renames it into place. Dropped uncommitted (an error on the way), it leaves nothing behind.
+pub struct Pending {
+    dir: PathBuf,
+    tmp: PathBuf,
+    meta: Meta,
+    model: Option<StreamedFile>,
+    optimizer: Option<StreamedFile>,
+}
+
+/// Starts a checkpoint for `meta` under `dir` (the checkpoints folder) that will hold the
+/// tensors `model` and `optimizer` list.
+pub fn begin(dir: &Path, meta: Meta, model: &[Entry], optimizer: &[Entry]) -> Result<Pending, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     remove_stale_temporaries(dir);
-    let name = data.meta.dir_name();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let latest_tmp = dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
-    let written = write_into(dir, data, keep, &name, &tmp, &latest_tmp);
-    if written.is_err() {
-        // A failed write (a full disk) leaves nothing behind to fill the disk further.
-        let _ = std::fs::remove_dir_all(&tmp);
-        let _ = std::fs::remove_file(&latest_tmp);
+    let tmp = dir.join(format!(".{}.tmp-{}", meta.dir_name(), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    written
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let mut pending = Pending { dir: dir.to_path_buf(), tmp, meta, model: None, optimizer: None };
+    pending.model = Some(StreamedFile::create(&pending.tmp.join(MODEL_FILE), model)?);
+    pending.optimizer = Some(StreamedFile::create(&pending.tmp.join(OPTIMIZER_FILE), optimizer)?);
+    Ok(pending)
+}
+
+impl Pending {
+    /// One tensor of `model.safetensors`.
+    pub fn model(&mut self, name: &str, t: &Tensor) -> Result<(), CheckpointError> {
+        self.model.as_mut().expect("open until commit").put(name, t)
+    }
+
+    /// One tensor of `optimizer.safetensors`.
+    pub fn optimizer(&mut self, name: &str, t: &Tensor) -> Result<(), CheckpointError> {
+        self.optimizer.as_mut().expect("open until commit").put(name, t)
+    }
+
+    /// Finishes the files (every listed tensor written), writes `meta.json` and the checksums,
+    /// renames the folder into place, updates `latest` and keeps the newest `keep` checkpoints.
+    pub fn commit(mut self, keep: usize) -> Result<PathBuf, CheckpointError> {
+        let tmp = self.tmp.clone();
+        let name = self.meta.dir_name();
+        let final_dir = self.dir.join(&name);
+        let latest_tmp = self.dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
+        let mut sums = String::new();
+        for (file, f) in [(MODEL_FILE, self.model.take()), (OPTIMIZER_FILE, self.optimizer.take())] {
+            let digest = f.expect("open until commit").finish()?;
+            sums.push_str(&format!("{digest}  {file}\n"));
+        }
+        let meta = serde_json::to_vec_pretty(&self.meta).expect("meta serialises");
+        write_synced(&tmp.join(META_FILE), &meta)?;
+        sums.push_str(&format!("{}  {META_FILE}\n", sha256_hex(&meta)));
+        write_synced(&tmp.join(CHECKSUMS_FILE), sums.as_bytes())?;
+        sync_dir(&tmp)?;
+
+        // A restarted run may write the same step again; the new one replaces it.
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        let latest = write_synced(&latest_tmp, format!("{name}\n").as_bytes())
+            .and_then(|_| std::fs::rename(&latest_tmp, self.dir.join(LATEST_FILE)).map_err(io(&self.dir)));
+        if latest.is_err() {
+            let _ = std::fs::remove_file(&latest_tmp);
+        }
+        latest?;
+        sync_dir(&self.dir)?;
+        prune(&self.dir, keep, &name)?;
+        Ok(final_dir)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Not committed (an error on the way: a full disk): nothing is left to fill it further.
+        // After a commit the folder has been renamed away and this finds nothing.
+        self.model = None;
+        self.optimizer = None;
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
 }
 
 /// Removes what an earlier process's failed or killed write left (`.…tmp-<pid>` of a process
@@ -70,43 +139,6 @@ fn remove_stale_temporaries(dir: &Path) {
             let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
     }
-}
-
-fn write_into(
-    dir: &Path,
-    data: CheckpointData<'_>,
-    keep: usize,
-    name: &str,
-    tmp: &Path,
-    latest_tmp: &Path,
-) -> Result<PathBuf, CheckpointError> {
-    let final_dir = dir.join(name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(tmp).map_err(io(tmp))?;
-    }
-    std::fs::create_dir(tmp).map_err(io(tmp))?;
-
-    let model = safetensors_bytes(data.model, &tmp.join("model.tmp"))?;
-    let optimizer = safetensors_bytes(&data.optimizer, &tmp.join("optimizer.tmp"))?;
-    let meta = serde_json::to_vec_pretty(&data.meta).expect("meta serialises");
-    let mut sums = String::new();
-    for (file, bytes) in [(MODEL_FILE, &model), (OPTIMIZER_FILE, &optimizer), (META_FILE, &meta)] {
-        write_synced(&tmp.join(file), bytes)?;
-        sums.push_str(&format!("{}  {file}\n", sha256_hex(bytes)));
-    }
-    write_synced(&tmp.join(CHECKSUMS_FILE), sums.as_bytes())?;
-    sync_dir(tmp)?;
-
-    // A restarted run may write the same step again; the new one replaces it.
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-    }
-    std::fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
-    write_synced(latest_tmp, format!("{name}\n").as_bytes())?;
-    std::fs::rename(latest_tmp, dir.join(LATEST_FILE)).map_err(io(dir))?;
-    sync_dir(dir)?;
-    prune(dir, keep, name)?;
-    Ok(final_dir)
 }
 
 /// Deletes all but the newest `keep` checkpoints (never `current`).

@@ -42,10 +42,22 @@ impl CommHandle {
     /// Runs `f` on the communicator: here, or, while it is lent (`lend`), on the thread holding
     /// it, waiting for the result. `what` names the call in errors.
     pub fn run<R: Send + 'static>(&self, what: &str, f: impl FnOnce(&mut dyn Communicator) -> R + Send + 'static) -> Result<R, CommError> {
+        self.submit(what, f)?.wait()
+    }
+
+    /// As `run`, but without waiting while the communicator is lent: the call is queued on the
+    /// thread holding it, in order with everything sent there, and the caller computes on until
+    /// it waits on the returned `Pending` (ZeRO-3's prefetch of the next unit's parameters).
+    /// Not lent, `f` runs here and now.
+    pub fn submit<R: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut dyn Communicator) -> R + Send + 'static,
+    ) -> Result<Pending<R>, CommError> {
         let lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
         let Some(l) = lent.as_ref() else {
             drop(lent);
-            return Ok(f(&mut *self.lock()));
+            return Ok(Pending(Waiting::Done(f(&mut *self.lock()))));
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job: CommJob = Box::new(move |c| {
@@ -56,15 +68,41 @@ impl CommHandle {
         if !(l.send)(job) {
             return Err(lent_stopped(what));
         }
-        let timeout = l.timeout;
-        drop(lent);
         // The job's own collective times out after `timeout`; behind the bucket all-reduces
         // queued before it, it may wait for a few of those first.
-        match rx.recv_timeout(3 * timeout) {
-            Ok(r) => Ok(r),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(lent_stopped(what)),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                Err(CommError::Lent(format!("{what}: waited {:.0}s for DDP's communication thread to run it", (3 * timeout).as_secs_f64())))
+        Ok(Pending(Waiting::Queued { rx, what: what.to_string(), timeout: 3 * l.timeout }))
+    }
+
+    /// Whether the communicator is lent to another thread now (`submit` then queues).
+    pub fn is_lent(&self) -> bool {
+        self.lent.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Lends the communicator to a thread of its own until the returned scope is dropped, so
+    /// that what is `submit`ted meanwhile runs there while this thread computes (ZeRO-3's
+    /// forward prefetches). Inside the scope the communicator is reached through `run` and
+    /// `submit` only, as during an overlapped backward. Everything submitted before the drop
+    /// runs before it returns.
+    pub fn lend_to_thread(&self) -> LentScope {
+        let timeout = self.lock().timeout();
+        let (tx, rx) = crossbeam_channel::unbounded::<Option<CommJob>>();
+        let jobs = tx.clone();
+        self.lend(Box::new(move |job| jobs.send(Some(job)).is_ok()), timeout);
+        let handle = self.clone();
+        let thread = std::thread::Builder::new().name("comm-prefetch".into()).spawn(move || {
+            let mut comm = handle.lock();
+            // `None` ends the scope; jobs sent before it are run first.
+            while let Ok(Some(job)) = rx.recv() {
+                job(&mut *comm);
+            }
+        });
+        match thread {
+            Ok(t) => LentScope { handle: self.clone(), stop: tx, thread: Some(t) },
+            Err(e) => {
+                // No thread: nothing is lent and `submit` runs its calls here.
+                tracing::warn!("no thread to run prefetches on ({e}): they run in line");
+                self.reclaim();
+                LentScope { handle: self.clone(), stop: tx, thread: None }
             }
         }
     }
@@ -119,6 +157,52 @@ impl CommHandle {
             Ok(mut g) => g.take(),
             Err(p) => p.into_inner().take(),
         }
+    }
+}
+
+/// A call `submit`ted to the communicator: done, or queued where it is lent.
+pub struct Pending<R>(Waiting<R>);
+
+enum Waiting<R> {
+    Done(R),
+    Queued { rx: crossbeam_channel::Receiver<R>, what: String, timeout: Duration },
+}
+
+impl<R> Pending<R> {
+    /// Its result, once the thread holding the communicator has run it.
+    pub fn wait(self) -> Result<R, CommError> {
+        match self.0 {
+            Waiting::Done(r) => Ok(r),
+            Waiting::Queued { rx, what, timeout } => match rx.recv_timeout(timeout) {
+                Ok(r) => Ok(r),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(lent_stopped(&what)),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(CommError::Lent(format!(
+                    "{what}: waited {:.0}s for the communication thread to run it",
+                    timeout.as_secs_f64()
+                ))),
+            },
+        }
+    }
+}
+
+/// `CommHandle::lend_to_thread`'s scope: dropping it runs what was queued, stops the thread
+/// and gives the communicator back.
+pub struct LentScope {
+    handle: CommHandle,
+    stop: crossbeam_channel::Sender<Option<CommJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LentScope {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        // Later submissions are refused (their callers get an error); queued ones still run.
+        self.handle.stop_lending(|| {});
+        let _ = self.stop.send(None);
+        if thread.join().is_err() {
+            tracing::warn!("the prefetch thread panicked");
+        }
+        self.handle.reclaim();
     }
 }
 

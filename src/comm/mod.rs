@@ -22,7 +22,7 @@ mod shm;
 pub mod strict;
 mod tensor;
 
-pub use handle::{AsComm, CommGuard, CommHandle, CommJob};
+pub use handle::{AsComm, CommGuard, CommHandle, CommJob, LentScope, Pending};
 pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
 pub use strict::StrictDevice;

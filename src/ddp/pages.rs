@@ -64,6 +64,20 @@ pub fn zero_outside(flat: &Tensor, lo: i64, hi: i64, shared: bool) -> Result<(),
     zero_range(flat, hi, flat.numel() as i64, shared)
 }
 
+/// Makes the C allocator give freed blocks of 64 KiB or more back to the kernel at once. glibc
+/// otherwise keeps them for reuse (and raises its threshold as large blocks are freed), so a
+/// worker's resident memory stays at the high-water mark of its first backward — activations,
+/// temporaries — and the memory ZeRO-2/3 hand back is taken up by that instead. Costs a page
+/// fault per page of each new large block. Process-wide; a no-op off glibc.
+pub fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; any value is accepted or refused (0).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 10);
+    }
+}
+
 /// Bytes of a host tensor's pages that are resident (`mincore`); `None` on a device or when the
 /// kernel does not say.
 pub fn resident_bytes(t: &Tensor) -> Option<usize> {

@@ -19,12 +19,19 @@
 //! Every rank runs the same forward and backward, so every rank gathers the same units in the
 //! same order. A gather inside backward goes through the communicator's handle to the thread
 //! that holds it during an overlapped backward, between the bucket reductions.
+//!
+//! Prefetch: inside `Ddp::forward` the communicator is lent to a thread of its own, and a unit
+//! entering forward sends the gather of the unit that came after it in the previous forward
+//! there, to run while this unit computes; in backward (the communication thread's) each unit
+//! sends the gather of the unit before it in this forward. Whether a queued gather has anything
+//! to do is decided when it runs, in queue order — the same on every rank — never by the
+//! compute thread, which may see a bucket the communication thread is about to release.
 
 use super::pages;
 use super::reducer::BucketView;
 use super::DdpError;
 use crate::autograd::Differentiable;
-use crate::comm::CommHandle;
+use crate::comm::{CommHandle, Pending};
 use crate::units::UnitHooks;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,7 +42,10 @@ use tch::{TchError, Tensor};
 struct UnitBuffer {
     flat: Mutex<Tensor>,
     own: (i64, i64),
-    gathered: AtomicBool,
+    /// Whole (gathered); set by the gather itself, on whichever thread holds the communicator.
+    whole: Arc<AtomicBool>,
+    /// A prefetch of this bucket queued and not yet waited for.
+    pending: Mutex<Option<Pending<Result<(), DdpError>>>>,
     /// The communicator's shared memory (how its pages are released).
     shared: bool,
 }
@@ -46,13 +56,25 @@ pub struct ShardedParams {
     units: Vec<UnitBuffer>,
     /// Unit name ("" for the root) → the buckets holding its parameters.
     by_name: HashMap<String, Vec<usize>>,
-    /// The buckets the unit that ran last in forward needed (released lazily, when the next
-    /// unit does not need them).
+    /// The buckets the unit that ran last in forward needed or prefetched (released lazily,
+    /// when the next unit does not need them).
     held: Mutex<Vec<usize>>,
+    /// The units in the order the current forward (inside `Ddp::forward`) entered them, and
+    /// that of the previous one, which predicts what to prefetch.
+    order: Mutex<Order>,
     /// While `Ddp::full_state` holds the parameters whole, nothing is released.
     pinned: AtomicUsize,
-    /// Gathers done, for the log and tests.
-    gathers: AtomicUsize,
+    /// Prefetch (`DdpOptions::prefetch`).
+    prefetch: bool,
+    /// Gathers done, and of those prefetched, for the log and tests.
+    gathers: Arc<AtomicUsize>,
+    prefetched: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Order {
+    current: Option<Vec<String>>,
+    last: Vec<String>,
 }
 
 fn torch(e: DdpError) -> TchError {
@@ -68,6 +90,7 @@ impl ShardedParams {
         params: &[(String, Tensor)],
         layout: &[BucketView],
         units: &[String],
+        prefetch: bool,
     ) -> Result<ShardedParams, DdpError> {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (b, l) in layout.iter().enumerate() {
@@ -102,15 +125,24 @@ impl ShardedParams {
                 }
                 Ok(())
             })?;
-            buffers.push(UnitBuffer { flat: Mutex::new(flat), own: l.own, gathered: AtomicBool::new(true), shared });
+            buffers.push(UnitBuffer {
+                flat: Mutex::new(flat),
+                own: l.own,
+                whole: Arc::new(AtomicBool::new(true)),
+                pending: Mutex::new(None),
+                shared,
+            });
         }
         let sp = ShardedParams {
             comm,
             units: buffers,
             by_name,
             held: Mutex::new(Vec::new()),
+            order: Mutex::new(Order::default()),
             pinned: AtomicUsize::new(0),
-            gathers: AtomicUsize::new(0),
+            prefetch,
+            gathers: Arc::new(AtomicUsize::new(0)),
+            prefetched: Arc::new(AtomicUsize::new(0)),
         };
         for b in 0..sp.units.len() {
             sp.release(b)?;
@@ -122,28 +154,72 @@ impl ShardedParams {
         self.units[b].flat.lock().unwrap_or_else(|p| p.into_inner()).shallow_clone()
     }
 
+    /// The all-gather of bucket `b`'s parameters, to run wherever the communicator is: it does
+    /// nothing if the bucket is whole by then.
+    fn gather_job(&self, b: usize, ahead: bool) -> impl FnOnce(&mut dyn crate::comm::Communicator) -> Result<(), DdpError> + Send + 'static {
+        let mut flat = self.flat(b);
+        let whole = self.units[b].whole.clone();
+        let (gathers, prefetched) = (self.gathers.clone(), self.prefetched.clone());
+        move |comm| {
+            if whole.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            comm.all_gather_shards_tensor(&mut flat)?;
+            whole.store(true, Ordering::Release);
+            gathers.fetch_add(1, Ordering::Relaxed);
+            if ahead {
+                prefetched.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+
     /// Makes unit `b`'s parameters whole (a collective; every rank calls it at the same point).
     pub fn gather(&self, b: usize) -> Result<(), DdpError> {
-        let u = &self.units[b];
-        if u.gathered.load(Ordering::Acquire) {
+        self.settle(b)?;
+        let what = format!("the all-gather of the parameters of bucket {b}");
+        self.comm.submit(&what, self.gather_job(b, false))?.wait()?
+    }
+
+    /// Queues the gather of bucket `b` where the communicator is lent, without waiting (nothing
+    /// when it is not: there is no thread to overlap with). At most one is queued per bucket.
+    fn prefetch(&self, b: usize) -> Result<(), DdpError> {
+        if !self.prefetch || !self.comm.is_lent() {
             return Ok(());
         }
-        let mut flat = self.flat(b);
-        let what = format!("the all-gather of the parameters of bucket {b}");
-        self.comm.run(&what, move |comm| comm.all_gather_shards_tensor(&mut flat))??;
-        u.gathered.store(true, Ordering::Release);
-        self.gathers.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.units[b].pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.is_none() {
+            let what = format!("the prefetch of the parameters of bucket {b}");
+            *pending = Some(self.comm.submit(&what, self.gather_job(b, true))?);
+        }
         Ok(())
     }
 
-    /// Releases unit `b`'s parameters outside this rank's shard (unless pinned whole).
+    /// Waits for bucket `b`'s queued prefetch, if any.
+    fn settle(&self, b: usize) -> Result<(), DdpError> {
+        let pending = self.units[b].pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match pending {
+            Some(p) => p.wait()?,
+            None => Ok(()),
+        }
+    }
+
+    /// Releases unit `b`'s parameters outside this rank's shard (unless pinned whole), once a
+    /// prefetch of it has run. From the compute thread.
     pub fn release(&self, b: usize) -> Result<(), DdpError> {
+        self.settle(b)?;
+        self.release_now(b)
+    }
+
+    /// `release` on the thread holding the communicator (after the bucket's reduction), in
+    /// order with the gathers queued there: it cannot wait for one queued behind it.
+    pub fn release_now(&self, b: usize) -> Result<(), DdpError> {
         let u = &self.units[b];
-        if self.pinned.load(Ordering::Acquire) > 0 || !u.gathered.load(Ordering::Acquire) {
+        if self.pinned.load(Ordering::Acquire) > 0 || !u.whole.load(Ordering::Acquire) {
             return Ok(());
         }
         pages::zero_outside(&self.flat(b), u.own.0, u.own.1, u.shared)?;
-        u.gathered.store(false, Ordering::Release);
+        u.whole.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -180,9 +256,9 @@ impl ShardedParams {
         self.pinned.load(Ordering::Acquire) > 0
     }
 
-    /// All-gathers done so far.
-    pub fn gathers(&self) -> usize {
-        self.gathers.load(Ordering::Relaxed)
+    /// All-gathers done so far, and how many of them were prefetches.
+    pub fn gathers(&self) -> (usize, usize) {
+        (self.gathers.load(Ordering::Relaxed), self.prefetched.load(Ordering::Relaxed))
     }
 
     /// Bytes of the parameter buffers resident in memory (host buffers).
@@ -201,7 +277,7 @@ impl ShardedParams {
                 if let Some((c, false)) = current {
                     self.release(c)?;
                 }
-                let was_whole = self.units[b].gathered.load(Ordering::Acquire);
+                let was_whole = self.units[b].whole.load(Ordering::Acquire);
                 self.gather(b)?;
                 current = Some((b, was_whole));
             }
@@ -218,43 +294,97 @@ impl ShardedParams {
         self.by_name.get(name).map_or(&[], Vec::as_slice)
     }
 
-    /// Before unit `name` runs in forward: its buffers whole, the previous unit's others released.
-    fn enter(&self, name: &str) -> Result<(), DdpError> {
+    /// `Ddp::forward` starts: record the order units run in (and prefetch by the last one's).
+    pub(crate) fn begin_forward(&self) {
+        self.order.lock().unwrap_or_else(|p| p.into_inner()).current = Some(Vec::new());
+    }
+
+    /// `Ddp::forward` ended: its order predicts the next forward's.
+    pub(crate) fn end_forward(&self) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = order.current.take() {
+            order.last = current;
+        }
+    }
+
+    /// Before unit `name` runs in forward: its buffers whole, the next unit's prefetched, the
+    /// previous unit's others released. Returns the buckets of the unit that ran before it in
+    /// this forward (what its backward prefetches), inside `Ddp::forward`.
+    fn enter(&self, name: &str) -> Result<Vec<usize>, DdpError> {
         let need = self.buckets_of(name);
+        let (next, before) = {
+            let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            let last = std::mem::take(&mut order.last);
+            let (next, before) = match order.current.as_mut() {
+                Some(current) => {
+                    let at = current.len();
+                    current.push(name.to_string());
+                    // The unit that followed this one last time, if the forward so far matches.
+                    let next = match last.get(at) == Some(&current[at]) {
+                        true => last.get(at + 1).map(|n| self.buckets_of(n)).unwrap_or(&[]),
+                        false => &[],
+                    };
+                    let before = at.checked_sub(1).map(|p| self.buckets_of(&current[p])).unwrap_or(&[]);
+                    (next.to_vec(), before.to_vec())
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            order.last = last;
+            (next, before)
+        };
         for &b in need {
             self.gather(b)?;
         }
+        let next: Vec<usize> = next.into_iter().filter(|b| !need.contains(b)).collect();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for &b in held.iter().filter(|b| !need.contains(b)) {
+        for &b in held.iter().filter(|b| !need.contains(b) && !next.contains(b)) {
             self.release(b)?;
         }
-        *held = need.to_vec();
-        Ok(())
+        for &b in &next {
+            self.prefetch(b)?;
+        }
+        *held = need.iter().chain(&next).copied().collect();
+        Ok(before.into_iter().filter(|b| !need.contains(b)).collect())
     }
 }
 
 /// The model's unit hooks over a `ShardedParams`.
-pub struct Zero3Hooks(pub Arc<ShardedParams>);
+pub struct Zero3Hooks {
+    params: Arc<ShardedParams>,
+    /// From `before` to `after` of the unit running: the buckets its backward prefetches.
+    before: Mutex<Vec<usize>>,
+}
+
+impl Zero3Hooks {
+    pub fn new(params: Arc<ShardedParams>) -> Zero3Hooks {
+        Zero3Hooks { params, before: Mutex::new(Vec::new()) }
+    }
+}
 
 impl UnitHooks for Zero3Hooks {
     fn before(&self, name: &str) -> Result<(), TchError> {
-        self.0.enter(name).map_err(torch)
+        let before = self.params.enter(name).map_err(torch)?;
+        *self.before.lock().unwrap_or_else(|p| p.into_inner()) = before;
+        Ok(())
     }
 
     fn after(&self, name: &str, output: Tensor) -> Result<Tensor, TchError> {
-        let buckets = self.0.buckets_of(name).to_vec();
+        let buckets = self.params.buckets_of(name).to_vec();
+        let before = std::mem::take(&mut *self.before.lock().unwrap_or_else(|p| p.into_inner()));
         if buckets.is_empty() || !crate::autograd::checkpoint::grad_enabled() || !output.requires_grad() {
             return Ok(output);
         }
-        crate::autograd::apply(&output, Box::new(GatherBeforeBackward { params: self.0.clone(), buckets }))
+        crate::autograd::apply(&output, Box::new(GatherBeforeBackward { params: self.params.clone(), buckets, before }))
     }
 }
 
 /// Identity forward; its backward, which runs before the unit's own (it consumes the unit's
-/// output), makes the unit's parameters whole again.
+/// output), makes the unit's parameters whole again and queues the gather of the unit that ran
+/// before it in forward (whose backward comes next).
 struct GatherBeforeBackward {
     params: Arc<ShardedParams>,
     buckets: Vec<usize>,
+    before: Vec<usize>,
 }
 
 impl Differentiable for GatherBeforeBackward {
@@ -265,6 +395,9 @@ impl Differentiable for GatherBeforeBackward {
     fn backward(&self, grad_output: &Tensor) -> Result<Tensor, String> {
         for &b in &self.buckets {
             self.params.gather(b).map_err(|e| e.to_string())?;
+        }
+        for &b in &self.before {
+            self.params.prefetch(b).map_err(|e| e.to_string())?;
         }
         Ok(grad_output.shallow_clone())
     }

@@ -352,11 +352,10 @@ impl Reducer {
             self.reattach()?;
             for b in &self.buckets {
                 match self.release_of(b) {
-                    // Only this rank's shard stays resident; the rest is released (zero).
-                    Some(r) => {
-                        let _ = b.flat.f_narrow(0, b.own.0, b.own.1 - b.own.0)?.f_zero_()?;
-                        super::pages::zero_outside(&b.flat, b.own.0, b.own.1, r.shared)?;
-                    }
+                    // Sharded: the whole bucket is released (it reads as zeros), this rank's
+                    // shard too — nothing of the gradients is resident from the step until the
+                    // next backward writes them, when the activations peak.
+                    Some(r) => super::pages::zero_range(&b.flat, 0, b.flat.numel() as i64, r.shared)?,
                     None => {
                         let _ = b.flat.shallow_clone().f_zero_()?;
                     }

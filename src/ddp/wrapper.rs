@@ -51,6 +51,9 @@ pub struct DdpOptions {
     /// parameter no unit prefixes is the root unit's (""). The model must run its units through
     /// the hooks `Ddp::unit_hooks` gives (`units::Units`).
     pub units: Vec<String>,
+    /// ZeRO-3: gather the next unit's parameters while the current one computes (`Ddp::forward`
+    /// in forward, the communication thread in backward).
+    pub prefetch: bool,
     /// Issue every collective even at world size 1, where they are no-ops that would otherwise
     /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
     /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
@@ -73,6 +76,7 @@ impl Default for DdpOptions {
             broadcast_buffers: true,
             shard: Shard::Off,
             units: Vec::new(),
+            prefetch: true,
             force_collectives: force_collectives_from_env(),
         }
     }
@@ -182,7 +186,7 @@ impl Ddp {
         let cell: Arc<OnceLock<Arc<ShardedParams>>> = Arc::default();
         let after_reduce: Option<AfterReduce> = zero3.then(|| {
             let cell = cell.clone();
-            Arc::new(move |b: usize| cell.get().map_or(Ok(()), |sp| sp.release(b))) as AfterReduce
+            Arc::new(move |b: usize| cell.get().map_or(Ok(()), |sp| sp.release_now(b))) as AfterReduce
         });
         let reducer_opts = ReducerOptions {
             first_cap_bytes: opts.first_bucket_cap_bytes,
@@ -203,7 +207,7 @@ impl Ddp {
         let sharded = match zero3 {
             true => {
                 let layout = reducer.buckets();
-                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units)?);
+                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units, opts.prefetch)?);
                 let _ = cell.set(sp.clone());
                 Some(sp)
             }
@@ -485,27 +489,39 @@ impl Ddp {
         Ok(h)
     }
 
-    /// The parameters then the buffers as `state` orders them, whole, on rank `root` only (a
-    /// collective): what rank 0 writes into a checkpoint or `model.safetensors`. Under ZeRO-3 the
-    /// parameters are gathered one bucket at a time and copied out on `root`, so no other rank
-    /// ever holds the whole model. `None` on the other ranks.
-    pub fn state_on(&self, root: usize) -> Result<Option<Vec<(String, Tensor)>>, DdpError> {
+    /// Calls `f(name, tensor)` on rank `root` for every parameter then buffer, in `state`'s
+    /// order (a collective): what rank 0 writes into a checkpoint or `model.safetensors`. Under
+    /// ZeRO-3 the parameters are gathered one bucket at a time and `f` sees each while its
+    /// bucket is whole, so no rank ever holds the whole model; elsewhere `f` reads them in place.
+    pub fn state_each(&self, root: usize, mut f: impl FnMut(&str, &Tensor) -> Result<(), DdpError>) -> Result<(), DdpError> {
         self.healthy()?;
         let here = self.comm.lock().rank() == root;
-        let Some(s) = &self.sharded else { return here.then(|| self.state()).transpose() };
-        let mut out = Vec::new();
-        s.walk(&self.param_buckets(), |i| {
-            if here {
-                let (name, p) = &self.params[i];
-                out.push((name.clone(), p.f_detach_copy()?));
+        match &self.sharded {
+            Some(s) => s.walk(&self.param_buckets(), |i| if here { f(&self.params[i].0, &self.params[i].1) } else { Ok(()) })?,
+            None if here => {
+                for (name, p) in &self.params {
+                    f(name, p)?;
+                }
             }
+            None => {}
+        }
+        if here {
+            for (name, t) in &self.buffers {
+                f(name, t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `state_each`'s tensors copied out on `root` (`None` on the other ranks): the whole model
+    /// in `root`'s memory, for a program that wants it as one list.
+    pub fn state_on(&self, root: usize) -> Result<Option<Vec<(String, Tensor)>>, DdpError> {
+        let mut out = Vec::new();
+        self.state_each(root, |name, t| {
+            out.push((name.to_string(), t.f_detach_copy()?));
             Ok(())
         })?;
-        if !here {
-            return Ok(None);
-        }
-        out.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
-        Ok(Some(out))
+        Ok((self.comm.lock().rank() == root).then_some(out))
     }
 
     /// The bucket of each parameter.
@@ -519,9 +535,30 @@ impl Ddp {
         of
     }
 
+    /// Runs the model's forward `f`. Under ZeRO-3 with an overlapping backend the communicator
+    /// is lent to a thread meanwhile, so that each unit's parameters are gathered while the unit
+    /// before it computes (prefetch; inside `f`, reach the communicator through `CommHandle::run`
+    /// only). Elsewhere it only calls `f`. Gathers happen without it too, just not ahead.
+    pub fn forward<R>(&self, f: impl FnOnce() -> R) -> R {
+        let Some(s) = &self.sharded else { return f() };
+        if !self.opts.prefetch || !self.reducer.can_overlap(&*self.comm.lock()) {
+            return f();
+        }
+        struct Ended<'a>(&'a ShardedParams);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                self.0.end_forward();
+            }
+        }
+        let _scope = self.comm.lend_to_thread();
+        s.begin_forward();
+        let _ended = Ended(s);
+        f()
+    }
+
     /// ZeRO-3: the hooks the model runs its units through (`units::Units::hooks`).
     pub fn unit_hooks(&self) -> Option<Arc<dyn crate::units::UnitHooks>> {
-        self.sharded.as_ref().map(|s| Arc::new(Zero3Hooks(s.clone())) as Arc<dyn crate::units::UnitHooks>)
+        self.sharded.as_ref().map(|s| Arc::new(Zero3Hooks::new(s.clone())) as Arc<dyn crate::units::UnitHooks>)
     }
 
     /// ZeRO-3: bytes of the parameters' buffers resident in memory (host buffers).
@@ -531,7 +568,12 @@ impl Ddp {
 
     /// ZeRO-3: parameter all-gathers done so far (units gathered for forward and backward).
     pub fn parameter_gathers(&self) -> usize {
-        self.sharded.as_ref().map_or(0, |s| s.gathers())
+        self.sharded.as_ref().map_or(0, |s| s.gathers().0)
+    }
+
+    /// ZeRO-3: how many of those were prefetches (queued ahead of the unit needing them).
+    pub fn parameter_prefetches(&self) -> usize {
+        self.sharded.as_ref().map_or(0, |s| s.gathers().1)
     }
 
     /// ZeRO-3's parameter buffers (`Zero` marks their gathered copies stale after a step).

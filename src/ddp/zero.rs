@@ -155,15 +155,34 @@ impl Zero {
         Ok(())
     }
 
-    /// The whole optimizer state, as an unsharded optimizer's `state()` names and orders it, on
-    /// every rank (a collective: every rank calls it). Checkpoints stay independent of the
-    /// world size and of sharding.
-    pub fn gather_state(&self, comm: &mut dyn Communicator, opt: &Optimizer) -> Result<Vec<(String, Tensor)>, DdpError> {
+    /// What the whole optimizer state holds, as an unsharded optimizer's `state()` names it:
+    /// `<param>.<kind>` for every parameter and kind of state, shaped as the parameter.
+    pub fn state_entries(&self, opt: &Optimizer) -> Vec<crate::checkpoint::Entry> {
+        let kinds = opt.state_kinds();
+        let mut out = Vec::with_capacity(self.params.len() * kinds.len());
+        for (name, p) in &self.params {
+            for kind in &kinds {
+                out.push(crate::checkpoint::Entry { name: format!("{name}.{kind}"), kind: p.kind(), shape: p.size() });
+            }
+        }
+        out
+    }
+
+    /// The whole optimizer state on rank `root`, one bucket's worth at a time (a collective:
+    /// every rank calls it): `f(name, tensor)` on `root` for every entry of `state_entries`,
+    /// bucket by bucket; no rank holds more of the state than its shards and one bucket.
+    /// Checkpoints stay independent of the world size and of sharding.
+    pub fn gather_state_each(
+        &self,
+        comm: &mut dyn Communicator,
+        opt: &Optimizer,
+        root: usize,
+        mut f: impl FnMut(&str, &Tensor) -> Result<(), DdpError>,
+    ) -> Result<(), DdpError> {
         let spans = opt.shard_spans().ok_or_else(|| DdpError::Unsupported("gather_state needs a sharded optimizer".into()))?;
         let index: HashMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
-        let kinds = opt.state_kinds();
-        let mut full: HashMap<(usize, &str), Tensor> = HashMap::new();
-        for &kind in &kinds {
+        let here = comm.rank() == root;
+        for &kind in &opt.state_kinds() {
             for (bi, b) in self.buckets.iter().enumerate() {
                 let mut tmp = b.flat.f_zeros_like()?;
                 for (e, &(name, lo, len)) in spans.iter().enumerate() {
@@ -178,21 +197,28 @@ impl Zero {
                     tmp.f_narrow(0, off + lo, len)?.f_copy_(&state)?;
                 }
                 comm.all_gather_shards_tensor(&mut tmp)?;
-                for &(i, off, n) in &b.members {
-                    let shape = self.params[i].1.size();
-                    full.insert((i, kind), tmp.f_narrow(0, off, n)?.f_view(shape.as_slice())?);
+                if here {
+                    for &(i, off, n) in &b.members {
+                        let (name, p) = &self.params[i];
+                        f(&format!("{name}.{kind}"), &tmp.f_narrow(0, off, n)?.f_view(p.size().as_slice())?)?;
+                    }
                 }
             }
         }
-        let mut out = Vec::with_capacity(full.len());
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            for &kind in &kinds {
-                if let Some(t) = full.remove(&(i, kind)) {
-                    out.push((format!("{name}.{kind}"), t));
-                }
-            }
-        }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The whole optimizer state on every rank, as `state_entries` orders it (a collective).
+    pub fn gather_state(&self, comm: &mut dyn Communicator, opt: &Optimizer) -> Result<Vec<(String, Tensor)>, DdpError> {
+        let order: HashMap<String, usize> = self.state_entries(opt).into_iter().enumerate().map(|(i, e)| (e.name, i)).collect();
+        let mut out: Vec<(usize, String, Tensor)> = Vec::with_capacity(order.len());
+        let root = comm.rank();
+        self.gather_state_each(comm, opt, root, |name, t| {
+            out.push((order[name], name.to_string(), t.f_detach_copy()?));
+            Ok(())
+        })?;
+        out.sort_by_key(|e| e.0);
+        Ok(out.into_iter().map(|(_, n, t)| (n, t)).collect())
     }
 
     /// The global L2 norm of the averaged gradients (each rank holds only its shards: their

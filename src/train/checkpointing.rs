@@ -1,22 +1,23 @@
-//! Writing a checkpoint from inside training: the loop's position and the optimizer's state,
-//! written by rank 0 with every rank learning the outcome (checkpoint::save_shared).
+//! Writing a checkpoint from inside training: the loop's position, the model and the optimizer's
+//! state, streamed into rank 0's files (under ZeRO gathered piece by piece), with every rank
+//! learning the outcome (checkpoint::save_streamed).
 
 use super::position::Position;
 use super::TrainError;
-use crate::checkpoint::{self, CheckpointData, Meta};
-use crate::comm::Communicator;
+use crate::checkpoint::{self, Entry, Meta};
+use crate::comm::CommHandle;
+use crate::ddp::Ddp;
 use crate::config::Config;
 use crate::optim::Optimizer;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::Tensor;
 
 #[allow(clippy::too_many_arguments)]
 pub fn save(
-    comm: &mut dyn Communicator,
+    comm: &CommHandle,
     cfg: &Config,
     dir: &Path,
-    state: &[(String, Tensor)],
+    ddp: &Ddp,
     opt: &Optimizer,
     zero: Option<&crate::ddp::Zero>,
     pos: &Position,
@@ -27,7 +28,10 @@ pub fn save(
     if !cfg.checkpoint.enabled {
         return Ok(None);
     }
-    let world = comm.world_size();
+    let (rank, world) = {
+        let c = comm.lock();
+        (c.rank(), c.world_size())
+    };
     let started = Instant::now();
     let meta = Meta {
         format_version: checkpoint::FORMAT_VERSION,
@@ -50,22 +54,29 @@ pub fn save(
         user: serde_json::Value::Null,
         grad_scaler,
     };
-    // Only rank 0 writes; the others skip gathering the optimizer state, except under ZeRO-1,
-    // where every rank sends its shards.
-    let optimizer = match zero {
-        Some(z) => {
-            let full = z.gather_state(comm, opt)?;
-            if comm.rank() == 0 {
-                full
-            } else {
-                Vec::new()
-            }
-        }
-        None if comm.rank() == 0 => opt.state(),
-        None => Vec::new(),
+    let model: Vec<Entry> = ddp.named_parameters().iter().chain(ddp.named_buffers()).map(|(n, t)| Entry::of(n, t)).collect();
+    let optimizer: Vec<Entry> = match zero {
+        Some(z) => z.state_entries(opt),
+        None => opt.state().iter().map(|(n, t)| Entry::of(n, t)).collect(),
     };
-    let path = checkpoint::save_shared(comm, dir, cfg.checkpoint.keep, CheckpointData { meta, model: state, optimizer })?;
-    if comm.rank() == 0 {
+    // Every rank takes part in the gathers (ZeRO-3's parameters, ZeRO's optimizer state); only
+    // rank 0's sink writes, each tensor as it comes.
+    let path = checkpoint::save_streamed(comm, dir, cfg.checkpoint.keep, meta, &model, &optimizer, |sink| -> Result<(), TrainError> {
+        ddp.state_each(0, |n, t| {
+            sink.model(n, t);
+            Ok(())
+        })?;
+        match zero {
+            Some(z) => z.gather_state_each(&mut *comm.lock(), opt, 0, |n, t| {
+                sink.optimizer(n, t);
+                Ok(())
+            })?,
+            None if rank == 0 => opt.state().iter().for_each(|(n, t)| sink.optimizer(n, t)),
+            None => {}
+        }
+        Ok(())
+    })?;
+    if rank == 0 {
         tracing::info!("checkpoint {} written ({reason}) in {:.0} ms", path.display(), started.elapsed().as_secs_f64() * 1e3);
     }
     Ok(Some(path))

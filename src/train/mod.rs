@@ -35,6 +35,7 @@ pub use eval::{evaluate, EvalResult};
 pub use resume::Resume;
 
 use crate::comm::{CommError, CommGuard, CommHandle, Communicator};
+use crate::checkpoint::{Entry, StreamedFile};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
 use crate::ddp::{Ddp, DdpError};
@@ -269,14 +270,12 @@ impl Trainer<'_> {
     fn checkpoint(&mut self, reason: &str) -> Result<(), TrainError> {
         // What is saved is what was (or will be) evaluated: one set of buffers on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
-        // Rank 0 writes; under ZeRO-3 the others only take part in the per-bucket gathers.
-        let state = self.ddp.state_on(0)?.unwrap_or_default();
         let scaler = self.scaler.as_ref().map(|s| s.state()).transpose()?;
         checkpointing::save(
-            &mut *self.comm(),
+            &self.comm,
             self.cfg,
             &self.checkpoints,
-            &state,
+            &self.ddp,
             &self.opt,
             self.zero.as_ref(),
             &self.pos,
@@ -298,10 +297,13 @@ impl Trainer<'_> {
         // One set of buffers everywhere (rank 0's since the last backward, unless
         // broadcast_buffers is off): the run's result on every rank.
         self.ddp.unify_buffers(self.cfg.ddp.eval_buffers)?;
+        if self.ddp.parameter_gathers() > 0 {
+            let (g, p) = (self.ddp.parameter_gathers(), self.ddp.parameter_prefetches());
+            tracing::info!("ZeRO-3: {g} parameter all-gathers, {p} of them prefetched (run while the unit before computed)");
+        }
         let param_hash = self.ddp.state_hash()?;
-        let state = self.ddp.state_on(0)?;
-        finish_outputs(self.run_dir, rank, state.as_deref(), param_hash, self.pos.global_step)?;
-        drop(state);
+        write_model_file(self.run_dir, &self.ddp, rank)?;
+        finish_outputs(self.run_dir, rank, param_hash, self.pos.global_step)?;
         // Rank 0 alone samples through the model: under ZeRO-3 every rank gathers the whole
         // model for it first (no unit can be gathered by rank 0 alone). The task's outputs below
         // need no gather: the one task that runs the model there (the density model's samples)
@@ -357,20 +359,45 @@ impl Trainer<'_> {
 
 /// Each rank records its parameter hash (equal on all ranks = bitwise-equal replicas); rank 0
 /// writes the final weights (parameters and buffers) as safetensors with PyTorch names, atomically.
-fn finish_outputs(run_dir: &Path, rank: usize, state: Option<&[(String, Tensor)]>, hash: u64, steps: u64) -> Result<(), TrainError> {
+/// The run's weights as `model.safetensors` (PyTorch names), written by rank 0 as `state_each`
+/// streams them (under ZeRO-3 one gathered bucket at a time; every rank takes part).
+fn write_model_file(run_dir: &Path, ddp: &Ddp, rank: usize) -> Result<(), TrainError> {
+    let tmp = run_dir.join("model.safetensors.tmp");
+    let mut file = match rank {
+        0 => {
+            let entries: Vec<Entry> = ddp.named_parameters().iter().chain(ddp.named_buffers()).map(|(n, t)| Entry::of(n, t)).collect();
+            Some(StreamedFile::create(&tmp, &entries))
+        }
+        _ => None,
+    };
+    // A failed write is kept and the walk goes on: the other ranks are gathering with rank 0.
+    let mut failed = None;
+    ddp.state_each(0, |n, t| {
+        if let Some(Ok(f)) = file.as_mut() {
+            if failed.is_none() {
+                failed = f.put(n, t).err();
+            }
+        }
+        Ok(())
+    })?;
+    let written = match (file, failed) {
+        (None, _) => return Ok(()),
+        (Some(Err(e)), _) | (_, Some(e)) => Err(e),
+        (Some(Ok(f)), None) => f.finish().map(|_| ()),
+    };
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))
+}
+
+fn finish_outputs(run_dir: &Path, rank: usize, hash: u64, steps: u64) -> Result<(), TrainError> {
     let ranks_dir = run_dir.join("ranks");
     std::fs::create_dir_all(&ranks_dir).map_err(io_err(ranks_dir.display().to_string()))?;
     let report = json!({"rank": rank, "param_hash": format!("{hash:016x}"), "global_steps": steps, "peak_rss_mib": peak_rss_mib()});
     let path = ranks_dir.join(format!("rank{rank}.json"));
-    std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))?;
-    if let Some(state) = state {
-        let tmp = run_dir.join("model.safetensors.tmp");
-        let detached: Vec<(String, Tensor)> =
-            state.iter().map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(tch::Device::Cpu)?))).collect::<Result<_, TrainError>>()?;
-        Tensor::write_safetensors(&detached, &tmp)?;
-        std::fs::rename(&tmp, run_dir.join("model.safetensors")).map_err(io_err("model.safetensors"))?;
-    }
-    Ok(())
+    std::fs::write(&path, format!("{report}\n")).map_err(io_err(path.display().to_string()))
 }
 
 /// Byte-level tokens back to text (invalid UTF-8 shown as U+FFFD).

@@ -202,6 +202,7 @@ fn wrap(
         broadcast_buffers: cfg.ddp.broadcast_buffers,
         shard: cfg.shard(),
         units,
+        prefetch: cfg.ddp.prefetch,
         ..DdpOptions::default()
     };
     let rank = handle.lock().rank();
@@ -226,6 +227,10 @@ fn wrap(
             _ => "",
         }
     );
+    if cfg.shard() >= ddp::Shard::Grads {
+        // What sharding frees must reach the kernel, not stay in the allocator's heap.
+        ddp::give_back_freed_memory();
+    }
     let opt = zero.shard_optimizer(opt)?;
     Ok((ddp, opt, Some(zero)))
 }

@@ -86,7 +86,9 @@ impl Trainer<'_> {
         let batch = batch.to_device(self.device)?;
         // bf16 / fp16: forward under autocast (backward follows the dtypes it recorded);
         // parameters, gradients and optimizer state stay fp32.
-        let loss = crate::amp::autocast(self.device, self.precision, || self.task.loss(self.model.as_ref(), &batch))??;
+        // Under ZeRO-3, `Ddp::forward` prefetches each unit's parameters during the one before.
+        let (device, precision, task, model) = (self.device, self.precision, &self.task, self.model.as_ref());
+        let loss = self.ddp.forward(|| crate::amp::autocast(device, precision, || task.loss(model, &batch)))??;
         // Mean over the step's micro-batches; a single one is left untouched (bitwise as
         // without accumulation). fp16 then multiplies by the loss scale (GradScaler.scale).
         let scaled = if micro > 1 { loss.f_div_scalar(micro as f64)? } else { loss.shallow_clone() };
