@@ -290,8 +290,9 @@ fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits(
 /// Two SGD-momentum steps at 2 ranks of a model with units `a` and `b` (512 × 512 each) and a
 /// root of two segments (a scale before them, a head after, as GPT's embeddings and head), run
 /// through `ringtrain::units::Units` as a model does; returns rank 0's parameters, the parameter
-/// bytes resident after the last step (ZeRO-3), the all-gathers done, and the parameters' bytes.
-fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
+/// bytes resident after the last step (ZeRO-3), the all-gathers done (and of them prefetched),
+/// and the parameters' bytes. `prefetch`: the forward runs inside `Ddp::forward`.
+fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -> (Vec<Vec<f32>>, usize, (usize, usize), usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
         // Deterministic values: the ranks are threads of one process, sharing libtorch's generator.
         let w =
@@ -322,20 +323,23 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>
         for step in 0..2 {
             ddp.zero_grad().unwrap();
             let x = (Tensor::arange(8 * 512, tch::kind::FLOAT_CPU) * (0.37 + rank as f64 + step as f64)).cos().view([8, 512]);
-            let emb = emb.shallow_clone();
-            let x = units.run("", &x, Box::new(move |x: &Tensor| Ok(x * &emb))).unwrap();
-            let a = a.shallow_clone();
-            let h = units.run("a", &x, Box::new(move |x: &Tensor| x.f_matmul(&a)?.f_tanh())).unwrap();
-            let b = b.shallow_clone();
-            let h = units.run("b", &h, Box::new(move |x: &Tensor| x.f_matmul(&b)?.f_tanh())).unwrap();
-            let head = head.shallow_clone();
-            let y = units.run("", &h, Box::new(move |x: &Tensor| x.f_matmul(&head))).unwrap();
+            let forward = || {
+                let emb = emb.shallow_clone();
+                let x = units.run("", &x, Box::new(move |x: &Tensor| Ok(x * &emb))).unwrap();
+                let a = a.shallow_clone();
+                let h = units.run("a", &x, Box::new(move |x: &Tensor| x.f_matmul(&a)?.f_tanh())).unwrap();
+                let b = b.shallow_clone();
+                let h = units.run("b", &h, Box::new(move |x: &Tensor| x.f_matmul(&b)?.f_tanh())).unwrap();
+                let head = head.shallow_clone();
+                units.run("", &h, Box::new(move |x: &Tensor| x.f_matmul(&head))).unwrap()
+            };
+            let y = if prefetch { ddp.forward(forward) } else { forward() };
             ddp.backward(&y.square().sum(Kind::Float)).unwrap();
             opt.step().unwrap();
             zero.gather_parameters(&mut *comm.lock()).unwrap();
         }
         let resident = ddp.parameter_bytes_resident().unwrap_or(bytes);
-        let gathers = ddp.parameter_gathers();
+        let gathers = (ddp.parameter_gathers(), ddp.parameter_prefetches());
         let whole = ddp.full_state().unwrap();
         let values = whole.iter().map(|(_, p)| Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()).collect();
         (values, resident, gathers, bytes)
@@ -346,17 +350,35 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool) -> (Vec<Vec<f32>>
 #[test]
 fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddps_bits() {
     for shm in [true, false] {
-        let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm);
-        assert_eq!(none, 0, "DDP gathers nothing");
+        let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm, false);
+        assert_eq!(none, (0, 0), "DDP gathers nothing");
         for checkpoint in [false, true] {
-            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm);
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, false);
             assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: ZeRO-3 must step to DDP's bits");
             assert!(resident <= bytes / 2 + 16 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
             // Per step, forward: the root's [head+b] and [emb], a's (releasing both), b's [head+b]
             // (releasing a's), the root's [emb] again; backward: a's (b's is still whole), and
             // for the first segment's backward [head+b] again, reduced and released by then
             // (and released after the step, when it would hold stale values).
-            assert_eq!(gathers, 14, "shm {shm}, checkpointing {checkpoint}: all-gathers in two steps");
+            assert_eq!(gathers, (14, 0), "shm {shm}, checkpointing {checkpoint}: all-gathers in two steps");
+        }
+    }
+}
+
+#[test]
+fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
+    for shm in [true, false] {
+        let (plain, _, _, _) = unit_model_steps(Shard::Off, false, shm, false);
+        for checkpoint in [false, true] {
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, true);
+            assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: prefetching ZeRO-3 must step to DDP's bits");
+            assert!(resident <= bytes / 2 + 16 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
+            // Step 1 has no earlier forward to predict from: backward prefetches a's [a] while
+            // b's backward runs and, while a's runs, [head+b] (released once reduced) for the
+            // first segment: 7 gathers, 2 ahead. Step 2's forward also prefetches [a] while the
+            // first segment runs and [emb] while b runs, which b's entry no longer releases:
+            // 6 gathers, 4 ahead.
+            assert_eq!(gathers, (13, 6), "shm {shm}, checkpointing {checkpoint}: (all-gathers, prefetched) in two steps");
         }
     }
 }

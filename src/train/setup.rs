@@ -227,8 +227,11 @@ fn wrap(
             _ => "",
         }
     );
-    if cfg.shard() >= ddp::Shard::Grads {
-        // What sharding frees must reach the kernel, not stay in the allocator's heap.
+    if cfg.shard() == ddp::Shard::Params {
+        // ZeRO-3 is for a model that does not fit otherwise: what it frees must reach the
+        // kernel, not stay in the allocator's heap (about 0.1 of DDP's peak for the GPT of
+        // scripts/bench_memory.sh, at about 10% of step time in page faults). ZeRO-2, chosen
+        // for speed with less memory, keeps glibc's default.
         ddp::give_back_freed_memory();
     }
     let opt = zero.shard_optimizer(opt)?;
