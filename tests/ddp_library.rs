@@ -382,3 +382,80 @@ fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
         }
     }
 }
+
+/// Three AdamW steps at 2 ranks of a tch `nn` model (`l1`, `l2` as units; `head` the root's),
+/// under `Fsdp` or plain `Ddp`: rank 0's parameters (by name), the parameter bytes resident
+/// after the steps, the prefetches, and the parameters' bytes.
+fn var_store_model_steps(fsdp: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
+    use tch::nn::{self, Module};
+    let results = with_group_over(2, Duration::from_secs(30), true, move |rank, comm| {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let (l1, l2, head) = (
+            nn::linear(vs.root() / "l1", 256, 256, Default::default()),
+            nn::linear(vs.root() / "l2", 256, 256, Default::default()),
+            nn::linear(vs.root() / "head", 256, 4, Default::default()),
+        );
+        // Deterministic values (the ranks are threads sharing libtorch's generator).
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (k, (_, v)) in vars.iter_mut().enumerate() {
+                let n = v.numel() as i64;
+                let _ = v.copy_(&((Tensor::arange(n, tch::kind::FLOAT_CPU) * (0.3 + k as f64)).sin() * 0.06).view(v.size().as_slice()));
+            }
+        });
+        let bytes = vars.iter().map(|(_, p)| p.numel() * 4).sum::<usize>();
+        let cfg = OptimizerConfig::new(OptimizerName::Adamw, 1e-2);
+        let opts = DdpOptions { bucket_cap_bytes: 1 << 18, first_bucket_cap_bytes: 1 << 18, ..DdpOptions::default() };
+        let input = |step: usize| (Tensor::arange(8 * 256, tch::kind::FLOAT_CPU) * (0.11 + rank as f64 + step as f64)).cos().view([8, 256]);
+        let values = |state: &[(String, Tensor)]| -> Vec<Vec<f32>> {
+            state.iter().map(|(_, t)| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()).collect()
+        };
+        if fsdp {
+            let mut f = ringtrain::ddp::Fsdp::from_var_store(&comm, &vs, &["l1", "l2"], false, opts).unwrap();
+            let mut opt = f.shard_optimizer(Optimizer::new(&cfg, f.named_parameters())).unwrap();
+            let units = f.units();
+            // A unit's forward is a `Send` closure: it holds its layer's tensors.
+            let layer = |l: &nn::Linear| {
+                let (w, b) = (l.ws.shallow_clone(), l.bs.as_ref().map(|b| b.shallow_clone()));
+                move |x: &Tensor| x.f_linear(&w, b.as_ref())
+            };
+            for step in 0..3 {
+                let (x, l1, l2, head) = (input(step), layer(&l1), layer(&l2), layer(&head));
+                let y = f
+                    .forward(|| -> Result<Tensor, tch::TchError> {
+                        let h = units.run("l1", &x, Box::new(move |x: &Tensor| l1(x)?.f_tanh()))?;
+                        let h = units.run("l2", &h, Box::new(move |x: &Tensor| l2(x)?.f_tanh()))?;
+                        units.run("", &h, Box::new(head))
+                    })
+                    .unwrap();
+                f.zero_grad().unwrap();
+                f.backward(&y.square().mean(Kind::Float)).unwrap();
+                f.step(&mut opt).unwrap();
+            }
+            let resident = f.parameter_bytes_resident().unwrap();
+            let whole = f.full_state().unwrap();
+            (values(&whole), resident, f.parameter_prefetches(), bytes)
+        } else {
+            let mut d = Ddp::from_var_store(&comm, &vs, opts).unwrap();
+            let mut opt = Optimizer::new(&cfg, d.named_parameters());
+            for step in 0..3 {
+                let y = head.forward(&l2.forward(&l1.forward(&input(step)).tanh()).tanh());
+                d.zero_grad().unwrap();
+                d.backward(&y.square().mean(Kind::Float)).unwrap();
+                opt.step().unwrap();
+            }
+            (values(&d.state().unwrap()), bytes, 0, bytes)
+        }
+    });
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn fsdp_over_a_var_store_model_steps_to_ddps_bits_holding_half_its_parameters() {
+    let (plain, _, _, _) = var_store_model_steps(false);
+    let (sharded, resident, prefetched, bytes) = var_store_model_steps(true);
+    assert!(sharded == plain, "Fsdp must step to DDP's bits");
+    assert!(resident <= bytes / 2 + 16 * 4096, "{resident} of {bytes} parameter bytes resident after the steps");
+    assert!(prefetched > 0, "the forward inside Fsdp::forward prefetches");
+}

@@ -6,9 +6,12 @@
 //!   `compute_bucket_assignment_by_size`).
 //! - `reducer`: gradients living in the buckets, averaged across ranks, overlapped with backward.
 //! - `replica`: at start, checks every rank built the same model, then broadcasts rank 0's state.
-//! - `zero`: ZeRO-1, each rank stepping its shard of the parameters and gathering the rest.
+//! - `zero`: ZeRO-1/2, each rank stepping its shard of the parameters and gathering the rest.
+//! - `params`: ZeRO-3's parameters, sharded in flat buffers and gathered unit by unit.
+//! - [`Fsdp`]: ZeRO-3 for a program's own model (a `Ddp`, its `Zero` and the model's `Units`).
 
 pub mod buckets;
+mod fsdp;
 mod hooks;
 mod pages;
 mod params;
@@ -22,4 +25,5 @@ pub use buckets::compute_bucket_assignment_by_size;
 pub use pages::give_back_freed_memory;
 pub use replica::{hash_tensor, parameter_hash, sync_replicas, DdpError};
 pub use wrapper::{BufferSync, Ddp, DdpOptions, FullState, Shard};
+pub use fsdp::Fsdp;
 pub use zero::Zero;

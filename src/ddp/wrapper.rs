@@ -231,17 +231,7 @@ impl Ddp {
     /// (e.g. BatchNorm's running statistics), each sorted by name — a VarStore keeps them in a
     /// HashMap, whose order differs between processes.
     pub fn from_var_store(group: &impl AsComm, vs: &VarStore, opts: DdpOptions) -> Result<Ddp, DdpError> {
-        let mut params = Vec::new();
-        let mut buffers = Vec::new();
-        for (name, t) in vs.variables() {
-            if t.requires_grad() {
-                params.push((name, t));
-            } else {
-                buffers.push((name, t));
-            }
-        }
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+        let (params, buffers) = split_var_store(vs);
         Ddp::new(group, params, buffers, opts)
     }
 
@@ -614,6 +604,22 @@ impl Ddp {
     pub(crate) fn reducer_buckets(&self) -> Vec<super::reducer::BucketView> {
         self.reducer.buckets()
     }
+}
+
+/// A VarStore's trainable variables (parameters) and the others (buffers), each sorted by name.
+pub(super) fn split_var_store(vs: &VarStore) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    let mut params = Vec::new();
+    let mut buffers = Vec::new();
+    for (name, t) in vs.variables() {
+        if t.requires_grad() {
+            params.push((name, t));
+        } else {
+            buffers.push((name, t));
+        }
+    }
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    (params, buffers)
 }
 
 /// `Ddp::full_state`'s tensors; under ZeRO-3 the parameters stay whole until this is dropped
