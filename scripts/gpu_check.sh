@@ -29,7 +29,8 @@
 #       on the GPU with the ring: replicas identical
 #   (o) ZeRO-2 and ZeRO-3 with activation checkpointing (dropout on) on NCCL at world size 1 with
 #       the collectives forced: equal to DDP (bitwise, or within 1e-3 where the GPU's attention
-#       backward is not deterministic); ZeRO-3 with 2 workers on the GPU (ring): equal to DDP
+#       backward is not deterministic), ZeRO-3's prefetches having run (NCCL from its prefetch
+#       thread); ZeRO-3 with 2 workers on the GPU (ring): equal to DDP
 # A part whose PyTorch reference fails fails. Prints one summary table; exits non-zero if any failed.
 #   gpu_check.sh --dry-run: the same parts on the CPU (ring instead of NCCL, a tenth of the steps,
 #   small batches), so a broken script shows without a GPU; its figures mean nothing.
@@ -308,8 +309,11 @@ PY
     }
     x=$(close "$runs/o-ddp" "$runs/o-z2"); y=$(close "$runs/o-ddp" "$runs/o-z3"); u=$(close "$runs/o-two" "$runs/o-two-z3")
     ok() { [ "$1" = equal ] || "$py" -c "import sys; sys.exit(0 if float('$1') <= 1e-3 else 1)"; }
-    if ok "$x" && ok "$y" && [ "$u" = equal ]; then result[o]="PASS vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed); 2 workers ZeRO-3 $u"
-    else result[o]="FAIL vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed); 2 workers ZeRO-3 $u"; fi
+    # ZeRO-3's gathers of the next unit ran on the prefetch thread (NCCL from a second thread).
+    ahead=$(grep -ho "[0-9]* of them prefetched" "$runs/o-z3/logs/rank0.log" | cut -d' ' -f1)
+    if ok "$x" && ok "$y" && [ "$u" = equal ] && [ "${ahead:-0}" -gt 0 ]; then
+        result[o]="PASS vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, $ahead gathers prefetched); 2 workers ZeRO-3 $u"
+    else result[o]="FAIL vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, ${ahead:-no} gathers prefetched); 2 workers ZeRO-3 $u"; fi
 else result[o]="FAIL"; fi
 
 echo
