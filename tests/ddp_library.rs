@@ -401,7 +401,7 @@ fn var_store_model_steps(fsdp: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
         tch::no_grad(|| {
             for (k, (_, v)) in vars.iter_mut().enumerate() {
                 let n = v.numel() as i64;
-                let _ = v.copy_(&((Tensor::arange(n, tch::kind::FLOAT_CPU) * (0.3 + k as f64)).sin() * 0.06).view(v.size().as_slice()));
+                v.copy_(&((Tensor::arange(n, tch::kind::FLOAT_CPU) * (0.3 + k as f64)).sin() * 0.06).view(v.size().as_slice()));
             }
         });
         let bytes = vars.iter().map(|(_, p)| p.numel() * 4).sum::<usize>();

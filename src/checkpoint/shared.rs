@@ -2,9 +2,9 @@
 //! before any goes on, so a failed write stops every rank with rank 0's reason and a checkpoint
 //! read on rank 0 reaches ranks on other nodes without a shared disk.
 
-use super::*;
 use super::stream::Entry;
 use super::write::Pending;
+use super::*;
 use crate::comm::{broadcast_blob, CommHandle, Communicator};
 use std::path::Path;
 use tch::{Kind, Tensor};

@@ -60,7 +60,8 @@ impl StreamedFile {
         let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
         let mut sorted = Vec::with_capacity(entries.len());
         for e in entries {
-            let d = dtype(e.kind).ok_or_else(|| invalid(format!("tensor `{}` has kind {:?}, which safetensors cannot hold", e.name, e.kind)))?;
+            let d = dtype(e.kind)
+                .ok_or_else(|| invalid(format!("tensor `{}` has kind {:?}, which safetensors cannot hold", e.name, e.kind)))?;
             sorted.push((d, e));
         }
         // The safetensors crate's order (its `prepare`): dtype descending, then name.
@@ -135,7 +136,10 @@ impl StreamedFile {
         let mut missing: Vec<&str> = self.places.iter().filter(|(_, p)| !p.2).map(|(n, _)| n.as_str()).collect();
         if !missing.is_empty() {
             missing.sort();
-            return Err(CheckpointError::Invalid { path: self.path.clone(), what: format!("tensors never written: {}", missing.join(", ")) });
+            return Err(CheckpointError::Invalid {
+                path: self.path.clone(),
+                what: format!("tensors never written: {}", missing.join(", ")),
+            });
         }
         self.file.sync_all().map_err(io)?;
         use sha2::Digest;

@@ -176,10 +176,9 @@ impl<R> Pending<R> {
             Waiting::Queued { rx, what, timeout } => match rx.recv_timeout(timeout) {
                 Ok(r) => Ok(r),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(lent_stopped(&what)),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(CommError::Lent(format!(
-                    "{what}: waited {:.0}s for the communication thread to run it",
-                    timeout.as_secs_f64()
-                ))),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    Err(CommError::Lent(format!("{what}: waited {:.0}s for the communication thread to run it", timeout.as_secs_f64())))
+                }
             },
         }
     }

@@ -66,7 +66,13 @@ impl Fsdp {
     }
 
     /// As `new`, over a `VarStore`'s variables (see `Ddp::from_var_store`).
-    pub fn from_var_store(group: &impl AsComm, vs: &VarStore, units: &[&str], checkpoint: bool, opts: DdpOptions) -> Result<Fsdp, DdpError> {
+    pub fn from_var_store(
+        group: &impl AsComm,
+        vs: &VarStore,
+        units: &[&str],
+        checkpoint: bool,
+        opts: DdpOptions,
+    ) -> Result<Fsdp, DdpError> {
         let (params, buffers) = super::wrapper::split_var_store(vs);
         Fsdp::new(group, params, buffers, units, checkpoint, opts)
     }

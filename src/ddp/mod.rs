@@ -22,8 +22,8 @@ pub mod zero;
 
 pub use crate::wire::{fnv1a, FNV_OFFSET};
 pub use buckets::compute_bucket_assignment_by_size;
+pub use fsdp::Fsdp;
 pub use pages::give_back_freed_memory;
 pub use replica::{hash_tensor, parameter_hash, sync_replicas, DdpError};
 pub use wrapper::{BufferSync, Ddp, DdpOptions, FullState, Shard};
-pub use fsdp::Fsdp;
 pub use zero::Zero;

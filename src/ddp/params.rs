@@ -156,7 +156,11 @@ impl ShardedParams {
 
     /// The all-gather of bucket `b`'s parameters, to run wherever the communicator is: it does
     /// nothing if the bucket is whole by then.
-    fn gather_job(&self, b: usize, ahead: bool) -> impl FnOnce(&mut dyn crate::comm::Communicator) -> Result<(), DdpError> + Send + 'static {
+    fn gather_job(
+        &self,
+        b: usize,
+        ahead: bool,
+    ) -> impl FnOnce(&mut dyn crate::comm::Communicator) -> Result<(), DdpError> + Send + 'static {
         let mut flat = self.flat(b);
         let whole = self.units[b].whole.clone();
         let (gathers, prefetched) = (self.gathers.clone(), self.prefetched.clone());

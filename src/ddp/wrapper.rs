@@ -606,8 +606,10 @@ impl Ddp {
     }
 }
 
+type Named = Vec<(String, Tensor)>;
+
 /// A VarStore's trainable variables (parameters) and the others (buffers), each sorted by name.
-pub(super) fn split_var_store(vs: &VarStore) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+pub(super) fn split_var_store(vs: &VarStore) -> (Named, Named) {
     let mut params = Vec::new();
     let mut buffers = Vec::new();
     for (name, t) in vs.variables() {

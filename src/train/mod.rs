@@ -34,8 +34,8 @@ pub mod tasks;
 pub use eval::{evaluate, EvalResult};
 pub use resume::Resume;
 
-use crate::comm::{CommError, CommGuard, CommHandle, Communicator};
 use crate::checkpoint::{Entry, StreamedFile};
+use crate::comm::{CommError, CommGuard, CommHandle, Communicator};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
 use crate::ddp::{Ddp, DdpError};
