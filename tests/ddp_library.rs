@@ -10,6 +10,10 @@ use ringtrain::{Ddp, DdpOptions};
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
+/// The tests here run in parallel threads of one process; the one counting this process's
+/// shared-memory mappings runs alone (the others' groups map segments too).
+static EXCLUSIVE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Per-rank parameters and buffers that differ until Ddp broadcasts rank 0's.
 fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
     let r = rank as f64;
@@ -26,6 +30,7 @@ fn state(rank: usize) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
 
 #[test]
 fn replicas_buffers_unused_parameters_and_replaced_gradients() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     let results = with_group(2, Duration::from_secs(20), |rank, comm| {
         let (params, buffers) = state(rank);
         let mut ddp = Ddp::new(&comm, params, buffers, DdpOptions::default()).unwrap();
@@ -65,6 +70,7 @@ fn replicas_buffers_unused_parameters_and_replaced_gradients() {
 
 #[test]
 fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     use tch::nn::OptimizerConfig;
     let results = with_group(2, Duration::from_secs(20), |rank, comm| {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -89,6 +95,7 @@ fn gradients_set_to_none_by_tchs_zero_grad_are_reattached_not_left_local() {
 
 #[test]
 fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let results = with_group(2, Duration::from_secs(20), move |rank, comm| {
@@ -128,6 +135,7 @@ fn checkpoint_save_and_load_shared_keep_buffers_dtypes_and_metadata() {
 /// naming it (PyTorch's "marked ready twice"), not a bucket reduced while still accumulating.
 #[test]
 fn a_second_backward_through_a_parameter_is_marked_ready_twice() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     let results = with_group(2, Duration::from_secs(10), |rank, comm| {
         let (params, buffers) = state(rank);
         let mut ddp = Ddp::new(&comm, params, buffers, DdpOptions::default()).unwrap();
@@ -155,6 +163,7 @@ fn shared_mappings() -> usize {
 
 #[test]
 fn a_rebuilt_ddp_releases_its_shared_buckets() {
+    let _alone = EXCLUSIVE.write().unwrap_or_else(|p| p.into_inner());
     // A sweep or an evaluation model builds a Ddp again and again: each used to leave its buckets'
     // segments mapped for the life of the process, on every rank.
     let counts = with_group_over(2, Duration::from_secs(20), true, |rank, comm| {
@@ -180,6 +189,7 @@ fn a_rebuilt_ddp_releases_its_shared_buckets() {
 
 #[test]
 fn a_sharded_ddp_without_zero_refuses_to_leave_partial_gradients() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     // Reduce-scattered gradients are averaged on their owner's shard only; stepping an ordinary
     // optimizer on them used to drift the replicas apart without a word.
     let results = with_group(2, Duration::from_secs(10), |rank, comm| {
@@ -223,6 +233,7 @@ fn zero_step(order: &[usize]) -> Result<Vec<Vec<f32>>, String> {
 
 #[test]
 fn zero_takes_the_optimizers_parameters_by_name_not_by_position() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     // An optimizer listing the parameters in another order used to get the other's weight-decay
     // group and state names, silently.
     assert_eq!(zero_step(&[1, 0]).unwrap(), zero_step(&[0, 1]).unwrap());
@@ -272,6 +283,7 @@ fn sharded_steps(shard: Shard, shm: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) 
 
 #[test]
 fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
         let (one, held, bucket) = sharded_steps(Shard::Optimizer, shm);
         let (two, kept, _) = sharded_steps(Shard::Grads, shm);
@@ -349,6 +361,7 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -
 
 #[test]
 fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddps_bits() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
         let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm, false);
         assert_eq!(none, (0, 0), "DDP gathers nothing");
@@ -367,6 +380,7 @@ fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddp
 
 #[test]
 fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
         let (plain, _, _, _) = unit_model_steps(Shard::Off, false, shm, false);
         for checkpoint in [false, true] {
@@ -453,6 +467,7 @@ fn var_store_model_steps(fsdp: bool) -> (Vec<Vec<f32>>, usize, usize, usize) {
 
 #[test]
 fn fsdp_over_a_var_store_model_steps_to_ddps_bits_holding_half_its_parameters() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     let (plain, _, _, _) = var_store_model_steps(false);
     let (sharded, resident, prefetched, bytes) = var_store_model_steps(true);
     assert!(sharded == plain, "Fsdp must step to DDP's bits");

@@ -122,9 +122,13 @@ impl StreamedFile {
         let torch = |source| CheckpointError::Torch { path: PathBuf::from(name), source };
         let host = t.f_detach().and_then(|t| t.f_to_device(tch::Device::Cpu)).and_then(|t| t.f_contiguous()).map_err(torch)?;
         let len = host.numel() * host.kind().elt_size_in_bytes();
-        // SAFETY: `host` is a contiguous CPU tensor of `len` bytes that outlives the slice.
-        let bytes = unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, len) };
-        self.file.write_all_at(bytes, *at).map_err(|source| CheckpointError::Io { path: self.path.clone(), source })?;
+        // An empty tensor has no bytes (and libtorch gives it a null data pointer).
+        if len > 0 {
+            // SAFETY: `host` is a contiguous CPU tensor of `len` > 0 bytes (a non-null data
+            // pointer) that outlives the slice.
+            let bytes = unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, len) };
+            self.file.write_all_at(bytes, *at).map_err(|source| CheckpointError::Io { path: self.path.clone(), source })?;
+        }
         *written = true;
         Ok(())
     }

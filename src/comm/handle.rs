@@ -99,9 +99,17 @@ impl CommHandle {
         match thread {
             Ok(t) => LentScope { handle: self.clone(), stop: tx, thread: Some(t) },
             Err(e) => {
-                // No thread: nothing is lent and `submit` runs its calls here.
+                // No thread: still lent (so every decision that depends on it is the same as on
+                // the other ranks), but each job runs here as it is sent, in the same order.
                 tracing::warn!("no thread to run prefetches on ({e}): they run in line");
-                self.reclaim();
+                let inline = self.clone();
+                self.lend(
+                    Box::new(move |job| {
+                        job(&mut *inline.lock());
+                        true
+                    }),
+                    timeout,
+                );
                 LentScope { handle: self.clone(), stop: tx, thread: None }
             }
         }
@@ -194,12 +202,13 @@ pub struct LentScope {
 
 impl Drop for LentScope {
     fn drop(&mut self) {
-        let Some(thread) = self.thread.take() else { return };
-        // Later submissions are refused (their callers get an error); queued ones still run.
-        self.handle.stop_lending(|| {});
-        let _ = self.stop.send(None);
-        if thread.join().is_err() {
-            tracing::warn!("the prefetch thread panicked");
+        if let Some(thread) = self.thread.take() {
+            // Later submissions are refused (their callers get an error); queued ones still run.
+            self.handle.stop_lending(|| {});
+            let _ = self.stop.send(None);
+            if thread.join().is_err() {
+                tracing::warn!("the prefetch thread panicked");
+            }
         }
         self.handle.reclaim();
     }
