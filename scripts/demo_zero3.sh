@@ -4,7 +4,8 @@
 # hold 4 + 4 + 12 bytes per parameter (parameters, gradients, AdamW's moments and scratch): about
 # 2 × 13 GB, more than a 24 GiB machine has, and ringtrain refuses it up front with the numbers.
 # ZeRO-3 (ddp.shard: params) divides all three by the 2 ranks, and a few steps run; the loss
-# falls. Not part of the test suite: it uses most of the machine's memory.
+# falls, and the run ends with a whole, world-size independent checkpoint written streamed. Not
+# part of the test suite: it uses most of the machine's memory.
 #   scripts/demo_zero3.sh [STEPS]          (default 5 steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,8 @@ else
 fi
 echo "## ZeRO-3"
 start=$(date +%s)
-run zero3 --set ddp.shard=params || { tail -20 "$tmp/zero3.log"; exit 1; }
+# With the end-of-run checkpoint: streamed, so no rank holds the whole model or optimizer state.
+run zero3 --set ddp.shard=params --set checkpoint.enabled=true || { tail -20 "$tmp/zero3.log"; exit 1; }
 grep -m1 "model gpt:" "$tmp/zero3.log" | sed 's/ (.*//' | cut -c1-160
 grep -E "step [0-9]+/[0-9]+ loss" "$tmp/zero3.log" | grep rank0 | sed 's/.*INFO rank{rank=0}: //'
 python3 - "$tmp/zero3" <<'PY'
@@ -36,4 +38,7 @@ import json, glob, sys
 rss = sorted(json.load(open(f))["peak_rss_mib"] / 1024 for f in glob.glob(f"{sys.argv[1]}/ranks/*.json"))
 print("peak RSS per rank (GiB): " + " / ".join(f"{r:.1f}" for r in rss) + f", {sum(rss):.1f} in total")
 PY
+ckpt="$(ls -d "$tmp/zero3/checkpoints"/step-* | tail -n 1)"
+(cd "$ckpt" && sha256sum -c --quiet checksums.sha256) && echo "checkpoint $(basename "$ckpt") verifies: $(du -sh "$ckpt" | cut -f1) \
+($(grep -m1 -o "checkpoint .* written (end) in [0-9]* ms" "$tmp/zero3.log" | grep -o "in [0-9]* ms"))"
 echo "($(( $(date +%s) - start )) s)"
