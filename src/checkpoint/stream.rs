@@ -146,19 +146,116 @@ impl StreamedFile {
             });
         }
         self.file.sync_all().map_err(io)?;
-        use sha2::Digest;
-        let mut hash = sha2::Sha256::new();
-        let mut f = File::open(&self.path).map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-        }
-        Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        sha256_of(&self.path).map_err(io)
     }
+}
+
+/// A safetensors file read one tensor at a time: the header is parsed at `open`, and each
+/// tensor's bytes are read straight into a tensor of its own when asked for, so reading never
+/// holds the file's bytes beside the tensors made from them.
+pub struct SafetensorsReader {
+    file: File,
+    path: PathBuf,
+    /// In the file's order: name, kind, shape, byte offset in the file, byte length.
+    entries: Vec<(String, Kind, Vec<i64>, u64, usize)>,
+}
+
+fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        D::F32 => Kind::Float,
+        D::F64 => Kind::Double,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+impl SafetensorsReader {
+    /// Opens `path` and checks its header: every tensor's kind and shape agree with its byte
+    /// range, and the ranges lie inside the file.
+    pub fn open(path: &Path) -> Result<SafetensorsReader, CheckpointError> {
+        let invalid = |what: String| CheckpointError::Invalid { path: path.to_path_buf(), what };
+        let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0).map_err(|_| invalid("shorter than a safetensors header".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 || 8 + n > size {
+            return Err(invalid(format!("a safetensors header of {n} bytes does not fit a file of {size}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8).map_err(io)?;
+        let mut map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("safetensors header: {e}")))?;
+        map.remove("__metadata__");
+        let data_start = 8 + n;
+        let mut entries = Vec::with_capacity(map.len());
+        for (name, v) in map {
+            let info: safetensors::tensor::TensorInfo =
+                serde_json::from_value(v).map_err(|e| invalid(format!("safetensors header, tensor `{name}`: {e}")))?;
+            let kind = kind_of(info.dtype).ok_or_else(|| invalid(format!("tensor `{name}` has dtype {:?}", info.dtype)))?;
+            let (a, b) = info.data_offsets;
+            let elems: usize = info.shape.iter().product();
+            if b < a || b - a != elems * info.dtype.size() || data_start + b as u64 > size {
+                return Err(invalid(format!("tensor `{name}`: bytes {a}..{b} do not hold shape {:?} or lie outside the file", info.shape)));
+            }
+            entries.push((name, kind, info.shape.iter().map(|&d| d as i64).collect(), data_start + a as u64, b - a));
+        }
+        entries.sort_by_key(|e| e.3);
+        Ok(SafetensorsReader { file, path: path.to_path_buf(), entries })
+    }
+
+    /// The tensors' names, in the file's order.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.0.clone()).collect()
+    }
+
+    /// Tensor `name`, read from the file into a tensor of its own (on the CPU).
+    pub fn read(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let (_, kind, shape, at, len) = self
+            .entries
+            .iter()
+            .find(|e| e.0 == name)
+            .ok_or_else(|| CheckpointError::Invalid { path: self.path.clone(), what: format!("no tensor `{name}`") })?;
+        let t = Tensor::f_empty(shape.as_slice(), (*kind, tch::Device::Cpu))
+            .map_err(|source| CheckpointError::Torch { path: self.path.clone(), source })?;
+        if *len > 0 {
+            // SAFETY: a fresh contiguous CPU tensor of exactly `len` > 0 bytes, which nothing
+            // else references while it is filled.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, *len) };
+            self.file.read_exact_at(bytes, *at).map_err(|source| CheckpointError::Io { path: self.path.clone(), source })?;
+        }
+        Ok(t)
+    }
+
+    /// Every tensor, in the file's order.
+    pub fn read_all(&self) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+        self.entries.iter().map(|e| Ok((e.0.clone(), self.read(&e.0)?))).collect()
+    }
+}
+
+/// SHA-256 of a file, read in pieces.
+pub fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+    }
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
@@ -187,6 +284,29 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes, std::fs::read(&reference).unwrap());
         assert_eq!(digest, crate::checkpoint::sha256_hex(&bytes));
+        // Read back one at a time: the same tensors, bit for bit.
+        let r = SafetensorsReader::open(&path).unwrap();
+        assert_eq!(r.names().len(), tensors.len());
+        for (n, t) in &tensors {
+            let back = r.read(n).unwrap();
+            assert_eq!((back.kind(), back.size()), (t.kind(), t.size()), "{n}");
+            assert!(back.to_kind(Kind::Double).equal(&t.to_kind(Kind::Double)), "{n}");
+        }
+        assert!(r.read("nothing").is_err());
+    }
+
+    #[test]
+    fn a_header_that_does_not_fit_its_file_is_an_error_not_a_huge_allocation() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("x.safetensors");
+        Tensor::write_safetensors(&[("a", Tensor::ones([4], (Kind::Float, tch::Device::Cpu)))], &path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(SafetensorsReader::open(&path).err().unwrap().to_string().contains("outside the file"));
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(SafetensorsReader::open(&path).err().unwrap().to_string().contains("does not fit"));
     }
 
     #[test]
