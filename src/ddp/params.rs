@@ -181,6 +181,11 @@ impl ShardedParams {
     /// Makes unit `b`'s parameters whole (a collective; every rank calls it at the same point).
     pub fn gather(&self, b: usize) -> Result<(), DdpError> {
         self.settle(b)?;
+        // Not lent, no other thread changes `whole`: a whole bucket needs nothing (nor the
+        // communicator, which a caller may be holding, e.g. reading a pinned model).
+        if !self.comm.is_lent() && self.units[b].whole.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let what = format!("the all-gather of the parameters of bucket {b}");
         self.comm.submit(&what, self.gather_job(b, false))?.wait()?
     }
