@@ -36,21 +36,29 @@ pub struct StreamedFile {
     places: HashMap<String, (u64, Entry, bool)>,
 }
 
-fn dtype(kind: Kind) -> Option<safetensors::Dtype> {
+/// The kinds a safetensors file holds, with their dtypes.
+const DTYPES: [(Kind, safetensors::Dtype); 10] = {
     use safetensors::Dtype as D;
-    Some(match kind {
-        Kind::Float => D::F32,
-        Kind::Double => D::F64,
-        Kind::Half => D::F16,
-        Kind::BFloat16 => D::BF16,
-        Kind::Int64 => D::I64,
-        Kind::Int => D::I32,
-        Kind::Int16 => D::I16,
-        Kind::Int8 => D::I8,
-        Kind::Uint8 => D::U8,
-        Kind::Bool => D::BOOL,
-        _ => return None,
-    })
+    [
+        (Kind::Float, D::F32),
+        (Kind::Double, D::F64),
+        (Kind::Half, D::F16),
+        (Kind::BFloat16, D::BF16),
+        (Kind::Int64, D::I64),
+        (Kind::Int, D::I32),
+        (Kind::Int16, D::I16),
+        (Kind::Int8, D::I8),
+        (Kind::Uint8, D::U8),
+        (Kind::Bool, D::BOOL),
+    ]
+};
+
+fn dtype(kind: Kind) -> Option<safetensors::Dtype> {
+    DTYPES.iter().find(|(k, _)| *k == kind).map(|&(_, d)| d)
+}
+
+fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
+    DTYPES.iter().find(|(_, d)| *d == dtype).map(|&(k, _)| k)
 }
 
 impl StreamedFile {
@@ -158,23 +166,6 @@ pub struct SafetensorsReader {
     path: PathBuf,
     /// In the file's order: name, kind, shape, byte offset in the file, byte length.
     entries: Vec<(String, Kind, Vec<i64>, u64, usize)>,
-}
-
-fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
-    use safetensors::Dtype as D;
-    Some(match dtype {
-        D::F32 => Kind::Float,
-        D::F64 => Kind::Double,
-        D::F16 => Kind::Half,
-        D::BF16 => Kind::BFloat16,
-        D::I64 => Kind::Int64,
-        D::I32 => Kind::Int,
-        D::I16 => Kind::Int16,
-        D::I8 => Kind::Int8,
-        D::U8 => Kind::Uint8,
-        D::BOOL => Kind::Bool,
-        _ => return None,
-    })
 }
 
 impl SafetensorsReader {

@@ -503,15 +503,10 @@ impl Ddp {
         Ok(())
     }
 
-    /// `state_each`'s tensors copied out on `root` (`None` on the other ranks): the whole model
-    /// in `root`'s memory, for a program that wants it as one list.
-    pub fn state_on(&self, root: usize) -> Result<Option<Vec<(String, Tensor)>>, DdpError> {
-        let mut out = Vec::new();
-        self.state_each(root, |name, t| {
-            out.push((name.to_string(), t.f_detach_copy()?));
-            Ok(())
-        })?;
-        Ok((self.comm.lock().rank() == root).then_some(out))
+    /// What `state_each` gives, listed before it runs (names, kinds, shapes): a streamed file's
+    /// header.
+    pub fn state_entries(&self) -> Vec<crate::checkpoint::Entry> {
+        self.params.iter().chain(&self.buffers).map(|(n, t)| crate::checkpoint::Entry::of(n, t)).collect()
     }
 
     /// The bucket of each parameter.

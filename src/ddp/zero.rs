@@ -179,7 +179,7 @@ impl Zero {
         root: usize,
         mut f: impl FnMut(&str, &Tensor) -> Result<(), DdpError>,
     ) -> Result<(), DdpError> {
-        let spans = opt.shard_spans().ok_or_else(|| DdpError::Unsupported("gather_state needs a sharded optimizer".into()))?;
+        let spans = opt.shard_spans().ok_or_else(|| DdpError::Unsupported("gather_state_each needs a sharded optimizer".into()))?;
         let index: HashMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
         let here = comm.rank() == root;
         for &kind in &opt.state_kinds() {
@@ -206,19 +206,6 @@ impl Zero {
             }
         }
         Ok(())
-    }
-
-    /// The whole optimizer state on every rank, as `state_entries` orders it (a collective).
-    pub fn gather_state(&self, comm: &mut dyn Communicator, opt: &Optimizer) -> Result<Vec<(String, Tensor)>, DdpError> {
-        let order: HashMap<String, usize> = self.state_entries(opt).into_iter().enumerate().map(|(i, e)| (e.name, i)).collect();
-        let mut out: Vec<(usize, String, Tensor)> = Vec::with_capacity(order.len());
-        let root = comm.rank();
-        self.gather_state_each(comm, opt, root, |name, t| {
-            out.push((order[name], name.to_string(), t.f_detach_copy()?));
-            Ok(())
-        })?;
-        out.sort_by_key(|e| e.0);
-        Ok(out.into_iter().map(|(_, n, t)| (n, t)).collect())
     }
 
     /// The global L2 norm of the averaged gradients (each rank holds only its shards: their

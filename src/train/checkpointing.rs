@@ -54,28 +54,36 @@ pub fn save(
         user: serde_json::Value::Null,
         grad_scaler,
     };
-    let model: Vec<Entry> = ddp.named_parameters().iter().chain(ddp.named_buffers()).map(|(n, t)| Entry::of(n, t)).collect();
+    // Unsharded, the optimizer's state is rank 0's own tensors, listed and written as they are.
+    let unsharded = if zero.is_none() && rank == 0 { opt.state() } else { Vec::new() };
     let optimizer: Vec<Entry> = match zero {
         Some(z) => z.state_entries(opt),
-        None => opt.state().iter().map(|(n, t)| Entry::of(n, t)).collect(),
+        None => unsharded.iter().map(|(n, t)| Entry::of(n, t)).collect(),
     };
     // Every rank takes part in the gathers (ZeRO-3's parameters, ZeRO's optimizer state); only
     // rank 0's sink writes, each tensor as it comes.
-    let path = checkpoint::save_streamed(comm, dir, cfg.checkpoint.keep, meta, &model, &optimizer, |sink| -> Result<(), TrainError> {
-        ddp.state_each(0, |n, t| {
-            sink.model(n, t);
-            Ok(())
-        })?;
-        match zero {
-            Some(z) => z.gather_state_each(&mut *comm.lock(), opt, 0, |n, t| {
-                sink.optimizer(n, t);
+    let path = checkpoint::save_streamed(
+        comm,
+        dir,
+        cfg.checkpoint.keep,
+        meta,
+        &ddp.state_entries(),
+        &optimizer,
+        |sink| -> Result<(), TrainError> {
+            ddp.state_each(0, |n, t| {
+                sink.model(n, t);
                 Ok(())
-            })?,
-            None if rank == 0 => opt.state().iter().for_each(|(n, t)| sink.optimizer(n, t)),
-            None => {}
-        }
-        Ok(())
-    })?;
+            })?;
+            match zero {
+                Some(z) => z.gather_state_each(&mut *comm.lock(), opt, 0, |n, t| {
+                    sink.optimizer(n, t);
+                    Ok(())
+                })?,
+                None => unsharded.iter().for_each(|(n, t)| sink.optimizer(n, t)),
+            }
+            Ok(())
+        },
+    )?;
     if rank == 0 {
         tracing::info!("checkpoint {} written ({reason}) in {:.0} ms", path.display(), started.elapsed().as_secs_f64() * 1e3);
     }

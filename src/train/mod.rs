@@ -34,7 +34,7 @@ pub mod tasks;
 pub use eval::{evaluate, EvalResult};
 pub use resume::Resume;
 
-use crate::checkpoint::{Entry, StreamedFile};
+use crate::checkpoint::StreamedFile;
 use crate::comm::{CommError, CommGuard, CommHandle, Communicator};
 use crate::config::Config;
 use crate::data::{DataError, DistributedSampler, Splits};
@@ -364,10 +364,7 @@ impl Trainer<'_> {
 fn write_model_file(run_dir: &Path, ddp: &Ddp, rank: usize) -> Result<(), TrainError> {
     let tmp = run_dir.join("model.safetensors.tmp");
     let mut file = match rank {
-        0 => {
-            let entries: Vec<Entry> = ddp.named_parameters().iter().chain(ddp.named_buffers()).map(|(n, t)| Entry::of(n, t)).collect();
-            Some(StreamedFile::create(&tmp, &entries))
-        }
+        0 => Some(StreamedFile::create(&tmp, &ddp.state_entries())),
         _ => None,
     };
     // A failed write is kept and the walk goes on: the other ranks are gathering with rank 0.
