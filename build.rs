@@ -10,9 +10,10 @@ fn main() {
     mpi_shim();
 }
 
-/// Compiles the C++ shims (the gradient-ready hook, TorchScript modules) against the libtorch headers torch-sys uses.
+/// Compiles the C++ shims (the gradient-ready hook, freeing storage, TorchScript modules) against the libtorch headers torch-sys uses.
 fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
+    println!("cargo:rerun-if-changed=src/ddp/storage.cpp");
     println!("cargo:rerun-if-changed=src/models/torchscript/module.cpp");
     println!("cargo:rerun-if-changed=src/amp/autocast.cpp");
     println!("cargo:rerun-if-changed=src/comm/blob.cpp");
@@ -31,6 +32,7 @@ fn ready_hook_shim() {
     cc::Build::new()
         .cpp(true)
         .file("src/ddp/hooks/ready_hook.cpp")
+        .file("src/ddp/storage.cpp")
         // TorchScript models belong to the trainer (`models`); the DDP core alone does not build them.
         .files(cfg!(feature = "trainer").then_some("src/models/torchscript/module.cpp"))
         .file("src/amp/autocast.cpp")

@@ -244,13 +244,13 @@ fn zero_takes_the_optimizers_parameters_by_name_not_by_position() {
 /// Two SGD-momentum steps of a 2M + 3-element model at 2 ranks under `shard`, over shared
 /// memory or TCP; returns rank 0's parameters and the gradient bytes resident after the first
 /// backward, after its step and after the second step's zero_grad, with the bucket's size.
-fn sharded_steps(shard: Shard, shm: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) {
+fn sharded_steps(shard: Shard, shm: bool, free: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
         let params = vec![
             ("big".to_string(), (Tensor::arange(2_000_000, tch::kind::FLOAT_CPU) * 1e-6).set_requires_grad(true)),
             ("small".to_string(), Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true)),
         ];
-        let opts = DdpOptions { shard, ..DdpOptions::default() };
+        let opts = DdpOptions { shard, free_storage: free, ..DdpOptions::default() };
         let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
         let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
@@ -267,6 +267,8 @@ fn sharded_steps(shard: Shard, shm: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) 
             ddp.backward(&loss).unwrap();
             if step == 0 {
                 resident[0] = ddp.gradient_bytes_resident().unwrap();
+                // Freed, the gradients are not readable (no gradient, rather than freed memory).
+                assert_eq!(named[0].1.grad().defined(), !(free && shard == Shard::Grads), "free {free}, {shard:?}");
             }
             opt.step().unwrap();
             zero.gather_parameters(&mut *comm.lock()).unwrap();
@@ -285,8 +287,8 @@ fn sharded_steps(shard: Shard, shm: bool) -> (Vec<Vec<f32>>, [usize; 3], usize) 
 fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits() {
     let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
-        let (one, held, bucket) = sharded_steps(Shard::Optimizer, shm);
-        let (two, kept, _) = sharded_steps(Shard::Grads, shm);
+        let (one, held, bucket) = sharded_steps(Shard::Optimizer, shm, false);
+        let (two, kept, _) = sharded_steps(Shard::Grads, shm, false);
         assert!(one == two, "shm {shm}: ZeRO-2 must step to ZeRO-1's bits");
         // ZeRO-1 keeps the whole bucket; ZeRO-2 its half, a few pages more at most.
         for r in held {
@@ -304,7 +306,13 @@ fn zero2_keeps_only_this_ranks_shard_of_the_gradients_resident_with_zero1s_bits(
 /// through `ringtrain::units::Units` as a model does; returns rank 0's parameters, the parameter
 /// bytes resident after the last step (ZeRO-3), the all-gathers done (and of them prefetched),
 /// and the parameters' bytes. `prefetch`: the forward runs inside `Ddp::forward`.
-fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -> (Vec<Vec<f32>>, usize, (usize, usize), usize) {
+fn unit_model_steps(
+    shard: Shard,
+    checkpoint: bool,
+    shm: bool,
+    prefetch: bool,
+    free: bool,
+) -> (Vec<Vec<f32>>, usize, (usize, usize), usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
         // Deterministic values: the ranks are threads of one process, sharing libtorch's generator.
         let w =
@@ -322,6 +330,7 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -
             units: vec!["a".into(), "b".into()],
             bucket_cap_bytes: 1 << 20,
             first_bucket_cap_bytes: 1 << 20,
+            free_storage: free,
             ..DdpOptions::default()
         };
         let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
@@ -351,6 +360,12 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -
             zero.gather_parameters(&mut *comm.lock()).unwrap();
         }
         let resident = ddp.parameter_bytes_resident().unwrap_or(bytes);
+        if free && shard == Shard::Params {
+            // Released with their buffer freed, unit a's parameters keep their shape but read
+            // NaN (one element broadcast), not freed memory.
+            assert_eq!(named[1].1.size(), [512, 512], "a.w between steps");
+            assert!(named[1].1.double_value(&[3, 7]).is_nan(), "a.w between steps");
+        }
         let gathers = (ddp.parameter_gathers(), ddp.parameter_prefetches());
         let whole = ddp.full_state().unwrap();
         let values = whole.iter().map(|(_, p)| Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()).collect();
@@ -363,10 +378,10 @@ fn unit_model_steps(shard: Shard, checkpoint: bool, shm: bool, prefetch: bool) -
 fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddps_bits() {
     let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
-        let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm, false);
+        let (plain, _, none, _) = unit_model_steps(Shard::Off, false, shm, false, false);
         assert_eq!(none, (0, 0), "DDP gathers nothing");
         for checkpoint in [false, true] {
-            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, false);
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, false, false);
             assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: ZeRO-3 must step to DDP's bits");
             assert!(resident <= bytes / 2 + 16 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
             // Per step, forward: the root's [head+b] and [emb], a's (releasing both), b's [head+b]
@@ -382,9 +397,9 @@ fn zero3_holds_half_the_parameters_between_steps_gathers_each_unit_and_keeps_ddp
 fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
     let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
     for shm in [true, false] {
-        let (plain, _, _, _) = unit_model_steps(Shard::Off, false, shm, false);
+        let (plain, _, _, _) = unit_model_steps(Shard::Off, false, shm, false, false);
         for checkpoint in [false, true] {
-            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, true);
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, true, false);
             assert!(values == plain, "shm {shm}, checkpointing {checkpoint}: prefetching ZeRO-3 must step to DDP's bits");
             assert!(resident <= bytes / 2 + 16 * 4096, "shm {shm}: {resident} of {bytes} parameter bytes resident after the step");
             // Step 1 has no earlier forward to predict from: backward prefetches a's [a] while
@@ -393,6 +408,33 @@ fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
             // first segment runs and [emb] while b runs, which b's entry no longer releases:
             // 6 gathers, 4 ahead.
             assert_eq!(gathers, (13, 6), "shm {shm}, checkpointing {checkpoint}: (all-gathers, prefetched) in two steps");
+        }
+    }
+}
+
+/// Device memory is released by freeing the buffers' storage (FSDP's way; `free_storage`, the
+/// path every device takes), tried here on the host: ZeRO-2 and ZeRO-3 keep their bits, and
+/// between uses only this rank's shards are allocated.
+#[test]
+fn with_freed_storage_zero2_and_zero3_keep_the_bits_and_hold_only_the_shards() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
+    for shm in [true, false] {
+        let (one, _, bucket) = sharded_steps(Shard::Optimizer, shm, false);
+        let (two, kept, _) = sharded_steps(Shard::Grads, shm, true);
+        assert!(one == two, "shm {shm}: ZeRO-2 with freed storage must step to ZeRO-1's bits");
+        for r in kept {
+            // The shard's copy only (the 2M + 3 elements and the control slot split in two).
+            assert_eq!(r, bucket / 2, "shm {shm}: ZeRO-2 holds {r} of {bucket} bytes ({kept:?})");
+        }
+        let (plain, _, _, _) = unit_model_steps(Shard::Off, false, shm, false, false);
+        for (checkpoint, prefetch) in [(false, false), (true, true)] {
+            let (values, resident, gathers, bytes) = unit_model_steps(Shard::Params, checkpoint, shm, prefetch, true);
+            assert!(
+                values == plain,
+                "shm {shm}, checkpointing {checkpoint}, prefetch {prefetch}: ZeRO-3 with freed storage must step to DDP's bits"
+            );
+            assert!(resident <= bytes / 2 + 64, "shm {shm}: {resident} of {bytes} parameter bytes allocated after the step");
+            assert_eq!(gathers.0, if prefetch { 13 } else { 14 }, "shm {shm}: all-gathers as with pages released");
         }
     }
 }

@@ -269,3 +269,41 @@ fn zero3_checkpoints_resume_under_ddp_and_other_world_sizes_exactly_and_unitless
     out.assert_failure();
     assert!(out.stderr.contains("ddp.shard: params shards the parameters by unit, and model mlp has none"), "{}", out.report());
 }
+
+/// Device memory is released by freeing storage (`RINGTRAIN_FREE_STORAGE=1` takes that path on
+/// the host): GPT with AdamW under ZeRO-2 and ZeRO-3 (checkpointed) ends with DDP's bits and
+/// optimizer state, and a ZeRO-3 run stopped at step 12 resumes to the straight run's bits.
+#[test]
+fn with_storage_freed_as_on_a_device_zero2_and_zero3_train_and_resume_to_ddps_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = model_job(dir.path(), "gpt", "{name: adamw, lr: 0.003, weight_decay: 0.1}");
+    let path = |name: &str| dir.path().join(name);
+    let freed = |run_dir: &Path, sets: &[&str], resume: bool| {
+        let mut args = if resume { vec!["--resume", "auto"] } else { vec![] };
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let mut c = ringrun(2, &cfg, run_dir, &args);
+        c.env("RINGTRAIN_FREE_STORAGE", "1");
+        let out = run(c, Duration::from_secs(180));
+        out.assert_success();
+        assert!(out.stderr.contains("RINGTRAIN_FREE_STORAGE=1: ZeRO frees its buffers' storage"), "{}", out.report());
+    };
+    let plain = path("ddp");
+    train(2, &cfg, &plain, &["train.threads=1"]);
+    let want = rank_hashes(&plain, 2);
+    for (stage, checkpointing) in [("grads", false), ("params", true)] {
+        let run_dir = path(&format!("{stage}-{checkpointing}"));
+        freed(
+            &run_dir,
+            &["train.threads=1", &format!("ddp.shard={stage}"), &format!("train.activation_checkpointing={checkpointing}")],
+            false,
+        );
+        assert_eq!(rank_hashes(&run_dir, 2), want, "ddp.shard {stage} with freed storage");
+        assert!(final_optimizer_state(&plain) == final_optimizer_state(&run_dir), "{stage}: optimizer.safetensors differs");
+    }
+    let stopped = path("resumed");
+    freed(&stopped, &["train.threads=1", "ddp.shard=params", "train.max_steps=12"], false);
+    freed(&stopped, &["train.threads=1", "ddp.shard=params"], true);
+    assert_eq!(rank_hashes(&stopped, 2), want, "ZeRO-3 with freed storage, resumed at step 12");
+}

@@ -17,6 +17,7 @@ mod pages;
 mod params;
 mod reducer;
 mod replica;
+mod storage;
 mod wrapper;
 pub mod zero;
 

@@ -29,6 +29,7 @@
 
 use super::pages;
 use super::reducer::BucketView;
+use super::storage::Released;
 use super::DdpError;
 use crate::autograd::Differentiable;
 use crate::comm::{CommHandle, Pending};
@@ -48,6 +49,51 @@ struct UnitBuffer {
     pending: Mutex<Option<Pending<Result<(), DdpError>>>>,
     /// The communicator's shared memory (how its pages are released).
     shared: bool,
+    /// Device memory (or `DdpOptions::free_storage`): released, the buffer is freed and this
+    /// rank's shard lives on in a copy of its own (`storage`); `None`: host pages handed back.
+    /// (Behind a lock only because tensors are not `Sync`; each use takes a shallow copy.)
+    freed: Option<Mutex<Freed>>,
+}
+
+/// A bucket released by freeing its buffer.
+struct Freed {
+    kept: Released,
+    /// The bucket's parameters, with their offset and shape in it: while the buffer is freed
+    /// each is one NaN broadcast to its shape (its size stays what optimizers and checkpoints
+    /// read), so a stray read computes NaN instead of reading freed memory.
+    members: Vec<(Tensor, i64, Vec<i64>)>,
+    poison: Tensor,
+}
+
+impl Freed {
+    fn shallow_clone(&self) -> Freed {
+        Freed {
+            kept: self.kept.shallow_clone(),
+            members: self.members.iter().map(|(p, off, shape)| (p.shallow_clone(), *off, shape.clone())).collect(),
+            poison: self.poison.shallow_clone(),
+        }
+    }
+
+    fn release(&self, flat: &Tensor) -> Result<(), TchError> {
+        for (p, _, shape) in &self.members {
+            p.shallow_clone().f_set_data(&self.poison.f_expand(shape.as_slice(), false)?)?;
+        }
+        self.kept.release(flat)
+    }
+
+    /// Allocates the buffer with this rank's shard in place (the rest for the gather to fill).
+    fn restore(&self, flat: &Tensor) -> Result<(), TchError> {
+        self.kept.restore(flat, false).map(|_| ())
+    }
+
+    /// After the gather: the parameters are their views again.
+    fn show(&self, flat: &Tensor) -> Result<(), TchError> {
+        for (p, off, shape) in &self.members {
+            let n: i64 = shape.iter().product();
+            p.shallow_clone().f_set_data(&flat.f_narrow(0, *off, n)?.f_view(shape.as_slice())?)?;
+        }
+        Ok(())
+    }
 }
 
 pub struct ShardedParams {
@@ -91,6 +137,7 @@ impl ShardedParams {
         layout: &[BucketView],
         units: &[String],
         prefetch: bool,
+        free_storage: bool,
     ) -> Result<ShardedParams, DdpError> {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (b, l) in layout.iter().enumerate() {
@@ -106,8 +153,9 @@ impl ShardedParams {
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         for l in layout {
             let len = l.flat.numel() as i64;
+            // Freed storage is this process's own: the communicator's shared memory stays mapped.
             let flat = match device {
-                tch::Device::Cpu => comm.lock().alloc_reduce_buffer(len as usize, tch::Kind::Float)?,
+                tch::Device::Cpu if !free_storage => comm.lock().alloc_reduce_buffer(len as usize, tch::Kind::Float)?,
                 _ => None,
             };
             let shared = flat.is_some();
@@ -125,12 +173,21 @@ impl ShardedParams {
                 }
                 Ok(())
             })?;
+            let freed = match free_storage || device != tch::Device::Cpu {
+                true => Some(Mutex::new(Freed {
+                    kept: Released::new(&flat, l.own)?,
+                    members: l.members.iter().map(|&(i, off, _)| (params[i].1.shallow_clone(), off, params[i].1.size())).collect(),
+                    poison: Tensor::f_full([1], f64::NAN, (tch::Kind::Float, device))?,
+                })),
+                false => None,
+            };
             buffers.push(UnitBuffer {
                 flat: Mutex::new(flat),
                 own: l.own,
                 whole: Arc::new(AtomicBool::new(true)),
                 pending: Mutex::new(None),
                 shared,
+                freed,
             });
         }
         let sp = ShardedParams {
@@ -163,12 +220,19 @@ impl ShardedParams {
     ) -> impl FnOnce(&mut dyn crate::comm::Communicator) -> Result<(), DdpError> + Send + 'static {
         let mut flat = self.flat(b);
         let whole = self.units[b].whole.clone();
+        let freed = self.freed(b);
         let (gathers, prefetched) = (self.gathers.clone(), self.prefetched.clone());
         move |comm| {
             if whole.load(Ordering::Acquire) {
                 return Ok(());
             }
+            if let Some(f) = &freed {
+                f.restore(&flat)?;
+            }
             comm.all_gather_shards_tensor(&mut flat)?;
+            if let Some(f) = &freed {
+                f.show(&flat)?;
+            }
             whole.store(true, Ordering::Release);
             gathers.fetch_add(1, Ordering::Relaxed);
             if ahead {
@@ -227,7 +291,10 @@ impl ShardedParams {
         if self.pinned.load(Ordering::Acquire) > 0 || !u.whole.load(Ordering::Acquire) {
             return Ok(());
         }
-        pages::zero_outside(&self.flat(b), u.own.0, u.own.1, u.shared)?;
+        match self.freed(b) {
+            Some(f) => f.release(&self.flat(b))?,
+            None => pages::zero_outside(&self.flat(b), u.own.0, u.own.1, u.shared)?,
+        }
         u.whole.store(false, Ordering::Release);
         Ok(())
     }
@@ -270,9 +337,26 @@ impl ShardedParams {
         (self.gathers.load(Ordering::Relaxed), self.prefetched.load(Ordering::Relaxed))
     }
 
-    /// Bytes of the parameter buffers resident in memory (host buffers).
+    /// Bytes of the parameter buffers resident in memory (host buffers, or any whose storage is
+    /// freed: those count their allocation and the shard's copy).
     pub fn resident_bytes(&self) -> Option<usize> {
-        (0..self.units.len()).map(|b| pages::resident_bytes(&self.flat(b))).sum()
+        (0..self.units.len())
+            .map(|b| match self.freed(b) {
+                Some(f) => Some(f.kept.resident_bytes(&self.flat(b))),
+                None => pages::resident_bytes(&self.flat(b)),
+            })
+            .sum()
+    }
+
+    /// Bucket `b`'s shard where the optimizer must step it: its own copy when the buffer is
+    /// freed between uses (`None`: the parameters' views into the buffer).
+    pub fn shard_copy(&self, b: usize) -> Option<Tensor> {
+        self.freed(b).map(|f| f.kept.shard)
+    }
+
+    /// Bucket `b`'s freed-storage parts, if it is released that way.
+    fn freed(&self, b: usize) -> Option<Freed> {
+        self.units[b].freed.as_ref().map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).shallow_clone())
     }
 
     /// Calls `f(i)` for every parameter index in `0..bucket_of.len()` in order with its bucket

@@ -13,6 +13,7 @@
 
 use super::buckets::compute_bucket_assignment_by_size;
 use super::hooks::{set_grad, Event, ReadyHooks};
+use super::storage::{self, Released};
 use super::DdpError;
 use crate::comm::{shard_bounds, CommHandle, Communicator};
 use crossbeam_channel::Receiver;
@@ -31,6 +32,9 @@ struct Bucket {
     own: (i64, i64),
     /// `flat` is the communicator's shared memory (how its pages are released).
     shared: bool,
+    /// ZeRO-2/3 on a device (or `free_storage`): once reduced, this rank's shard is copied out
+    /// and `flat` freed until the next backward (`storage`); the optimizer steps on the copy.
+    freed: Option<Released>,
 }
 
 /// How the reducer is built (`DdpOptions` carries the user-facing form).
@@ -52,6 +56,9 @@ pub struct ReducerOptions {
     /// ZeRO-2: after each host bucket is reduce-scattered, everything but this rank's shard is
     /// zeroed by handing its pages back to the kernel (`pages`).
     pub release_unowned: bool,
+    /// With `release_unowned`: free the buckets' storage instead (always on a device, where
+    /// pages cannot be handed back; on the host only when asked, e.g. to test that path).
+    pub free_storage: bool,
     /// Called with a bucket's index once it is reduced (ZeRO-3 releases the unit's gathered
     /// parameters), on the thread that reduced it.
     pub after_reduce: Option<AfterReduce>,
@@ -69,6 +76,9 @@ pub struct BucketView {
     pub members: Vec<(usize, i64, i64)>,
     /// The communicator's shared memory (how its pages are released).
     pub shared: bool,
+    /// This rank's shard of the averaged gradients where `flat` is freed between backward
+    /// passes (`ReducerOptions::free_storage`); else it is `flat`'s own range.
+    pub grad_shard: Option<Tensor>,
 }
 
 /// See `ReducerOptions::after_reduce`.
@@ -265,7 +275,7 @@ impl Reducer {
             reattached: 0,
             shard: opts.shard_world.is_some(),
             shared_buckets,
-            release: opts.release_unowned && opts.buffer_device == tch::Device::Cpu,
+            release: opts.release_unowned && opts.buffer_device == tch::Device::Cpu && !opts.free_storage,
             after_reduce: opts.after_reduce.clone(),
         };
         if params.iter().all(|p| p.device() == opts.buffer_device) {
@@ -281,7 +291,12 @@ impl Reducer {
         spans: Vec<(i64, i64)>,
         len: i64,
     ) -> Result<Bucket, DdpError> {
-        let (flat, shared) = bucket_buffer(comm, len, opts.buffer_device)?;
+        let frees = opts.release_unowned && (opts.free_storage || opts.buffer_device != tch::Device::Cpu);
+        // Freed storage is this process's own: the communicator's shared memory stays mapped.
+        let (flat, shared) = match frees {
+            true => (Tensor::f_zeros([len], (Kind::Float, opts.buffer_device))?, false),
+            false => bucket_buffer(comm, len, opts.buffer_device)?,
+        };
         let low = wire_buffer(comm, opts, len)?;
         let own = match opts.shard_world {
             Some(w) => {
@@ -290,7 +305,8 @@ impl Reducer {
             }
             None => (0, len),
         };
-        Ok(Bucket { params, spans, flat, low, own, shared })
+        let freed = if frees { Some(Released::new(&flat, own)?) } else { None };
+        Ok(Bucket { params, spans, flat, low, own, shared, freed })
     }
 
     /// What `reduce_bucket` releases of bucket `b` (ZeRO-2 on host buckets).
@@ -328,6 +344,10 @@ impl Reducer {
         let Some(views) = &self.views else { return Ok(vec![]) };
         let mut repaired = Vec::new();
         for (i, (p, view)) in self.params.iter().zip(views).enumerate() {
+            if !storage::is_allocated(&self.buckets[self.bucket_of[i]].flat) {
+                // Freed since its reduction: `restore` attaches it before the next backward.
+                continue;
+            }
             let g = p.grad();
             if g.defined() && g.data_ptr() == view.data_ptr() {
                 continue;
@@ -341,6 +361,40 @@ impl Reducer {
         Ok(repaired)
     }
 
+    /// Before a backward: every freed bucket allocated again (zeros, and this rank's shard of
+    /// what was reduced into it, as host buckets keep it until `zero_grad`) and its parameters'
+    /// gradients its views again.
+    pub fn restore(&mut self) -> Result<(), DdpError> {
+        let Some(views) = &self.views else { return Ok(()) };
+        for b in &self.buckets {
+            let Some(f) = &b.freed else { continue };
+            if f.restore(&b.flat, true)? {
+                for &i in &b.params {
+                    set_grad(&self.params[i], &views[i]).map_err(DdpError::Unsupported)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a reduction has finished (on every stream): each freed-storage bucket's shard
+    /// copied out, its parameters' gradients undefined (nothing may read the memory: a read
+    /// gets no gradient instead) and its storage freed.
+    fn free_reduced(&mut self) -> Result<(), DdpError> {
+        for b in &self.buckets {
+            let Some(f) = &b.freed else { continue };
+            if !storage::is_allocated(&b.flat) {
+                continue;
+            }
+            f.keep(&b.flat)?;
+            for &i in &b.params {
+                set_grad(&self.params[i], &Tensor::new()).map_err(DdpError::Unsupported)?;
+            }
+            f.release(&b.flat)?;
+        }
+        Ok(())
+    }
+
     /// Gradients found replaced and re-attached so far.
     pub fn reattached(&self) -> u64 {
         self.reattached
@@ -351,6 +405,12 @@ impl Reducer {
         if self.views.is_some() {
             self.reattach()?;
             for b in &self.buckets {
+                if let Some(f) = &b.freed {
+                    let _ = f.shard.shallow_clone().f_zero_()?;
+                    if !storage::is_allocated(&b.flat) {
+                        continue;
+                    }
+                }
                 match self.release_of(b) {
                     // Sharded: the whole bucket is released (it reads as zeros), this rank's
                     // shard too — nothing of the gradients is resident from the step until the
@@ -490,6 +550,7 @@ impl Reducer {
         backward_result?;
         self.bucket_times = reduced?;
         pending?;
+        self.free_reduced()?;
         self.control_sum(comm, control)
     }
 
@@ -514,7 +575,8 @@ impl Reducer {
     pub fn reduce(&mut self, comm: &mut dyn Communicator, control: f32) -> Result<f32, DdpError> {
         let world = comm.world_size() as f64;
         if comm.world_size() == 1 && !self.force_collectives {
-            // Nothing to average.
+            // Nothing to average (a freed-storage bucket's gradients still move to its shard).
+            self.free_reduced()?;
             return Ok(control);
         }
         let last = self.buckets.len() - 1;
@@ -568,6 +630,7 @@ impl Reducer {
         let pending = comm.wait_pending();
         reduced?;
         pending?;
+        self.free_reduced()?;
         self.control_sum(comm, control)
     }
 
@@ -599,9 +662,16 @@ impl Reducer {
         self.release
     }
 
-    /// Bytes of the gradient buckets resident in memory (host buckets; `None` on a device).
+    /// Bytes of the gradient buckets resident in memory (host buckets, or any freed between
+    /// backward passes: those count their allocation and the shard's copy).
     pub fn resident_bytes(&self) -> Option<usize> {
-        self.buckets.iter().map(|b| super::pages::resident_bytes(&b.flat)).sum()
+        self.buckets
+            .iter()
+            .map(|b| match &b.freed {
+                Some(f) => Some(f.resident_bytes(&b.flat)),
+                None => super::pages::resident_bytes(&b.flat),
+            })
+            .sum()
     }
 
     /// Every bucket, for ZeRO's slices and gathers and ZeRO-3's parameter buffers.
@@ -613,6 +683,7 @@ impl Reducer {
                 own: b.own,
                 members: b.params.iter().zip(&b.spans).map(|(&i, &(off, n))| (i, off, n)).collect(),
                 shared: b.shared,
+                grad_shard: b.freed.as_ref().map(|f| f.shard.shallow_clone()),
             })
             .collect()
     }

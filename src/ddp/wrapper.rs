@@ -59,6 +59,12 @@ pub struct DdpOptions {
     /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
     /// way on a single GPU. Default: the `RINGTRAIN_FORCE_COLLECTIVES=1` environment switch.
     pub force_collectives: bool,
+    /// ZeRO-2/3 release memory by freeing the buffers' storage (allocated again before the next
+    /// use, FSDP's way) instead of handing host pages back. Always so on a device, whose memory
+    /// has no pages to hand back; on the host it tests that path (it is slower there: a freed
+    /// gradient bucket is allocated whole at the next backward, pages only as they are written).
+    /// Default: the `RINGTRAIN_FREE_STORAGE=1` environment switch.
+    pub free_storage: bool,
 }
 
 /// `RINGTRAIN_FORCE_COLLECTIVES=1`: see `DdpOptions::force_collectives`.
@@ -78,6 +84,7 @@ impl Default for DdpOptions {
             units: Vec::new(),
             prefetch: true,
             force_collectives: force_collectives_from_env(),
+            free_storage: std::env::var("RINGTRAIN_FREE_STORAGE").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -198,6 +205,7 @@ impl Ddp {
             overlap: opts.overlap,
             shard_world: opts.shard.is_on().then_some(comm.world_size()),
             release_unowned: opts.shard >= Shard::Grads,
+            free_storage: opts.free_storage,
             after_reduce,
             force_collectives: opts.force_collectives,
         };
@@ -207,7 +215,7 @@ impl Ddp {
         let sharded = match zero3 {
             true => {
                 let layout = reducer.buckets();
-                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units, opts.prefetch)?);
+                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units, opts.prefetch, opts.free_storage)?);
                 let _ = cell.set(sp.clone());
                 Some(sp)
             }
@@ -248,6 +256,7 @@ impl Ddp {
     /// an exact count (and coarsely with bf16 reduction).
     pub fn backward_with(&mut self, control: f32, backward: impl FnOnce() -> Result<(), tch::TchError>) -> Result<f32, DdpError> {
         self.healthy()?;
+        self.reducer.restore()?;
         self.reattach()?;
         if !self.sync {
             backward()?;

@@ -36,6 +36,11 @@ struct Bucket {
     members: Vec<(usize, i64, i64)>,
     /// The communicator's shared memory (how ZeRO-2 releases its pages).
     shared: bool,
+    /// Where this rank's shard of the gradients lives when `flat` is freed between backward
+    /// passes (`DdpOptions::free_storage`).
+    grad_shard: Option<Tensor>,
+    /// ZeRO-3 with freed storage: where this rank's shard of the parameters lives.
+    param_shard: Option<Tensor>,
 }
 
 impl Bucket {
@@ -67,7 +72,8 @@ impl Zero {
     /// The shards of `ddp`'s buckets this rank owns (`ddp` made with `DdpOptions::shard`).
     pub fn new(ddp: &Ddp, comm: &dyn Communicator) -> Result<Zero, DdpError> {
         let params: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
-        if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()) {
+        // (ZeRO-3's parameters are views into its buffers, whole or not: no copy is involved.)
+        if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()).filter(|_| ddp.sharded_params().is_none()) {
             return Err(DdpError::Unsupported(format!("parameter `{n}` is not contiguous: its shards cannot be flat views")));
         }
         ddp.zero_attached.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -76,14 +82,15 @@ impl Zero {
             .reducer_buckets()
             .into_iter()
             .enumerate()
-            .map(|(bi, super::reducer::BucketView { flat, members, shared, .. })| {
+            .map(|(bi, super::reducer::BucketView { flat, members, shared, grad_shard, .. })| {
                 // Not the reducer's `own`: a Zero over an unsharded Ddp still steps 1/N.
                 let n = flat.numel();
                 let (a, b) = shard_bounds(n, comm.world_size(), comm.shard_index());
                 for &(i, off, _) in &members {
                     place.insert(i, (bi, off));
                 }
-                Bucket { flat, own: (a as i64, b as i64), members, shared }
+                let param_shard = ddp.sharded_params().and_then(|s| s.shard_copy(bi));
+                Bucket { flat, own: (a as i64, b as i64), members, shared, grad_shard, param_shard }
             })
             .collect();
         Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params() })
@@ -101,8 +108,15 @@ impl Zero {
                     name: self.params[i].0.clone(),
                     lo,
                     len: hi - lo,
-                    param: flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?,
-                    grad: b.flat.f_narrow(0, off + lo, hi - lo)?,
+                    // Where the buffers are freed between uses, the shards' own copies.
+                    param: match &b.param_shard {
+                        Some(s) => s.f_narrow(0, off + lo - b.own.0, hi - lo)?,
+                        None => flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?,
+                    },
+                    grad: match &b.grad_shard {
+                        Some(s) => s.f_narrow(0, off + lo - b.own.0, hi - lo)?,
+                        None => b.flat.f_narrow(0, off + lo, hi - lo)?,
+                    },
                 });
             }
         }
@@ -137,6 +151,12 @@ impl Zero {
         let _guard = tch::no_grad_guard();
         for b in &self.buckets {
             let mut flat = b.flat.shallow_clone();
+            // A freed gradient bucket carries the gathered parameters in a fresh allocation,
+            // freed again after (its gradients were moved to their shard).
+            let borrowed = b.grad_shard.is_some() && !super::storage::is_allocated(&flat);
+            if borrowed {
+                super::storage::allocate(&flat, flat.numel() * 4)?;
+            }
             for &(i, off, n) in &b.members {
                 if let Some((lo, hi)) = b.owned_part(off, n) {
                     flat.f_narrow(0, off + lo, hi - lo)?.f_copy_(&flat_view(&self.params[i].1)?.f_narrow(0, lo, hi - lo)?)?;
@@ -146,7 +166,9 @@ impl Zero {
             for &(i, off, n) in &b.members {
                 flat_view(&self.params[i].1)?.f_copy_(&flat.f_narrow(0, off, n)?)?;
             }
-            if self.release {
+            if borrowed {
+                super::storage::free(&flat)?;
+            } else if self.release {
                 // The next backward accumulates into zeros outside the shard; the shard itself is
                 // this rank's parameters now and is zeroed by zero_grad before then.
                 super::pages::zero_outside(&flat, b.own.0, b.own.1, b.shared)?;

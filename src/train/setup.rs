@@ -209,6 +209,9 @@ fn wrap(
     if opts.force_collectives && handle.lock().world_size() == 1 {
         tracing::info!("RINGTRAIN_FORCE_COLLECTIVES=1: collectives run at world size 1 (a check of the multi-rank paths)");
     }
+    if opts.free_storage && cfg.shard() >= crate::ddp::Shard::Grads && rank == 0 {
+        tracing::info!("RINGTRAIN_FREE_STORAGE=1: ZeRO frees its buffers' storage between uses, as on a device (a check of that path)");
+    }
     let ddp = Ddp::new(handle, params, buffers, opts)?;
     if !cfg.shard().is_on() {
         return Ok((ddp, opt, None));
