@@ -15,6 +15,7 @@ fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/ddp/hooks/ready_hook.cpp");
     println!("cargo:rerun-if-changed=src/ddp/storage.cpp");
     println!("cargo:rerun-if-changed=src/models/torchscript/module.cpp");
+    println!("cargo:rerun-if-changed=src/models/torchscript/units.cpp");
     println!("cargo:rerun-if-changed=src/amp/autocast.cpp");
     println!("cargo:rerun-if-changed=src/comm/blob.cpp");
     println!("cargo:rerun-if-changed=src/autograd/function.cpp");
@@ -35,6 +36,7 @@ fn ready_hook_shim() {
         .file("src/ddp/storage.cpp")
         // TorchScript models belong to the trainer (`models`); the DDP core alone does not build them.
         .files(cfg!(feature = "trainer").then_some("src/models/torchscript/module.cpp"))
+        .files(cfg!(feature = "trainer").then_some("src/models/torchscript/units.cpp"))
         .file("src/amp/autocast.cpp")
         .file("src/comm/blob.cpp")
         .file("src/autograd/function.cpp")

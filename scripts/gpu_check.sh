@@ -30,7 +30,8 @@
 #   (o) ZeRO-2 and ZeRO-3 with activation checkpointing (dropout on) on NCCL at world size 1 with
 #       the collectives forced: equal to DDP (bitwise, or within 1e-3 where the GPU's attention
 #       backward is not deterministic), ZeRO-3's prefetches having run (NCCL from its prefetch
-#       thread); ZeRO-3 with 2 workers on the GPU (ring): equal to DDP
+#       thread) and its gathered copies freed between steps (device memory: the storage freed);
+#       ZeRO-3 with 2 workers on the GPU (ring): equal to DDP
 # A part whose PyTorch reference fails fails. Prints one summary table; exits non-zero if any failed.
 #   gpu_check.sh --dry-run: the same parts on the CPU (ring instead of NCCL, a tenth of the steps,
 #   small batches), so a broken script shows without a GPU; its figures mean nothing.
@@ -311,9 +312,13 @@ PY
     ok() { [ "$1" = equal ] || "$py" -c "import sys; sys.exit(0 if float('$1') <= 1e-3 else 1)"; }
     # ZeRO-3's gathers of the next unit ran on the prefetch thread (NCCL from a second thread).
     ahead=$(grep -ho "[0-9]* of them prefetched" "$runs/o-z3/logs/rank0.log" | cut -d' ' -f1)
-    if ok "$x" && ok "$y" && [ "$u" = equal ] && [ "${ahead:-0}" -gt 0 ]; then
-        result[o]="PASS vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, $ahead gathers prefetched); 2 workers ZeRO-3 $u"
-    else result[o]="FAIL vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, ${ahead:-no} gathers prefetched); 2 workers ZeRO-3 $u"; fi
+    # Between steps the gathered copies are freed (device memory: storage freed): at world size 1
+    # the shard is every parameter, so what is held must not exceed the parameters once.
+    held=$(grep -ho "holds [0-9.]* MiB of the parameters' [0-9.]* MiB" "$runs/o-z3/logs/rank0.log" | tail -n 1 | awk '{print $2, $7}')
+    freed=$("$py" -c "import sys; h, a = map(float, sys.argv[1:3]); print('yes' if h <= a * 1.01 else 'no')" $held 2>/dev/null)
+    if ok "$x" && ok "$y" && [ "$u" = equal ] && [ "${ahead:-0}" -gt 0 ] && [ "$freed" = yes ]; then
+        result[o]="PASS vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, $ahead gathers prefetched, ${held% *} of ${held#* } MiB held between steps); 2 workers ZeRO-3 $u"
+    else result[o]="FAIL vs DDP: ZeRO-2 $x, ZeRO-3 $y (checkpointed, ${ahead:-no} gathers prefetched, held ${held:-?} MiB); 2 workers ZeRO-3 $u"; fi
 else result[o]="FAIL"; fi
 
 echo

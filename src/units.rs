@@ -43,6 +43,17 @@ impl Units {
     }
 }
 
+impl Units {
+    /// Back in the root unit after a unit that the root's own code called (a compiled forward
+    /// that reads root parameters after it): the root's parameters whole again.
+    pub fn enter_root(&self) -> Result<(), TchError> {
+        match &self.hooks {
+            Some(h) => h.before(""),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The unit a parameter belongs to: the longest unit name that prefixes it (followed by a dot),
 /// else the root (None).
 pub fn unit_of<'a>(param: &str, units: &'a [String]) -> Option<&'a str> {

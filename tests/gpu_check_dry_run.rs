@@ -38,4 +38,6 @@ fn the_gpu_check_runs_every_part_on_the_cpu() {
     assert!(rows[3].contains("dtype Half") && rows[3].contains("scales equal: True"), "{}", rows[3]);
     // On the CPU the sharded runs are DDP's bits.
     assert!(rows[14].contains("ZeRO-2 equal, ZeRO-3 equal") && rows[14].contains("2 workers ZeRO-3 equal"), "{}", rows[14]);
+    // ZeRO-3 held no gathered copy between steps (on a GPU: its storage freed).
+    assert!(rows[14].contains("MiB held between steps"), "{}", rows[14]);
 }

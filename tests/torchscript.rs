@@ -270,3 +270,68 @@ fn bad_modules_are_clear_errors() {
     assert!(line.starts_with("export_torchscript: ") && line.contains("Net"), "{line}");
     assert!(!out_pt.exists());
 }
+
+/// A scripted module whose blocks (a ModuleList, with dropout) are named as units: ZeRO-3
+/// gathers each block inside the compiled forward, with and without activation checkpointing,
+/// and ends with DDP's bits; unit names that do not fit are clear errors.
+#[test]
+fn scripted_submodules_are_units_for_zero3_and_checkpointing_with_ddps_bits() {
+    let Some(py) = python_with_torch("torchscript") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("unitnet.py");
+    std::fs::write(
+        &src,
+        "import torch\n\
+         class Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        \
+         self.fc = torch.nn.Linear(64, 64)\n        self.drop = torch.nn.Dropout(0.1)\n    \
+         def forward(self, x):\n        return self.drop(torch.relu(self.fc(x))) + x\n\
+         class UnitNet(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        \
+         self.stem = torch.nn.Linear(784, 64)\n        self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])\n        \
+         self.head = torch.nn.Linear(64, 10)\n    def forward(self, x):\n        h = self.stem(x.flatten(1))\n        \
+         for b in self.blocks:\n            h = b(h)\n        return self.head(h)\n",
+    )
+    .unwrap();
+    let module = d.join("unitnet.pt");
+    export(&py, &format!("{}:UnitNet", src.display()), &["--input-shape", "2,1,28,28"], &module);
+    let units = "[blocks.0, blocks.1, blocks.2]";
+    let train = |name: &str, units: &str, sets: &[&str]| {
+        let yaml =
+            job(&module, "").replace(&format!("path: {}}}", module.display()), &format!("path: {}, units: {units}}}", module.display()));
+        let cfg = write_config(d, &format!("{name}.yaml"), &yaml);
+        let run_dir = d.join(name);
+        let mut args = vec![];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let mut c = ringrun(2, &cfg, &run_dir, &args);
+        c.env("OMP_NUM_THREADS", "1");
+        (run(c, Duration::from_secs(180)), run_dir)
+    };
+    let (out, plain) = train("ddp", "[]", &[]);
+    out.assert_success();
+    let want = rank_hashes(&plain, 2);
+    for checkpointing in [false, true] {
+        let name = format!("zero3-{checkpointing}");
+        let (out, run_dir) = train(&name, units, &["ddp.shard=params", &format!("train.activation_checkpointing={checkpointing}")]);
+        out.assert_success();
+        assert!(out.stderr.contains("optimizer sharded (ZeRO-3)"), "{}", out.report());
+        assert!(out.stderr.contains("parameter all-gathers"), "{}", out.report());
+        assert_eq!(out.stderr.contains("activation checkpointing: "), checkpointing, "{}", out.report());
+        assert_eq!(rank_hashes(&run_dir, 2), want, "ZeRO-3 over scripted units, checkpointing {checkpointing}");
+    }
+    for (name, units, words) in [
+        ("missing", "[blocks.7]", "`blocks.7` is not a submodule"),
+        ("twice", "[blocks]", "no forward of the TorchScript module calls `blocks` directly"),
+        (
+            "none",
+            "[]",
+            "model torchscript has none (GPT's blocks and ResNet's stages are units, a TorchScript module's are named in model.units)",
+        ),
+    ] {
+        let (out, run_dir) = train(name, units, &["ddp.shard=params"]);
+        out.assert_failure();
+        assert!(out.stderr.contains(words), "{name}: {}", out.report());
+        assert!(!run_dir.join("model.safetensors").exists(), "{name}: weights written");
+    }
+}

@@ -300,6 +300,17 @@ impl Trainer<'_> {
         if self.ddp.parameter_gathers() > 0 {
             let (g, p) = (self.ddp.parameter_gathers(), self.ddp.parameter_prefetches());
             tracing::info!("ZeRO-3: {g} parameter all-gathers, {p} of them prefetched (run while the unit before computed)");
+            // What a released unit gives back (host pages, or device memory freed).
+            if let (Some(held), Some(grads)) = (self.ddp.parameter_bytes_resident(), self.ddp.gradient_bytes_resident()) {
+                let all: usize = self.ddp.named_parameters().iter().map(|(_, p)| p.numel() * 4).sum();
+                let mib = |b: usize| b as f64 / 1048576.0;
+                tracing::info!(
+                    "ZeRO-3: between steps this rank holds {:.2} MiB of the parameters' {:.2} MiB, and {:.2} MiB of gradients",
+                    mib(held),
+                    mib(all),
+                    mib(grads)
+                );
+            }
         }
         let param_hash = self.ddp.state_hash()?;
         write_model_file(self.run_dir, &self.ddp, rank)?;

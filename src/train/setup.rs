@@ -163,8 +163,8 @@ fn build(cfg: &Config, splits: &data::Splits, device: tch::Device, comm: &crate:
     let mut model = cfg.model.build(&inputs, device).map_err(model_error)?;
     if cfg.shard() == ddp::Shard::Params && model.unit_names().is_empty() {
         return Err(TrainError::Startup(format!(
-            "ddp.shard: params shards the parameters by unit, and model {} has none (GPT's blocks and ResNet's stages are units); \
-             use ddp.shard: grads",
+            "ddp.shard: params shards the parameters by unit, and model {} has none (GPT's blocks and ResNet's stages are units, \
+             a TorchScript module's are named in model.units); use ddp.shard: grads",
             cfg.model.name
         )));
     }

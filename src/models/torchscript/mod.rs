@@ -4,7 +4,9 @@
 //! parameters and buffers become the model seam's named tensors (sharing the module's storage, so
 //! the optimizer's in-place steps are the module's), a tied weight listed once.
 
-use super::{Inputs, Model, ModelKind, ModelSpec};
+use super::{Inputs, Model, ModelKind, ModelSpec, Units};
+
+mod units;
 use crate::data::{DataConfig, Samples};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -31,6 +33,10 @@ pub struct TorchScriptSpec {
     /// forward, which cannot call ringtrain's SyncBatchNorm (the key is here to say so clearly).
     #[serde(default)]
     pub sync_batchnorm: bool,
+    /// Its units (ZeRO-3's gathers, activation checkpointing): submodules by their path
+    /// (`blocks.0`, `layer1`), each called once per forward with one tensor in and one out.
+    #[serde(default)]
+    pub units: Vec<String>,
 }
 
 impl ModelSpec for TorchScriptSpec {
@@ -53,7 +59,9 @@ impl ModelSpec for TorchScriptSpec {
 
     fn build(&self, _inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
         let path = self.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
-        Ok(Box::new(TorchScript::load(path, self.output, device)?))
+        let mut m = TorchScript::load(path, self.output, device)?;
+        m.unit_names = self.units.clone();
+        Ok(Box::new(m))
     }
 
     fn context_length(&self) -> Option<usize> {
@@ -72,6 +80,7 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn ringtrain_ts_free(h: *mut c_void);
+    fn ringtrain_ts_module(h: *mut c_void) -> *mut c_void;
     fn ringtrain_ts_named(
         h: *mut c_void,
         buffers: c_int,
@@ -130,6 +139,9 @@ pub struct TorchScript {
     tied: Vec<(String, String)>,
     /// The mode last set, so forward switches only when it changes.
     train: Cell<Option<bool>>,
+    /// `model.units`, and once set, how they run.
+    unit_names: Vec<String>,
+    units: Option<units::TsUnits>,
 }
 
 fn err(path: &Path, what: impl std::fmt::Display) -> TchError {
@@ -171,8 +183,17 @@ impl TorchScript {
         if handle.is_null() {
             return Err(err(path, load_failure(&msg.get())));
         }
-        let mut m =
-            TorchScript { handle, path: path.to_path_buf(), output, params: vec![], buffers: vec![], tied: vec![], train: Cell::new(None) };
+        let mut m = TorchScript {
+            handle,
+            path: path.to_path_buf(),
+            output,
+            params: vec![],
+            buffers: vec![],
+            tied: vec![],
+            train: Cell::new(None),
+            unit_names: vec![],
+            units: None,
+        };
         m.check_version(&extra.get())?;
         m.check_not_traced()?;
         let params = m.named(false)?;
@@ -291,16 +312,9 @@ fn load_failure(msg: &str) -> String {
     }
 }
 
-impl Drop for TorchScript {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from ringtrain_ts_load and is freed once; the tensors handed
-        // out are separate refcounted handles that keep their storage alive.
-        unsafe { ringtrain_ts_free(self.handle) }
-    }
-}
-
-impl Model for TorchScript {
-    fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
+impl TorchScript {
+    /// The module's own forward (its units run through `units` from inside it).
+    fn compiled_forward(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
         self.set_mode(train)?;
         let mut input = input.shallow_clone();
         let mut msg = Text::new(4096);
@@ -312,6 +326,47 @@ impl Model for TorchScript {
             return Err(err(&self.path, format!("forward failed: {}", msg.get())));
         }
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+}
+
+impl Drop for TorchScript {
+    fn drop(&mut self) {
+        // The units' registration names the module: gone first.
+        self.units = None;
+        // SAFETY: the handle came from ringtrain_ts_load and is freed once; the tensors handed
+        // out are separate refcounted handles that keep their storage alive.
+        unsafe { ringtrain_ts_free(self.handle) }
+    }
+}
+
+impl Model for TorchScript {
+    fn forward_t(&self, input: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        // With units the whole forward is a root segment (the root entered again after each unit).
+        let hooks = self.units.as_ref().and_then(|u| u.units().hooks);
+        if let Some(h) = &hooks {
+            h.before("")?;
+        }
+        let y = self.compiled_forward(input, train)?;
+        match &hooks {
+            Some(h) => h.after("", y),
+            None => Ok(y),
+        }
+    }
+
+    fn unit_names(&self) -> Vec<String> {
+        self.unit_names.clone()
+    }
+
+    fn set_units(&mut self, units: Units) -> Result<(), String> {
+        if self.unit_names.is_empty() {
+            return Err("model torchscript has no units: name its submodules in model.units (e.g. [blocks.0, blocks.1])".into());
+        }
+        match &self.units {
+            Some(u) => u.set(units),
+            // SAFETY: a live module handle; the module outlives the registration (dropped first).
+            None => self.units = Some(units::TsUnits::register(unsafe { ringtrain_ts_module(self.handle) }, &self.unit_names, units)?),
+        }
+        Ok(())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

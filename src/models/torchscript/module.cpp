@@ -81,6 +81,9 @@ void *ringtrain_ts_load(const char *path, int cuda_index, char *extra, size_t ex
 
 void ringtrain_ts_free(void *h) { delete static_cast<TsModule *>(h); }
 
+// The torch::jit::Module inside (for units.cpp).
+void *ringtrain_ts_module(void *h) { return &static_cast<TsModule *>(h)->m; }
+
 // Calls `f` with each parameter (buffers: each buffer) in state_dict order; each tensor is a new
 // tch handle (a heap torch::Tensor the Rust side takes ownership of) sharing the module's storage.
 // A tied weight is listed under each of its names. Returns 0 on success.
