@@ -221,6 +221,12 @@ pub struct DdpConfig {
     /// in backward (FSDP's forward_prefetch and BACKWARD_PRE); off, each unit waits for its own.
     #[serde(default = "yes")]
     pub prefetch: bool,
+    /// ZeRO-3: release a unit's gathered parameters when the next unit runs in forward (FSDP's
+    /// `reshard_after_forward=True`); false keeps them until its gradients are reduced in
+    /// backward (FSDP's SHARD_GRAD_OP: no gathers in backward, the whole model resident from
+    /// forward to backward, only the shard between steps).
+    #[serde(default = "yes")]
+    pub reshard_after_forward: bool,
 }
 
 fn default_eval_buffers() -> crate::ddp::BufferSync {
@@ -238,6 +244,7 @@ impl Default for DdpConfig {
             eval_buffers: default_eval_buffers(),
             shard: crate::ddp::Shard::Off,
             prefetch: true,
+            reshard_after_forward: true,
         }
     }
 }

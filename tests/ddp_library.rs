@@ -313,6 +313,18 @@ fn unit_model_steps(
     prefetch: bool,
     free: bool,
 ) -> (Vec<Vec<f32>>, usize, (usize, usize), usize) {
+    unit_model_steps_with(shard, checkpoint, shm, prefetch, free, true)
+}
+
+/// `unit_model_steps` with `DdpOptions::reshard_after_forward` as given.
+fn unit_model_steps_with(
+    shard: Shard,
+    checkpoint: bool,
+    shm: bool,
+    prefetch: bool,
+    free: bool,
+    reshard_after_forward: bool,
+) -> (Vec<Vec<f32>>, usize, (usize, usize), usize) {
     let results = with_group_over(2, Duration::from_secs(20), shm, move |rank, comm| {
         // Deterministic values: the ranks are threads of one process, sharing libtorch's generator.
         let w =
@@ -331,6 +343,7 @@ fn unit_model_steps(
             bucket_cap_bytes: 1 << 20,
             first_bucket_cap_bytes: 1 << 20,
             free_storage: free,
+            reshard_after_forward,
             ..DdpOptions::default()
         };
         let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
@@ -409,6 +422,24 @@ fn zero3_prefetches_the_next_unit_in_both_directions_and_keeps_ddps_bits() {
             // 6 gathers, 4 ahead.
             assert_eq!(gathers, (13, 6), "shm {shm}, checkpointing {checkpoint}: (all-gathers, prefetched) in two steps");
         }
+    }
+}
+
+/// `reshard_after_forward: false` (FSDP's SHARD_GRAD_OP for the parameters): forward keeps what
+/// it gathered, so backward gathers only the root's bucket its reduction released; the same bits,
+/// the shard only between steps.
+#[test]
+fn zero3_kept_after_forward_gathers_only_in_forward_and_keeps_ddps_bits() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
+    let (plain, _, _, _) = unit_model_steps(Shard::Off, false, false, false, false);
+    for free in [false, true] {
+        let (values, resident, gathers, bytes) = unit_model_steps_with(Shard::Params, false, false, false, free, false);
+        assert!(values == plain, "free {free}: ZeRO-3 keeping its units after forward must step to DDP's bits");
+        assert!(resident <= bytes / 2 + 16 * 4096, "free {free}: {resident} of {bytes} parameter bytes resident after the step");
+        // Per step, forward: the root's [head+b] and [emb], a's [a]; nothing is released, so b
+        // and the root's second segment find theirs whole; backward: [head+b] again for the
+        // first segment (reduced and released by then). 4 per step against 7 resharding.
+        assert_eq!(gathers, (8, 0), "free {free}: all-gathers in two steps");
     }
 }
 

@@ -16,9 +16,9 @@ mod shared;
 pub mod stream;
 mod write;
 
-pub use read::{copy_into, find_resumable, load, newest_folder, LoadedCheckpoint};
+pub use read::{copy_into, find_resumable, find_resumable_opened, load, newest_folder, open, LoadedCheckpoint, OpenedCheckpoint};
 pub use shared::{load_shared, save_shared, save_streamed, Sink};
-pub use stream::{Entry, StreamedFile};
+pub use stream::{Entry, SafetensorsReader, StreamedFile};
 pub use write::{begin, write, CheckpointData, Pending};
 
 use serde::{Deserialize, Serialize};

@@ -11,12 +11,36 @@ pub struct LoadedCheckpoint {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
+/// A checkpoint verified, its model read, its optimizer state left in its file to be read one
+/// tensor at a time (the trainer's resume hands the state out as it reads it, so rank 0 never
+/// holds all of it).
+pub struct OpenedCheckpoint {
+    pub path: PathBuf,
+    pub meta: Meta,
+    pub model: Vec<(String, Tensor)>,
+    pub optimizer: super::SafetensorsReader,
+}
+
+impl OpenedCheckpoint {
+    /// Reads the optimizer state too.
+    pub fn read_all(self) -> Result<LoadedCheckpoint, CheckpointError> {
+        let optimizer = self.optimizer.read_all()?;
+        Ok(LoadedCheckpoint { path: self.path, meta: self.meta, model: self.model, optimizer })
+    }
+}
+
 fn invalid(path: &Path, what: impl Into<String>) -> CheckpointError {
     CheckpointError::Invalid { path: path.to_path_buf(), what: what.into() }
 }
 
 /// Reads and verifies one checkpoint folder.
 pub fn load(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
+    open(path)?.read_all()
+}
+
+/// Verifies the checkpoint at `path` (every file against its checksum) and reads its model and
+/// meta; the optimizer state stays in its file (`OpenedCheckpoint`).
+pub fn open(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     let read = |file: &str| std::fs::read(path.join(file)).map_err(|e| invalid(path, format!("{file}: {e}")));
     let sums = String::from_utf8(read(CHECKSUMS_FILE)?).map_err(|_| invalid(path, "checksums.sha256 is not text"))?;
     let mut listed = Vec::new();
@@ -39,8 +63,9 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
         return Err(invalid(path, format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version)));
     }
     // Each tensor read straight into its own memory (not the file's bytes, then a copy).
-    let tensors = |file: &str| super::stream::SafetensorsReader::open(&path.join(file))?.read_all();
-    Ok(LoadedCheckpoint { path: path.to_path_buf(), model: tensors(MODEL_FILE)?, optimizer: tensors(OPTIMIZER_FILE)?, meta })
+    let model = super::stream::SafetensorsReader::open(&path.join(MODEL_FILE))?.read_all()?;
+    let optimizer = super::stream::SafetensorsReader::open(&path.join(OPTIMIZER_FILE))?;
+    Ok(OpenedCheckpoint { path: path.to_path_buf(), model, optimizer, meta })
 }
 
 /// The newest usable checkpoint in `dir`: the one `latest` names, else the newest folder that
@@ -62,6 +87,15 @@ pub fn newest_folder(dir: &Path) -> Option<String> {
 }
 
 pub fn find_resumable(dir: &Path) -> Result<(Option<LoadedCheckpoint>, Vec<String>), CheckpointError> {
+    find_with(dir, load)
+}
+
+/// `find_resumable`, the optimizer state left in its file (`OpenedCheckpoint`).
+pub fn find_resumable_opened(dir: &Path) -> Result<(Option<OpenedCheckpoint>, Vec<String>), CheckpointError> {
+    find_with(dir, open)
+}
+
+fn find_with<T>(dir: &Path, load: impl Fn(&Path) -> Result<T, CheckpointError>) -> Result<(Option<T>, Vec<String>), CheckpointError> {
     if !dir.exists() {
         return Ok((None, vec![]));
     }

@@ -112,9 +112,18 @@ pub struct ShardedParams {
     pinned: AtomicUsize,
     /// Prefetch (`DdpOptions::prefetch`).
     prefetch: bool,
+    /// Release in forward when the next unit runs (`DdpOptions::reshard_after_forward`).
+    after_forward: bool,
     /// Gathers done, and of those prefetched, for the log and tests.
     gathers: Arc<AtomicUsize>,
     prefetched: Arc<AtomicUsize>,
+}
+
+/// How `ShardedParams` gathers and releases (from `DdpOptions`).
+pub(crate) struct Release {
+    pub prefetch: bool,
+    pub after_forward: bool,
+    pub free_storage: bool,
 }
 
 #[derive(Default)]
@@ -136,9 +145,9 @@ impl ShardedParams {
         params: &[(String, Tensor)],
         layout: &[BucketView],
         units: &[String],
-        prefetch: bool,
-        free_storage: bool,
+        how: Release,
     ) -> Result<ShardedParams, DdpError> {
+        let Release { prefetch, after_forward, free_storage } = how;
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (b, l) in layout.iter().enumerate() {
             for &(i, _, _) in &l.members {
@@ -198,6 +207,7 @@ impl ShardedParams {
             order: Mutex::new(Order::default()),
             pinned: AtomicUsize::new(0),
             prefetch,
+            after_forward,
             gathers: Arc::new(AtomicUsize::new(0)),
             prefetched: Arc::new(AtomicUsize::new(0)),
         };
@@ -430,7 +440,8 @@ impl ShardedParams {
         }
         let next: Vec<usize> = next.into_iter().filter(|b| !need.contains(b)).collect();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for &b in held.iter().filter(|b| !need.contains(b) && !next.contains(b)) {
+        // Kept (`reshard_after_forward: false`), they are released once reduced in backward.
+        for &b in held.iter().filter(|b| self.after_forward && !need.contains(b) && !next.contains(b)) {
             self.release(b)?;
         }
         for &b in &next {

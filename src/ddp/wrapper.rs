@@ -20,7 +20,7 @@
 //! buckets, so its gradients, parameters and buffers may differ between ranks. Every later call
 //! returns the error instead of computing or saving a mixed state.
 
-use super::params::{ShardedParams, Zero3Hooks};
+use super::params::{Release, ShardedParams, Zero3Hooks};
 use super::reducer::{AfterReduce, Reducer, ReducerOptions};
 use super::{parameter_hash, sync_replicas, DdpError};
 use crate::comm::{AsComm, CommHandle, Communicator};
@@ -54,6 +54,9 @@ pub struct DdpOptions {
     /// ZeRO-3: gather the next unit's parameters while the current one computes (`Ddp::forward`
     /// in forward, the communication thread in backward).
     pub prefetch: bool,
+    /// ZeRO-3: a unit's parameters are released when the next unit runs in forward (true, FSDP's
+    /// default), or kept whole until its gradients are reduced in backward (false).
+    pub reshard_after_forward: bool,
     /// Issue every collective even at world size 1, where they are no-ops that would otherwise
     /// be skipped, so the code paths that only a multi-rank job reaches (bucket all-reduce,
     /// buffer broadcast, reduce-scatter offsets) run on one device: the GPU check runs NCCL this
@@ -83,6 +86,7 @@ impl Default for DdpOptions {
             shard: Shard::Off,
             units: Vec::new(),
             prefetch: true,
+            reshard_after_forward: true,
             force_collectives: force_collectives_from_env(),
             free_storage: std::env::var("RINGTRAIN_FREE_STORAGE").is_ok_and(|v| v == "1"),
         }
@@ -215,7 +219,13 @@ impl Ddp {
         let sharded = match zero3 {
             true => {
                 let layout = reducer.buckets();
-                let sp = Arc::new(ShardedParams::new(handle.clone(), &params, &layout, &opts.units, opts.prefetch, opts.free_storage)?);
+                let sp = Arc::new(ShardedParams::new(
+                    handle.clone(),
+                    &params,
+                    &layout,
+                    &opts.units,
+                    Release { prefetch: opts.prefetch, after_forward: opts.reshard_after_forward, free_storage: opts.free_storage },
+                )?);
                 let _ = cell.set(sp.clone());
                 Some(sp)
             }

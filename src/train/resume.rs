@@ -3,7 +3,7 @@
 //! every rank fails with the same clear message when the files are bad.
 
 use super::TrainError;
-use crate::checkpoint::{self, LoadedCheckpoint, Meta};
+use crate::checkpoint::{self, Meta, OpenedCheckpoint, SafetensorsReader};
 use crate::comm::{broadcast_blob, Communicator};
 use crate::config::Config;
 use crate::optim::Optimizer;
@@ -80,13 +80,13 @@ pub fn restore(
     if *resume == Resume::No {
         return Ok(None);
     }
-    let mut loaded: Option<LoadedCheckpoint> = None;
+    let mut loaded: Option<OpenedCheckpoint> = None;
     // Rank 0 picks, verifies and applies; everyone learns the meta and the optimizer state names.
     let shared: Option<(Meta, Vec<String>, String)> = on_rank0(comm, || {
         let found = match resume {
             // A checkpoint folder is loaded as named, or not at all.
             Resume::Path(p) if p.join(checkpoint::CHECKSUMS_FILE).exists() || p.join(checkpoint::META_FILE).exists() => {
-                Some(checkpoint::load(p).map_err(|e| format!("--resume {}: {e}", p.display()))?)
+                Some(checkpoint::open(p).map_err(|e| format!("--resume {}: {e}", p.display()))?)
             }
             Resume::Path(p) if p.is_dir() => match find_newest(p)? {
                 Some(c) => Some(c),
@@ -103,7 +103,7 @@ pub fn restore(
         if c.meta.optimizer != optimizer {
             return Err(format!("{}: written with optimizer {}, config asks for {optimizer}", c.path.display(), c.meta.optimizer));
         }
-        let state_names = c.optimizer.iter().map(|(n, _)| n.clone()).collect();
+        let state_names = c.optimizer.names();
         let out = (c.meta.clone(), state_names, c.path.display().to_string());
         loaded = Some(c);
         Ok(Some(out))
@@ -117,20 +117,20 @@ pub fn restore(
     Ok(Some((meta, pending)))
 }
 
-/// The resumed checkpoint's optimizer state, still on rank 0.
+/// The resumed checkpoint's optimizer state, still in rank 0's file.
 pub struct PendingState {
     names: Vec<String>,
-    /// Rank 0's tensors (none elsewhere).
-    loaded: Option<Vec<(String, Tensor)>>,
+    /// Rank 0's open file (none elsewhere), read one tensor at a time.
+    loaded: Option<SafetensorsReader>,
     steps: u64,
     path: String,
 }
 
 impl PendingState {
-    /// Hands the state out one tensor at a time from rank 0, each loaded as it arrives: a sharded
-    /// optimizer keeps its slice and lets the rest go, so no rank holds the whole state beyond
-    /// one parameter's (rank 0 also holds the checkpoint it read). Every rank checks every tensor
-    /// the same way, so a bad one stops every rank with the same message.
+    /// Hands the state out one tensor at a time from rank 0, which reads each from the file as it
+    /// goes; each rank loads it as it arrives: a sharded optimizer keeps its slice and lets the
+    /// rest go, so no rank, rank 0 included, holds the whole state beyond one parameter's. Every
+    /// rank checks every tensor the same way, so a bad one stops every rank with the same message.
     pub fn load_into(self, comm: &mut dyn Communicator, params: &[(String, Tensor)], opt: &mut Optimizer) -> Result<(), TrainError> {
         // On the model's device for a backend that reduces device memory (NCCL), else the host.
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
@@ -139,14 +139,14 @@ impl PendingState {
         opt.load_state(&[], self.steps).map_err(TrainError::Startup)?;
         for n in &self.names {
             let t = match &self.loaded {
-                Some(state) => state.iter().find(|(m, _)| m == n).map(|(_, t)| t.shallow_clone()),
+                // (A read failing here stops rank 0; its peers' broadcast then times out naming it.)
+                Some(file) => file.read(n).map_err(|e| TrainError::Startup(format!("resuming: {e}")))?,
                 None => {
                     let param = n.rsplit_once('.').map(|(p, _)| p).unwrap_or(n);
                     let shape = params.iter().find(|(m, _)| m == param).map(|(_, t)| t.size()).unwrap_or_default();
-                    Some(Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, wire))?)
+                    Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, wire))?
                 }
             };
-            let t = t.ok_or_else(|| TrainError::Startup(format!("optimizer state `{n}` vanished from rank 0's checkpoint")))?;
             let mut c = t.f_to_device(wire)?.f_contiguous()?;
             comm.broadcast_tensor(&mut c, 0)?;
             opt.load_state(&[(n.clone(), c)], self.steps).map_err(|e| TrainError::Startup(format!("{}: {e}", self.path)))?;
@@ -170,7 +170,7 @@ pub fn refuse_a_used_directory(comm: &mut dyn Communicator, checkpoints: &Path) 
 }
 
 /// Refuses a checkpoint whose run was configured differently in what decides its course.
-fn same_run(c: &LoadedCheckpoint, cfg: &Config) -> Result<(), String> {
+fn same_run(c: &OpenedCheckpoint, cfg: &Config) -> Result<(), String> {
     if c.meta.config.is_empty() {
         return Ok(()); // written by a program of its own, which keeps its own config
     }
@@ -197,8 +197,8 @@ pub fn run_id(comm: &mut dyn Communicator, resumed: Option<&Meta>) -> Result<Str
     })
 }
 
-fn find_newest(dir: &Path) -> Result<Option<LoadedCheckpoint>, String> {
-    let (found, skipped) = checkpoint::find_resumable(dir).map_err(|e| e.to_string())?;
+fn find_newest(dir: &Path) -> Result<Option<OpenedCheckpoint>, String> {
+    let (found, skipped) = checkpoint::find_resumable_opened(dir).map_err(|e| e.to_string())?;
     for reason in skipped {
         tracing::warn!("skipping unusable checkpoint: {reason}");
     }

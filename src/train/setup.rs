@@ -203,6 +203,7 @@ fn wrap(
         shard: cfg.shard(),
         units,
         prefetch: cfg.ddp.prefetch,
+        reshard_after_forward: cfg.ddp.reshard_after_forward,
         ..DdpOptions::default()
     };
     let rank = handle.lock().rank();
