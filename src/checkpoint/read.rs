@@ -104,7 +104,7 @@ fn find_with<T>(dir: &Path, load: impl Fn(&Path) -> Result<T, CheckpointError>) 
         .filter_map(|e| e.ok())
         .filter_map(|e| step_of(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
         .collect();
-    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     // `latest` goes first when it names an existing folder (it is written after the folder).
     let mut skipped = Vec::new();
     if let Ok(name) = std::fs::read_to_string(dir.join(LATEST_FILE)) {

@@ -16,6 +16,7 @@ pub mod nccl;
 pub mod ring;
 mod ring_sender;
 mod ring_setup;
+mod rows;
 mod segment;
 mod shared_buf;
 mod shm;
@@ -25,6 +26,7 @@ mod tensor;
 pub use handle::{AsComm, CommGuard, CommHandle, CommJob, LentScope, Pending};
 pub use hier::HierComm;
 pub use ring::{RingComm, RingOptions};
+pub use rows::all_gather_rows;
 pub use strict::StrictDevice;
 
 use std::time::Duration;
