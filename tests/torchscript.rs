@@ -297,7 +297,10 @@ fn scripted_submodules_are_units_for_zero3_and_checkpointing_with_ddps_bits() {
     let units = "[blocks.0, blocks.1, blocks.2]";
     let train = |name: &str, units: &str, sets: &[&str]| {
         let yaml =
-            job(&module, "").replace(&format!("path: {}}}", module.display()), &format!("path: {}, units: {units}}}", module.display()));
+            // Small buckets: each block's parameters in buckets of their own, so a unit whose
+            // gather were skipped would compute with released parameters.
+            job(&module, "ddp: {bucket_cap_mb: 0.01, first_bucket_cap_mb: 0.01}\n")
+                .replace(&format!("path: {}}}", module.display()), &format!("path: {}, units: {units}}}", module.display()));
         let cfg = write_config(d, &format!("{name}.yaml"), &yaml);
         let run_dir = d.join(name);
         let mut args = vec![];
@@ -322,6 +325,7 @@ fn scripted_submodules_are_units_for_zero3_and_checkpointing_with_ddps_bits() {
     }
     for (name, units, words) in [
         ("missing", "[blocks.7]", "`blocks.7` is not a submodule"),
+        ("nested", "[blocks, blocks.0]", "`blocks.0` lies inside `blocks`; units cannot nest"),
         ("twice", "[blocks]", "no forward of the TorchScript module calls `blocks` directly"),
         (
             "none",

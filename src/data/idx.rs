@@ -147,7 +147,7 @@ pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<ArrayDa
 }
 
 /// Finds `name` or `name.gz` in `dir`.
-fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+pub(crate) fn find_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     for candidate in [dir.join(format!("{name}.gz")), dir.join(name)] {
         if candidate.is_file() {
             return Ok(candidate);

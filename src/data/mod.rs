@@ -5,6 +5,7 @@
 pub mod idx;
 pub mod images;
 pub mod loader;
+pub mod mosaic;
 pub mod prepare;
 pub mod sampler;
 pub mod splitmix;
@@ -16,7 +17,7 @@ pub mod views;
 /// loader: a `DataSpec`) and one entry here; a program using the library calls
 /// `FORMATS.register` instead.
 fn builtin() -> Vec<DataKind> {
-    vec![idx::KIND, synthetic::KIND, tokens::KIND, images::cifar::KIND, images::folder::KIND]
+    vec![idx::KIND, synthetic::KIND, tokens::KIND, images::cifar::KIND, images::folder::KIND, mosaic::KIND]
 }
 
 pub use loader::{Batch, Loader};
@@ -161,6 +162,9 @@ pub enum Samples {
     Labelled,
     /// Windows of token ids, each position's target the next token.
     Tokens,
+    /// Images with a variable number of boxes each (`[batch, most, 5]` rows of class and box,
+    /// padded with class -1): detection.
+    Boxes,
 }
 
 /// What loading needs from outside the data section.

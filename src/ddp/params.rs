@@ -74,7 +74,12 @@ impl Freed {
         }
     }
 
-    fn release(&self, flat: &Tensor) -> Result<(), TchError> {
+    /// Frees the buffer; `keep`: this rank's shard of it first goes to the kept copy (writes
+    /// made while it was whole, through `Ddp::full_state`, survive as they do in host pages).
+    fn release(&self, flat: &Tensor, keep: bool) -> Result<(), TchError> {
+        if keep && super::storage::is_allocated(flat) {
+            self.kept.keep(flat)?;
+        }
         for (p, _, shape) in &self.members {
             p.shallow_clone().f_set_data(&self.poison.f_expand(shape.as_slice(), false)?)?;
         }
@@ -186,7 +191,8 @@ impl ShardedParams {
                 true => Some(Mutex::new(Freed {
                     kept: Released::new(&flat, l.own)?,
                     members: l.members.iter().map(|&(i, off, _)| (params[i].1.shallow_clone(), off, params[i].1.size())).collect(),
-                    poison: Tensor::f_full([1], f64::NAN, (tch::Kind::Float, device))?,
+                    // 0-dim: it expands to any shape, a scalar parameter's too.
+                    poison: Tensor::f_full([] as [i64; 0], f64::NAN, (tch::Kind::Float, device))?,
                 })),
                 false => None,
             };
@@ -297,12 +303,17 @@ impl ShardedParams {
     /// `release` on the thread holding the communicator (after the bucket's reduction), in
     /// order with the gathers queued there: it cannot wait for one queued behind it.
     pub fn release_now(&self, b: usize) -> Result<(), DdpError> {
+        self.release_keeping(b, false)
+    }
+
+    /// `release_now`; `keep`: a freed buffer's shard is kept from it first (see `Freed::release`).
+    fn release_keeping(&self, b: usize, keep: bool) -> Result<(), DdpError> {
         let u = &self.units[b];
         if self.pinned.load(Ordering::Acquire) > 0 || !u.whole.load(Ordering::Acquire) {
             return Ok(());
         }
         match self.freed(b) {
-            Some(f) => f.release(&self.flat(b))?,
+            Some(f) => f.release(&self.flat(b), keep)?,
             None => pages::zero_outside(&self.flat(b), u.own.0, u.own.1, u.shared)?,
         }
         u.whole.store(false, Ordering::Release);
@@ -331,8 +342,11 @@ impl ShardedParams {
 
     pub fn unpin(&self) -> Result<(), DdpError> {
         if self.pinned.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // What was written while whole is kept (never after a step: the stale buffer would
+            // overwrite the stepped shard, so `stepped` releases without keeping).
             for b in 0..self.units.len() {
-                self.release(b)?;
+                self.settle(b)?;
+                self.release_keeping(b, true)?;
             }
         }
         Ok(())

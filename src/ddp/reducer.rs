@@ -233,6 +233,7 @@ impl Reducer {
         }
         let last = assignment.len().saturating_sub(1);
         let mut buckets = Vec::with_capacity(assignment.len());
+        let attachable = params.iter().all(|p| p.device() == opts.buffer_device);
         let mut shared_buckets = true;
         for (bi, idx) in assignment.into_iter().enumerate() {
             let mut off = 0i64;
@@ -253,11 +254,11 @@ impl Reducer {
                 Some(w) if opts.buffer_device != tch::Device::Cpu => (off + extra + w as i64 - 1) / w as i64 * w as i64 - extra,
                 _ => off,
             };
-            buckets.push(Self::bucket(comm, opts, idx, spans, off + extra)?);
+            buckets.push(Self::bucket(comm, opts, attachable, idx, spans, off + extra)?);
         }
         if buckets.is_empty() {
             // No parameters: still one bucket, for the control value.
-            buckets.push(Self::bucket(comm, opts, vec![], vec![], 1)?);
+            buckets.push(Self::bucket(comm, opts, attachable, vec![], vec![], 1)?);
         }
         for b in &buckets {
             shared_buckets &= b.shared;
@@ -278,7 +279,7 @@ impl Reducer {
             release: opts.release_unowned && opts.buffer_device == tch::Device::Cpu && !opts.free_storage,
             after_reduce: opts.after_reduce.clone(),
         };
-        if params.iter().all(|p| p.device() == opts.buffer_device) {
+        if attachable {
             reducer.attach()?;
         }
         Ok(reducer)
@@ -287,11 +288,14 @@ impl Reducer {
     fn bucket(
         comm: &mut dyn Communicator,
         opts: &ReducerOptions,
+        attachable: bool,
         params: Vec<usize>,
         spans: Vec<(i64, i64)>,
         len: i64,
     ) -> Result<Bucket, DdpError> {
-        let frees = opts.release_unowned && (opts.free_storage || opts.buffer_device != tch::Device::Cpu);
+        // Only where the gradients are the buckets' views: copied-out gradients would be copied
+        // back into a freed bucket.
+        let frees = attachable && opts.release_unowned && (opts.free_storage || opts.buffer_device != tch::Device::Cpu);
         // Freed storage is this process's own: the communicator's shared memory stays mapped.
         let (flat, shared) = match frees {
             true => (Tensor::f_zeros([len], (Kind::Float, opts.buffer_device))?, false),

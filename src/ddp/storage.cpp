@@ -4,6 +4,7 @@
 // are used, so after `alloc` they see the new memory (while freed, nothing may read them: the
 // Rust side hides them). tch has no storage API.
 #include <c10/core/Allocator.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/StorageImpl.h>
 #include <ATen/core/Tensor.h>
 
@@ -27,6 +28,10 @@ int ringtrain_storage_alloc(void *tensor, size_t nbytes) {
         auto *s = static_cast<at::Tensor *>(tensor)->storage().unsafeGetStorageImpl();
         auto *allocator = s->allocator();
         if (allocator == nullptr) return 2;
+        // The CUDA caching allocator allocates on the calling thread's current device, and the
+        // threads that gather (prefetch, communication) start on device 0.
+        c10::OptionalDeviceGuard guard;
+        if (s->device().type() != c10::DeviceType::CPU) guard.reset_device(s->device());
         s->set_data_ptr_noswap(allocator->allocate(nbytes));
         s->set_nbytes(nbytes);
         return 0;

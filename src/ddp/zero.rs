@@ -166,7 +166,13 @@ impl Zero {
             for &(i, off, n) in &b.members {
                 flat_view(&self.params[i].1)?.f_copy_(&flat.f_narrow(0, off, n)?)?;
             }
-            if borrowed {
+            if b.grad_shard.is_some() {
+                // The bucket carried parameters, not gradients: its gradients' views go (the
+                // averaged shard lives in its copy) and its storage is freed, whether it was
+                // borrowed here or still held a no_sync backward's sums.
+                for &(i, _, _) in &b.members {
+                    super::hooks::set_grad(&self.params[i].1, &Tensor::new()).map_err(DdpError::Unsupported)?;
+                }
                 super::storage::free(&flat)?;
             } else if self.release {
                 // The next backward accumulates into zeros outside the shard; the shard itself is

@@ -37,6 +37,7 @@ pub trait ModelSpec: Spec {
         match samples {
             Samples::Labelled => "classification",
             Samples::Tokens => "language_model",
+            Samples::Boxes => "detection",
         }
     }
     /// Tokens per window, for models of token data.
@@ -58,6 +59,9 @@ pub fn needs_labelled(model: &str, data: &DataConfig) -> Result<(), String> {
             "model {model} takes labelled samples; data.format {} gives token windows (language models: gpt, torchscript)",
             data.format
         )),
+        Samples::Boxes => {
+            Err(format!("model {model} takes labelled samples; data.format {} gives images with boxes, for a detection model", data.format))
+        }
     }
 }
 

@@ -60,7 +60,13 @@ impl ModelSpec for TorchScriptSpec {
     fn build(&self, _inputs: &Inputs, device: Device) -> Result<Box<dyn Model>, TchError> {
         let path = self.path.as_deref().ok_or_else(|| TchError::Torch("model torchscript needs model.path".into()))?;
         let mut m = TorchScript::load(path, self.output, device)?;
-        m.unit_names = self.units.clone();
+        if !self.units.is_empty() {
+            // Rewritten before anything runs: the first forward caches its optimised graph.
+            // SAFETY: a live module handle; the registration is dropped before the module.
+            let module = unsafe { ringtrain_ts_module(m.handle) };
+            m.units = Some(units::TsUnits::register(module, &self.units, Units::default()).map_err(|e| err(path, e))?);
+            m.unit_names = self.units.clone();
+        }
         Ok(Box::new(m))
     }
 
@@ -358,15 +364,13 @@ impl Model for TorchScript {
     }
 
     fn set_units(&mut self, units: Units) -> Result<(), String> {
-        if self.unit_names.is_empty() {
-            return Err("model torchscript has no units: name its submodules in model.units (e.g. [blocks.0, blocks.1])".into());
-        }
         match &self.units {
-            Some(u) => u.set(units),
-            // SAFETY: a live module handle; the module outlives the registration (dropped first).
-            None => self.units = Some(units::TsUnits::register(unsafe { ringtrain_ts_module(self.handle) }, &self.unit_names, units)?),
+            Some(u) => {
+                u.set(units);
+                Ok(())
+            }
+            None => Err("model torchscript has no units: name its submodules in model.units (e.g. [blocks.0, blocks.1])".into()),
         }
-        Ok(())
     }
 
     fn named_parameters(&self) -> &[(String, Tensor)] {

@@ -50,6 +50,15 @@ pub struct TsUnits {
 impl TsUnits {
     /// Rewrites `module`'s calls of each named submodule into units run by `units`.
     pub fn register(module: *mut c_void, names: &[String], units: Units) -> Result<TsUnits, String> {
+        // A unit inside another would release the outer one's parameters while its code runs.
+        for a in names {
+            if let Some(b) = names.iter().find(|b| b.len() > a.len() && b.starts_with(a.as_str()) && b.as_bytes()[a.len()] == b'.') {
+                return Err(format!("model.units: `{b}` lies inside `{a}`; units cannot nest"));
+            }
+            if names.iter().filter(|b| *b == a).count() > 1 {
+                return Err(format!("model.units: `{a}` is listed twice"));
+            }
+        }
         // SAFETY: `run_unit` has the signature the shim calls.
         INSTALL.call_once(|| unsafe { ringtrain_ts_set_unit_fn(run_unit) });
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
