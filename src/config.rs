@@ -489,6 +489,18 @@ optimizer: {name: sgd, lr: 0.1}
     }
 
     #[test]
+    fn detection_data_is_refused_by_a_classifier_and_its_keys_are_checked() {
+        let mosaic = BASE.replace(
+            "data: {format: synthetic, synthetic: {train_samples: 10, test_samples: 4, shape: [4], classes: 3}}",
+            "data: {format: mosaic, dir: /nowhere, mosaic: {canvas: 64, objects: [1, 3]}}",
+        );
+        let e = parse(&mosaic, &[]).unwrap_err().to_string();
+        assert!(e.contains("model mlp takes labelled samples; data.format mosaic gives images with boxes"), "{e}");
+        let e = parse(&mosaic.replace("objects: [1, 3]", "objects: [1, 3], scale: [14, 80]"), &[]).unwrap_err().to_string();
+        assert!(e.contains("data.mosaic.scale must be [least, most] pixels with 1 ≤ least ≤ most ≤ canvas (64)"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_file_and_field() {
         let e = parse(&BASE.replace("batch_size: 2", "batch_size: 2, epochz: 3"), &[]).unwrap_err().to_string();
         assert!(e.contains("x.yaml") && e.contains("epochz"), "{e}");

@@ -12,12 +12,13 @@ pub mod splitmix;
 pub mod synthetic;
 pub mod tokens;
 pub mod views;
+pub mod yolo;
 
 /// The built-in data formats. A new format is one file in this folder (its config keys, checks and
 /// loader: a `DataSpec`) and one entry here; a program using the library calls
 /// `FORMATS.register` instead.
 fn builtin() -> Vec<DataKind> {
-    vec![idx::KIND, synthetic::KIND, tokens::KIND, images::cifar::KIND, images::folder::KIND, mosaic::KIND]
+    vec![idx::KIND, synthetic::KIND, tokens::KIND, images::cifar::KIND, images::folder::KIND, mosaic::KIND, yolo::KIND]
 }
 
 pub use loader::{Batch, Loader};
