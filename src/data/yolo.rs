@@ -50,7 +50,7 @@ impl DataSpec for YoloSpec {
         if self.dir.is_none() {
             return Err("data.dir is required when data.format is yolo: the folder holding images/ and labels/".into());
         }
-        if !self.classes.is_some_and(|c| c >= 1) {
+        if self.classes.is_none_or(|c| c == 0) {
             return Err("data.classes is required when data.format is yolo (at least 1)".into());
         }
         if !(8..=4096).contains(&self.imgsz) {
