@@ -163,3 +163,47 @@ fn mean_ap_equals_pycocotools() {
     assert!((ours.map - map).abs() <= 1e-4, "mAP@[.5:.95]: ours {} pycocotools {map}", ours.map);
     assert!((ours.map50 - map50).abs() <= 1e-4, "mAP@0.5: ours {} pycocotools {map50}", ours.map50);
 }
+
+/// mAP over every rank's shard of the test images equals mAP of one process holding them all, at
+/// 1–4 ranks, with ranks that hold no image (3 images at 4 ranks) and images without boxes.
+#[test]
+fn distributed_mean_ap_is_the_whole_sets_at_any_world_size() {
+    use ringtrain::detect::{distributed_mean_ap, mean_ap, ImageBoxes};
+    // Values on a 1/8 grid: exact in the f32 rows the gather carries.
+    fn image(i: usize) -> (ImageBoxes, ImageBoxes) {
+        let (mut t, mut d) = (ImageBoxes::default(), ImageBoxes::default());
+        for k in 0..(i * 7 + 3) % 4 {
+            let (x, y) = (((i * 13 + k * 29) % 80) as f64, ((i * 31 + k * 17) % 80) as f64);
+            t.boxes.push([x, y, x + 12.0, y + 10.0]);
+            t.classes.push(((i + k) % 3) as i64);
+            if !(i + k).is_multiple_of(5) {
+                let j = ((i + 2 * k) % 7) as f64 * 0.625;
+                d.boxes.push([x + j, y - j, x + 12.0 + j, y + 10.0]);
+                d.classes.push(((i + k) % 3) as i64);
+                d.scores.push(((i * 3 + k * 5) % 16) as f64 / 16.0);
+            }
+        }
+        if i % 4 == 1 {
+            d.boxes.push([1.0, 2.0, 9.0, 9.5]);
+            d.classes.push((i % 3) as i64);
+            d.scores.push(0.5);
+        }
+        (d, t)
+    }
+    for n in [3usize, 20] {
+        let (dets, truths): (Vec<ImageBoxes>, Vec<ImageBoxes>) = (0..n).map(image).unzip();
+        let want = mean_ap(&dets, &truths).expect("there is truth");
+        for world in 1..=4usize {
+            let got = with_group_over(world, std::time::Duration::from_secs(20), false, move |rank, comm| {
+                let mine: Vec<usize> = (0..n).filter(|i| i % world == rank).collect();
+                let d = mine.iter().map(|&i| (i, image(i).0)).collect();
+                let t = mine.iter().map(|&i| (i, image(i).1)).collect();
+                distributed_mean_ap(&mut *comm.lock(), &mine, &d, &t).unwrap().expect("there is truth")
+            });
+            for (rank, m) in got.iter().enumerate() {
+                assert_eq!(*m, want, "{n} images, world {world}, rank {rank}");
+            }
+        }
+        assert!(want.map50 > 0.2 && want.map50 < 1.0, "a case that tests something: {want:?}");
+    }
+}
