@@ -212,13 +212,9 @@ impl Mosaic {
     }
 }
 
-/// Intersection over union of two (x1, y1, x2, y2) boxes.
-pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
-    inter / (area(a) + area(b) - inter)
+/// Intersection over union of two boxes (`detect::iou`, in f64).
+fn iou(a: &[f32; 4], b: &[f32; 4]) -> f64 {
+    crate::detect::iou(&a.map(f64::from), &b.map(f64::from))
 }
 
 impl Dataset for Mosaic {

@@ -50,10 +50,10 @@ pub fn distributed_mean_ap(
     detections: &Shard,
     truths: &Shard,
 ) -> Result<Option<MeanAp>, CommError> {
-    let listed: Vec<f32> = images.iter().flat_map(|&i| [i as f32, 0., 0., 0., 0., 0., 0.]).collect();
-    let all_images = all_gather_rows(comm, &Tensor::from_slice(&listed).view([images.len() as i64, 7]))?;
+    let listed: Vec<f32> = images.iter().map(|&i| i as f32).collect();
+    let all_images = all_gather_rows(comm, &Tensor::from_slice(&listed).view([images.len() as i64, 1]))?;
     let every: Vec<usize> =
-        all_images.iter().flat_map(|t| Vec::<f32>::try_from(t.view([-1])).unwrap_or_default()).step_by(7).map(|i| i as usize).collect();
+        all_images.iter().flat_map(|t| Vec::<f32>::try_from(t.view([-1])).unwrap_or_default()).map(|i| i as usize).collect();
     let dets = by_image(&all_gather_rows(comm, &rows(detections))?, &every, true);
     let gts = by_image(&all_gather_rows(comm, &rows(truths))?, &every, false);
     // In image order, whichever rank had them: the same ranking as one process evaluating all.

@@ -22,7 +22,8 @@ pub struct MeanAp {
     pub map50: f64,
 }
 
-fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+/// Intersection over union of two (x1, y1, x2, y2) boxes (0 for two empty ones).
+pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
     let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = w * h;

@@ -6,5 +6,5 @@ pub mod map;
 pub mod nms;
 
 pub use eval::distributed_mean_ap;
-pub use map::{mean_ap, ImageBoxes, MeanAp};
+pub use map::{iou, mean_ap, ImageBoxes, MeanAp};
 pub use nms::{batched_nms, nms};
