@@ -160,7 +160,11 @@ impl Mosaic {
     /// Image `index`: its pixels (canvas × canvas, values in [0, 1]) and its objects.
     pub fn image(&self, index: usize) -> (Vec<f32>, Vec<Object>) {
         let c = self.cfg.canvas;
-        let mut rng = SplitMix(self.cfg.seed ^ (self.split << 62) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // The key hashed once: a generator started at the key itself would give image i the
+        // stream of image i - 1 shifted by one draw (splitmix steps its state by the same
+        // constant), and neighbouring images would repeat each other's items.
+        let key = self.cfg.seed ^ (self.split << 62) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = SplitMix(SplitMix(key).next_u64());
         let range = |rng: &mut SplitMix, [lo, hi]: [usize; 2]| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
         let count = range(&mut rng, self.cfg.objects);
         let mut canvas = vec![0u8; c * c];
@@ -291,6 +295,12 @@ mod tests {
             }
         }
         assert!(counts[1] > 0 && counts[6] > 0, "every count from 1 to 6 occurs: {counts:?}");
+        // Neighbouring images are independent draws: no box of image i recurs in image i + 1
+        // (a generator seeded with the bare index repeated them).
+        for i in 0..49 {
+            let (a, b) = (m.image(i).1, m.image(i + 1).1);
+            assert!(!b.iter().any(|o| a.iter().any(|p| p.bbox == o.bbox)), "images {i} and {} share a box: {a:?} {b:?}", i + 1);
+        }
         // An item of 16 lit pixels scaled to s spans about 16·s/28 pixels.
         let b = m.batch(&[0, 7], 0).unwrap();
         assert_eq!(b.input.size(), [2, 1, 128, 128]);

@@ -11,6 +11,7 @@ pub mod resnet;
 pub mod simclr;
 mod spec;
 pub mod torchscript;
+pub mod yolo;
 
 pub use cnn::Cnn;
 pub use gpt::{Gpt, GptConfig, GptSpec};
@@ -27,7 +28,18 @@ use tch::{Device, Kind, TchError, Tensor};
 /// and task: a `ModelSpec`) and one entry here; a program using the library calls
 /// `MODELS.register` instead.
 fn builtin() -> Vec<ModelKind> {
-    vec![mlp::KIND, cnn::KIND, gpt::KIND, resnet::RESNET18, resnet::RESNET34, resnet::RESNET50, simclr::KIND, made::KIND, torchscript::KIND]
+    vec![
+        mlp::KIND,
+        cnn::KIND,
+        gpt::KIND,
+        resnet::RESNET18,
+        resnet::RESNET34,
+        resnet::RESNET50,
+        simclr::KIND,
+        made::KIND,
+        torchscript::KIND,
+        yolo::KIND,
+    ]
 }
 
 /// Every model, by `model.name`.
@@ -68,6 +80,12 @@ pub trait Model {
     /// names why this model cannot.
     fn set_units(&mut self, _units: Units) -> Result<(), String> {
         Err("this model has no units (GPT's blocks and ResNet's stages are)".into())
+    }
+    /// A detector's anchor points for an input of `input_shape` (batch, channels, height,
+    /// width): `[points, 3]` f32 rows (x, y, stride) in pixels, one per row of its output, in
+    /// that order; the detection task assigns ground truth to them. `None`: not a detector.
+    fn anchor_points(&self, _input_shape: &[i64]) -> Option<Result<Tensor, TchError>> {
+        None
     }
     /// Training FLOPs per token (forward + backward), for the achieved-FLOP/s estimate.
     fn flops_per_token(&self) -> Option<f64> {

@@ -81,12 +81,16 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
                 }
                 let loss = v["test_loss"].as_f64();
                 if loss.is_some() || v["test_acc"].is_f64() {
-                    let metric = match v["test_perplexity"].as_f64() {
-                        Some(p) => {
+                    let metric = match (v["test_perplexity"].as_f64(), v["test_map50"].as_f64()) {
+                        (Some(p), _) => {
                             run.metric = "perplexity";
                             Some(p)
                         }
-                        None => v["test_acc"].as_f64(),
+                        (None, Some(m)) => {
+                            run.metric = "mAP@0.5";
+                            Some(m)
+                        }
+                        (None, None) => v["test_acc"].as_f64(),
                     };
                     evals.insert(step, (step as f64, loss.unwrap_or(f64::NAN), metric));
                 }
@@ -117,7 +121,7 @@ pub fn read_run(dir: &Path) -> Result<RunSeries, PlotError> {
 
 /// The TTF used for text: DejaVu Sans (Debian's fonts-dejavu-core, which setup installs), or
 /// RINGTRAIN_FONT.
-fn load_font() -> Result<(), PlotError> {
+pub(crate) fn load_font() -> Result<(), PlotError> {
     static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     LOADED
         .get_or_init(|| {

@@ -286,6 +286,7 @@ impl Trainer<'_> {
         // ZeRO-3: whole parameters for the evaluation (ranks may run different numbers of
         // batches, so no unit may be gathered batch by batch).
         let _whole = self.ddp.full_state()?;
+        let rank = self.rank();
         let mut comm = self.comm();
         let mut ctx = EvalContext {
             train: &self.splits.train,
@@ -295,6 +296,7 @@ impl Trainer<'_> {
             precision: self.precision,
             classes: self.splits.classes,
             workers: self.cfg.data.workers,
+            run_dir: (rank == 0).then_some(self.run_dir),
         };
         if let Some(result) = self.task.evaluate(self.model.as_ref(), &mut ctx) {
             return result;

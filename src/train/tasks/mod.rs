@@ -5,6 +5,7 @@
 pub mod binary_density;
 mod classification;
 pub mod contrastive;
+mod detection;
 mod language_model;
 pub mod probe;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use tch::{TchError, Tensor};
 
 fn builtin() -> Vec<TaskKind> {
-    vec![classification::KIND, language_model::KIND, contrastive::KIND, binary_density::KIND]
+    vec![classification::KIND, language_model::KIND, contrastive::KIND, binary_density::KIND, detection::KIND]
 }
 
 /// Every task, by the name a model gives.
@@ -54,6 +55,9 @@ pub struct EvalContext<'a> {
     pub classes: usize,
     /// Loader threads.
     pub workers: usize,
+    /// Where the run's files go (a task's pictures of its evaluation); `None` on ranks other
+    /// than 0 and where nothing is written.
+    pub run_dir: Option<&'a std::path::Path>,
 }
 
 impl Named for TaskKind {
