@@ -2,6 +2,7 @@
 //! in-memory labelled arrays behind IDX and synthetic data, the distributed sampler, and the
 //! prefetching loader. A new format is one file here implementing `Dataset`.
 
+pub mod boxes;
 pub mod idx;
 pub mod images;
 pub mod loader;

@@ -10,6 +10,7 @@
 //! pixels (x2, y2 exclusive), padded with rows of class -1: a fixed shape the loader, the sampler
 //! and the collectives already carry.
 
+use super::boxes::BoxTarget;
 use super::splitmix::SplitMix;
 use super::{idx, ArrayDataset, Batch, DataError, DataKind, DataSpec, Dataset, LoadContext, Pixels, Samples, Splits};
 use serde::{Deserialize, Serialize};
@@ -229,25 +230,21 @@ impl Dataset for Mosaic {
     fn batch(&self, indices: &[usize], _epoch: u64) -> Result<Batch, DataError> {
         let (c, most) = (self.cfg.canvas, self.cfg.objects[1]);
         let mut x = Vec::with_capacity(indices.len() * c * c);
-        let mut y = vec![0f32; indices.len() * most * 5];
+        let mut target = BoxTarget::new(indices.len(), most);
         for (j, &i) in indices.iter().enumerate() {
             if i >= self.images {
                 return Err(DataError::Invalid(format!("image index {i} is past the end ({} images)", self.images)));
             }
             let (pixels, objects) = self.image(i);
             x.extend_from_slice(&pixels);
-            for k in 0..most {
-                let row = &mut y[(j * most + k) * 5..(j * most + k + 1) * 5];
-                match objects.get(k) {
-                    Some(o) => row.copy_from_slice(&[o.class as f32, o.bbox[0], o.bbox[1], o.bbox[2], o.bbox[3]]),
-                    None => row[0] = -1.0,
-                }
+            for (k, o) in objects.iter().enumerate() {
+                target.set(j, k, o.class, o.bbox);
             }
         }
         let n = indices.len() as i64;
-        let err = |e: tch::TchError| DataError::Invalid(e.to_string());
-        let input = Tensor::f_from_slice(&x).and_then(|t| t.f_view([n, 1, c as i64, c as i64])).map_err(err)?;
-        let target = Tensor::f_from_slice(&y).and_then(|t| t.f_view([n, most as i64, 5])).map_err(err)?;
+        let input =
+            Tensor::f_from_slice(&x).and_then(|t| t.f_view([n, 1, c as i64, c as i64])).map_err(|e| DataError::Invalid(e.to_string()))?;
+        let target = target.tensor()?;
         Ok(Batch { input, target, len: indices.len() })
     }
 }

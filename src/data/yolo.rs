@@ -9,6 +9,7 @@
 //! target is `data::mosaic`'s: `[batch, most, 5]` rows `(class, x1, y1, x2, y2)` in pixels, padded
 //! with class -1, `most` the largest object count of any image in either split.
 
+use super::boxes::BoxTarget;
 use super::images::folder;
 use super::{Batch, DataError, DataKind, DataSpec, Dataset, LoadContext, Samples, Splits};
 use serde::{Deserialize, Serialize};
@@ -147,26 +148,22 @@ impl Dataset for YoloSet {
     fn batch(&self, indices: &[usize], _epoch: u64) -> Result<Batch, DataError> {
         let s = self.imgsz;
         let mut x = Vec::with_capacity(indices.len() * 3 * s * s);
-        let mut y = vec![0f32; indices.len() * self.most * 5];
+        let mut target = BoxTarget::new(indices.len(), self.most);
         for (j, &i) in indices.iter().enumerate() {
             let (path, labels) =
                 self.items.get(i).ok_or_else(|| DataError::Invalid(format!("image index {i} is past the end ({})", self.items.len())))?;
             let img = folder::decode(path).map_err(|e| DataError::Idx { path: path.display().to_string(), what: e })?;
             let (pixels, scale) = letterbox(&img, s);
             x.extend(pixels.iter().map(|&b| b as f32 / 255.0));
+            let (iw, ih) = (img.w as f32 * scale, img.h as f32 * scale);
             for (k, (class, [cx, cy, w, h])) in labels.iter().enumerate() {
-                let (iw, ih) = (img.w as f32 * scale, img.h as f32 * scale);
-                let row = &mut y[(j * self.most + k) * 5..(j * self.most + k + 1) * 5];
-                row.copy_from_slice(&[*class as f32, (cx - w / 2.0) * iw, (cy - h / 2.0) * ih, (cx + w / 2.0) * iw, (cy + h / 2.0) * ih]);
-            }
-            for k in labels.len()..self.most {
-                y[(j * self.most + k) * 5] = -1.0;
+                target.set(j, k, *class, [(cx - w / 2.0) * iw, (cy - h / 2.0) * ih, (cx + w / 2.0) * iw, (cy + h / 2.0) * ih]);
             }
         }
         let n = indices.len() as i64;
-        let err = |e: tch::TchError| DataError::Invalid(e.to_string());
-        let input = Tensor::f_from_slice(&x).and_then(|t| t.f_view([n, 3, s as i64, s as i64])).map_err(err)?;
-        let target = Tensor::f_from_slice(&y).and_then(|t| t.f_view([n, self.most as i64, 5])).map_err(err)?;
+        let input =
+            Tensor::f_from_slice(&x).and_then(|t| t.f_view([n, 3, s as i64, s as i64])).map_err(|e| DataError::Invalid(e.to_string()))?;
+        let target = target.tensor()?;
         Ok(Batch { input, target, len: indices.len() })
     }
 }
