@@ -391,10 +391,7 @@ impl Reducer {
                 continue;
             }
             f.keep(&b.flat)?;
-            for &i in &b.params {
-                set_grad(&self.params[i], &Tensor::new()).map_err(DdpError::Unsupported)?;
-            }
-            f.release(&b.flat)?;
+            storage::free_gradients(&b.flat, b.params.iter().map(|&i| &self.params[i]))?;
         }
         Ok(())
     }

@@ -54,6 +54,18 @@ pub fn is_allocated(t: &Tensor) -> bool {
     t.numel() == 0 || nbytes(t) > 0
 }
 
+/// Frees a gradient bucket `flat` whose views are the `.grad`s of `params`: the gradients are set
+/// undefined first, so nothing reads the freed memory through them, then the storage goes.
+pub fn free_gradients<'a>(flat: &Tensor, params: impl IntoIterator<Item = &'a Tensor>) -> Result<(), super::DdpError> {
+    for p in params {
+        super::hooks::set_grad(p, &Tensor::new()).map_err(super::DdpError::Unsupported)?;
+    }
+    if is_allocated(flat) && flat.numel() > 0 {
+        free(flat)?;
+    }
+    Ok(())
+}
+
 /// A flat buffer freed between uses, with this rank's shard `own` kept in a tensor of its own.
 pub struct Released {
     /// The shard's copy (the optimizer's memory for it).

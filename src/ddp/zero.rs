@@ -170,10 +170,7 @@ impl Zero {
                 // The bucket carried parameters, not gradients: its gradients' views go (the
                 // averaged shard lives in its copy) and its storage is freed, whether it was
                 // borrowed here or still held a no_sync backward's sums.
-                for &(i, _, _) in &b.members {
-                    super::hooks::set_grad(&self.params[i].1, &Tensor::new()).map_err(DdpError::Unsupported)?;
-                }
-                super::storage::free(&flat)?;
+                super::storage::free_gradients(&flat, b.members.iter().map(|&(i, _, _)| &self.params[i].1))?;
             } else if self.release {
                 // The next backward accumulates into zeros outside the shard; the shard itself is
                 // this rank's parameters now and is zeroed by zero_grad before then.

@@ -46,42 +46,12 @@ pub fn mean_ap(detections: &[ImageBoxes], truths: &[ImageBoxes]) -> Option<MeanA
     let mut ap = vec![Vec::new(); thresholds.len()];
     for &c in &classes {
         let mut total_truths = 0usize;
-        // (score, image order, rank in image, matched per threshold)
+        // (score, matched per threshold) of every detection of class c, image by image.
         let mut ranked: Vec<(f64, Vec<bool>)> = Vec::new();
         for (det, truth) in detections.iter().zip(truths) {
             let gts: Vec<&[f64; 4]> = truth.boxes.iter().zip(&truth.classes).filter(|(_, &k)| k == c).map(|(b, _)| b).collect();
             total_truths += gts.len();
-            // This image's detections of class c by descending score (stable), at most 100.
-            let mut dts: Vec<usize> = (0..det.boxes.len()).filter(|&i| det.classes[i] == c).collect();
-            dts.sort_by(|&a, &b| det.scores[b].partial_cmp(&det.scores[a]).unwrap_or(std::cmp::Ordering::Equal));
-            dts.truncate(100);
-            let mut matched = vec![Vec::new(); dts.len()];
-            for &t in &thresholds {
-                let mut taken = vec![false; gts.len()];
-                for (di, &d) in dts.iter().enumerate() {
-                    // COCO: the unmatched ground truth of highest IoU, at least the threshold.
-                    let mut best = t.min(1.0 - 1e-10);
-                    let mut m = None;
-                    for (gi, g) in gts.iter().enumerate() {
-                        if taken[gi] {
-                            continue;
-                        }
-                        let v = iou(&det.boxes[d], g);
-                        if v < best {
-                            continue;
-                        }
-                        best = v;
-                        m = Some(gi);
-                    }
-                    if let Some(gi) = m {
-                        taken[gi] = true;
-                    }
-                    matched[di].push(m.is_some());
-                }
-            }
-            for (di, &d) in dts.iter().enumerate() {
-                ranked.push((det.scores[d], std::mem::take(&mut matched[di])));
-            }
+            ranked.extend(match_image(det, c, &gts, &thresholds));
         }
         if total_truths == 0 {
             continue;
@@ -90,33 +60,8 @@ pub fn mean_ap(detections: &[ImageBoxes], truths: &[ImageBoxes]) -> Option<MeanA
         let mut order: Vec<usize> = (0..ranked.len()).collect();
         order.sort_by(|&a, &b| ranked[b].0.partial_cmp(&ranked[a].0).unwrap_or(std::cmp::Ordering::Equal));
         for (ti, list) in ap.iter_mut().enumerate() {
-            let (mut tp, mut fp) = (0f64, 0f64);
-            let mut recall = Vec::with_capacity(order.len());
-            let mut precision = Vec::with_capacity(order.len());
-            for &i in &order {
-                if ranked[i].1[ti] {
-                    tp += 1.0;
-                } else {
-                    fp += 1.0;
-                }
-                recall.push(tp / total_truths as f64);
-                precision.push(tp / (tp + fp + f64::EPSILON));
-            }
-            for i in (1..precision.len()).rev() {
-                if precision[i] > precision[i - 1] {
-                    precision[i - 1] = precision[i];
-                }
-            }
-            // 101 recall points; the first detection whose recall reaches each (searchsorted left).
-            let mut sum = 0.0;
-            for r in 0..=100 {
-                let point = r as f64 / 100.0;
-                let at = recall.partition_point(|&x| x < point);
-                if at < precision.len() {
-                    sum += precision[at];
-                }
-            }
-            list.push(sum / 101.0);
+            let hits: Vec<bool> = order.iter().map(|&i| ranked[i].1[ti]).collect();
+            list.push(average_precision(&hits, total_truths));
         }
     }
     if classes.is_empty() || ap[0].is_empty() {
@@ -126,6 +71,61 @@ pub fn mean_ap(detections: &[ImageBoxes], truths: &[ImageBoxes]) -> Option<MeanA
     let map50 = mean(&ap[0]);
     let map = mean(&ap.iter().map(|v| mean(v)).collect::<Vec<_>>());
     Some(MeanAp { map, map50 })
+}
+
+/// One image's detections of class `c` against its ground truths `gts` of that class, as COCO
+/// matches them: by descending score (stable), at most 100, each taking the unmatched truth of
+/// highest IoU at or above the threshold (ties to the later one). (score, matched per threshold).
+fn match_image(det: &ImageBoxes, c: i64, gts: &[&[f64; 4]], thresholds: &[f64]) -> Vec<(f64, Vec<bool>)> {
+    let mut dts: Vec<usize> = (0..det.boxes.len()).filter(|&i| det.classes[i] == c).collect();
+    dts.sort_by(|&a, &b| det.scores[b].partial_cmp(&det.scores[a]).unwrap_or(std::cmp::Ordering::Equal));
+    dts.truncate(100);
+    let mut matched = vec![Vec::with_capacity(thresholds.len()); dts.len()];
+    for &t in thresholds {
+        let mut taken = vec![false; gts.len()];
+        for (di, &d) in dts.iter().enumerate() {
+            let mut best = t.min(1.0 - 1e-10);
+            let mut m = None;
+            for (gi, g) in gts.iter().enumerate() {
+                let v = iou(&det.boxes[d], g);
+                if taken[gi] || v < best {
+                    continue;
+                }
+                best = v;
+                m = Some(gi);
+            }
+            if let Some(gi) = m {
+                taken[gi] = true;
+            }
+            matched[di].push(m.is_some());
+        }
+    }
+    dts.iter().zip(matched).map(|(&d, m)| (det.scores[d], m)).collect()
+}
+
+/// COCO's AP of a ranking (`hits[i]`: the i-th best detection matched a truth) of a class with
+/// `total_truths`: precision made monotone from the right, read at 101 recall points 0, 0.01, …,
+/// 1 (the first detection whose recall reaches each, as searchsorted left; 0 past the last).
+fn average_precision(hits: &[bool], total_truths: usize) -> f64 {
+    let (mut tp, mut fp) = (0f64, 0f64);
+    let mut recall = Vec::with_capacity(hits.len());
+    let mut precision = Vec::with_capacity(hits.len());
+    for &hit in hits {
+        if hit {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        recall.push(tp / total_truths as f64);
+        precision.push(tp / (tp + fp + f64::EPSILON));
+    }
+    for i in (1..precision.len()).rev() {
+        if precision[i] > precision[i - 1] {
+            precision[i - 1] = precision[i];
+        }
+    }
+    let sum: f64 = (0..=100).map(|r| recall.partition_point(|&x| x < r as f64 / 100.0)).filter_map(|at| precision.get(at)).sum();
+    sum / 101.0
 }
 
 #[cfg(test)]
