@@ -1,4 +1,5 @@
-//! The library's examples, run as a user runs them: under ringrun with 2 workers.
+//! The library's examples, run as a user runs them: under ringrun with 2 workers (and the smallest
+//! one under torchrun too).
 //! `cargo test` builds the examples beside the binaries (target/<profile>/examples/).
 
 mod common;
@@ -163,4 +164,33 @@ fn the_readmes_five_name_program_runs_under_ringrun() {
         let acc: f64 = l.split("accuracy ").nth(1).and_then(|s| s.split('%').next()).and_then(|s| s.parse().ok()).unwrap();
         assert!(acc > 85.0, "{l}\n{}", out.report());
     }
+}
+
+/// The same program started by torchrun (`--no-python`): `ringtrain::init` joins through
+/// torchrun's agent store and the ranks end with the weights they end with under ringrun.
+#[test]
+fn the_five_name_program_runs_under_torchrun_as_under_ringrun() {
+    let Some(py) = python_with_torch("the_five_name_program_runs_under_torchrun_as_under_ringrun") else { return };
+    let hashes = |out: &Output| -> Vec<String> {
+        let mut v: Vec<String> = out
+            .stdout
+            .lines()
+            .filter(|l| l.contains("parameter hash "))
+            .map(|l| l.rsplit("parameter hash ").next().unwrap().trim().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let by_ringrun = run(ringrun_example("ddp_minimal", &[]), Duration::from_secs(120));
+    by_ringrun.assert_success();
+    let mut c = Command::new(py);
+    c.args(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--no-python"]);
+    c.arg(example("ddp_minimal"));
+    c.env_remove("RINGTRAIN_FAULT").env_remove("RINGTRAIN_JOB_TOKEN");
+    let out = run(c, Duration::from_secs(120));
+    out.assert_success();
+    assert!(out.stderr.contains("rendezvous through torchrun's agent store"), "{}", out.report());
+    let (theirs, ours) = (hashes(&out), hashes(&by_ringrun));
+    assert_eq!(theirs.len(), 2, "{}", out.report());
+    assert_eq!(theirs, ours, "torchrun's ranks end elsewhere than ringrun's\n{}", out.report());
 }
