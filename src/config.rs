@@ -498,6 +498,17 @@ optimizer: {name: sgd, lr: 0.1}
         assert!(e.contains("model mlp takes labelled samples; data.format mosaic gives images with boxes"), "{e}");
         let e = parse(&mosaic.replace("objects: [1, 3]", "objects: [1, 3], scale: [14, 80]"), &[]).unwrap_err().to_string();
         assert!(e.contains("data.mosaic.scale must be [least, most] pixels with 1 ≤ least ≤ most ≤ canvas (64)"), "{e}");
+        // The detector: on mosaics it parses; on labelled data, on sides that are not multiples of
+        // 32, and with PAN but no FPN it is refused, naming why.
+        let yolo = mosaic.replace("model: {name: mlp, hidden: [8]}", "model: {name: yolo, width: 4}");
+        let c = parse(&yolo, &[]).unwrap();
+        assert_eq!(c.model.spec.task(c.data.samples()), "detection");
+        let e = parse(&BASE.replace("model: {name: mlp, hidden: [8]}", "model: {name: yolo}"), &[]).unwrap_err().to_string();
+        assert!(e.contains("model yolo is a detector: it needs images with boxes"), "{e}");
+        let e = parse(&yolo.replace("canvas: 64", "canvas: 80"), &[]).unwrap_err().to_string();
+        assert!(e.contains("model yolo needs image sides that are multiples of 32"), "{e}");
+        let e = parse(&yolo, &["model.fpn=false"]).unwrap_err().to_string();
+        assert!(e.contains("model.pan: PAN runs bottom-up over the FPN's maps"), "{e}");
     }
 
     #[test]
