@@ -29,7 +29,7 @@ fn the_gpu_check_runs_every_part_on_the_cpu() {
     let out = run(c, Duration::from_secs(900));
     out.assert_success();
     let rows: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("| (")).collect();
-    assert_eq!(rows.len(), 15, "one row per part (a)–(o):\n{}", out.report());
+    assert_eq!(rows.len(), 16, "one row per part (a)–(p):\n{}", out.report());
     assert!(rows.iter().all(|r| r.contains("| PASS")), "{}", rows.join("\n"));
     // The parts compare what they should: overlap in the trace, the autocast dtype read back,
     // GradScaler's scales.
@@ -40,4 +40,6 @@ fn the_gpu_check_runs_every_part_on_the_cpu() {
     assert!(rows[14].contains("ZeRO-2 equal, ZeRO-3 equal") && rows[14].contains("2 workers ZeRO-3 equal"), "{}", rows[14]);
     // ZeRO-3 held no gathered copy between steps (on a GPU: its storage freed).
     assert!(rows[14].contains("MiB held between steps"), "{}", rows[14]);
+    // The detector ran, evaluated and drew its predictions; 2 workers stayed identical.
+    assert!(rows[15].contains("predictions.png; 2 workers identical"), "{}", rows[15]);
 }
