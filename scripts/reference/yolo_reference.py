@@ -22,6 +22,7 @@ STRIDES = (8, 16, 32)
 PRIOR = 0.01
 RADIUS = 1.0
 BOX_WEIGHT = 5.0
+MAX_LOG_SIZE = 10.0
 
 
 class Conv(nn.Module):
@@ -139,7 +140,7 @@ class Yolo(nn.Module):
         raw = torch.cat([h(l) for h, l in zip(self.head, levels)], 2).permute(0, 2, 1).float()
         p = anchor_points(x.shape[2], x.shape[3]).to(x.device)
         centre = p[:, :2] + raw[..., :2] * p[:, 2:]
-        half = raw[..., 2:4].exp() * p[:, 2:] * 0.5
+        half = raw[..., 2:4].clamp(max=MAX_LOG_SIZE).exp() * p[:, 2:] * 0.5
         return torch.cat([centre - half, centre + half, raw[..., 4:]], 2)
 
 
@@ -165,6 +166,8 @@ def assign(points, targets):
 def detection_loss(out, points, targets):
     """(total, giou, objectness, classes), each summed and divided by the assigned points."""
     classes = out.shape[2] - 5
+    if targets.shape[1] == 0:  # no image has a box: one padding row each
+        targets = torch.cat([torch.full((out.shape[0], 1, 1), -1.0), torch.zeros(out.shape[0], 1, 4)], 2)
     with torch.no_grad():
         best, positive = assign(points, targets)
     count = positive.sum().float().clamp(min=1)

@@ -10,16 +10,18 @@ use tch::{Kind, Tensor};
 
 /// Least score of a drawn prediction.
 pub const SHOWN: f64 = 0.3;
-/// Pixels per image pixel.
-const ZOOM: i32 = 3;
+/// The side each image is drawn at, whatever its own (128-px mosaics at 3×, 640-px photos at 0.6×).
+const SHOWN_SIDE: f64 = 384.0;
 const COLUMNS: usize = 4;
 
 /// Draws `images` (input `[channels, h, w]`, detections, truths) in a grid into `path` (PNG).
 pub fn predictions(images: &[(Tensor, ImageBoxes, ImageBoxes)], path: &Path) -> Result<(), String> {
     load_font().map_err(|e| e.to_string())?;
     let Some((first, _, _)) = images.first() else { return Ok(()) };
-    let (h, w) = (first.size()[1] as i32, first.size()[2] as i32);
-    let (cw, ch) = (w * ZOOM + 8, h * ZOOM + 8);
+    let (h, w) = (first.size()[1], first.size()[2]);
+    let zoom = SHOWN_SIDE / h.max(w) as f64;
+    let (dw, dh) = ((w as f64 * zoom).round() as i32, (h as f64 * zoom).round() as i32);
+    let (cw, ch) = (dw + 8, dh + 8);
     let rows = images.len().div_ceil(COLUMNS) as i32;
     let cols = images.len().min(COLUMNS) as i32;
     let root = BitMapBackend::new(path, ((cols * cw) as u32, (rows * ch) as u32)).into_drawing_area();
@@ -27,9 +29,12 @@ pub fn predictions(images: &[(Tensor, ImageBoxes, ImageBoxes)], path: &Path) -> 
     root.fill(&WHITE).map_err(err)?;
     for (i, (input, dets, truths)) in images.iter().enumerate() {
         let (ox, oy) = ((i % COLUMNS) as i32 * cw + 4, (i / COLUMNS) as i32 * ch + 4);
-        draw_pixels(&root, input, (ox, oy)).map_err(err)?;
+        let pixels = display_pixels(input, dw, dh)?;
+        for (k, color) in pixels.iter().enumerate() {
+            root.draw_pixel((ox + k as i32 % dw, oy + k as i32 / dw), color).map_err(err)?;
+        }
         let rect = |b: &[f64; 4]| {
-            let p = |v: f64, o: i32| o + (v * ZOOM as f64).round() as i32;
+            let p = |v: f64, o: i32| o + (v * zoom).round() as i32;
             [(p(b[0], ox), p(b[1], oy)), (p(b[2], ox), p(b[3], oy))]
         };
         for b in &truths.boxes {
@@ -45,28 +50,26 @@ pub fn predictions(images: &[(Tensor, ImageBoxes, ImageBoxes)], path: &Path) -> 
     root.present().map_err(err)
 }
 
-/// The image (scaled to 0–255 from its own range) at `origin`, `ZOOM` times its size.
-fn draw_pixels<DB: DrawingBackend>(
-    area: &DrawingArea<DB, plotters::coord::Shift>,
-    input: &Tensor,
-    origin: (i32, i32),
-) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+/// The image `[channels, h, w]` (scaled to 0–255 from its own range) resampled to `dw` × `dh` by
+/// nearest neighbour, row by row.
+fn display_pixels(input: &Tensor, dw: i32, dh: i32) -> Result<Vec<RGBColor>, String> {
     let x = input.to_kind(Kind::Float);
     let (lo, hi) = (x.min().double_value(&[]), x.max().double_value(&[]));
     let x = ((x - lo) * (255.0 / (hi - lo).max(1e-6))).clamp(0.0, 255.0).to_kind(Kind::Uint8).contiguous();
-    let (c, h, w) = (x.size()[0], x.size()[1] as i32, x.size()[2] as i32);
-    let px = Vec::<u8>::try_from(x.view([-1])).unwrap_or_default();
-    let at = |k: i64, y: i32, xx: i32| px[(k * (h * w) as i64 + (y * w + xx) as i64) as usize];
-    for y in 0..h {
-        for xx in 0..w {
-            let color = if c >= 3 {
+    let (c, h, w) = (x.size()[0] as usize, x.size()[1] as usize, x.size()[2] as usize);
+    let px = Vec::<u8>::try_from(x.view([-1])).map_err(|e| e.to_string())?;
+    let at = |k: usize, y: usize, xx: usize| px[k * h * w + y * w + xx];
+    let mut out = Vec::with_capacity((dw * dh) as usize);
+    for dy in 0..dh as usize {
+        let y = (dy * h / dh as usize).min(h - 1);
+        for dx in 0..dw as usize {
+            let xx = (dx * w / dw as usize).min(w - 1);
+            out.push(if c >= 3 {
                 RGBColor(at(0, y, xx), at(1, y, xx), at(2, y, xx))
             } else {
                 RGBColor(at(0, y, xx), at(0, y, xx), at(0, y, xx))
-            };
-            let (x0, y0) = (origin.0 + xx * ZOOM, origin.1 + y * ZOOM);
-            area.draw(&Rectangle::new([(x0, y0), (x0 + ZOOM, y0 + ZOOM)], color.filled()))?;
+            });
         }
     }
-    Ok(())
+    Ok(out)
 }

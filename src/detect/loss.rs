@@ -5,7 +5,7 @@
 //!
 //! Assignment (FCOS's centre sampling with its size ranges, YOLOX's single best match): a point
 //! (x, y, stride s) takes a box when its centre lies within `RADIUS`·s of the box's centre in both
-//! axes and the box's longer side suits the map (at least 1.5·s, at most 5·s; the finest map has
+//! axes and the box's longer side suits the map (at least 1.5·s, under 5·s; the finest map has
 //! no lower bound and the coarsest no upper one, so every size has a map). A point that several
 //! boxes claim takes the one of least area (the first of equal ones).
 
@@ -19,6 +19,8 @@ pub const BOX_WEIGHT: f64 = 5.0;
 /// The loss and its parts (each already divided by the assigned points).
 pub struct DetectionLoss {
     pub total: Tensor,
+    /// The divisor: the number of assigned points, at least 1 (f32, 0-dim).
+    pub assigned: Tensor,
     pub giou: Tensor,
     pub objectness: Tensor,
     pub classes: Tensor,
@@ -80,6 +82,15 @@ pub fn detection_loss(out: &Tensor, points: &Tensor, targets: &Tensor) -> Result
     let out = out.f_to_kind(Kind::Float)?;
     let (b, n, width) = (out.size()[0], out.size()[1], out.size()[2]);
     let classes = width - 5;
+    let mut targets = targets.f_to_device(out.device())?;
+    if targets.size()[1] == 0 {
+        // No image has a box: one padding row each, so the gathers below have a row to point at.
+        targets = Tensor::f_cat(
+            &[Tensor::f_full([b, 1, 1], -1.0, (Kind::Float, out.device()))?, Tensor::f_zeros([b, 1, 4], (Kind::Float, out.device()))?],
+            2,
+        )?;
+    }
+    let targets = &targets;
     let (best, positive) = tch::no_grad(|| assign(points, targets))?;
     let count = positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
     // The assigned points, flattened over (image, point) in row-major order.
@@ -101,5 +112,51 @@ pub fn detection_loss(out: &Tensor, points: &Tensor, targets: &Tensor) -> Result
     let class_sum = logits.f_binary_cross_entropy_with_logits(&wanted, None::<&Tensor>, None::<&Tensor>, Reduction::Sum)?;
     let (giou, objectness, classes) = (giou_sum.f_div(&count)?, objectness.f_div(&count)?, class_sum.f_div(&count)?);
     let total = giou.f_mul_scalar(BOX_WEIGHT)?.f_add(&objectness)?.f_add(&classes)?;
-    Ok(DetectionLoss { total, giou, objectness, classes })
+    Ok(DetectionLoss { total, assigned: count, giou, objectness, classes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn points() -> Tensor {
+        Tensor::from_slice(&[4.0f32, 4.0, 8.0, 12.0, 4.0, 8.0, 8.0, 8.0, 16.0]).view([3, 3])
+    }
+
+    #[test]
+    fn a_batch_without_boxes_costs_objectness_only_whatever_its_padding() {
+        tch::manual_seed(1);
+        let out = Tensor::randn([2, 3, 5 + 4], (Kind::Float, Device::Cpu));
+        let none = detection_loss(&out, &points(), &Tensor::zeros([2, 0, 5], (Kind::Float, Device::Cpu))).unwrap();
+        let padded = Tensor::cat(
+            &[Tensor::full([2, 2, 1], -1.0, (Kind::Float, Device::Cpu)), Tensor::zeros([2, 2, 4], (Kind::Float, Device::Cpu))],
+            2,
+        );
+        let pad = detection_loss(&out, &points(), &padded).unwrap();
+        assert_eq!(none.total.double_value(&[]), pad.total.double_value(&[]));
+        assert_eq!(none.giou.double_value(&[]), 0.0);
+        assert_eq!(none.classes.double_value(&[]), 0.0);
+        assert_eq!(none.assigned.double_value(&[]), 1.0, "the divisor is at least 1");
+        assert!(none.objectness.double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn a_box_goes_to_the_near_points_of_the_map_that_suits_its_size_and_the_smaller_box_wins() {
+        // Points at (4, 4) and (12, 4) on stride 8, (8, 8) on stride 16 (the coarsest: no upper bound).
+        let t = |rows: &[[f32; 5]]| Tensor::from_slice(&rows.concat()).view([1, rows.len() as i64, 5]);
+        // A 6-px box centred at (5, 5): within one stride of (4, 4) and of (12, 4), too small for stride 16.
+        let (best, pos) = assign(&points(), &t(&[[2.0, 2.0, 2.0, 8.0, 8.0]])).unwrap();
+        assert_eq!(Vec::<bool>::try_from(pos.view([-1])).unwrap(), [true, true, false]);
+        assert_eq!(Vec::<i64>::try_from(best.view([-1])).unwrap()[..2], [0, 0]);
+        // A 40-px box: past 5 strides of 8, so only the stride-16 point takes it.
+        let (_, pos) = assign(&points(), &t(&[[1.0, 0.0, 0.0, 40.0, 16.0]])).unwrap();
+        assert_eq!(Vec::<bool>::try_from(pos.view([-1])).unwrap(), [false, false, true]);
+        // Two boxes claiming (4, 4): the smaller (row 1) wins.
+        let (best, _) = assign(&points(), &t(&[[0.0, 0.0, 0.0, 10.0, 10.0], [3.0, 1.0, 1.0, 7.0, 7.0]])).unwrap();
+        assert_eq!(Vec::<i64>::try_from(best.view([-1])).unwrap()[0], 1);
+        // Padding claims nothing.
+        let (_, pos) = assign(&points(), &t(&[[-1.0, 2.0, 2.0, 8.0, 8.0]])).unwrap();
+        assert!(!bool::try_from(pos.any()).unwrap());
+    }
 }

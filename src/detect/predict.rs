@@ -1,7 +1,7 @@
 //! From a detector's output to detections: each point's score is objectness × its best class's
 //! probability (YOLOX's), points under `CONFIDENCE` are dropped, boxes are clipped to the image,
-//! per-class NMS keeps the best of overlapping boxes, and at most `MAX_PER_IMAGE` remain (COCO
-//! counts 100 per image).
+//! per-class NMS keeps the best of overlapping boxes, and at most `MAX_PER_IMAGE` remain over all
+//! classes (YOLO's convention; COCO's evaluation itself caps 100 per image and class).
 
 use super::map::ImageBoxes;
 use super::nms::batched_nms;

@@ -29,6 +29,9 @@ use tch::{Device, Kind, TchError, Tensor};
 
 pub const KIND: ModelKind = ModelKind::of::<YoloSpec>("yolo");
 
+/// Largest log box size, in strides (see `decode`).
+pub const MAX_LOG_SIZE: f64 = 10.0;
+
 /// The strides of the three output maps.
 pub const STRIDES: [i64; 3] = [8, 16, 32];
 
@@ -269,6 +272,8 @@ pub fn decode(raw: &Tensor, points: &Tensor) -> Result<Tensor, TchError> {
     let raw = raw.f_to_kind(Kind::Float)?;
     let stride = points.f_narrow(1, 2, 1)?;
     let centre = points.f_narrow(1, 0, 2)?.f_add(&raw.f_narrow(2, 0, 2)?.f_mul(&stride)?)?;
-    let half = raw.f_narrow(2, 2, 2)?.f_exp()?.f_mul(&stride)?.f_mul_scalar(0.5)?;
+    // The log size clamped at 10 (22,000 strides): past it exp overflows f32 on a diverging
+    // step, and an infinite box's GIoU is inf − inf.
+    let half = raw.f_narrow(2, 2, 2)?.f_clamp_max(MAX_LOG_SIZE)?.f_exp()?.f_mul(&stride)?.f_mul_scalar(0.5)?;
     Tensor::f_cat(&[centre.f_sub(&half)?, centre.f_add(&half)?, raw.f_narrow(2, 4, raw.size()[2] - 4)?], 2)
 }
