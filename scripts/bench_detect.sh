@@ -10,10 +10,7 @@ cd "$(dirname "$0")/.."
 steps="${1:-30}"
 py="$(scripts/bench_setup.sh)"
 torchrun="$(dirname "$py")/torchrun"
-cargo build --release --quiet
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1
+source scripts/bench_preamble.sh
 cat > "$tmp/yolo.yaml" <<YAML
 model: {name: yolo, width: 16}
 data: {format: mosaic, dir: /usr/share/datasets/fashion-mnist, mosaic: {train_images: 20000, test_images: 100}}
@@ -23,7 +20,6 @@ checkpoint: {enabled: false}
 YAML
 echo "# $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "## yolo (width 16) on 128x128 mosaics, batch 32/worker, $steps steps, 1 thread/worker"
-field() { "$py" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 declare -A rate
 for n in 1 2; do
     out=$("$torchrun" --nproc-per-node "$n" --master-port $((29870 + n)) scripts/reference/yolo_ddp.py \
@@ -31,13 +27,6 @@ for n in 1 2; do
     rate[pytorch,$n]=$(field "$out" samples_per_s)
     target/release/ringrun --nproc-per-node "$n" --threads-per-worker 1 ringtrain --config "$tmp/yolo.yaml" \
         --run-dir "$tmp/yolo-$n" >/dev/null 2>&1
-    line=$(grep '"kind":"epoch"' "$tmp/yolo-$n/metrics.jsonl" | tail -n 1)
-    rate[ringtrain,$n]=$(field "$line" samples_per_s)
+    rate[ringtrain,$n]=$(epoch_rate "$tmp/yolo-$n")
 done
-printf "%-10s %3s %10s %11s %12s\n" framework N "samples/s" "vs PyTorch" "scaling eff"
-for fw in pytorch ringtrain; do
-    for n in 1 2; do
-        "$py" -c "import sys; fw, n, r, one, pt = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:]); print(f'{fw:<10} {n:>3} {r:>10.1f} {r/pt:>11.2f} {r/(n*one):>12.0%}')" \
-            "$fw" "$n" "${rate[$fw,$n]}" "${rate[$fw,1]}" "${rate[pytorch,$n]}"
-    done
-done
+vs_pytorch_table

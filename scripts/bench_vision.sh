@@ -13,10 +13,7 @@ cd "$(dirname "$0")/.."
 steps="${1:-30}"
 py="$(scripts/bench_setup.sh)"
 torchrun="$(dirname "$py")/torchrun"
-cargo build --release --quiet
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1
+source scripts/bench_preamble.sh
 
 # A folder of JPEGs: smooth colour fields with a class-dependent tint, quality 90.
 "$py" - "$tmp/images" <<'PY'
@@ -75,7 +72,6 @@ train: {max_steps: $steps, batch_size: 32, seed: 0, log_every_steps: 10, eval: f
 optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
 checkpoint: {enabled: false}
 YAML
-field() { "$py" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 declare -A rate
 for n in 1 2; do
     out=$("$torchrun" --nproc-per-node "$n" --master-port $((29850 + n)) scripts/reference/ddp_train.py --model resnet18 \
@@ -83,13 +79,6 @@ for n in 1 2; do
     rate[pytorch,$n]=$(field "$out" samples_per_s)
     target/release/ringrun --nproc-per-node "$n" --threads-per-worker 1 ringtrain --config "$tmp/resnet.yaml" \
         --run-dir "$tmp/resnet-$n" >/dev/null 2>&1
-    line=$(grep '"kind":"epoch"' "$tmp/resnet-$n/metrics.jsonl" | tail -n 1)
-    rate[ringtrain,$n]=$(field "$line" samples_per_s)
+    rate[ringtrain,$n]=$(epoch_rate "$tmp/resnet-$n")
 done
-printf "%-10s %3s %10s %11s %12s\n" framework N "samples/s" "vs PyTorch" "scaling eff"
-for fw in pytorch ringtrain; do
-    for n in 1 2; do
-        "$py" -c "import sys; fw, n, r, one, pt = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:]); print(f'{fw:<10} {n:>3} {r:>10.1f} {r/pt:>11.2f} {r/(n*one):>12.0%}')" \
-            "$fw" "$n" "${rate[$fw,$n]}" "${rate[$fw,1]}" "${rate[pytorch,$n]}"
-    done
-done
+vs_pytorch_table
