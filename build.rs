@@ -19,6 +19,7 @@ fn ready_hook_shim() {
     println!("cargo:rerun-if-changed=src/amp/autocast.cpp");
     println!("cargo:rerun-if-changed=src/comm/blob.cpp");
     println!("cargo:rerun-if-changed=src/autograd/function.cpp");
+    println!("cargo:rerun-if-changed=src/host_memory.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // LIBTORCH (this repo's .cargo/config.toml sets it), else the libtorch torch-sys found (a
     // crate depending on ringtrain: torch-sys exports its lib folder; the headers sit beside it).
@@ -40,6 +41,7 @@ fn ready_hook_shim() {
         .file("src/amp/autocast.cpp")
         .file("src/comm/blob.cpp")
         .file("src/autograd/function.cpp")
+        .file("src/host_memory.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

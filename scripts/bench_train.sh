@@ -3,6 +3,7 @@
 # (Fashion-MNIST, normalised), batch 64 per worker, SGD momentum 0.9, 1 compute thread per worker,
 # the reference CNN (compute-bound) and the wide MLP (communication-bound).
 #   scripts/bench_train.sh [STEPS] [ROUNDS]     (defaults: 100 steps per run, 3 rounds)
+#   MODELS=wide_mlp scripts/bench_train.sh      (one model; default "cnn wide_mlp")
 # Every run is repeated ROUNDS times, the rounds interleaved (a slow minute of a shared machine then
 # hits every column alike), and each cell is the median.
 # Columns: samples/s; ringtrain/PyTorch; share of the honest ceiling = rate at N workers over the
@@ -48,7 +49,7 @@ ring_rss() { "$py" -c "import json,glob,sys; print(max(json.load(open(f))['peak_
 
 for round in $(seq "$rounds"); do
     echo "round $round of $rounds" >&2
-    for model in cnn wide_mlp; do
+    for model in ${MODELS:-cnn wide_mlp}; do
         max=2
         [ "$model" = cnn ] && max=4
         for n in $(seq "$max"); do

@@ -99,6 +99,7 @@ mod cuda;
 pub mod ddp;
 pub mod device;
 mod group;
+pub mod host_memory;
 pub mod launch;
 pub mod optim;
 pub mod process_group;

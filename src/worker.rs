@@ -113,6 +113,8 @@ pub enum Start {
 }
 
 pub fn run(args: WorkerArgs) -> Result<train::Summary> {
+    // Before the first large tensor: the step's temporaries are then mapped once, not per step.
+    crate::host_memory::install_from_env();
     let cfg = Config::load(&args.config, &args.overrides)?;
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let launch = LaunchInfo::from_env(&env)?;

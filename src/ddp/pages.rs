@@ -68,8 +68,10 @@ pub fn zero_outside(flat: &Tensor, lo: i64, hi: i64, shared: bool) -> Result<(),
 /// otherwise keeps them for reuse (and raises its threshold as large blocks are freed), so a
 /// worker's resident memory stays at the high-water mark of its first backward — activations,
 /// temporaries — and the memory ZeRO-2/3 hand back is taken up by that instead. Costs a page
-/// fault per page of each new large block. Process-wide; a no-op off glibc.
+/// fault per page of each new large block. Process-wide; a no-op off glibc. The host allocator's
+/// idle list (`host_memory`) is emptied and kept empty too.
 pub fn give_back_freed_memory() {
+    crate::host_memory::set_idle_cap(0);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; any value is accepted or refused (0).
     unsafe {

@@ -169,7 +169,9 @@ impl Optimizer {
             }
             // One parameter-sized scratch tensor per parameter, reused every step: the update
             // allocates nothing (a fresh 64 MB temporary per step costs page faults every time).
-            if self.scratch[i].is_none() {
+            // Plain SGD without weight decay never uses one.
+            let needs_scratch = self.cfg.name != OptimizerName::Sgd || self.weight_decay[i] != 0.0;
+            if needs_scratch && self.scratch[i].is_none() {
                 self.scratch[i] = Some(g.f_empty_like()?);
             }
             match self.cfg.name {
@@ -184,10 +186,10 @@ impl Optimizer {
         let c = &self.cfg;
         let wd = self.weight_decay[i];
         let p = &mut self.params[i];
-        let scratch = self.scratch[i].as_mut().expect("made in step");
         // d_p = grad + weight_decay * p (into scratch), or the gradient itself. A 0-dim tensor as
         // addcmul_'s second factor gives PyTorch's `add_(x, alpha=a)` in one pass.
         let mut d_p = if wd != 0.0 {
+            let scratch = self.scratch[i].as_mut().expect("made in step");
             scratch.f_copy_(&grad)?;
             let _ = scratch.f_addcmul_(p, &Tensor::from(wd))?;
             scratch.shallow_clone()

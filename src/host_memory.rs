@@ -1,0 +1,88 @@
+//! Host memory for libtorch's large tensors: mapped once, kept for reuse, on huge pages.
+//!
+//! Training allocates the same large temporaries every step (a 4096 × 4096 layer's weight
+//! gradient is a fresh 64 MiB tensor in every backward). glibc serves blocks over 32 MiB with
+//! `mmap` and unmaps them when freed, so each step faults in and zeroes all of it again: in the
+//! wide MLP that was 16,000 page faults and about a sixth of the step, in the kernel. With two
+//! ranks in lock-step both fault at the same moment and contend for the same kernel locks.
+//!
+//! `install` makes libtorch's CPU allocator one that maps blocks of 2 MiB or more itself
+//! (2 MiB-aligned, advised as transparent huge pages: fewer TLB misses in the optimizer's and the
+//! reduction's streams) and, when one is freed, keeps it for the next allocation of the same
+//! page-rounded size, up to `idle_cap` bytes waiting (the oldest are unmapped first). Smaller
+//! blocks go to libtorch's own allocator as before. Contents are uninitialised either way.
+//!
+//! The worker installs it at start (`RINGTRAIN_HOST_ALLOCATOR=0` keeps libtorch's; a program of
+//! its own calls `install`). ZeRO-2/3 want freed memory back in the kernel's hands, and turn
+//! the idle list off (`ddp::give_back_freed_memory`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+extern "C" {
+    fn ringtrain_host_allocator_install(idle_cap_bytes: usize) -> i32;
+    fn ringtrain_host_allocator_set_idle_cap(idle_cap_bytes: usize);
+    fn ringtrain_host_allocator_release_idle();
+    fn ringtrain_host_allocator_stats(maps: *mut u64, reuses: *mut u64, idle_bytes: *mut u64);
+}
+
+/// Freed large blocks kept for reuse, at most: a step's temporaries of the largest models this
+/// machine trains fit; more would only sit in the resident set.
+pub const DEFAULT_IDLE_CAP: usize = 256 << 20;
+
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Makes the caching allocator libtorch's CPU allocator, keeping up to `idle_cap` bytes of freed
+/// blocks. Tensors allocated before keep their own allocator's deleter. Calling it again only
+/// changes the cap. Returns false if libtorch refused.
+pub fn install(idle_cap: usize) -> bool {
+    // SAFETY: the shim only sets allocator state behind its own lock.
+    let ok = unsafe { ringtrain_host_allocator_install(idle_cap) } == 0;
+    if ok {
+        INSTALLED.store(true, Ordering::SeqCst);
+    }
+    ok
+}
+
+/// `install(DEFAULT_IDLE_CAP)` unless `RINGTRAIN_HOST_ALLOCATOR=0`.
+pub fn install_from_env() -> bool {
+    match std::env::var("RINGTRAIN_HOST_ALLOCATOR").as_deref() {
+        Ok("0") => false,
+        _ => install(DEFAULT_IDLE_CAP),
+    }
+}
+
+/// Whether `install` has run in this process.
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::SeqCst)
+}
+
+/// Changes how many bytes of freed blocks wait for reuse (0: unmapped at once); unmaps the
+/// oldest beyond it now. Harmless before `install`.
+pub fn set_idle_cap(idle_cap: usize) {
+    // SAFETY: as in `install`.
+    unsafe { ringtrain_host_allocator_set_idle_cap(idle_cap) }
+}
+
+/// Unmaps every freed block now waiting for reuse (the cap stays).
+pub fn release_idle() {
+    // SAFETY: as in `install`.
+    unsafe { ringtrain_host_allocator_release_idle() }
+}
+
+/// What the allocator has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Large blocks mapped from the kernel.
+    pub maps: u64,
+    /// Large allocations served from freed blocks instead.
+    pub reuses: u64,
+    /// Bytes of freed blocks waiting for reuse now.
+    pub idle_bytes: u64,
+}
+
+pub fn stats() -> Stats {
+    let (mut maps, mut reuses, mut idle_bytes) = (0, 0, 0);
+    // SAFETY: three valid out-pointers.
+    unsafe { ringtrain_host_allocator_stats(&mut maps, &mut reuses, &mut idle_bytes) };
+    Stats { maps, reuses, idle_bytes }
+}
