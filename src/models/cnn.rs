@@ -53,7 +53,7 @@ impl Cnn {
 }
 
 fn conv_block(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor, TchError> {
-    x.f_conv2d(w, Some(b), [1, 1], [2, 2], [1, 1], 1)?.f_relu()?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+    super::max_pool::max_pool_2x2(&x.f_conv2d(w, Some(b), [1, 1], [2, 2], [1, 1], 1)?.f_relu()?)
 }
 
 impl Model for Cnn {

@@ -6,6 +6,7 @@ mod cnn;
 pub mod generate;
 pub mod gpt;
 pub mod made;
+pub mod max_pool;
 mod mlp;
 pub mod resnet;
 pub mod simclr;
