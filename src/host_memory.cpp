@@ -56,15 +56,35 @@ void *map_block(size_t bytes) {
     return reinterpret_cast<void *>(aligned);
 }
 
-// Unmaps idle blocks, oldest first, until at most `keep` bytes stay idle. Caller holds mu.
-void trim_locked(State &s, size_t keep) {
+using Blocks = std::vector<std::pair<size_t, void *>>;
+
+// Takes idle blocks, oldest first, off the list until at most `keep` bytes stay idle; the caller
+// holds mu and unmaps what this returns after letting go of it.
+Blocks trim_locked(State &s, size_t keep) {
     size_t drop = 0;
     while (drop < s.idle.size() && s.idle_bytes > keep) {
-        munmap(s.idle[drop].second, s.idle[drop].first);
         s.idle_bytes -= s.idle[drop].first;
         ++drop;
     }
+    Blocks out(s.idle.begin(), s.idle.begin() + drop);
     s.idle.erase(s.idle.begin(), s.idle.begin() + drop);
+    return out;
+}
+
+void unmap_all(const Blocks &blocks) {
+    for (const auto &b : blocks) munmap(b.second, b.first);
+}
+
+// Sets the cap and unmaps what exceeds it.
+void set_cap(size_t cap) {
+    State &s = state();
+    Blocks out;
+    {
+        std::lock_guard<std::mutex> g(s.mu);
+        s.idle_cap = cap;
+        out = trim_locked(s, cap);
+    }
+    unmap_all(out);
 }
 
 void *take(size_t n) {
@@ -87,10 +107,14 @@ void *take(size_t n) {
     void *p = map_block(bytes);
     if (p == nullptr) {
         // Out of address space or memory: what waits idle goes back first, then one more try.
-        std::lock_guard<std::mutex> g(s.mu);
-        trim_locked(s, 0);
+        Blocks out;
+        {
+            std::lock_guard<std::mutex> g(s.mu);
+            out = trim_locked(s, 0);
+        }
+        unmap_all(out);
+        p = map_block(bytes);
     }
-    if (p == nullptr) p = map_block(bytes);
     TORCH_CHECK(p != nullptr, "ringtrain host allocator: out of memory mapping ", bytes, " bytes");
     std::lock_guard<std::mutex> g(s.mu);
     s.live.emplace(p, bytes);
@@ -98,9 +122,12 @@ void *take(size_t n) {
     return p;
 }
 
+// The deleter of our large blocks, and `raw_deleter` for any block this allocator gave out
+// (small ones are c10's and go back to it).
 void release(void *p) {
     if (p == nullptr) return;
     State &s = state();
+    Blocks out;
     {
         std::lock_guard<std::mutex> g(s.mu);
         auto it = s.live.find(p);
@@ -108,21 +135,27 @@ void release(void *p) {
             const size_t bytes = it->second;
             s.live.erase(it);
             if (bytes > s.idle_cap) {
-                munmap(p, bytes);
-                return;
+                out.emplace_back(bytes, p);
+            } else {
+                s.idle.emplace_back(bytes, p);
+                s.idle_bytes += bytes;
+                out = trim_locked(s, s.idle_cap);
             }
-            s.idle.emplace_back(bytes, p);
-            s.idle_bytes += bytes;
-            trim_locked(s, s.idle_cap);
-            return;
+            p = nullptr;
         }
     }
-    c10::free_cpu(p);
+    unmap_all(out);
+    if (p != nullptr) c10::free_cpu(p);
 }
 
 struct HostAllocator final : c10::Allocator {
     c10::DataPtr allocate(size_t n) override {
-        void *p = n >= kHuge ? take(n) : c10::alloc_cpu(n);
+        if (n < kHuge) {
+            // c10's own block and deleter: frees of small tensors never touch our lock.
+            void *p = c10::alloc_cpu(n);
+            return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+        }
+        void *p = take(n);
         return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
     }
     c10::DeleterFnPtr raw_deleter() const override { return &release; }
@@ -137,12 +170,7 @@ struct HostAllocator final : c10::Allocator {
 extern "C" int ringtrain_host_allocator_install(size_t idle_cap_bytes) {
     try {
         static HostAllocator *alloc = new HostAllocator();
-        {
-            State &s = state();
-            std::lock_guard<std::mutex> g(s.mu);
-            s.idle_cap = idle_cap_bytes;
-            trim_locked(s, s.idle_cap);
-        }
+        set_cap(idle_cap_bytes);
         c10::SetCPUAllocator(alloc, /*priority=*/1);
         return 0;
     } catch (...) {
@@ -151,19 +179,7 @@ extern "C" int ringtrain_host_allocator_install(size_t idle_cap_bytes) {
 }
 
 // Bytes that freed blocks may keep mapped for reuse (0: every freed block is unmapped at once).
-extern "C" void ringtrain_host_allocator_set_idle_cap(size_t idle_cap_bytes) {
-    State &s = state();
-    std::lock_guard<std::mutex> g(s.mu);
-    s.idle_cap = idle_cap_bytes;
-    trim_locked(s, s.idle_cap);
-}
-
-// Unmaps every freed block waiting for reuse.
-extern "C" void ringtrain_host_allocator_release_idle() {
-    State &s = state();
-    std::lock_guard<std::mutex> g(s.mu);
-    trim_locked(s, 0);
-}
+extern "C" void ringtrain_host_allocator_set_idle_cap(size_t idle_cap_bytes) { set_cap(idle_cap_bytes); }
 
 // Counters: blocks mapped, allocations served from the idle list, idle bytes now.
 extern "C" void ringtrain_host_allocator_stats(uint64_t *maps, uint64_t *reuses, uint64_t *idle_bytes) {

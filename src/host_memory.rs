@@ -13,15 +13,15 @@
 //! blocks go to libtorch's own allocator as before. Contents are uninitialised either way.
 //!
 //! The worker installs it at start (`RINGTRAIN_HOST_ALLOCATOR=0` keeps libtorch's; a program of
-//! its own calls `install`). ZeRO-2/3 want freed memory back in the kernel's hands, and turn
-//! the idle list off (`ddp::give_back_freed_memory`).
+//! its own calls `install`) keeping nothing, so that setting up (data, checkpoint reads) peaks
+//! as before, and `keep_freed_blocks` once training starts. ZeRO-3 wants freed memory back in
+//! the kernel's hands: `give_back` (from `ddp::give_back_freed_memory`) keeps nothing for good.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 extern "C" {
     fn ringtrain_host_allocator_install(idle_cap_bytes: usize) -> i32;
     fn ringtrain_host_allocator_set_idle_cap(idle_cap_bytes: usize);
-    fn ringtrain_host_allocator_release_idle();
     fn ringtrain_host_allocator_stats(maps: *mut u64, reuses: *mut u64, idle_bytes: *mut u64);
 }
 
@@ -30,24 +30,47 @@ extern "C" {
 pub const DEFAULT_IDLE_CAP: usize = 256 << 20;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// `give_back` was called: nothing is kept from then on, whatever the cap asked.
+static GIVE_BACK: AtomicBool = AtomicBool::new(false);
 
 /// Makes the caching allocator libtorch's CPU allocator, keeping up to `idle_cap` bytes of freed
-/// blocks. Tensors allocated before keep their own allocator's deleter. Calling it again only
-/// changes the cap. Returns false if libtorch refused.
+/// blocks (none after `give_back`). Tensors allocated before keep their own allocator's deleter.
+/// Calling it again only changes the cap. Returns false if libtorch refused.
 pub fn install(idle_cap: usize) -> bool {
     // SAFETY: the shim only sets allocator state behind its own lock.
-    let ok = unsafe { ringtrain_host_allocator_install(idle_cap) } == 0;
+    let ok = unsafe { ringtrain_host_allocator_install(cap(idle_cap)) } == 0;
     if ok {
         INSTALLED.store(true, Ordering::SeqCst);
     }
     ok
 }
 
-/// `install(DEFAULT_IDLE_CAP)` unless `RINGTRAIN_HOST_ALLOCATOR=0`.
+/// `install(0)` unless `RINGTRAIN_HOST_ALLOCATOR=0`: large blocks are ours, none kept yet.
 pub fn install_from_env() -> bool {
     match std::env::var("RINGTRAIN_HOST_ALLOCATOR").as_deref() {
         Ok("0") => false,
-        _ => install(DEFAULT_IDLE_CAP),
+        _ => install(0),
+    }
+}
+
+/// From now on freed large blocks wait for reuse (up to `DEFAULT_IDLE_CAP`), unless `give_back`
+/// was called. The trainer calls it when setting up is done.
+pub fn keep_freed_blocks() {
+    set_idle_cap(DEFAULT_IDLE_CAP);
+}
+
+/// Nothing is kept for reuse from now on, whatever is asked later: every freed large block goes
+/// back to the kernel at once (ZeRO-3's memory is the point of it).
+pub fn give_back() {
+    GIVE_BACK.store(true, Ordering::SeqCst);
+    set_idle_cap(0);
+}
+
+fn cap(asked: usize) -> usize {
+    if GIVE_BACK.load(Ordering::SeqCst) {
+        0
+    } else {
+        asked
     }
 }
 
@@ -56,17 +79,11 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::SeqCst)
 }
 
-/// Changes how many bytes of freed blocks wait for reuse (0: unmapped at once); unmaps the
-/// oldest beyond it now. Harmless before `install`.
+/// Changes how many bytes of freed blocks wait for reuse (0: unmapped at once; always 0 after
+/// `give_back`); unmaps the oldest beyond it now. Harmless before `install`.
 pub fn set_idle_cap(idle_cap: usize) {
     // SAFETY: as in `install`.
-    unsafe { ringtrain_host_allocator_set_idle_cap(idle_cap) }
-}
-
-/// Unmaps every freed block now waiting for reuse (the cap stays).
-pub fn release_idle() {
-    // SAFETY: as in `install`.
-    unsafe { ringtrain_host_allocator_release_idle() }
+    unsafe { ringtrain_host_allocator_set_idle_cap(cap(idle_cap)) }
 }
 
 /// What the allocator has done so far.

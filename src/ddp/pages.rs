@@ -47,6 +47,12 @@ pub fn zero_range(flat: &Tensor, lo: i64, hi: i64, shared: bool) -> Result<(), T
     zero(lo, ea)?;
     zero(eb, hi)?;
     let advice = if shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+    if !shared {
+        // A private bucket may lie on huge pages (`host_memory`): without this the kernel could
+        // fill the released range again in 2 MiB pieces (a write nearby, or khugepaged).
+        // SAFETY: advice on whole pages of this tensor's own mapping; a refusal changes nothing.
+        let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_NOHUGEPAGE) };
+    }
     // SAFETY: [a, b) lies inside this tensor's storage, whole pages no other allocation uses;
     // nothing reads it concurrently (the caller's collective on it has finished), and both
     // advices leave it mapped, reading as zeros.
@@ -71,7 +77,7 @@ pub fn zero_outside(flat: &Tensor, lo: i64, hi: i64, shared: bool) -> Result<(),
 /// fault per page of each new large block. Process-wide; a no-op off glibc. The host allocator's
 /// idle list (`host_memory`) is emptied and kept empty too.
 pub fn give_back_freed_memory() {
-    crate::host_memory::set_idle_cap(0);
+    crate::host_memory::give_back();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; any value is accepted or refused (0).
     unsafe {

@@ -57,7 +57,18 @@ impl Differentiable for MaxPool2x2 {
     }
 
     fn backward(&self, grad_output: &Tensor) -> Result<Tensor, String> {
-        let (shape, arg) = self.arg.lock().expect("max-pool state").take().ok_or("max_pool_2x2: backward ran twice")?;
+        if crate::autograd::checkpoint::grad_enabled() {
+            return Err("max_pool_2x2 has no double backward (create_graph): call libtorch's max_pool2d".into());
+        }
+        // Kept, not taken: a backward with retain_graph may run again.
+        let (shape, arg) = {
+            let state = self.arg.lock().expect("max-pool state");
+            let (shape, arg) = state.as_ref().ok_or("max_pool_2x2: backward before forward")?;
+            (shape.clone(), arg.shallow_clone())
+        };
+        if grad_output.size() != out_shape(&shape) {
+            return Err(format!("max_pool_2x2: gradient of shape {:?} for an output of {:?}", grad_output.size(), out_shape(&shape)));
+        }
         backward(&shape, &arg, grad_output).map_err(|e| e.to_string())
     }
 }
@@ -171,7 +182,7 @@ mod tests {
     fn bitwise_libtorch() {
         tch::set_num_threads(1);
         tch::manual_seed(7);
-        for shape in [[3i64, 4, 8, 8], [2, 3, 7, 9], [1, 2, 2, 2], [2, 5, 28, 28]] {
+        for shape in [&[3i64, 4, 8, 8][..], &[2, 3, 7, 9], &[1, 2, 2, 2], &[2, 5, 28, 28], &[3, 5, 6]] {
             let base = Tensor::randn(shape, (Kind::Float, Device::Cpu));
             // Rounded to a few values, so windows hold ties; then ReLU zeros, specials.
             let x = (base * 2.0).round().relu();
@@ -180,7 +191,7 @@ mod tests {
             for (i, v) in [(0, f64::NAN), (5, f64::INFINITY), (n / 2, f64::NEG_INFINITY), (n / 3, f64::NAN), (n / 3 + 1, f64::NAN)] {
                 let _ = flat.get(i).fill_(v);
             }
-            let g = Tensor::randn(out_shape(&shape), (Kind::Float, Device::Cpu));
+            let g = Tensor::randn(out_shape(shape), (Kind::Float, Device::Cpu));
             let _ = g.view([-1]).get(0).fill_(-0.0);
             let a = x.detach().set_requires_grad(true);
             let b = x.detach().set_requires_grad(true);

@@ -77,9 +77,9 @@ impl<'a> Trainer<'a> {
             // After sharding: each rank keeps its slices only (ZeRO-1's memory, from the start).
             p.load_into(&mut *handle.lock(), &state, &mut opt)?;
         }
-        // Setting up's freed blocks (data, checkpoint reads) are never asked for again: back to
-        // the kernel, so that only the steps' own temporaries wait for reuse.
-        crate::host_memory::release_idle();
+        // Freed large blocks wait for reuse from here on: the steps' own temporaries (setting
+        // up's were given back, so its peak is what it was).
+        crate::host_memory::keep_freed_blocks();
         // What setting up cost (a resumed ZeRO-1 run must not hold the whole optimizer state).
         tracing::info!("set up: peak resident memory {:.0} MiB", super::breakdown::peak_rss_mib());
         log_layout(cfg, &ddp, world, splits.train.len());
