@@ -122,8 +122,8 @@ void *take(size_t n) {
     return p;
 }
 
-// The deleter of our large blocks, and `raw_deleter` for any block this allocator gave out
-// (small ones are c10's and go back to it).
+// The deleter of every block this allocator gives out: ours wait for reuse or are unmapped,
+// small ones (c10's) go back to c10.
 void release(void *p) {
     if (p == nullptr) return;
     State &s = state();
@@ -150,12 +150,9 @@ void release(void *p) {
 
 struct HostAllocator final : c10::Allocator {
     c10::DataPtr allocate(size_t n) override {
-        if (n < kHuge) {
-            // c10's own block and deleter: frees of small tensors never touch our lock.
-            void *p = c10::alloc_cpu(n);
-            return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
-        }
-        void *p = take(n);
+        // One deleter for every block, as `raw_deleter` promises (ideep frees through it):
+        // `release` sends a block it does not know back to c10.
+        void *p = n >= kHuge ? take(n) : c10::alloc_cpu(n);
         return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
     }
     c10::DeleterFnPtr raw_deleter() const override { return &release; }
