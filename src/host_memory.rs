@@ -7,8 +7,8 @@
 //! ranks in lock-step both fault at the same moment and contend for the same kernel locks.
 //!
 //! `install` makes libtorch's CPU allocator one that maps blocks of 2 MiB or more itself
-//! (2 MiB-aligned, advised as transparent huge pages: fewer TLB misses in the optimizer's and the
-//! reduction's streams) and, when one is freed, keeps it for the next allocation of the same
+//! (2 MiB-aligned, advised as transparent huge pages: fewer TLB misses in the optimizer's
+//! streams; the shared all-reduce buckets are memfd memory, not these) and, when one is freed, keeps it for the next allocation of the same
 //! page-rounded size, up to `idle_cap` bytes waiting (the oldest are unmapped first). Smaller
 //! blocks go to libtorch's own allocator as before. Contents are uninitialised either way.
 //!
