@@ -21,11 +21,14 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 
+// (mapped bytes, address) of blocks.
+using Blocks = std::vector<std::pair<size_t, void *>>;
+
 // Leaked on purpose: tensors may be freed while the process exits, after static destructors.
 struct State {
     std::mutex mu;
-    std::unordered_map<void *, size_t> live;        // our blocks in use -> mapped bytes
-    std::vector<std::pair<size_t, void *>> idle;    // freed blocks, oldest first
+    std::unordered_map<void *, size_t> live;  // our blocks in use -> mapped bytes
+    Blocks idle;                              // freed blocks, oldest first
     size_t idle_bytes = 0;
     size_t idle_cap = 0;
     uint64_t maps = 0, reuses = 0;
@@ -55,8 +58,6 @@ void *map_block(size_t bytes) {
     madvise(reinterpret_cast<void *>(aligned), bytes, MADV_HUGEPAGE);
     return reinterpret_cast<void *>(aligned);
 }
-
-using Blocks = std::vector<std::pair<size_t, void *>>;
 
 // Takes idle blocks, oldest first, off the list until at most `keep` bytes stay idle; the caller
 // holds mu and unmaps what this returns after letting go of it.

@@ -8,9 +8,10 @@
 //!
 //! `install` makes libtorch's CPU allocator one that maps blocks of 2 MiB or more itself
 //! (2 MiB-aligned, advised as transparent huge pages: fewer TLB misses in the optimizer's
-//! streams; the shared all-reduce buckets are memfd memory, not these) and, when one is freed, keeps it for the next allocation of the same
-//! page-rounded size, up to `idle_cap` bytes waiting (the oldest are unmapped first). Smaller
-//! blocks go to libtorch's own allocator as before. Contents are uninitialised either way.
+//! streams; the shared all-reduce buckets are memfd memory, not these) and, when one is freed,
+//! keeps it for the next allocation of the same page-rounded size, up to `idle_cap` bytes
+//! waiting (the oldest are unmapped first). Smaller blocks go to libtorch's own allocator as
+//! before. Contents are uninitialised either way.
 //!
 //! The worker installs it at start (`RINGTRAIN_HOST_ALLOCATOR=0` keeps libtorch's; a program of
 //! its own calls `install`) keeping nothing, so that setting up (data, checkpoint reads) peaks
@@ -29,7 +30,6 @@ extern "C" {
 /// machine trains fit; more would only sit in the resident set.
 pub const DEFAULT_IDLE_CAP: usize = 256 << 20;
 
-static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// `give_back` was called: nothing is kept from then on, whatever the cap asked.
 static GIVE_BACK: AtomicBool = AtomicBool::new(false);
 
@@ -38,11 +38,7 @@ static GIVE_BACK: AtomicBool = AtomicBool::new(false);
 /// Calling it again only changes the cap. Returns false if libtorch refused.
 pub fn install(idle_cap: usize) -> bool {
     // SAFETY: the shim only sets allocator state behind its own lock.
-    let ok = unsafe { ringtrain_host_allocator_install(cap(idle_cap)) } == 0;
-    if ok {
-        INSTALLED.store(true, Ordering::SeqCst);
-    }
-    ok
+    unsafe { ringtrain_host_allocator_install(cap(idle_cap)) == 0 }
 }
 
 /// `install(0)` unless `RINGTRAIN_HOST_ALLOCATOR=0`: large blocks are ours, none kept yet.
@@ -72,11 +68,6 @@ fn cap(asked: usize) -> usize {
     } else {
         asked
     }
-}
-
-/// Whether `install` has run in this process.
-pub fn installed() -> bool {
-    INSTALLED.load(Ordering::SeqCst)
 }
 
 /// Changes how many bytes of freed blocks wait for reuse (0: unmapped at once; always 0 after
