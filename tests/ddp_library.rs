@@ -198,7 +198,7 @@ fn a_sharded_ddp_without_zero_refuses_to_leave_partial_gradients() {
         let mut ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
         let w = ddp.named_parameters()[0].1.shallow_clone();
         let refused = ddp.backward(&w.sum(Kind::Float)).unwrap_err().to_string();
-        let _zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let _zero = ringtrain::ddp::Zero::new(&ddp, &mut *comm.lock()).unwrap();
         ddp.zero_grad().unwrap();
         ddp.backward(&w.sum(Kind::Float)).unwrap();
         refused
@@ -220,7 +220,7 @@ fn zero_step(order: &[usize]) -> Result<Vec<Vec<f32>>, String> {
         let listed: Vec<(String, Tensor)> = order.iter().map(|&i| (named[i].0.clone(), named[i].1.shallow_clone())).collect();
         // Weight decay on 2-D weights only: the groups differ between the two parameters.
         let cfg = OptimizerConfig { weight_decay: 0.5, weight_decay_1d: false, ..OptimizerConfig::new(OptimizerName::Adamw, 0.1) };
-        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let zero = ringtrain::ddp::Zero::new(&ddp, &mut *comm.lock()).unwrap();
         let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &listed)).map_err(|e| e.to_string())?;
         let loss: Tensor = named.iter().map(|(_, p)| (p * p).sum(Kind::Float)).sum();
         ddp.backward(&loss).unwrap();
@@ -241,6 +241,36 @@ fn zero_takes_the_optimizers_parameters_by_name_not_by_position() {
     assert!(err.contains("the Ddp's [\"unused.weight\"] are not in the optimizer"), "{err}");
 }
 
+#[test]
+fn zero1_on_one_node_keeps_one_copy_of_the_parameters_and_elsewhere_one_per_rank() {
+    let _shared = EXCLUSIVE.read().unwrap_or_else(|p| p.into_inner());
+    // Over shared memory the ranks step their shards of one node-wide copy in place (nothing is
+    // gathered back): a write by rank 0 is what rank 1 reads. Over TCP each rank has its own.
+    for shm in [true, false] {
+        let seen = with_group_over(2, Duration::from_secs(10), shm, |rank, comm| {
+            let (params, buffers) = state(rank);
+            let opts = DdpOptions { shard: Shard::Optimizer, ..DdpOptions::default() };
+            let ddp = Ddp::new(&comm, params, buffers, opts).unwrap();
+            let _zero = ringtrain::ddp::Zero::new(&ddp, &mut *comm.lock()).unwrap();
+            let w = ddp.named_parameters()[0].1.shallow_clone();
+            let before = w.flatten(0, -1).double_value(&[0]);
+            comm.lock().barrier().unwrap();
+            if rank == 0 {
+                tch::no_grad(|| w.flatten(0, -1).get(0).fill_(42.0));
+            }
+            comm.lock().barrier().unwrap();
+            (before, w.flatten(0, -1).double_value(&[0]))
+        });
+        let (before, rank1) = seen[1];
+        assert_eq!(seen[0].1, 42.0);
+        assert_ne!(before, 42.0);
+        match shm {
+            true => assert_eq!(rank1, 42.0, "rank 1 does not see rank 0's parameters over shared memory"),
+            false => assert_eq!(rank1, before, "over TCP rank 1 saw rank 0's write"),
+        }
+    }
+}
+
 /// Two SGD-momentum steps of a 2M + 3-element model at 2 ranks under `shard`, over shared
 /// memory or TCP; returns rank 0's parameters and the gradient bytes resident after the first
 /// backward, after its step and after the second step's zero_grad, with the bucket's size.
@@ -254,7 +284,7 @@ fn sharded_steps(shard: Shard, shm: bool, free: bool) -> (Vec<Vec<f32>>, [usize;
         let mut ddp = Ddp::new(&comm, params, vec![], opts).unwrap();
         let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
-        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let zero = ringtrain::ddp::Zero::new(&ddp, &mut *comm.lock()).unwrap();
         let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
         let mut resident = [0; 3];
         for step in 0..2 {
@@ -350,7 +380,7 @@ fn unit_model_steps_with(
         let named: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         let units = ringtrain::units::Units { checkpoint, hooks: ddp.unit_hooks() };
         let cfg = OptimizerConfig { momentum: 0.9, ..OptimizerConfig::new(OptimizerName::Sgd, 0.1) };
-        let zero = ringtrain::ddp::Zero::new(&ddp, &*comm.lock()).unwrap();
+        let zero = ringtrain::ddp::Zero::new(&ddp, &mut *comm.lock()).unwrap();
         let mut opt = zero.shard_optimizer(Optimizer::new(&cfg, &named)).unwrap();
         let at = |i: usize| named[i].1.shallow_clone();
         let (emb, a, b, head) = (at(0), at(1), at(2), at(3));

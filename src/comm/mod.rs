@@ -212,6 +212,15 @@ pub trait Communicator: Send {
         let _ = (numel, kind);
         Ok(None)
     }
+    /// A zeroed 1-D CPU tensor of `numel` elements of `kind` that is the same memory on every
+    /// rank (`alloc_reduce_buffer`'s are a copy per rank), when the whole group is one
+    /// node-local ring with shared memory: what one rank writes, every rank reads. Collective,
+    /// as `alloc_reduce_buffer`; `None` on every rank alike otherwise. The caller orders the
+    /// writes and reads with collectives.
+    fn alloc_node_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        let _ = (numel, kind);
+        Ok(None)
+    }
     /// Sums a tensor across ranks in place (host backends stage non-CPU tensors through host memory).
     fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         tensor::all_reduce_staged(self, t)
@@ -241,6 +250,14 @@ pub trait Communicator: Send {
     /// `reduce_scatter_tensor`, in flight as `all_reduce_tensor_async`.
     fn reduce_scatter_tensor_async(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
         self.reduce_scatter_tensor(t)
+    }
+    /// ZeRO's average: `t` divided by `divisor`, then `reduce_scatter_tensor_async`, with
+    /// exactly those bits in this rank's shard. Only the shard is defined afterwards: the ring on
+    /// a shared buffer divides as it reads (a whole pass over the bucket saved, as for
+    /// `all_reduce_divided_tensor_async`) and leaves the rest of `t` undivided.
+    fn reduce_scatter_divided_tensor_async(&mut self, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
+        tensor::divide(t, divisor)?;
+        self.reduce_scatter_tensor_async(t)
     }
     /// Orders every result the `_async` calls left in flight before any work queued after this
     /// call (NCCL: the compute stream waits for them; the host does not), and returns an error

@@ -350,18 +350,19 @@ impl Communicator for RingComm {
     }
 
     fn alloc_reduce_buffer(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
-        self.alloc_shared(numel, kind)
+        self.alloc_shared(numel, kind, false)
+    }
+
+    fn alloc_node_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+        self.alloc_shared(numel, kind, true)
     }
 
     fn all_reduce_divided_tensor_async(&mut self, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
-        if t.kind() != tch::Kind::Float || t.device() != tch::Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
-            super::tensor::divide(t, divisor)?;
-            return self.all_reduce_tensor_async(t);
-        }
-        // SAFETY: a contiguous CPU f32 tensor of numel elements; the caller lends it for the call.
-        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) };
-        // libtorch divides an f32 tensor by the scalar converted to f32 (world sizes are exact).
-        self.ring_steps(Op::AllReduce, Phase::AllReduce, buf, Some(divisor as f32))
+        self.divided_steps(Op::AllReduce, Phase::AllReduce, t, divisor)
+    }
+
+    fn reduce_scatter_divided_tensor_async(&mut self, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
+        self.divided_steps(Op::ReduceScatter, Phase::ReduceScatter, t, divisor)
     }
 
     fn set_idle_waits(&mut self, idle: bool) {
@@ -393,12 +394,29 @@ impl RingComm {
 }
 
 impl RingComm {
+    /// `phase` (all-reduce or reduce-scatter) of `t` divided by `divisor`: on a shared buffer the
+    /// division is made as the ranks' buffers are read; elsewhere `t` is divided first.
+    fn divided_steps(&mut self, op: Op, phase: Phase, t: &mut tch::Tensor, divisor: f64) -> Result<(), CommError> {
+        if t.kind() != tch::Kind::Float || t.device() != tch::Device::Cpu || !t.is_contiguous() || t.numel() == 0 {
+            super::tensor::divide(t, divisor)?;
+            return match phase {
+                Phase::ReduceScatter => self.reduce_scatter_tensor_async(t),
+                _ => self.all_reduce_tensor_async(t),
+            };
+        }
+        // SAFETY: a contiguous CPU f32 tensor of numel elements; the caller lends it for the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) };
+        // libtorch divides an f32 tensor by the scalar converted to f32 (world sizes are exact).
+        self.ring_steps(op, phase, buf, Some(divisor as f32))
+    }
+
     /// Runs `phase`'s steps of the ring all-reduce's schedule on `buf`. Of its 2(w-1) steps, step
     /// t sends chunk (r - t) mod w and receives chunk (r - t - 1) mod w; the first w-1 add what
     /// they receive (reduce-scatter, after which rank r holds the sum of chunk r + 1), the rest
     /// store it (all-gather). The all-reduce runs them all; reduce-scatter and all-gather run one
-    /// half each, in the same order, so they give the same bits. `divide` (all-reduce only)
-    /// divides every element by it first; a shared buffer does that as it reads.
+    /// half each, in the same order, so they give the same bits. `divide` (not for the all-gather)
+    /// divides every element by it first; a shared buffer does that as it reads (a reduce-scatter
+    /// there leaves the chunks this rank does not own undivided).
     fn ring_steps<T: Elem>(&mut self, op: Op, phase: Phase, buf: &mut [T], divide: Option<f32>) -> Result<(), CommError> {
         let seq = self.next_seq();
         let located = match self.world {
@@ -541,8 +559,9 @@ impl RingComm {
     /// See `Communicator::alloc_reduce_buffer`: shared buffers when every rank's links to its
     /// neighbours are shared memory (the whole ring on one node), agreed by all ranks first.
     /// `RINGTRAIN_SHARED_BUFFERS=0` turns them off (to measure the ring itself).
-    fn alloc_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
-        let result = self.try_alloc_shared(numel, kind);
+    /// `common`: one segment for the whole ring (`Communicator::alloc_node_shared`), not one per rank.
+    fn alloc_shared(&mut self, numel: usize, kind: tch::Kind, common: bool) -> Result<Option<tch::Tensor>, CommError> {
+        let result = self.try_alloc_shared(numel, kind, common);
         if result.is_err() {
             // A rank that failed halfway leaves its peers' allocations out of step with its own:
             // the ring cannot be used any more.
@@ -551,7 +570,7 @@ impl RingComm {
         result
     }
 
-    fn try_alloc_shared(&mut self, numel: usize, kind: tch::Kind) -> Result<Option<tch::Tensor>, CommError> {
+    fn try_alloc_shared(&mut self, numel: usize, kind: tch::Kind, common: bool) -> Result<Option<tch::Tensor>, CommError> {
         let elt = match kind {
             tch::Kind::Float => 4,
             tch::Kind::BFloat16 => 2,
@@ -563,7 +582,7 @@ impl RingComm {
         let links = self.links.as_ref().expect("world > 1 has links");
         let both_shm = matches!((&links.to_next, &links.from_prev), (Link::Shm(_), Link::Shm(_)));
         let wanted = std::env::var("RINGTRAIN_SHARED_BUFFERS").map_or(true, |v| v != "0");
-        let mut mine = vec![u8::from(both_shm && wanted), elt as u8];
+        let mut mine = vec![u8::from(both_shm && wanted), elt as u8, u8::from(common)];
         mine.extend((numel as u64).to_le_bytes());
         let all = self.gather(Op::Alloc, &mine)?;
         if let Some(p) = all.iter().position(|b| b[1..] != mine[1..]) {
@@ -584,7 +603,12 @@ impl RingComm {
                 .map_err(|f| self.shared_error(Op::Setup, seq, f))?;
             self.shared = Some(s);
         }
-        let t = self.shared.as_mut().expect("made above").alloc(numel, elt, kind).map_err(|f| self.shared_error(Op::Setup, seq, f))?;
+        let shared = self.shared.as_mut().expect("made above");
+        let t = match common {
+            true => shared.alloc_common(numel, elt, kind),
+            false => shared.alloc(numel, elt, kind),
+        };
+        let t = t.map_err(|f| self.shared_error(Op::Setup, seq, f))?;
         Ok(Some(t))
     }
 }

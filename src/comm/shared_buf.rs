@@ -166,6 +166,36 @@ impl SharedBuffers {
         let live = Arc::new(AtomicBool::new(true));
         let base = maps[self.rank].base;
         self.allocs.push(Alloc { maps, live: live.clone() });
+        self.tensor_over(base, len, numel, kind, live)
+    }
+
+    /// One segment of `numel` elements of `kind` that every rank maps, rather than one per rank
+    /// (collective): rank 0 makes it and the descriptor goes down the ring. Every rank's tensor
+    /// is the same memory. No collective runs on it (it is not one of `locate`'s allocations):
+    /// what ranks write into it is ordered by the collectives around the writes.
+    pub fn alloc_common(&mut self, numel: usize, elt: usize, kind: tch::Kind) -> Result<tch::Tensor, Fail> {
+        self.sweep();
+        let (r, w) = (self.rank, self.world);
+        let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+        let len = (numel * elt).div_ceil(PAGE).max(1) * PAGE;
+        let fd = match r {
+            0 => memfd(&format!("ringtrain-{}-common{}", self.label, self.allocs.len()), len).map_err(|e| Fail::Io(r, e))?,
+            _ => {
+                wait_readable(&self.from_prev, self.timeout).map_err(|e| Fail::Io(prev, e))?;
+                recv_fd(&self.from_prev).map_err(|e| Fail::Io(prev, e))?
+            }
+        };
+        if next != 0 {
+            send_fd(&self.to_next, fd.as_raw_fd()).map_err(|e| Fail::Io(next, e))?;
+        }
+        // Kept: the tensor's storage unmaps it when libtorch frees it.
+        let m = map(&fd, len, true).map_err(|e| Fail::Io(0, e))?;
+        self.tensor_over(m.base, len, numel, kind, Arc::new(AtomicBool::new(true)))
+    }
+
+    /// A tensor of `numel` elements of `kind` over this rank's mapping at `base` (`len` bytes),
+    /// whose storage unmaps it when libtorch frees it.
+    fn tensor_over(&self, base: *mut u8, len: usize, numel: usize, kind: tch::Kind, live: Arc<AtomicBool>) -> Result<tch::Tensor, Fail> {
         let release = Box::into_raw(Box::new(Release { base, len, live }));
         let code = match kind {
             tch::Kind::BFloat16 => 15,
@@ -240,9 +270,10 @@ impl SharedBuffers {
 
     /// Runs one collective on `entry.len` elements at `entry.offset` of allocation `entry.alloc`.
     /// `bounds(c)` is chunk c's element range (the ring's chunks); `stray()` says the previous rank
-    /// has sent a ring message instead (its buffer was not a shared one). `divide` (all-reduce
-    /// only) divides every rank's element by it as it is read, before the additions: the bits of
-    /// dividing each buffer first (DDP's average) without that extra pass over it. Waits spin for
+    /// has sent a ring message instead (its buffer was not a shared one). `divide` (not for the
+    /// all-gather) divides every rank's element by it as it is read, before the additions: the
+    /// bits of dividing each buffer first (DDP's and ZeRO's average) without that extra pass over
+    /// it; a reduce-scatter leaves the chunks a rank does not own undivided. Waits spin for
     /// `spin` before they sleep.
     pub fn run<T: Elem>(
         &mut self,
@@ -254,8 +285,7 @@ impl SharedBuffers {
         spin: Duration,
     ) -> Result<(), Fail> {
         let (r, w) = (self.rank, self.world);
-        // A reduce-scatter leaves the chunks a rank does not own as they were: undivided.
-        assert!(divide.is_none() || phase == Phase::AllReduce, "only an all-reduce divides as it reads");
+        assert!(divide.is_none() || phase != Phase::AllGather, "an all-gather has nothing to divide");
         self.announce(&entry);
         self.barrier(&entry, true, stray, spin)?;
         let ptr = |p: usize| -> *mut T {
@@ -507,6 +537,21 @@ mod tests {
                         .unwrap_or_else(|_| panic!("ag"));
                     for (i, v) in buf.iter().enumerate() {
                         assert_eq!(*v, (0..w).map(|q| (i * w + q) as f32).sum::<f32>(), "w {w} rank {r}: element {i} gathered");
+                    }
+                    // ZeRO's average: divided as read, in the ring's order; the rest left as it was.
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = x(r, i, 3);
+                    }
+                    seq += 1;
+                    s.run::<f32>(Phase::ReduceScatter, entry(Op::ReduceScatter, seq), &bounds, &|| false, Some(w as f32), SPIN)
+                        .unwrap_or_else(|_| panic!("rs divided"));
+                    for (i, v) in buf.iter().enumerate() {
+                        let c = (0..w).find(|&c| bounds(c).0 <= i && i < bounds(c).1).unwrap();
+                        let want = match c == (r + 1) % w {
+                            true => (1..w).fold(x(c, i, 3) / w as f32, |sum, k| x((c + k) % w, i, 3) / w as f32 + sum),
+                            false => x(r, i, 3),
+                        };
+                        assert_eq!(v.to_bits(), want.to_bits(), "w {w} rank {r}: element {i} after the divided reduce-scatter");
                     }
                     assert!(whole[..off].iter().chain(&whole[off + n..]).all(|&v| v == -1.0), "w {w} rank {r}: outside the range");
                     // The last rank enters a different collective. Rank w - 2, whose first look

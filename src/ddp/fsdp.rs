@@ -60,7 +60,7 @@ impl Fsdp {
         }
         let opts = DdpOptions { shard: Shard::Params, units: units.iter().map(|u| u.to_string()).collect(), ..opts };
         let ddp = Ddp::new(group, params, buffers, opts)?;
-        let zero = Zero::new(&ddp, &*group.comm_handle().lock())?;
+        let zero = Zero::new(&ddp, &mut *group.comm_handle().lock())?;
         let units = Units { checkpoint, hooks: ddp.unit_hooks() };
         Ok(Fsdp { ddp, zero, units })
     }

@@ -153,7 +153,7 @@ fn reduce_bucket(
     // Averaged as PyTorch's reducer does: each rank's bucket divided by the world size, then
     // summed. The deferred all-reduce leaves the division to the backend, which may fold it into
     // its reads (the same bits).
-    let fused = matches!((how, deferred), (Reduction::AllReduce, true));
+    let fused = matches!((how, deferred), (Reduction::AllReduce | Reduction::ReduceScatter, true));
     if !fused {
         let _ = flat.f_div_scalar_(world)?;
     }
@@ -173,7 +173,8 @@ fn reduce_bucket(
             comm.all_reduce_tensor(&mut low)?;
             flat.f_copy_(&low)?;
         }
-        Reduction::ReduceScatter if deferred => comm.reduce_scatter_tensor_async(&mut flat)?,
+        // Only this rank's shard is averaged: the rest may be left undivided (it is not read).
+        Reduction::ReduceScatter if deferred => comm.reduce_scatter_divided_tensor_async(&mut flat, world)?,
         Reduction::ReduceScatter => comm.reduce_scatter_tensor(&mut flat)?,
     }
     if let Some(r) = release {

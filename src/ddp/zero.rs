@@ -41,6 +41,9 @@ struct Bucket {
     grad_shard: Option<Tensor>,
     /// ZeRO-3 with freed storage: where this rank's shard of the parameters lives.
     param_shard: Option<Tensor>,
+    /// ZeRO-1 and -2 on a communicator with shared memory: the bucket's parameters live in a
+    /// buffer of their own, laid out as the bucket (`shared_params`).
+    param_flat: Option<Tensor>,
 }
 
 impl Bucket {
@@ -62,6 +65,8 @@ pub struct Zero {
     release: bool,
     /// ZeRO-3: the parameters stay sharded after the step.
     params_sharded: Option<std::sync::Arc<super::params::ShardedParams>>,
+    /// The parameters' buffers are one per node, not per rank (`shared_params`).
+    common: bool,
 }
 
 fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
@@ -70,7 +75,7 @@ fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
 
 impl Zero {
     /// The shards of `ddp`'s buckets this rank owns (`ddp` made with `DdpOptions::shard`).
-    pub fn new(ddp: &Ddp, comm: &dyn Communicator) -> Result<Zero, DdpError> {
+    pub fn new(ddp: &Ddp, comm: &mut dyn Communicator) -> Result<Zero, DdpError> {
         let params: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         // (ZeRO-3's parameters are views into its buffers, whole or not: no copy is involved.)
         if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()).filter(|_| ddp.sharded_params().is_none()) {
@@ -90,10 +95,76 @@ impl Zero {
                     place.insert(i, (bi, off));
                 }
                 let param_shard = ddp.sharded_params().and_then(|s| s.shard_copy(bi));
-                Bucket { flat, own: (a as i64, b as i64), members, shared, grad_shard, param_shard }
+                Bucket { flat, own: (a as i64, b as i64), members, shared, grad_shard, param_shard, param_flat: None }
             })
             .collect();
-        Ok(Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params() })
+        let mut zero =
+            Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params(), common: false };
+        zero.shared_params(comm)?;
+        Ok(zero)
+    }
+
+    /// Moves the parameters into shared memory laid out as the buckets, when the communicator has
+    /// some (a node-local ring on the CPU), so that `gather_parameters` copies nothing back.
+    ///
+    /// - The whole group one node-local ring: one buffer per bucket for the node
+    ///   (`alloc_node_shared`), which every rank's parameters are views of. Each rank steps its
+    ///   shard in place and the gather is a barrier; the node holds one copy of the parameters.
+    /// - Otherwise (several nodes): a copy per rank (`alloc_reduce_buffer`), and the gather is the
+    ///   all-gather in place, each rank's stepped shard copied into its peers' copies.
+    ///
+    /// Through the bucket, the gather took three passes over it more (the shard in, the
+    /// all-gather, everything back into the parameters), which cost ZeRO-1 more than the half of
+    /// the optimizer it saves. Nothing writes the parameters while a peer reads them: the step
+    /// comes after the sum of the control values, which every rank enters only once its backward
+    /// has finished, and the next forward after the gather.
+    ///
+    /// Not for ZeRO-3 (its buffers are its own), buckets freed between uses (their gradients'
+    /// shard is a private copy), or parameters that are not f32 on the CPU.
+    /// `RINGTRAIN_ZERO_SHARED_PARAMS=0` keeps the parameters where they are (every rank must see
+    /// the same setting: the allocations are collective).
+    fn shared_params(&mut self, comm: &mut dyn Communicator) -> Result<(), DdpError> {
+        let off = std::env::var("RINGTRAIN_ZERO_SHARED_PARAMS").is_ok_and(|v| v == "0");
+        let cpu_f32 = self.params.iter().all(|(_, p)| p.device() == tch::Device::Cpu && p.kind() == tch::Kind::Float);
+        let freed = self.buckets.iter().any(|b| b.grad_shard.is_some());
+        if off || !cpu_f32 || freed || self.params_sharded.is_some() || self.buckets.is_empty() {
+            return Ok(());
+        }
+        // The backend answers alike for every bucket and on every rank.
+        let common = comm.alloc_node_shared(1, tch::Kind::Float)?.is_some();
+        let writes = !common || comm.rank() == 0;
+        let _guard = tch::no_grad_guard();
+        for b in &mut self.buckets {
+            let n = b.flat.numel();
+            let flat = match common {
+                true => comm.alloc_node_shared(n, tch::Kind::Float)?,
+                false => comm.alloc_reduce_buffer(n, tch::Kind::Float)?,
+            };
+            let Some(flat) = flat else {
+                if common {
+                    return Err(DdpError::Unsupported("the communicator stopped giving node-shared memory".into()));
+                }
+                // No shared memory at all: nothing was moved.
+                return Ok(());
+            };
+            for &(i, off, n) in &b.members {
+                let p = &self.params[i].1;
+                let view = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+                if writes {
+                    view.shallow_clone().f_copy_(p)?;
+                }
+                // The model's tensor itself now lives in the buffer (the optimizer's slices,
+                // made after this, are views of it).
+                let _ = p.shallow_clone().f_set_source_tensor_(&view)?;
+            }
+            b.param_flat = Some(flat);
+        }
+        self.common = common;
+        if common {
+            // Nobody reads the parameters before rank 0 has written them.
+            comm.barrier()?;
+        }
+        Ok(())
     }
 
     /// This rank's slice of every parameter its shards touch, in parameter order, for
@@ -148,8 +219,19 @@ impl Zero {
             // ZeRO-3: the shards were stepped in place; units are gathered when they run.
             return sharded.stepped();
         }
+        if self.common {
+            // Every rank stepped its shard of the node's one copy in place: once all have, the
+            // parameters are whole (the bucket's gradients stay as the reduce-scatter left them).
+            return Ok(comm.barrier()?);
+        }
         let _guard = tch::no_grad_guard();
         for b in &self.buckets {
+            if let Some(params) = &b.param_flat {
+                // The stepped shard is already in place; the bucket's gradients stay as the
+                // reduce-scatter left them (ZeRO-2 released the rest of it then).
+                comm.all_gather_shards_tensor(&mut params.shallow_clone())?;
+                continue;
+            }
             let mut flat = b.flat.shallow_clone();
             // A freed gradient bucket carries the gathered parameters in a fresh allocation,
             // freed again after (its gradients were moved to their shard).

@@ -220,7 +220,7 @@ fn wrap(
     if !cfg.shard().is_on() {
         return Ok((ddp, opt, None));
     }
-    let zero = Zero::new(&ddp, &*handle.lock())?;
+    let zero = Zero::new(&ddp, &mut *handle.lock())?;
     let slices = zero.slices()?;
     let mine: i64 = slices.iter().map(|s| s.len).sum();
     let total: usize = ddp.named_parameters().iter().map(|(_, p)| p.numel()).sum();
