@@ -11,6 +11,8 @@
 # own, as under DDP; "N × the 1-worker rate" would credit a lone run with the idle core its loader
 # and background threads use for free), also shown; peak RSS per worker.
 # `ring-links`: ringtrain at 2 workers without shared buffers (RINGTRAIN_SHARED_BUFFERS=0).
+# `ring-zero1`: ringtrain at 2 workers with the optimizer sharded (`optimizer.shard: true`, ZeRO-1:
+# the same bits; on one node the parameters are one node-shared copy, each rank steps half).
 # The CNN also runs at 3 and 4 workers: more workers than this machine's cores, as on a laptop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,12 +39,13 @@ pytorch() {
         --max-steps "$steps" --lr "$lr" --data "$data" --normalize 2>/dev/null | tail -n 1
 }
 
-# One ringtrain run of N workers into DIR.
+# One ringtrain run of N workers into DIR (further arguments: config overrides).
 ring() {
     local model=$1 n=$2 dir=$3 cfg
+    shift 3
     cfg=configs/fashion_mnist_$( [ "$model" = cnn ] && echo cnn || echo wide_mlp ).yaml
     target/release/ringrun --nproc-per-node "$n" --threads-per-worker 1 ringtrain --config "$cfg" --run-dir "$dir" \
-        --set train.max_steps="$steps" --set train.eval=false --set checkpoint.enabled=false >/dev/null 2>&1
+        --set train.max_steps="$steps" --set train.eval=false --set checkpoint.enabled=false "$@" >/dev/null 2>&1
 }
 ring_rate() { field "$(grep '"kind":"epoch"' "$1/metrics.jsonl" | tail -n 1)" samples_per_s; }
 ring_rss() { "$py" -c "import json,glob,sys; print(max(json.load(open(f))['peak_rss_mib'] for f in glob.glob(sys.argv[1] + '/ranks/*.json')))" "$1"; }
@@ -74,6 +77,9 @@ for round in $(seq "$rounds"); do
         rm -rf "$tmp/run"
         RINGTRAIN_SHARED_BUFFERS=0 ring "$model" 2 "$tmp/run"
         record ring-links "$model" 2 ddp "$(ring_rate "$tmp/run")" "$(ring_rss "$tmp/run")"
+        rm -rf "$tmp/run"
+        ring "$model" 2 "$tmp/run" --set optimizer.shard=true
+        record ring-zero1 "$model" 2 ddp "$(ring_rate "$tmp/run")" "$(ring_rss "$tmp/run")"
     done
 done
 
@@ -87,12 +93,12 @@ def med(fw, model, n, kind="ddp", key="rate"):
     return st.median(v) if v else None
 print(f"{'model':<9} {'framework':<10} {'N':>2} {'samples/s':>10} {'vs PyTorch':>10} {'honest ceil.':>12} {'share':>6} {'N x 1-worker':>12} {'peak RSS MiB':>12}")
 for model in ("cnn", "wide_mlp"):
-    for fw in ("pytorch", "ringtrain", "ring-links"):
+    for fw in ("pytorch", "ringtrain", "ring-links", "ring-zero1"):
         for n in (1, 2, 3, 4):
             r = med(fw, model, n)
             if r is None:
                 continue
-            own = "ringtrain" if fw == "ring-links" else fw
+            own = "pytorch" if fw == "pytorch" else "ringtrain"
             pt, one, ceil = med("pytorch", model, n), med(own, model, 1), med(own, model, n, "ceiling")
             ceil_s = f"{ceil:>12.0f} {r / ceil:>6.0%}" if ceil else f"{'':>12} {'':>6}"
             naive = f"{n * one:>12.0f}" if n <= cores else f"{'':>12}"
