@@ -239,7 +239,7 @@ fn a_failure_on_one_node_restarts_the_whole_job_together() {
 }
 
 #[test]
-fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traffic() {
+fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traffic_and_zero1_keeps_its_bits() {
     let Some(nodes) = Nodes::up(36, 2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let cfg = job(dir.path(), "ring");
@@ -266,6 +266,13 @@ fn hierarchical_all_reduce_across_two_nodes_matches_the_flat_ring_with_less_traf
     // The flat ring sends 2·(3/4) of each gradient over both links that cross nodes; the two
     // cross-node rings (2 ranks each, half the gradient each) send 2 · 2·(1/2)·(1/2) of it: 2/3.
     assert!((hier_bytes as f64) < 0.8 * flat_bytes as f64, "hierarchical sent {hier_bytes} bytes across nodes, the flat ring {flat_bytes}");
+    // ZeRO-1 there: each rank's parameters in its node's shared buffers, gathered in place across
+    // nodes (not one node-wide copy, which only a single-node ring has): the same bits.
+    let (_, outs) = train("hierz", 29638, &["--set", "comm.hierarchical=true", "--set", "optimizer.shard=true"]);
+    assert!(outs[0].stderr.contains("optimizer sharded (ZeRO-1)"), "{}", outs[0].report());
+    assert!(!outs[0].stderr.contains("node-shared memory"), "{}", outs[0].report());
+    let hierz: Vec<String> = (0..4).map(|r| rank_hash(&dir.path().join(format!("hierz{}", r / 2)), r)).collect();
+    assert_eq!(hierz, hier, "ZeRO-1 over the hierarchical communicator against its DDP");
 }
 
 #[test]

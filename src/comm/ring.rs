@@ -589,7 +589,11 @@ impl RingComm {
             return Err(CommError::Mismatch {
                 rank: self.rank,
                 peer: p,
-                detail: format!("rank {p} asked for a different shared buffer than rank {} ({numel} elements of {kind:?})", self.rank),
+                detail: format!(
+                    "rank {p} asked for a different shared buffer than rank {} ({numel} elements of {kind:?}, {})",
+                    self.rank,
+                    if common { "one for the node" } else { "one per rank" }
+                ),
             });
         }
         if all.iter().any(|b| b[0] == 0) {

@@ -189,7 +189,7 @@ impl SharedBuffers {
             send_fd(&self.to_next, fd.as_raw_fd()).map_err(|e| Fail::Io(next, e))?;
         }
         // Kept: the tensor's storage unmaps it when libtorch frees it.
-        let m = map(&fd, len, true).map_err(|e| Fail::Io(0, e))?;
+        let m = map(&fd, len, true).map_err(|e| Fail::Io(r, e))?;
         self.tensor_over(m.base, len, numel, kind, Arc::new(AtomicBool::new(true)))
     }
 

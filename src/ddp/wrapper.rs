@@ -273,8 +273,8 @@ impl Ddp {
             return Ok(0.0);
         }
         if self.opts.shard.is_on() && !self.zero_attached.load(std::sync::atomic::Ordering::Relaxed) {
-            // Reduce-scattered, the gradients outside this rank's shards are partial sums: an
-            // ordinary optimizer would step on them and the replicas would drift apart.
+            // Reduce-scattered, the gradients outside this rank's shards are partial sums or this
+            // rank's own: an ordinary optimizer would step on them and the replicas would drift apart.
             return Err(DdpError::Unsupported(
                 "DdpOptions::shard leaves each rank the average of its own shard of the gradients only: build a \
                  ddp::Zero from this Ddp and step through it (zero.shard_optimizer(opt), then \

@@ -5,20 +5,23 @@
 //! backward   each bucket is reduce-scattered: rank r ends with the average of its shard only
 //! step       the optimizer updates this rank's slices of the parameters (optim::ShardSlice),
 //!            keeping state for those slices only: 1/N of the optimizer memory
-//! gather     each bucket is refilled with the updated shards and all-gathered, then copied back
-//!            into the parameters: every replica is identical again
+//! gather     every replica is identical again: on one node the parameters are one node-shared
+//!            copy each rank stepped its shards of in place, so a barrier; across nodes each
+//!            rank's copy lies in its node's shared memory and is all-gathered in place; without
+//!            shared memory each bucket is refilled with the updated shards and all-gathered, then
+//!            copied back into the parameters (`shared_params`)
 //! checkpoint the state is all-gathered the same way, so a checkpoint is the unsharded one
 //! ```
 //!
 //! A shard is a contiguous range of a bucket, so a parameter may be split between ranks; the
 //! update rules are elementwise (SGD, Adam, AdamW), so stepping slices gives the same numbers.
-//! The bucket doubles as the gather buffer: its gradients are spent once the step is taken, and
+//! Where the bucket is the gather buffer, its gradients are spent once the step is taken, and
 //! `zero_grad` clears it before the next backward. On the ring the shards are reduced in the
 //! all-reduce's order, so SGD and Adam are bitwise equal to unsharded training.
 //!
 //! Stage 2 (`Shard::Grads`) keeps the same buckets, in memory handed back to the kernel outside
 //! this rank's shard: the reducer releases the rest of each bucket as soon as it is
-//! reduce-scattered (during backward), and `gather_parameters` again after the bucket carried
+//! reduce-scattered (during backward), and `gather_parameters` again where the bucket carried
 //! the parameters. Between steps only the shard is resident: 4/N bytes per parameter instead of
 //! 4; during backward, a bucket's pages exist from its first gradient to its reduce-scatter.
 
@@ -75,13 +78,20 @@ fn flat_view(p: &Tensor) -> Result<Tensor, DdpError> {
 
 impl Zero {
     /// The shards of `ddp`'s buckets this rank owns (`ddp` made with `DdpOptions::shard`).
+    /// Collective: every rank calls it, in the same order as its other collectives.
+    ///
+    /// On the CPU over shared memory it moves the parameters (`shared_params`): the model's
+    /// tensors keep their identity but their storage becomes shared memory, on one node the same
+    /// memory on every rank. From then on, a write to the parameters by one rank is every rank's,
+    /// and between `Ddp::backward` and `gather_parameters` they are being stepped: read them
+    /// after the gather. A handle to the old storage taken before (a `detach()`, a view, a tie
+    /// made of another tensor object) no longer follows the parameter.
     pub fn new(ddp: &Ddp, comm: &mut dyn Communicator) -> Result<Zero, DdpError> {
         let params: Vec<(String, Tensor)> = ddp.named_parameters().iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
         // (ZeRO-3's parameters are views into its buffers, whole or not: no copy is involved.)
         if let Some((n, _)) = params.iter().find(|(_, p)| !p.is_contiguous()).filter(|_| ddp.sharded_params().is_none()) {
             return Err(DdpError::Unsupported(format!("parameter `{n}` is not contiguous: its shards cannot be flat views")));
         }
-        ddp.zero_attached.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut place = HashMap::new();
         let buckets = ddp
             .reducer_buckets()
@@ -101,6 +111,7 @@ impl Zero {
         let mut zero =
             Zero { buckets, params, place, release: ddp.releases_unowned(), params_sharded: ddp.sharded_params(), common: false };
         zero.shared_params(comm)?;
+        ddp.zero_attached.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(zero)
     }
 
@@ -163,6 +174,9 @@ impl Zero {
         if common {
             // Nobody reads the parameters before rank 0 has written them.
             comm.barrier()?;
+            if comm.rank() == 0 {
+                tracing::info!("ZeRO: the parameters are one copy in node-shared memory; each rank steps its shards of it in place");
+            }
         }
         Ok(())
     }
