@@ -137,6 +137,22 @@ struct Order {
     last: Vec<String>,
 }
 
+/// Makes each of `members` ((parameter index, offset, length) in `flat`) a view into `flat` at
+/// its offset: the parameter itself (the model's tensor, whoever holds it) then lives in the
+/// buffer. `copy`: its values are copied there first (without, the buffer's are kept: another
+/// rank wrote them into memory shared with this one). Call under no_grad.
+pub(super) fn move_into(flat: &Tensor, members: &[(usize, i64, i64)], params: &[(String, Tensor)], copy: bool) -> Result<(), TchError> {
+    for &(i, off, n) in members {
+        let p = &params[i].1;
+        let view = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+        if copy {
+            view.shallow_clone().f_copy_(p)?;
+        }
+        let _ = p.shallow_clone().f_set_source_tensor_(&view)?;
+    }
+    Ok(())
+}
+
 fn torch(e: DdpError) -> TchError {
     TchError::Torch(e.to_string())
 }
@@ -177,16 +193,7 @@ impl ShardedParams {
                 Some(f) => f,
                 None => Tensor::f_zeros([len], (tch::Kind::Float, device))?,
             };
-            tch::no_grad(|| -> Result<(), DdpError> {
-                for &(i, off, n) in &l.members {
-                    let p = &params[i].1;
-                    let view = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
-                    view.shallow_clone().f_copy_(p)?;
-                    // The parameter itself (the model's tensor) now lives in the buffer.
-                    let _ = p.shallow_clone().f_set_source_tensor_(&view)?;
-                }
-                Ok(())
-            })?;
+            tch::no_grad(|| move_into(&flat, &l.members, params, true))?;
             let freed = match free_storage || device != tch::Device::Cpu {
                 true => Some(Mutex::new(Freed {
                     kept: Released::new(&flat, l.own)?,

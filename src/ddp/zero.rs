@@ -158,16 +158,8 @@ impl Zero {
                 // No shared memory at all: nothing was moved.
                 return Ok(());
             };
-            for &(i, off, n) in &b.members {
-                let p = &self.params[i].1;
-                let view = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
-                if writes {
-                    view.shallow_clone().f_copy_(p)?;
-                }
-                // The model's tensor itself now lives in the buffer (the optimizer's slices,
-                // made after this, are views of it).
-                let _ = p.shallow_clone().f_set_source_tensor_(&view)?;
-            }
+            // (The optimizer's slices, made after this, are views of the moved parameters.)
+            super::params::move_into(&flat, &b.members, &self.params, writes)?;
             b.param_flat = Some(flat);
         }
         self.common = common;
